@@ -1,0 +1,84 @@
+"""Run a function on N real processes (gloo) from a test, with a bounded wait."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable, List, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, args, results, use_deepspeed):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu",
+                      OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        import zvl_ds  # noqa: F401
+        from zvl_ds.dist import cleanup, init_distributed
+
+        init_distributed("gloo", use_deepspeed=use_deepspeed)
+        result = fn(rank, world_size, *args)
+        cleanup()
+        results.put((rank, True, result))
+    except BaseException:  # report every failure to the parent, which raises it in the test
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 240,
+                    use_deepspeed: bool = True) -> List[Any]:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; return results by rank.
+
+    ``fn`` must be importable (defined at module level). Raises with the worker's traceback on failure,
+    and kills every worker if they have not all finished within ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), results, use_deepspeed))
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    collected = {}
+    failures = []
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(collected) + len(failures) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"distributed workers did not finish within {timeout}s")
+            try:
+                rank, ok, payload = results.get(timeout=min(remaining, 5))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and not failures:
+                    # a worker crashed hard (segfault, os._exit) without reporting
+                    failures.append((-1, f"worker exited with code {dead[0].exitcode}"))
+                    break
+                continue
+            if ok:
+                collected[rank] = payload
+            else:
+                failures.append((rank, payload))
+                break
+    finally:
+        for proc in procs:
+            proc.join(timeout=20 if not failures else 2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failures:
+        rank, text = failures[0]
+        raise RuntimeError(f"rank {rank} failed:\n{text}")
+    return [collected[r] for r in range(world_size)]
