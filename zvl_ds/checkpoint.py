@@ -1,0 +1,188 @@
+"""Checkpoints: DeepSpeed engine state plus per-rank resume state, an atomic ``latest``, keep-last pruning.
+
+Layout of a run folder (``ckpt.dir/data.exp_name``)::
+
+    config.yaml                  resolved config of the run
+    latest                       tag of the newest COMPLETE checkpoint (written last, atomically)
+    step_00000050/               DeepSpeed's files for that step (engine.save_checkpoint)
+        config.yaml              resolved config at that step
+        zvl_rank_00000.pt        per-rank state: data-loader position, RNG states (tensors and plain values)
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from zvl_ds import dist
+
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_tags(run_dir: str) -> List[str]:
+    """Checkpoint tags in ``run_dir``, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(name for name in os.listdir(run_dir)
+                  if TAG_PATTERN.match(name) and os.path.isdir(os.path.join(run_dir, name)))
+
+
+def read_latest(run_dir: str) -> Optional[str]:
+    """The newest complete tag, or None when the folder holds no complete checkpoint."""
+    path = os.path.join(run_dir, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        tag = handle.read().strip()
+    if not tag or not os.path.isdir(os.path.join(run_dir, tag)):
+        raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {run_dir}")
+    return tag
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Every generator a step can draw from, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any], rank_state: Dict[str, Any],
+                    config_yaml: str, keep_last: int) -> str:
+    """Save on every rank; ``latest`` moves to the new tag only after all ranks have finished writing."""
+    tag = tag_for_step(step)
+    engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
+    rank_path = os.path.join(run_dir, tag, f"zvl_rank_{dist.get_rank():05d}.pt")
+    torch.save(rank_state, rank_path + ".tmp")
+    os.replace(rank_path + ".tmp", rank_path)
+    dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if dist.is_main_process():
+        _write_atomic(os.path.join(run_dir, tag, "config.yaml"), config_yaml)
+        _write_atomic(os.path.join(run_dir, LATEST_FILE), tag)
+        prune_checkpoints(run_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def prune_checkpoints(run_dir: str, keep_last: int) -> List[str]:
+    """Delete all but the newest ``keep_last`` tags; never the one ``latest`` names."""
+    latest = read_latest(run_dir)
+    tags = list_tags(run_dir)
+    removed = []
+    for tag in tags[:-keep_last] if keep_last > 0 else tags:
+        if tag != latest:
+            shutil.rmtree(os.path.join(run_dir, tag), ignore_errors=True)
+            removed.append(tag)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+@dataclass
+class ResumePoint:
+    run_dir: str
+    tag: str
+
+
+def find_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume: bool) -> Optional[ResumePoint]:
+    """An explicit ``resume_ckpt_path`` (a run folder or one of its tag folders) wins; else the run's latest."""
+    if resume_ckpt_path:
+        path = os.path.abspath(resume_ckpt_path)
+        if os.path.isfile(os.path.join(path, LATEST_FILE)):
+            return ResumePoint(path, read_latest(path))
+        if TAG_PATTERN.match(os.path.basename(path)) and os.path.isdir(path):
+            return ResumePoint(os.path.dirname(path), os.path.basename(path))
+        raise CheckpointError(f"resume_ckpt_path={resume_ckpt_path}: neither a run folder with a '{LATEST_FILE}' "
+                              f"file nor a checkpoint folder named like step_00000100")
+    if auto_resume:
+        tag = read_latest(run_dir)
+        if tag is not None:
+            return ResumePoint(run_dir, tag)
+    return None
+
+
+def saved_world_size(point: ResumePoint) -> int:
+    folder = os.path.join(point.run_dir, point.tag)
+    return len([n for n in os.listdir(folder) if n.startswith("zvl_rank_") and n.endswith(".pt")])
+
+
+def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Restore the engine; return the shared client state and this rank's state.
+
+    The rank state (data position) is only meaningful at the world size that wrote it; with another world size
+    it is None and the caller restarts the data stream. ZeRO-3 partitions cannot be re-split for another world
+    size, so then only the weights are loaded.
+    """
+    world_size = dist.get_world_size()
+    before = saved_world_size(point)
+    same_world = before == world_size
+    if not same_world and zero_stage == 3:
+        if dist.is_main_process():
+            print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks; ZeRO-3 optimizer partitions "
+                  f"cannot be re-split for {world_size} ranks: loading the weights only (optimizer state restarts)",
+                  flush=True)
+        path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_optimizer_states=False,
+                                                    load_lr_scheduler_states=False, load_module_only=True)
+    else:
+        path, client_state = engine.load_checkpoint(point.run_dir, point.tag)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {point.tag} from {point.run_dir}")
+    rank_state = None
+    if same_world:
+        rank_file = os.path.join(point.run_dir, point.tag, f"zvl_rank_{dist.get_rank():05d}.pt")
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    elif dist.is_main_process():
+        print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: the data stream "
+              "restarts from the beginning of its epoch instead of the exact sample position", flush=True)
+    return client_state or {}, rank_state
