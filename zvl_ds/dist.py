@@ -75,3 +75,64 @@ def cleanup() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathers used by the contrastive loss
+# --------------------------------------------------------------------------------------------------
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (rank order). Every rank must pass the same shape."""
+    x = x.contiguous()
+    world_size = dist.get_world_size()
+    # gloo fills a wrongly shaped buffer with garbage or fails obscurely; name the problem instead.
+    shape = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(f"all_gather needs the same tensor shape on every rank, got "
+                         f"{[tuple(s.tolist()) for s in shapes]} (rank order)")
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradient over ranks and keeps this rank's rows.
+
+    Each rank's loss uses every rank's rows, so the gradient of the SUM of per-rank losses with respect to
+    this rank's rows is the sum over ranks of their gradients for those rows (ZeroVL's GatherLayer).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _all_gather_cat(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Autograd all_gather along dim 0; backward all-reduces (SUM) the gradient and returns this rank's slice.
+
+    With per-rank losses that are means over local rows and a data-parallel engine that averages gradients
+    over ranks, the result is exactly the gradient of the global-mean loss. World size 1: the identity.
+    """
+    if get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Plain all_gather along dim 0, detached, this rank's own rows included (ZeroVL gather_backward: false)."""
+    x = x.detach()
+    if get_world_size() == 1:
+        return x
+    with torch.no_grad():
+        return _all_gather_cat(x)

@@ -1,0 +1,263 @@
+"""Symmetric InfoNCE (``NCE``) and coin-flipping ``MixUpNCE``, exact and memory-lean.
+
+Definitions (zerovl-method.md sections 2, 4, 5). With B = global batch, L2-normalised image rows I and text
+rows T, temperature tau (dividing), and targets Y:
+
+    i2t_i = logsumexp_j(I_i . T_j / tau) - sum_j Y_ij I_i . T_j / tau       (image i against every text)
+    t2i_j = logsumexp_i(T_j . I_i / tau) - sum_i Y_ji T_j . I_i / tau       (text j against every image)
+    L     = (1 / B) sum_i 0.5 * (i2t_i + t2i_i)                             (the global-mean loss)
+
+NCE uses Y = I (hard targets). MixUpNCE uses Y = lam * I + (1 - lam) * P with P[i, partner(i)] = 1; the
+partner map is an involution, so Y is symmetric and serves both directions. Logged accuracies use hard targets.
+
+Memory: rows are processed ``chunk_rows`` at a time; per chunk the logits (chunk x B) are turned in place into
+``softmax - Y``, which gives the gradients of the queries, the keys and tau at once (closed form, below). No
+(B x B) or autograd graph of logits is ever kept, and the result equals the unchunked computation.
+
+    dL/dq_i  = (1 / tau) sum_j G_ij k_j          G = softmax(z) - Y,  z = q k^T / tau
+    dL/dk_j  = (1 / tau) sum_i G_ij q_i
+    dL/dtau  = -(1 / tau) sum_ij G_ij z_ij = -(1 / tau) sum_i q_i . dL/dq_i   (no second pass over z needed)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from zvl_ds.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size, is_distributed
+from zvl_ds.mixup import MixupDraw, partner_index
+
+
+@dataclass
+class LossOutput:
+    """What a step logs: identical on every rank."""
+
+    loss: torch.Tensor  # scalar, detached: the global-mean symmetric loss (soft targets under mixup)
+    i2t_acc: float  # hard-target top-1 over the global batch, image -> text
+    t2i_acc: float  # hard-target top-1 over the global batch, text -> image
+
+
+@dataclass
+class CachedGrads:
+    """Pass-1 gradients for DGA; summing each field over ranks gives the exact full-batch gradient."""
+
+    image: torch.Tensor  # [b, d] fp32: dL/d(this rank's image embeddings), all ranks' rows accounted for
+    text: torch.Tensor  # [b, d] fp32: dL/d(this rank's text embeddings)
+    temperature: torch.Tensor  # [1] fp32: this rank's share of dL/dtau
+    output: LossOutput
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Soft targets of a block of query rows: weight ``lam`` on column ``self_cols[r]``, 1 - lam on ``partner_cols[r]``."""
+
+    self_cols: torch.Tensor  # [n] long, the global index of each query row
+    partner_cols: Optional[torch.Tensor]  # [n] long, or None for hard targets
+    lam: float
+
+
+@dataclass
+class _RowBlockResult:
+    loss_sum: torch.Tensor  # scalar: sum over the rows of the soft cross-entropy
+    correct: torch.Tensor  # scalar long: rows whose arg-max is their own column
+    grad_queries: Optional[torch.Tensor]
+    grad_keys: Optional[torch.Tensor]
+    grad_tau: Optional[torch.Tensor]
+
+
+def _soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, targets: _Targets,
+                             chunk_rows: int, need_grads: bool, need_key_grads: bool = True) -> _RowBlockResult:
+    """Sum over query rows of the soft cross-entropy of ``queries @ keys.T / tau``, with exact gradients.
+
+    Holds at most one (chunk_rows x B) logits block at a time; log-sum-exp keeps it finite at tiny tau.
+    ``need_grads`` gives the query and tau gradients, plus the key gradient if ``need_key_grads``.
+    """
+    need_key_grads = need_grads and need_key_grads
+    n, num_keys = queries.shape[0], keys.shape[0]
+    lam = targets.lam
+    loss_sum = queries.new_zeros(())
+    correct = torch.zeros((), dtype=torch.long, device=queries.device)
+    grad_queries = torch.empty_like(queries) if need_grads else None
+    grad_keys = torch.zeros_like(keys) if need_key_grads else None
+    inv_tau = 1.0 / tau
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        rows = torch.arange(stop - start, device=queries.device)
+        q = queries[start:stop]
+        self_cols = targets.self_cols[start:stop]
+        logits = torch.mm(q, keys.t()).mul_(inv_tau)
+        log_norm = torch.logsumexp(logits, dim=1)
+        target_logit = logits[rows, self_cols] * lam
+        if targets.partner_cols is not None:
+            partner_cols = targets.partner_cols[start:stop]
+            target_logit = target_logit + logits[rows, partner_cols] * (1.0 - lam)
+        loss_sum = loss_sum + (log_norm - target_logit).sum()
+        correct += (logits.argmax(dim=1) == self_cols).sum()
+        if not need_grads:
+            continue
+        residual = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place: the block's only big buffer
+        residual.index_put_((rows, self_cols), residual.new_full((stop - start,), -lam), accumulate=True)
+        if targets.partner_cols is not None:
+            residual.index_put_((rows, partner_cols), residual.new_full((stop - start,), lam - 1.0),
+                                accumulate=True)
+        grad_queries[start:stop] = torch.mm(residual, keys).mul_(inv_tau)
+        if need_key_grads:
+            grad_keys.addmm_(residual.t(), q)
+        del residual, logits
+    if need_key_grads:
+        grad_keys.mul_(inv_tau)
+    if need_grads:
+        grad_tau = -(queries * grad_queries).sum().reshape(1) * inv_tau
+    else:
+        grad_tau = None
+    return _RowBlockResult(loss_sum, correct, grad_queries, grad_keys, grad_tau)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """fp32 at least (bf16/fp16 embeddings are promoted); fp64 stays fp64 (used by exactness tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class _ChunkedSoftCrossEntropy(torch.autograd.Function):
+    """Autograd face of ``_soft_cross_entropy_rows``: gradients are computed in the forward (one pass over
+    the logits) and only scaled in the backward. Double backward is not supported."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, tau, targets: _Targets, chunk_rows: int):
+        need_grads = any(ctx.needs_input_grad[:3])
+        with torch.no_grad():
+            result = _soft_cross_entropy_rows(_compute_dtype(queries), _compute_dtype(keys), _compute_dtype(tau),
+                                              targets, chunk_rows,
+                                              need_grads, need_key_grads=ctx.needs_input_grad[1])
+        ctx.dtypes = (queries.dtype, keys.dtype, tau.dtype)
+        if need_grads:
+            ctx.save_for_backward(result.grad_queries, result.grad_keys, result.grad_tau)
+        ctx.mark_non_differentiable(result.correct)
+        return result.loss_sum, result.correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_queries, grad_keys, grad_tau = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dtypes = ctx.dtypes
+        return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
+                (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
+                (grad_tau * grad_loss).to(dtypes[2]) if needs[2] else None,
+                None, None)
+
+
+def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, chunk_rows: int) -> None:
+    if image.dim() != 2 or image.shape != text.shape:
+        raise ValueError(f"contrastive loss needs image and text embeddings of the same shape [b, d], got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("contrastive loss got an empty batch")
+    if temperature.numel() != 1:
+        raise ValueError(f"temperature must hold one value (shape (1,)), got shape {tuple(temperature.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"loss.chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def _resolve_partner(mixup: Optional[MixupDraw], partner: Optional[torch.Tensor], global_batch: int,
+                     world_size: int, per_rank: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The partner map under mixup: given, or by default the reversal inside each rank's whole batch."""
+    if mixup is None:
+        return None
+    if partner is None:
+        partner = partner_index(global_batch, world_size, per_rank)
+    partner = torch.as_tensor(partner, dtype=torch.long, device=device)
+    if partner.shape != (global_batch,):
+        raise ValueError(f"mixup partner must be a LongTensor of length {global_batch} (the global batch), "
+                         f"got shape {tuple(partner.shape)}")
+    if partner.min() < 0 or partner.max() >= global_batch:
+        raise ValueError(f"mixup partner indices must lie in [0, {global_batch}), got range "
+                         f"[{int(partner.min())}, {int(partner.max())}]")
+    if not torch.equal(partner[partner], torch.arange(global_batch, device=device)):
+        raise ValueError("mixup partner map must be its own inverse (partner[partner[i]] == i) so that the "
+                         "soft targets are symmetric; use zvl_ds.mixup.partner_index")
+    return partner
+
+
+def _local_targets(rank: int, per_rank: int, partner: Optional[torch.Tensor], mixup: Optional[MixupDraw],
+                   device: torch.device) -> _Targets:
+    self_cols = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device)
+    if mixup is None:
+        return _Targets(self_cols, None, 1.0)
+    return _Targets(self_cols, partner[self_cols], float(mixup.lam))
+
+
+def _global_output(local_loss_sum: torch.Tensor, i2t_correct: torch.Tensor, t2i_correct: torch.Tensor,
+                   global_batch: int) -> LossOutput:
+    """One all-reduce of (loss sum, correct counts) gives every rank the same global figures."""
+    stats = torch.stack([local_loss_sum.detach().double(), i2t_correct.double(), t2i_correct.double()])
+    if is_distributed() and get_world_size() > 1:
+        torch.distributed.all_reduce(stats)
+    loss = (stats[0] / global_batch).float()
+    return LossOutput(loss=loss, i2t_acc=float(stats[1]) / global_batch, t2i_acc=float(stats[2]) / global_batch)
+
+
+def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor,
+                     temperature: torch.Tensor, *, mixup: Optional[MixupDraw] = None,
+                     partner: Optional[torch.Tensor] = None, gather_backward: bool = True,
+                     chunk_rows: int = 1024) -> Tuple[torch.Tensor, LossOutput]:
+    """This rank's loss for the single-pass runner, and the global figures for logging.
+
+    Local rows (b per rank) against the gathered global columns (B = b * world size), targets at the global
+    indices; returns ``0.5 * (i2t + t2i)`` summed over local rows and divided by b. A data-parallel engine
+    averages gradients over ranks, which then gives:
+
+    - ``gather_backward=True``: exactly the gradient of the global-mean loss L, temperature included (the
+      gathered columns carry gradient back to the ranks that own them, see ``gather_with_grad``).
+    - ``gather_backward=False`` (ZeroVL's plain gather): the gathered columns, this rank's own included, are
+      constants; each modality learns only in its query role. The gradient equals that of L computed with
+      detached key columns: for embeddings, exactly the query-side half of the full gradient.
+
+    ``mixup``: soft targets ``lam`` on the pair and ``1 - lam`` on ``partner`` (a global index map of length
+    B; default: reversal inside each rank's batch, which is what the model's mixing does in a single pass).
+    The embeddings are promoted to fp32 for the loss (fp64 stays fp64).
+    """
+    _check_inputs(image_embeds_local, text_embeds_local, temperature, chunk_rows)
+    world_size, rank = get_world_size(), get_rank()
+    per_rank = image_embeds_local.shape[0]
+    global_batch = per_rank * world_size
+    device = image_embeds_local.device
+    image_local = _compute_dtype(image_embeds_local)
+    text_local = _compute_dtype(text_embeds_local)
+    tau = _compute_dtype(temperature).reshape(1)
+    gather = gather_with_grad if gather_backward else gather_no_grad
+    image_all = gather(image_local)
+    text_all = gather(text_local)
+    partner = _resolve_partner(mixup, partner, global_batch, world_size, per_rank, device)
+    targets = _local_targets(rank, per_rank, partner, mixup, device)
+    i2t_sum, i2t_correct = _ChunkedSoftCrossEntropy.apply(image_local, text_all, tau, targets, chunk_rows)
+    t2i_sum, t2i_correct = _ChunkedSoftCrossEntropy.apply(text_local, image_all, tau, targets, chunk_rows)
+    local_sum = 0.5 * (i2t_sum + t2i_sum)
+    output = _global_output(local_sum, i2t_correct, t2i_correct, global_batch)
+    return local_sum / per_rank, output
+
+
+def loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor, temperature: torch.Tensor,
+                   *, mixup: Optional[MixupDraw] = None, partner: Optional[torch.Tensor] = None,
+                   chunk_rows: int = 1024) -> CachedGrads:
+    """Gradients of the global-mean loss L for DGA's second pass, from this rank's detached pass-1 embeddings.
+
+    ``image``/``text``: dL/d(this rank's embeddings), complete: this rank's rows as queries plus its samples
+    as keys in every rank's rows (gathered back by the all-reduce of ``gather_with_grad``). ``temperature``:
+    this rank's share of dL/dtau (its own rows' part); the shares sum over ranks to dL/dtau. So the trainer
+    back-propagates these through its own chunks and the engine's SUM over ranks is exact (an engine that
+    AVERAGES needs them multiplied by the world size). Gradients are fp32 (fp64 for fp64 inputs). ``partner`` defaults as in
+    ``contrastive_loss``; under DGA pass ``partner_index(B, world_size, per-rank chunk)``.
+    """
+    world_size = get_world_size()
+    image = _compute_dtype(image_embeds_local.detach()).requires_grad_(True)
+    text = _compute_dtype(text_embeds_local.detach()).requires_grad_(True)
+    tau = _compute_dtype(temperature.detach()).reshape(1).requires_grad_(True)
+    with torch.enable_grad():
+        local_loss, output = contrastive_loss(image, text, tau, mixup=mixup, partner=partner, gather_backward=True,
+                                              chunk_rows=chunk_rows)
+        # local_loss is this rank's mean; L = average over ranks of local_loss, hence the 1 / world size.
+        grad_image, grad_text, grad_tau = torch.autograd.grad(local_loss, [image, text, tau])
+    scale = 1.0 / world_size
+    return CachedGrads(image=grad_image * scale, text=grad_text * scale, temperature=grad_tau * scale,
+                       output=output)
