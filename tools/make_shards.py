@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Turn ZeroVL annotation CSVs and image folders into WebDataset shards (see zvl_ds/data/shards.py).
+
+Examples:
+  python tools/make_shards.py --data-root data --dataset demo_flat demo_sketch demo_val --out shards
+  python tools/make_shards.py --csv data/coco/valid_anno.csv --images data/coco/valid --dataset coco --out shards
+  python tools/make_shards.py --benchmark --bench-images 512
+
+Exit codes: 0 done; 1 nothing written, or anything skipped under --strict; 2 bad input (message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from zvl_ds.data import shards  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Write WebDataset shards (OUT/<name>/<split>-NNNNNN.tar, one sample per image with all its "
+                    "captions: KEY.jpg, KEY.json, KEY.txt) from DATA_ROOT/<name>/<split>_anno.csv and the image "
+                    "folder DATA_ROOT/<name>/<split>/. Also writes <split>-NNNNNN_stats.json per shard, "
+                    "<split>_stats.json per split and sizes.json. Same input -> byte-identical tars.",
+        epilog="Bad rows are skipped and counted by reason (missing_file, empty_file, not_an_image, corrupt_image, "
+               "too_many_pixels, no_valid_caption, invalid_utf8, empty_caption, invalid_id, malformed_row, "
+               "other_error). Exit codes: 0 done; 1 nothing written or (with --strict) anything skipped; "
+               "2 bad input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_argument_group("input")
+    source.add_argument("--data-root", default="data", help="folder holding one sub-folder per dataset")
+    source.add_argument("--dataset", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="dataset folder name(s) under --data-root; repeatable")
+    source.add_argument("--split", default="all", choices=["train", "valid", "all"],
+                        help="which split; 'all' takes train and valid where their CSV exists")
+    source.add_argument("--csv", help="one annotation CSV named explicitly (instead of --data-root layout)")
+    source.add_argument("--images", help="image folder for --csv (default: <csv folder>/<split>)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="shards", help="output root; shards go to OUT/<dataset>/")
+    output.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar")
+    output.add_argument("--max-size", type=int, default=256,
+                        help="resize so the shorter side is at most this (0 = keep size); aspect kept")
+    output.add_argument("--max-pixels", type=int, default=shards.DEFAULT_MAX_PIXELS,
+                        help="skip images with more pixels than this (decompression bombs)")
+    output.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
+    existing = output.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="keep complete shards of an earlier run with the same input, write the rest")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing output of the split")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else (os.cpu_count() or 1), help="worker processes (output does not depend on it)")
+    run.add_argument("--strict", action="store_true", help="exit 1 when anything was skipped")
+    run.add_argument("--quiet", action="store_true", help="no progress bar; one-line summary")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", action="store_true",
+                       help="time converting generated 640x480 JPEGs at 1 and 2 workers, then exit")
+    bench.add_argument("--bench-images", type=int, default=512, help="images in the benchmark")
+    bench.add_argument("--bench-json", help="also write the benchmark result to this JSON file")
+    return parser
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    result = shards.benchmark_shards(num_images=args.bench_images, max_size=args.max_size,
+                                     progress=not args.quiet)
+    print(shards.format_benchmark(result))
+    if args.bench_json:
+        with open(args.bench_json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.benchmark:
+        return run_benchmark(args)
+    policy = "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
+    try:
+        if args.workers < 1:
+            raise shards.InputError(f"--workers must be >= 1, got {args.workers}")
+        settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
+                                        max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality)
+        sources, notes = shards.resolve_sources(args.data_root, args.dataset, args.split, args.csv, args.images)
+        reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
+                                         progress=not args.quiet)
+    except shards.InputError as error:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("make_shards: interrupted; finished shards are complete, rerun with --resume", file=sys.stderr)
+        return 130
+    print(shards.format_summary(reports, notes, quiet=args.quiet))
+    status = shards.exit_status(reports, args.strict)
+    if status:
+        reason = "nothing was written" if not sum(r.images_written for r in reports) else "--strict: rows were skipped"
+        print(f"make_shards: exit 1 ({reason})", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
