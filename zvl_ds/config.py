@@ -60,6 +60,7 @@ class DataConfig:
     cuda_eval: bool = True
     val_steps: Optional[int] = None
     max_bad_sample_warnings: int = 20  # warnings printed per reason before they go quiet (all are counted)
+    loader_timeout: float = 600.0  # seconds a loader worker may take for one batch before the run fails
 
 
 @dataclass
