@@ -258,7 +258,11 @@ def build_text_tower(cfg: TextEncoderConfig) -> Tuple[nn.Module, int]:
     if cfg.grad_checkpointing:
         if not getattr(tower, "supports_gradient_checkpointing", False):
             raise ValueError(f"model.text_encoder.grad_checkpointing: {type(tower).__name__} does not support it")
-        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs and replays the dropout RNG state in the recompute
+        if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tower, int(width)
 
 
