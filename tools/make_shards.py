@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--max-pixels", type=int, default=shards.DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels than this (decompression bombs)")
     output.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
+    output.add_argument("--resample", default="bilinear", choices=["bilinear", "bicubic", "lanczos"],
+                        help="Pillow resampling filter (antialiased) for downscaling")
     existing = output.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="keep complete shards of an earlier run with the same input, write the rest")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     result = shards.benchmark_shards(num_images=args.bench_images, max_size=args.max_size,
-                                     progress=not args.quiet)
+                                     resample=args.resample, progress=not args.quiet)
     print(shards.format_benchmark(result))
     if args.bench_json:
         with open(args.bench_json, "w", encoding="utf-8") as handle:
@@ -84,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.workers < 1:
             raise shards.InputError(f"--workers must be >= 1, got {args.workers}")
         settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
-                                        max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality)
+                                        max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
+                                        resample=args.resample)
         sources, notes = shards.resolve_sources(args.data_root, args.dataset, args.split, args.csv, args.images)
         reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
                                          progress=not args.quiet)

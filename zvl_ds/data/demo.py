@@ -93,7 +93,7 @@ def object_boxes(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE)
     width, height = x1 - x0, y1 - y0
     along_x = width >= height
     slot = (width if along_x else height) / scene.count
-    radius = 0.42 * min(slot, height if along_x else width)
+    radius = 0.4 * min(slot, height if along_x else width)
     boxes = []
     for index in range(scene.count):
         offset = (index + 0.5) * slot
@@ -164,7 +164,7 @@ def draw_scene(scene: Scene, style: str, rng: np.random.Generator, size: int = I
 
 
 def _save_jpeg(image: Image.Image, path: str) -> None:
-    image.save(path, format="JPEG", quality=95)
+    image.save(path, format="JPEG", quality=95, subsampling=0)  # 4:4:4 keeps thin coloured outlines saturated
 
 
 def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -216,6 +216,8 @@ def make_demo_data(out: str, seed: int = 0, train_size: int = 2000, valid_size: 
     """Write demo_flat, demo_sketch (train) and demo_val (valid) under ``out``; existing files are overwritten."""
     if train_size < 1 or valid_size < 1:
         raise ValueError("train_size and valid_size must be >= 1")
+    if not 1 <= captions_per_image <= len(TEMPLATES):
+        raise ValueError(f"captions_per_image must be in 1..{len(TEMPLATES)}, got {captions_per_image}")
     # Independent streams per dataset, so changing one size leaves the other datasets' bytes unchanged.
     return [
         write_train_dataset(os.path.join(out, "demo_flat"), "flat", train_size, np.random.default_rng([seed, 0])),
