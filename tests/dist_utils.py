@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -29,7 +30,9 @@ def _entry(fn, rank, world_size, port, args, results, use_deepspeed):
         init_distributed("gloo", use_deepspeed=use_deepspeed)
         result = fn(rank, world_size, *args)
         cleanup()
-        results.put((rank, True, result))
+        # plain pickle copies tensor data; the queue's own pickler would send shared-memory handles that die
+        # with this process
+        results.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, which raises it in the test
         results.put((rank, False, traceback.format_exc()))
 
@@ -39,8 +42,19 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), tim
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; return results by rank.
 
     ``fn`` must be importable (defined at module level). Raises with the worker's traceback on failure,
-    and kills every worker if they have not all finished within ``timeout`` seconds.
+    and kills every worker if they have not all finished within ``timeout`` seconds. The rendezvous port is
+    picked free but can be taken by another process before the workers bind it: that case is retried.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout, use_deepspeed)
+        except RuntimeError as error:
+            if "Address already in use" not in str(error) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn, world_size, args, timeout, use_deepspeed):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -68,7 +82,7 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), tim
                     break
                 continue
             if ok:
-                collected[rank] = payload
+                collected[rank] = pickle.loads(payload)
             else:
                 failures.append((rank, payload))
                 break

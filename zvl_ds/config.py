@@ -273,6 +273,7 @@ class LogConfig:
     interval_val: int = 1
     tensorboard: bool = True
     num_image_samples: int = 8  # validation images shown with their top-3 captions in TensorBoard
+    record_sample_keys: bool = False  # append each step's sample keys to RUN/sample_keys/rank_N.txt (audit)
 
 
 @dataclass

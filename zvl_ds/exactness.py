@@ -1,0 +1,111 @@
+"""A plain-PyTorch full-batch reference for the distributed step, and the comparison against it.
+
+The reference shares nothing with ``dga.py`` or ``loss.py``: one process holds the whole global batch, one
+autograd graph spans every chunk of every rank, and the loss is the textbook dense symmetric InfoNCE with soft
+targets. Dropout is replayed by seeding each rank's chunks as the trainer does (``runner.stable_random: step``),
+so masks are identical and the two computations must agree to rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zvl_ds.dga import step_seed
+from zvl_ds.mixup import MixupDraw
+
+
+def reference_partner(global_batch: int, world_size: int, chunk: int) -> torch.Tensor:
+    """Each sample's mixup partner: the mirror position inside its rank's chunk, written out by loops."""
+    per_rank = global_batch // world_size
+    partner = torch.empty(global_batch, dtype=torch.long)
+    for rank in range(world_size):
+        for chunk_start in range(0, per_rank, chunk):
+            for offset in range(chunk):
+                partner[rank * per_rank + chunk_start + offset] = rank * per_rank + chunk_start + chunk - 1 - offset
+    return partner
+
+
+def dense_contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor,
+                           mixup: Optional[MixupDraw] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0.5 * (image->text + text->image) cross-entropy over the full B x B logits, soft targets under mixup."""
+    logits = image @ text.t() / temperature
+    batch = logits.shape[0]
+    targets = torch.eye(batch, dtype=logits.dtype, device=logits.device)
+    if mixup is not None:
+        mixed = torch.zeros_like(targets)
+        mixed[torch.arange(batch), partner.to(logits.device)] = 1.0
+        targets = mixup.lam * targets + (1.0 - mixup.lam) * mixed
+    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   *, world_size: int, chunk: int, seed: int, step: int, mixup: Optional[MixupDraw],
+                   replay_rng: bool = True) -> torch.Tensor:
+    """Full-batch loss with autograd through every chunk; ``images`` are already normalised floats."""
+    per_rank = images.shape[0] // world_size
+    image_parts: List[torch.Tensor] = []
+    text_parts: List[torch.Tensor] = []
+    temperature = None
+    for rank in range(world_size):
+        if replay_rng:
+            torch.manual_seed(step_seed(seed, step, rank))
+        for start in range(rank * per_rank, (rank + 1) * per_rank, chunk):
+            out = model(images=images[start:start + chunk], input_ids=input_ids[start:start + chunk],
+                        attention_mask=attention_mask[start:start + chunk], mixup=mixup)
+            image_parts.append(out["image_embeds"].float())
+            text_parts.append(out["text_embeds"].float())
+            temperature = out["temperature"].float() if temperature is None else temperature
+    partner = reference_partner(images.shape[0], world_size, chunk) if mixup is not None else None
+    return dense_contrastive_loss(torch.cat(image_parts), torch.cat(text_parts), temperature, mixup, partner)
+
+
+@dataclass
+class GroupDifference:
+    group: str
+    max_abs_diff: float
+    reference_max: float
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs_diff / max(self.reference_max, MAGNITUDE_FLOOR)
+
+
+def parameter_group(name: str) -> str:
+    """Coarse groups for the report: image tower, text tower, projections, temperature, other."""
+    for key, group in (("tau", "temperature"), ("temperature", "temperature"), ("image_projection", "image projection"),
+                       ("text_projection", "text projection"), ("image", "image tower"), ("text", "text tower")):
+        if key in name:
+            return group
+    return "other"
+
+
+# Some tensors are zero in exact arithmetic (attention key biases receive no gradient: softmax ignores a shift
+# of every key by the same vector), so their "largest magnitude" is rounding noise near 1e-12; they are compared
+# against this absolute floor instead.
+MAGNITUDE_FLOOR = 1e-4
+
+
+def compare_tensors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per tensor: max |actual - expected| / max(max |expected|, MAGNITUDE_FLOOR)."""
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        raise KeyError(f"tensors missing from the result: {missing[:5]}")
+    return {name: float((actual[name].float() - ref.float()).abs().max()
+                        / max(float(ref.abs().max()), MAGNITUDE_FLOOR))
+            for name, ref in expected.items()}
+
+
+def compare_by_group(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> List[GroupDifference]:
+    groups: Dict[str, GroupDifference] = {}
+    for name, ref in expected.items():
+        diff = float((actual[name].float() - ref.float()).abs().max())
+        group = groups.setdefault(parameter_group(name), GroupDifference(parameter_group(name), 0.0, 0.0))
+        group.max_abs_diff = max(group.max_abs_diff, diff)
+        group.reference_max = max(group.reference_max, float(ref.abs().max()))
+    return sorted(groups.values(), key=lambda g: g.group)
