@@ -113,14 +113,19 @@ def read_segment(path: str, shard: int, start: int, stop: int, faults: FaultCoun
                                 f"entry too large?)", missing)
 
 
-def _group(members: Iterator[Tuple[tarfile.TarInfo, Callable[[], FieldData]]], path: str, shard: int, start: int,
-           stop: int) -> Iterator[RawSample]:
-    """Group consecutive members by key; keep only the kept extensions of positions in ``[start, stop)``."""
+def _group(members: Iterator[Tuple[tarfile.TarInfo, Optional[Callable[[], FieldData]]]], path: str, shard: int,
+           start: int, stop: int) -> Iterator[RawSample]:
+    """Group consecutive members by key; keep only the kept extensions of positions in ``[start, stop)``.
+    A member given without a reader is one whose data the file does not hold in full."""
     position = -1
     key: Optional[str] = None
     fields: Dict[str, FieldData] = {}
     for info, read in members:
         member_key, ext = split_member_name(info.name)
+        if read is None:  # this member is cut short: the sample before it is complete, its own is lost
+            if member_key != key and key is not None and start <= position < stop:
+                yield RawSample(key, path, shard, position, fields)
+            raise _Truncated(f"member {info.name} runs past the end of the file")
         if member_key != key:
             if key is not None and position >= start:
                 yield RawSample(key, path, shard, position, fields)
@@ -138,7 +143,7 @@ def _read_local(path: str, shard: int, start: int, stop: int) -> Iterator[RawSam
         file_size = os.fstat(handle.fileno()).st_size
         archive = tarfile.open(fileobj=handle, mode="r:")
 
-        def members() -> Iterator[Tuple[tarfile.TarInfo, Callable[[], FieldData]]]:
+        def members() -> Iterator[Tuple[tarfile.TarInfo, Optional[Callable[[], FieldData]]]]:
             while True:
                 try:
                     info = archive.next()
@@ -152,7 +157,8 @@ def _read_local(path: str, shard: int, start: int, stop: int) -> Iterator[RawSam
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > file_size:
-                    raise _Truncated(f"member {info.name} runs past the end of the file")
+                    yield info, None
+                    return
                 location = (info.offset_data, info.size)
                 yield info, (lambda loc=location: loc)
 

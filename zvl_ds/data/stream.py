@@ -445,9 +445,11 @@ def _data_loader(dataset: IterableDataset, num_workers: int, timeout: float) -> 
     if num_workers > 0:
         # Workers are forked after the tokenizer has been used here; its thread pool must not be inherited.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A private generator: the DataLoader otherwise draws its workers' base seed from the caller's global torch
+    # generator (the workers seed everything themselves), which would shift the trainer's random stream.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
                       pin_memory=torch.cuda.is_available(), timeout=timeout if num_workers > 0 else 0,
-                      prefetch_factor=2 if num_workers > 0 else None)
+                      prefetch_factor=2 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer) -> TrainLoader:
