@@ -246,3 +246,18 @@ def test_mix_images_hand_checked():
     assert torch.equal(mix_images(images, 1.0), images)
     with pytest.raises(ValueError, match="images"):
         mix_images(torch.zeros(3, 4), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fit():
+    from zvl_ds.loss_bench import benchmark_loss
+
+    results = benchmark_loss(batch_sizes=(512,), dim=16, chunk_rows=100, verbose=False)
+    chunked, naive = results["chunked@512"], results["naive@512"]
+    assert chunked["loss"] == pytest.approx(naive["loss"], rel=1e-5)  # same loss, two implementations
+    for result in (chunked, naive):
+        assert result["seconds"] > 0 and result["peak_extra_bytes"] >= 0
+    huge = benchmark_loss(batch_sizes=(10 ** 6,), dim=16, methods=("naive",), verbose=False)["naive@1000000"]
+    assert "GiB available" in huge["skipped"]
