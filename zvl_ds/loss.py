@@ -44,13 +44,13 @@ class CachedGrads:
 
     image: torch.Tensor  # [b, d] fp32: dL/d(this rank's image embeddings), all ranks' rows accounted for
     text: torch.Tensor  # [b, d] fp32: dL/d(this rank's text embeddings)
-    temperature: torch.Tensor  # [1] fp32: this rank's share of dL/dtau
+    temperature: torch.Tensor  # [1] fp32: this rank's share of dL/d(clamped tau); back-propagate it once per step
     output: LossOutput
 
 
 @dataclass(frozen=True)
 class _Targets:
-    """Soft targets of a block of query rows: weight ``lam`` on column ``self_cols[r]``, 1 - lam on ``partner_cols[r]``."""
+    """Soft targets of query rows: weight ``lam`` on column ``self_cols[r]``, 1 - lam on ``partner_cols[r]``."""
 
     self_cols: torch.Tensor  # [n] long, the global index of each query row
     partner_cols: Optional[torch.Tensor]  # [n] long, or None for hard targets
@@ -246,8 +246,9 @@ def loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Te
     as keys in every rank's rows (gathered back by the all-reduce of ``gather_with_grad``). ``temperature``:
     this rank's share of dL/dtau (its own rows' part); the shares sum over ranks to dL/dtau. So the trainer
     back-propagates these through its own chunks and the engine's SUM over ranks is exact (an engine that
-    AVERAGES needs them multiplied by the world size). Gradients are fp32 (fp64 for fp64 inputs). ``partner`` defaults as in
-    ``contrastive_loss``; under DGA pass ``partner_index(B, world_size, per-rank chunk)``.
+    AVERAGES needs them multiplied by the world size). Gradients are fp32 (fp64 for fp64 inputs).
+    ``partner`` defaults as in ``contrastive_loss``; under DGA pass ``partner_index(B, world_size, chunk)``
+    with the per-rank chunk, since the model mixes within each chunk's forward.
     """
     world_size = get_world_size()
     image = _compute_dtype(image_embeds_local.detach()).requires_grad_(True)
