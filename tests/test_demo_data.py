@@ -5,7 +5,6 @@ import csv
 import glob
 import hashlib
 import importlib.util
-import io
 import json
 import os
 from collections import deque
@@ -174,7 +173,8 @@ def test_the_two_styles_differ_clearly(demo):
     that mixing datasets in one batch offers and debiased sampling removes."""
     def border_brightness(path):
         image = pixels(path)
-        return np.concatenate([image[:2].ravel(), image[-2:].ravel(), image[:, :2].ravel(), image[:, -2:].ravel()]).mean()
+        edges = [image[:2], image[-2:], image[:, :2], image[:, -2:]]
+        return np.concatenate([edge.ravel() for edge in edges]).mean()
 
     flat = [border_brightness(p) for p in glob.glob(str(demo / "demo_flat" / "train" / "*.jpg"))]
     sketch = [border_brightness(p) for p in glob.glob(str(demo / "demo_sketch" / "train" / "*.jpg"))]

@@ -85,7 +85,8 @@ def read_back(out_dir, split="train"):
 
 
 def tar_bytes(out_dir, split="train"):
-    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out_dir, f"{split}-*.tar")))}
+    paths = sorted(glob.glob(os.path.join(out_dir, f"{split}-*.tar")))
+    return {os.path.basename(p): open(p, "rb").read() for p in paths}
 
 
 def run_cli(*args, timeout=120):

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--max-pixels", type=int, default=shards.DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels than this (decompression bombs)")
     output.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
-    output.add_argument("--resample", default="bilinear", choices=["bilinear", "bicubic", "lanczos"],
-                        help="Pillow resampling filter (antialiased) for downscaling")
+    output.add_argument("--resample", default="box", choices=["box", "bilinear", "bicubic", "lanczos"],
+                        help="Pillow filter for downscaling; box = area averaging (img2dataset's default)")
     existing = output.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="keep complete shards of an earlier run with the same input, write the rest")
