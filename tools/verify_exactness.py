@@ -1,0 +1,180 @@
+"""Check, on your own cluster, model and DeepSpeed config, that one distributed step equals a full-batch step.
+
+Run it exactly like training, with a smaller batch:
+
+    deepspeed tools/verify_exactness.py --deepspeed_config ds_configs/zero2.json --cfg configs/my.yaml \
+        data.batch_size=64 data.batch_size_train=16
+
+Each rank takes one batch (from your data, or random inputs with --synthetic) and runs one step of the
+configured runner with plain SGD at lr 1 (no momentum, decay or clipping), so the parameter update IS the
+averaged gradient. Rank 0 then recomputes the gradient of the same global batch in a single process with a
+dense full-batch loss (zvl_ds.exactness), replaying each rank's dropout, and prints the largest relative
+difference per parameter group. Exit code 1 when a group exceeds the tolerance.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+import zvl_ds  # noqa: E402,F401
+from zvl_ds import dist  # noqa: E402
+from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
+from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed  # noqa: E402
+from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement  # noqa: E402
+from zvl_ds.exactness import GroupDifference, compare_by_group, reference_loss  # noqa: E402
+from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
+from zvl_ds.model import build_model  # noqa: E402
+from zvl_ds.optim import build_optimizer  # noqa: E402
+
+SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
+                 "optim.grad_clip=0.0"]
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True)
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    parser.add_argument("--synthetic", action="store_true", help="random images and tokens instead of your data")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest allowed relative difference per group (default: 1e-4 fp32, 5e-2 bf16, "
+                             "2e-2 fp16)")
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_args(argv)
+
+
+def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokenizer) -> StepBatch:
+    per_rank = cfg.data.batch_size // world_size
+    if synthetic:
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        size = cfg.transforms.input_size
+        images = torch.randint(0, 256, (per_rank, 3, size, size), dtype=torch.uint8, generator=generator)
+        vocab = max(8, getattr(tokenizer, "vocab_size", 1000))
+        input_ids = torch.randint(5, vocab, (per_rank, cfg.model.max_length), generator=generator)
+        return StepBatch(images, input_ids, torch.ones_like(input_ids))
+    from zvl_ds.data import build_train_loader
+
+    loader = build_train_loader(cfg, rank, world_size, tokenizer)
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
+    return StepBatch(batch.images, batch.input_ids, batch.attention_mask)
+
+
+def gather_to_all(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if dist.get_world_size() == 1:
+        return tensor
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    torch.distributed.all_gather(parts, local)
+    return torch.cat(parts).cpu()
+
+
+def full_parameters(engine, stage: int) -> Dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        return {name: p.detach().float().cpu().clone() for name, p in engine.module.named_parameters()
+                if p.requires_grad}
+
+
+def reference_gradients(cfg: Config, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        world_size: int, chunk: int, normalise, device: torch.device) -> Dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.loss).to(device)
+    model.train()
+    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
+    loss = reference_loss(model, normalise(images), input_ids.to(device), attention_mask.to(device),
+                          world_size=world_size, chunk=chunk, seed=cfg.seed, step=0, mixup=mixup)
+    loss.backward()
+    return {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def report(groups: List[GroupDifference], tolerance: float) -> bool:
+    print(f"{'parameter group':<20} {'max |update - ref grad|':>24} {'max |ref grad|':>16} {'relative':>10}")
+    ok = True
+    for group in groups:
+        flag = "" if group.relative <= tolerance else "  <-- exceeds tolerance"
+        ok &= group.relative <= tolerance
+        print(f"{group.group:<20} {group.max_abs_diff:>24.3e} {group.reference_max:>16.3e} {group.relative:>10.2e}{flag}")
+    print(f"{'PASS' if ok else 'FAIL'}: tolerance {tolerance:.0e}")
+    return ok
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, list(args.overrides) + SGD_OVERRIDES)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    dist.init_distributed()
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        check_world_size(cfg, world_size)
+        placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+        ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        from zvl_ds.data import load_tokenizer, normalize_images
+
+        tokenizer = load_tokenizer(cfg.model.text_encoder)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.loss)
+        engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+
+        def normalise(images):
+            return normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)
+
+        batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer)
+        chunk = cfg.chunk_size // world_size if cfg.runner.name == "clip_bsgs" else len(batch)
+        global_images = gather_to_all(batch.images, placement.device)
+        global_ids = gather_to_all(batch.input_ids, placement.device)
+        global_mask = gather_to_all(batch.attention_mask, placement.device)
+        before = full_parameters(engine, stage)
+        options = StepOptions(chunk=chunk, world_size=world_size, chunk_rows=cfg.loss.chunk_rows,
+                              gather_backward=cfg.loss.nce_loss.gather_backward, prepare_images=normalise,
+                              device=placement.device)
+        mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
+        partner = partner_index(cfg.data.batch_size, world_size, chunk).to(placement.device) if mixup else None
+        engine.train()
+        torch.manual_seed(step_seed(cfg.seed, 0, rank))
+        result = RUNNERS[cfg.runner.name](engine, batch, options, mixup, partner)
+        after = full_parameters(engine, stage)
+        ok = True
+        if rank == 0:
+            if not result.applied:
+                print(f"the step was skipped ({result.skip_reason}); nothing to compare", file=sys.stderr)
+                ok = False
+            else:
+                update = {name: before[name] - after[name] for name in before}
+                expected = reference_gradients(cfg, global_images, global_ids, global_mask, world_size, chunk,
+                                               lambda x: normalise(x).float(), placement.device)
+                tolerance = args.tolerance or DEFAULT_TOLERANCE[cfg.precision or "fp32"]
+                print(f"one {cfg.runner.name} step, {world_size} rank(s), ZeRO-{stage}, {cfg.precision}, "
+                      f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
+                      + (f" ({mixup.side} mixup, lambda {mixup.lam:.3f})" if mixup else ""))
+                ok = report(compare_by_group(update, expected), tolerance)
+        flag = torch.tensor([0 if ok else 1], device=placement.device)
+        if dist.is_distributed():
+            torch.distributed.broadcast(flag, 0)
+        return int(flag.item())
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Train a dual encoder: ``deepspeed zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg CFG [k=v ...]``.
+
+Also runs under ``torchrun`` and as a plain ``python zvl_ds/train.py``. This module only wires the parts
+together: config, data, model, engine, the step (dga.py), checkpoints, evaluation and metrics.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, Python puts zvl_ds/ itself first on sys.path, where our evaluate.py would shadow the
+# Hugging Face `evaluate` package that transformers probes for. Only the installed package should be visible.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
+from zvl_ds import dist  # noqa: E402
+from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, find_resume_point, load_checkpoint,  # noqa: E402
+                               read_latest, restore_rng_state, save_checkpoint)
+from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
+from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images  # noqa: E402
+from zvl_ds.dga import (RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, TrainingAborted,  # noqa: E402
+                        step_seed)
+from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,  # noqa: E402
+                           set_learning_rate, zero_stage)
+from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
+from zvl_ds.model import build_model  # noqa: E402
+from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
+from zvl_ds.optim import build_optimizer  # noqa: E402
+from zvl_ds.schedule import learning_rate  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="YAML config (ZeroVL keys; _base_ inheritance)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                        help="DeepSpeed JSON (ds_configs/zero*.json); default: ZeRO-0 with everything from the YAML")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK from the environment is used otherwise")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser.parse_args(argv)
+
+
+def limit_cpu_threads(placement: Placement) -> None:
+    """Several ranks on one CPU machine must not each use every core (the deepspeed launcher sets no limit)."""
+    if placement.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", dist.get_world_size())))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
+    if cfg.runner.train_steps > 0:
+        return cfg.runner.train_steps
+    if cfg.data.train_steps > 0:
+        return cfg.data.train_steps
+    return cfg.epoch * steps_per_epoch
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: Dict, placement: Placement):
+        self.cfg = cfg
+        self.placement = placement
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.run_dir = cfg.run_dir
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.tokenizer = load_tokenizer(cfg.model.text_encoder)
+        model = build_model(cfg.model, cfg.loss)
+        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+        self.zero_stage = zero_stage(ds_config)
+        self.loader = build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch)
+        self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
+        per_rank_batch = cfg.data.batch_size // self.world_size
+        chunk = cfg.chunk_size // self.world_size if cfg.runner.name == "clip_bsgs" else per_rank_batch
+        self.options = StepOptions(chunk=chunk, world_size=self.world_size, chunk_rows=cfg.loss.chunk_rows,
+                                   gather_backward=cfg.loss.nce_loss.gather_backward,
+                                   prepare_images=self._prepare_images, device=placement.device)
+        self.partner = (partner_index(cfg.data.batch_size, self.world_size, chunk).to(placement.device)
+                        if cfg.loss.name == "MixUpNCE" else None)
+        self.run_step = RUNNERS[cfg.runner.name]
+        self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps)
+        self.timer = PhaseTimer(placement.device)
+        self.step = 0
+        self.skips = SkipPolicy(cfg.runner.max_skipped_steps)
+        self.last_saved_step: Optional[int] = None
+
+    # ------------------------------------------------------------------ pieces the loop uses
+
+    def _prepare_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images_uint8, self.cfg.transforms.normalize, self.placement.device,
+                                self.placement.dtype)
+
+    def _to_step_batch(self, batch) -> StepBatch:
+        images = batch.images
+        if self.cfg.runner.offload_inputs and self.placement.device.type == "cuda":
+            images = images.pin_memory()  # chunks travel to the device one at a time
+        else:
+            images = images.to(self.placement.device, non_blocking=True)
+        return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def _record_keys(self, step: int, keys: List[str]) -> None:
+        folder = os.path.join(self.run_dir, "sample_keys")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank_{self.rank}.txt"), "a", encoding="utf-8") as handle:
+            handle.write(f"{step} {' '.join(keys)}\n")
+
+    def _shared_state(self) -> Dict:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "skipped_steps": self.skips.total,
+                "world_size": self.world_size, "config": self.cfg.to_dict(), "zvl_ds_version": zvl_ds.__version__}
+
+    def save(self) -> None:
+        rank_state = {"step": self.step, "loader": self.loader.state_dict(), "rng": capture_rng_state()}
+        tag = save_checkpoint(self.engine, self.run_dir, self.step, self._shared_state(), rank_state,
+                              self.cfg.to_yaml(), self.cfg.ckpt.keep_last)
+        self.last_saved_step = self.step
+        self.monitor.console(f"saved checkpoint {os.path.join(self.run_dir, tag)}")
+
+    def resume(self) -> None:
+        point = find_resume_point(self.run_dir, self.cfg.resume_ckpt_path, self.cfg.ckpt.auto_resume)
+        if point is None:
+            return
+        shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage)
+        self.step = int(shared.get("step", 0))
+        self.skips.total = int(shared.get("skipped_steps", 0))
+        self.last_saved_step = self.step
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+            restore_rng_state(rank_state["rng"])
+        self.monitor.console(f"resumed from {os.path.join(point.run_dir, point.tag)} at step {self.step}")
+
+    def _should_evaluate(self, step: int) -> bool:
+        if not self.cfg.data.enable_valid:
+            return False
+        if self.cfg.runner.val_interval_steps > 0:
+            return step % self.cfg.runner.val_interval_steps == 0 or step == self.total_steps
+        every = self.steps_per_epoch * max(1, self.cfg.runner.val_interval)
+        return step % every == 0 or step == self.total_steps
+
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        from zvl_ds.evaluate import evaluate_retrieval, log_retrieval_examples
+
+        self.engine.eval()
+        try:
+            metrics = evaluate_retrieval(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                         self.placement.dtype)
+            if self.cfg.log.num_image_samples > 0:
+                log_retrieval_examples(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                       self.placement.dtype, self.monitor, step)
+        finally:
+            self.engine.train()
+        for name, values in metrics.items():
+            self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
+                                        if isinstance(value, (int, float))})
+            self.monitor.console(f"eval {name} @ step {step}: " + "  ".join(
+                f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum") if key in values))
+        if dist.is_main_process():
+            with open(os.path.join(self.run_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
+
+    def _data_error_counts(self) -> Dict[str, int]:
+        counts = self.loader.error_counts()
+        if self.world_size == 1:
+            return dict(counts)
+        gathered: List[Dict[str, int]] = [None] * self.world_size  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, dict(counts))
+        total: Dict[str, int] = {}
+        for part in gathered:
+            for reason, count in part.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
+    def _log_step(self, step: int, result: StepResult, lr: float, seconds: float, phases: Dict[str, float]) -> None:
+        samples_per_sec = self.cfg.data.batch_size / max(seconds, 1e-9)
+        values = {"train/loss": result.loss, "train/i2t_acc": result.i2t_acc, "train/t2i_acc": result.t2i_acc,
+                  "train/lr": lr, "train/temperature": result.temperature,
+                  "train/samples_per_sec": samples_per_sec,
+                  "train/samples_per_sec_per_device": samples_per_sec / self.world_size,
+                  "train/skipped_steps": self.skips.total,
+                  "memory/peak_device_bytes": peak_memory_bytes(self.placement.device)}
+        grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            values["train/grad_norm"] = float(grad_norm)
+        values.update({f"time/{name}": value for name, value in phases.items()})
+        values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
+        self.monitor.scalars(step, values)
+        if step % self.cfg.log.interval_train == 0 or step == self.total_steps:
+            self.monitor.train_line(step, result.loss, lr, samples_per_sec, result.temperature)
+
+    def _count_skip(self, result: StepResult) -> None:
+        latest = None
+        if not result.applied:
+            self.monitor.console(f"step {self.step}: skipped ({result.skip_reason})")
+            latest = read_latest(self.run_dir)
+        self.skips.record(result, self.step, os.path.join(self.run_dir, latest) if latest else None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.monitor.text("config", "```\n" + cfg.to_yaml() + "\n```")
+        self.monitor.console(f"training {self.total_steps} steps of {cfg.data.batch_size} samples "
+                             f"({cfg.runner.name}, chunk {self.options.chunk}/rank, {self.world_size} ranks, "
+                             f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
+        self.engine.train()
+        self.monitor.start(self.step)
+        batches = iter(self.loader)
+        while self.step < self.total_steps:
+            step_start = time.perf_counter()
+            with self.timer.phase("data_wait"):
+                batch = next(batches)
+            if cfg.log.record_sample_keys:
+                self._record_keys(self.step, batch.keys)
+            if cfg.runner.stable_random == "step":
+                torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
+            mixup = draw_mixup(cfg.seed, self.step, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
+            lr = learning_rate(cfg.optim.lr, self.step, self.total_steps, self.steps_per_epoch)
+            set_learning_rate(self.engine, lr)
+            result = self.run_step(self.engine, self._to_step_batch(batch), self.options, mixup, self.partner,
+                                   self.timer)
+            self.step += 1
+            self._count_skip(result)
+            self._log_step(self.step, result, lr, time.perf_counter() - step_start, self.timer.pop())
+            if self.step % cfg.ckpt.step_interval == 0 or self.step == self.total_steps:
+                self.save()
+            if self._should_evaluate(self.step):
+                self.evaluate(self.step)
+        if self.last_saved_step != self.step:
+            self.save()
+        self.monitor.flush()
+
+    def close(self) -> None:
+        self.loader.close()
+        self.monitor.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    dist.init_distributed()
+    trainer = None
+    try:
+        world_size = dist.get_world_size()
+        check_world_size(cfg, world_size)
+        placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
+        limit_cpu_threads(placement)
+        ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
+        if dist.is_main_process():
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as handle:
+                handle.write(cfg.to_yaml())
+        trainer = Trainer(cfg, ds_config, placement)
+        trainer.resume()
+        if cfg.evaluate:
+            trainer.evaluate(trainer.step)
+        else:
+            trainer.train()
+        return 0
+    except ConfigError as error:
+        if dist.is_main_process():
+            print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (TrainingAborted, CheckpointError) as error:
+        print(f"[rank {dist.get_rank()}] error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
