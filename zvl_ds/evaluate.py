@@ -223,6 +223,264 @@ def render_retrieval_grid(images_uint8, captions_top3: List[List[str]],
 
 
 # --------------------------------------------------------------------------------------------------
+# Embedding a validation set on every rank
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedSet:
+    """A validation set's embeddings gathered from all ranks (each sample once), plus what the examples grid
+    needs: caption tokens and the first few images (uint8)."""
+
+    image_embeds: Tensor  # float32 [N, d]
+    image_ids: Tensor  # long [N]
+    text_embeds: Tensor  # float32 [M, d]
+    text_image_ids: Tensor  # long [M]
+    caption_ids: Tensor  # long [M]
+    text_tokens: Optional[Tensor] = None  # long [M, L], kept when examples are wanted
+    example_images: Optional[Tensor] = None  # uint8 [k, 3, S, S], the first images in rank order
+    example_image_ids: Optional[Tensor] = None  # long [k]
+
+    def metrics(self, block_size: int = 1024) -> Dict[str, float]:
+        return retrieval_metrics(self.image_embeds, self.image_ids, self.text_embeds, self.text_image_ids,
+                                 block_size)
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """Concatenate every rank's rows (rank order); ranks may hold different numbers of rows."""
+    from zvl_ds import dist
+
+    if not dist.is_distributed():
+        return x
+    import torch.distributed as tdist
+
+    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
+    tdist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = dist.gather_no_grad(padded).split(max(counts))
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _step_shape(batch, device: torch.device) -> Tuple[bool, int, int, int]:
+    """(does any rank still have a batch, image height, width, caption length) agreed by all ranks."""
+    from zvl_ds import dist
+
+    local = torch.tensor([0, 0, 0, 0], dtype=torch.long, device=device)
+    if batch is not None:
+        local = torch.tensor([1, batch.images.shape[2], batch.images.shape[3], batch.input_ids.shape[1]],
+                             dtype=torch.long, device=device)
+    if dist.is_distributed():
+        import torch.distributed as tdist
+
+        tdist.all_reduce(local, op=tdist.ReduceOp.MAX)
+    flag, height, width, length = local.tolist()
+    return bool(flag), height, width, length
+
+
+@torch.no_grad()
+def embed_validation(model, loader, device: torch.device, dtype: torch.dtype, norm_cfg, progress: bool = True,
+                     num_examples: int = 0, keep_tokens: bool = False, desc: str = "embed") -> EmbeddedSet:
+    """Embed this rank's share of ``loader`` and gather all ranks' results (each sample exactly once).
+
+    All ranks call the model the same number of times with both modalities present: under ZeRO-3 every
+    forward gathers parameters collectively, so a rank whose share ran out (or a batch without captions)
+    runs a one-sample dummy whose output is dropped, instead of leaving the others waiting.
+    """
+    from zvl_ds import dist
+    from zvl_ds.data import normalize_images
+
+    rank = dist.get_rank()
+    total = getattr(getattr(loader, "dataset", None), "size", None)
+    bar = _progress_bar(progress and rank == 0, desc, total)
+    iterator = iter(loader)
+    parts: Dict[str, List[Tensor]] = {k: [] for k in ("image", "image_id", "text", "text_image_id", "caption_id",
+                                                       "tokens")}
+    examples: List[Tensor] = []
+    example_ids: List[Tensor] = []
+    width, image_hw = None, (0, 0)
+    while True:
+        batch = next(iterator, None)
+        active, height, img_width, length = _step_shape(batch, device)
+        if not active:
+            break
+        images = batch.images if batch is not None else torch.zeros(0, 3, height, img_width, dtype=torch.uint8)
+        input_ids = batch.input_ids if batch is not None else torch.zeros(0, length, dtype=torch.long)
+        mask = batch.attention_mask if batch is not None else torch.zeros(0, length, dtype=torch.long)
+        n, m = images.shape[0], input_ids.shape[0]
+        if n == 0:
+            images = torch.zeros(1, 3, height, img_width, dtype=torch.uint8)
+        if m == 0:
+            input_ids = torch.zeros(1, length, dtype=torch.long)
+            mask = torch.ones(1, length, dtype=torch.long)
+        out = model(images=normalize_images(images, norm_cfg, device, dtype), input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device))
+        image_embeds, text_embeds = out["image_embeds"].float(), out["text_embeds"].float()
+        width, image_hw = image_embeds.shape[1], (height, img_width)
+        if batch is None:
+            continue
+        parts["image"].append(image_embeds[:n])
+        parts["image_id"].append(batch.image_ids.to(device))
+        parts["text"].append(text_embeds[:m])
+        parts["text_image_id"].append(batch.caption_image_ids.to(device))
+        parts["caption_id"].append(batch.caption_ids.to(device))
+        if keep_tokens:
+            parts["tokens"].append(batch.input_ids.to(device))
+        if len(examples) < num_examples and n:
+            take = min(n, num_examples - len(examples))
+            examples.extend(batch.images[:take].cpu())
+            example_ids.extend(batch.image_ids[:take].cpu())
+        bar.update(n)
+    bar.close()
+    if width is None:
+        raise ValueError(f"{desc}: the validation set is empty on every rank (no images were read)")
+
+    def joined(key: str, empty_shape: Tuple[int, ...], kind: torch.dtype) -> Tensor:
+        local = torch.cat(parts[key]) if parts[key] else torch.zeros(empty_shape, dtype=kind, device=device)
+        return _gather_rows(local)
+
+    example_images = example_image_ids = None
+    if num_examples > 0:  # the first images in rank order, so that rank 0 has some even when its share is empty
+        size = (0, 3) + image_hw
+        local = torch.stack(examples).to(device) if examples else torch.zeros(size, dtype=torch.uint8, device=device)
+        local_ids = torch.stack(example_ids).to(device) if example_ids else torch.zeros(0, dtype=torch.long,
+                                                                                         device=device)
+        example_images = _gather_rows(local)[:num_examples].cpu()
+        example_image_ids = _gather_rows(local_ids)[:num_examples].cpu()
+    text_tokens = None
+    if keep_tokens:
+        max_len = _step_max(max((t.shape[1] for t in parts["tokens"]), default=0), device)
+        parts["tokens"] = [torch.nn.functional.pad(t, (0, max_len - t.shape[1])) for t in parts["tokens"]]
+        text_tokens = joined("tokens", (0, max_len), torch.long)
+    return EmbeddedSet(
+        image_embeds=joined("image", (0, width), torch.float32),
+        image_ids=joined("image_id", (0,), torch.long),
+        text_embeds=joined("text", (0, width), torch.float32),
+        text_image_ids=joined("text_image_id", (0,), torch.long),
+        caption_ids=joined("caption_id", (0,), torch.long),
+        text_tokens=text_tokens,
+        example_images=example_images,
+        example_image_ids=example_image_ids,
+    )
+
+
+def _step_max(value: int, device: torch.device) -> int:
+    from zvl_ds import dist
+
+    if not dist.is_distributed():
+        return value
+    import torch.distributed as tdist
+
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return int(tensor)
+
+
+def _progress_bar(enabled: bool, desc: str, total: Optional[int]):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def retrieval_examples(embedded: EmbeddedSet, tokenizer, num_images: int = 8, k: int = 3) -> Optional[np.ndarray]:
+    """The examples grid for ``embedded``'s example images: each with its top-``k`` captions (green = correct).
+
+    Needs ``embed_validation(..., num_examples>0, keep_tokens=True)``; returns None when there are no images.
+    """
+    if embedded.example_images is None or embedded.text_tokens is None or num_images < 1:
+        return None
+    images = embedded.example_images[:num_images]
+    image_ids = embedded.example_image_ids[:num_images]
+    device = embedded.image_embeds.device
+    # the example images' embeddings: the gathered row of each id (ids are unique after de-duplication)
+    unique, ids = deduplicate_images(embedded.image_embeds, embedded.image_ids)
+    rows = unique[torch.searchsorted(ids, image_ids.to(device))]
+    top = top_captions(rows, embedded.text_embeds, k).cpu()
+    tokens = embedded.text_tokens.cpu()
+    text_ids = embedded.text_image_ids.cpu()
+    captions = [[tokenizer.decode(tokens[j], skip_special_tokens=True) for j in row.tolist()] for row in top]
+    correct = [[bool(text_ids[j] == image_id) for j in row.tolist()] for row, image_id in zip(top, image_ids)]
+    return render_retrieval_grid(images, captions, correct)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every validation set of a config
+# --------------------------------------------------------------------------------------------------
+
+# Grids rendered by the last ``evaluate_retrieval`` call on a model, keyed by id(model); ``log_retrieval_examples``
+# takes them instead of embedding the validation sets a second time. Every rank stores an entry (rank 0 the
+# grids), so every rank takes the same branch there.
+_PENDING_EXAMPLES: Dict[int, Dict[str, Optional[np.ndarray]]] = {}
+
+
+def evaluate_with_examples(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype,
+                           names: Optional[Sequence[str]] = None, num_examples: int = 0, progress: bool = True
+                           ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Optional[np.ndarray]]]:
+    """Retrieval metrics for each validation set (``data.valid_name`` unless ``names``), identical on every
+    rank, and on rank 0 an examples grid per set (``num_examples`` images; None elsewhere)."""
+    from zvl_ds import dist
+    from zvl_ds.data import build_valid_loader
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    was_training = model.training
+    model.eval()
+    metrics: Dict[str, Dict[str, float]] = {}
+    grids: Dict[str, Optional[np.ndarray]] = {}
+    try:
+        for name in list(names or cfg.data.valid_name):
+            loader = build_valid_loader(cfg, name, rank, world_size, tokenizer)
+            embedded = embed_validation(model, loader, device, dtype, cfg.transforms.normalize, progress=progress,
+                                        num_examples=num_examples, keep_tokens=num_examples > 0,
+                                        desc=f"eval {name}")
+            result: List[Optional[Dict[str, float]]] = [None]
+            if rank == 0:  # one rank does the ranking; the others receive the numbers
+                result[0] = embedded.metrics()
+                grids[name] = retrieval_examples(embedded, tokenizer, num_examples) if num_examples > 0 else None
+            else:
+                grids[name] = None
+            if world_size > 1:
+                import torch.distributed as tdist
+
+                tdist.broadcast_object_list(result, src=0)
+            metrics[name] = result[0]
+    finally:
+        model.train(was_training)
+    return metrics, grids
+
+
+def evaluate_retrieval(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype,
+                       names: Optional[Sequence[str]] = None, progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """``{dataset: {"i2t_r1", ..., "rsum", ...}}`` for every validation set; the same on every rank.
+
+    Also renders ``cfg.log.num_image_samples`` retrieval examples per set, which the next
+    ``log_retrieval_examples`` call on this model logs without embedding again.
+    """
+    metrics, grids = evaluate_with_examples(cfg, model, tokenizer, device, dtype, names,
+                                            max(0, cfg.log.num_image_samples), progress)
+    _PENDING_EXAMPLES.clear()
+    _PENDING_EXAMPLES[id(model)] = grids
+    return metrics
+
+
+def log_retrieval_examples(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype, monitor, step: int,
+                           names: Optional[Sequence[str]] = None) -> None:
+    """Log each validation set's examples grid to TensorBoard (``eval/<name>/retrieval_examples``).
+
+    Uses the grids of the ``evaluate_retrieval`` call just made on this model (as the trainer does: evaluate,
+    then log); without one, embeds the sets itself.
+    """
+    grids = _PENDING_EXAMPLES.pop(id(model), None)
+    if grids is None:
+        _, grids = evaluate_with_examples(cfg, model, tokenizer, device, dtype, names,
+                                          max(1, cfg.log.num_image_samples))
+    for name, grid in grids.items():
+        if grid is not None:
+            monitor.image(f"eval/{name}/retrieval_examples", grid, step)
+
+
+# --------------------------------------------------------------------------------------------------
 # Zero-shot classification
 # --------------------------------------------------------------------------------------------------
 
@@ -237,3 +495,105 @@ def list_class_folders(folder: str) -> List[str]:
     if not classes:
         raise ValueError(f"{folder} has no class sub-folders (expected FOLDER/<class>/<image files>)")
     return classes
+
+
+def _list_images(folder: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
+    import os
+
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(folder, name)
+        for root, _, files in sorted(os.walk(class_dir)):
+            samples.extend((os.path.join(root, f), label) for f in sorted(files)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+    return samples
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                               max_length: int, device: Optional[torch.device] = None,
+                               batch_size: int = 256) -> Tensor:
+    """A [d, C] matrix: column c is the normalised mean of the text embeddings of ``template.format(class c)``.
+
+    ``templates`` use ``{}`` for the class name (``"a photo of a {}."``); captions are tokenised as in training
+    (``max_length`` = ``model.max_length`` of the config). ``model`` is a DualEncoder (or anything with
+    ``encode_text(input_ids, attention_mask)`` returning L2-normalised rows).
+    """
+    if not classnames or not templates:
+        raise ValueError(f"need at least one class name and one template, got {len(classnames)} and "
+                         f"{len(templates)}")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"every template needs a '{{}}' for the class name; these have none: {bad}")
+    from zvl_ds.data import tokenize
+
+    device = device or _module_device(model)
+    prompts = [template.format(name) for name in classnames for template in templates]
+    embeds = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = tokenize(tokenizer, prompts[start:start + batch_size], max_length)
+        embeds.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float())
+    per_prompt = torch.cat(embeds).view(len(classnames), len(templates), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1).T.contiguous()
+
+
+@torch.no_grad()
+def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_size: int = 64,
+                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 accuracy (%) on ``folder/<class>/<image>``; class c is the c-th sorted sub-folder.
+
+    ``preprocess`` maps a PIL image to a normalised [3, S, S] tensor; ``classifier`` is [d, C] with C equal to
+    the number of class folders. Unreadable images are skipped and counted (``num_skipped``). With fewer than 5
+    classes, top-5 is top-C (reported as ``topk``).
+    """
+    from PIL import Image
+
+    classes = list_class_folders(folder)
+    if classifier.shape[1] != len(classes):
+        raise ValueError(f"classifier has {classifier.shape[1]} classes but {folder} has {len(classes)} class "
+                         f"folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    samples = _list_images(folder, classes)
+    if not samples:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {folder}")
+    device = device or _module_device(model)
+    classifier = classifier.to(device).float()
+    k = min(5, len(classes))
+    hits1 = hits5 = seen = skipped = 0
+
+    def run(batch: List[Tensor], labels: List[int]) -> None:
+        nonlocal hits1, hits5, seen
+        images = torch.stack(batch).to(device=device, dtype=dtype)
+        logits = model.encode_image(images).float() @ classifier
+        top = logits.topk(k, dim=1).indices.cpu()
+        target = torch.tensor(labels).unsqueeze(1)
+        hits1 += int((top[:, :1] == target).sum())
+        hits5 += int((top == target).any(dim=1).sum())
+        seen += len(labels)
+
+    batch, labels = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as image:
+                batch.append(preprocess(image.convert("RGB")))
+        except (OSError, ValueError) as error:  # unreadable or truncated file: skip it, count it
+            skipped += 1
+            if skipped <= 5:
+                print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
+            continue
+        labels.append(label)
+        if len(batch) == batch_size:
+            run(batch, labels)
+            batch, labels = [], []
+    if batch:
+        run(batch, labels)
+    if seen == 0:
+        raise ValueError(f"none of the {len(samples)} image files under {folder} could be read")
+    return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "topk": float(k),
+            "num_images": float(seen), "num_skipped": float(skipped), "num_classes": float(len(classes))}
+
+
+def _module_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
