@@ -301,3 +301,16 @@ def test_read_state_dict_strips_module_prefix(tmp_path):
     torch.save({"model": {"module.a": torch.ones(1), "module.b": torch.zeros(2)}}, path)
     assert sorted(read_state_dict(str(path))) == ["a", "b"]
     assert os.path.exists(path)
+
+
+def test_paper_preset_refuses_to_download(tmp_path, monkeypatch):
+    # vit_b16_bert_base wants ImageNet-21k ViT-B/16 and bert-base-uncased weights; with an empty cache it must
+    # say so instead of fetching them
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    cfg = config_from_dict({"model": {"arch": "vit_b16_bert_base"}})
+    assert cfg.model.image_encoder.tag == "vit_base_patch16_224_in21k"
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        build_model(cfg.model, cfg.loss)
