@@ -1,5 +1,4 @@
 """Training and validation loaders on real tar shards, with real DataLoader workers and simulated ranks."""
-import io
 import json
 import logging
 import os
@@ -9,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import image_bytes, make_config, sample_members, write_dataset, write_img2dataset, write_tar
+from data_fixtures import make_config, sample_members, write_dataset, write_img2dataset, write_tar
 
 from zvl_ds.config import DatasetSource
 from zvl_ds.data import (DataSourceError, TrainBatch, ValidBatch, build_train_loader, build_valid_loader,
@@ -178,7 +177,11 @@ def test_resume_skips_consumed_samples_without_decoding(tmp_path, tokenizer, mon
     state = first.state_dict()
     calls = []
     original = ImageTransform.__call__
-    monkeypatch.setattr(ImageTransform, "__call__", lambda self, data, rng: calls.append(1) or original(self, data, rng))
+    def counting(self, data, rng):
+        calls.append(1)
+        return original(self, data, rng)
+
+    monkeypatch.setattr(ImageTransform, "__call__", counting)
     resumed = build_train_loader(cfg, 0, 1, tokenizer)
     resumed.load_state_dict(state)
     batch = take(resumed, 1)[0]
@@ -431,3 +434,13 @@ def test_truncated_shard_keeps_its_complete_samples(tmp_path, streamed):
     faults = FaultCounter()
     assert [raw.key for raw in read_segment(spec, 0, 1, 3, faults)] == keys[1:3]  # ends before the cut
     assert faults.counts == {}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_rank_without_samples_yields_nothing(tmp_path, tokenizer, num_workers):
+    root = str(tmp_path)
+    write_dataset(root, "val", "valid", [1, 1])  # 2 samples, 3 ranks
+    cfg = make_config(root, batch_size=6, num_workers=num_workers)
+    per_rank = [[i for b in build_valid_loader(cfg, "val", r, 3, tokenizer) for i in b.image_ids.tolist()]
+                for r in range(3)]
+    assert per_rank == [[], [0], [1]]

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,8 +35,6 @@ from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, Sa
                                   derive_seed, name_key, validation_part)
 from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_dataset, resolve_train_datasets
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, to_uint8_chw, tokenize
-
-LOG = logging.getLogger("zvl_ds.data")
 
 STATE_FORMAT = 1
 _VISIT_TAG, _VALID_TAG = 0x7151, 0x7152
