@@ -161,3 +161,194 @@ def test_bf16_runs_export_the_fp32_master_weights(runs, name):
         image = model_bf16.encode_image(images.bfloat16()).float()
         text = model_bf16.encode_text(input_ids, mask).float()
     assert torch.equal(image, ref["image"]) and torch.equal(text, ref["text"])
+
+
+def _assert_same_embeddings(loaded, ref):
+    images, input_ids, mask = probe_inputs(loaded.config)
+    assert torch.equal(loaded.encode_image(images), ref["image"])
+    assert torch.equal(loaded.encode_text({"input_ids": input_ids, "attention_mask": mask}), ref["text"])
+    assert torch.equal(loaded.encode_text(input_ids, mask), ref["text"])
+    assert loaded.temperature() == float(ref["temperature"])
+
+
+def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path):
+    import zvl_ds
+
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "export.py"), runs["z0_fp32"]["run_dir"],
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["model.safetensors", "model_config.json", "preprocess.json", "tokenizer"]
+    meta = json.loads((out / "model_config.json").read_text())
+    assert meta["model"]["text_encoder"]["config"]["hidden_size"] == 64  # the HF config travels with the model
+    assert meta["model"]["image_encoder"]["pretrained"] is False and meta["model"]["text_encoder"]["pretrained"] is False
+    assert meta["source"]["tag"] == "step_00000002"
+    assert json.loads((out / "preprocess.json").read_text()) == {
+        "valid_transforms": ["resize", "center_crop"], "resize": 36, "center_crop": 32, "input_size": 32,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_length": 16}
+    loaded = zvl_ds.load_model(str(out))
+    assert not loaded.model.training
+    _assert_same_embeddings(loaded, runs["z0_fp32"])
+    # the saved tokenizer tokenises exactly as the training one
+    from zvl_ds.data import load_tokenizer, tokenize
+
+    captions = ["a red circle at the top", "Two BLUE squares, near the left!", ""]
+    want_ids, want_mask = tokenize(load_tokenizer(_config([]).model.text_encoder), captions, 16)
+    got = loaded.tokenize(captions)
+    assert torch.equal(got["input_ids"], want_ids) and torch.equal(got["attention_mask"], want_mask)
+    assert torch.equal(loaded.encode_text(captions), loaded.encode_text(want_ids, want_mask))
+
+
+def test_zero3_run_exports_and_loads_exactly(runs, tmp_path):
+    from zvl_ds.export import export_model, load_model
+
+    out = export_model(runs["z3_fp32"]["run_dir"], str(tmp_path / "model"))
+    _assert_same_embeddings(load_model(out), runs["z3_fp32"])
+
+
+def test_zero3_two_rank_checkpoint_exports_exactly(tmp_path):
+    from zvl_ds.export import export_model, load_model
+
+    results = run_distributed(_train_many, 2, ([(str(tmp_path / "run2"), [], 3, "fp32")],), timeout=300)
+    ref0, ref1 = results[0][0], results[1][0]
+    assert torch.equal(ref0["image"], ref1["image"]) and torch.equal(ref0["text"], ref1["text"])
+    tag_dir = os.path.join(ref0["run_dir"], "step_00000002")
+    assert len([n for n in os.listdir(tag_dir) if n.endswith("optim_states.pt")]) == 2  # really partitioned
+    _assert_same_embeddings(load_model(export_model(ref0["run_dir"], str(tmp_path / "model"))), ref0)
+
+
+def test_load_model_works_without_deepspeed(runs, tmp_path):
+    from zvl_ds.export import export_model
+
+    out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
+    result = tmp_path / "embeds.pt"
+    script = (
+        "import sys; sys.modules['deepspeed'] = None  # any import of deepspeed now fails\n"
+        "import torch, zvl_ds\n"
+        f"sys.path.insert(0, {os.path.join(REPO_ROOT, 'tests')!r})\n"
+        "from test_export import probe_inputs\n"
+        f"model = zvl_ds.load_model({out!r})\n"
+        "images, ids, mask = probe_inputs(model.config)\n"
+        f"torch.save({{'image': model.encode_image(images), 'text': model.encode_text(ids, mask)}}, {str(result)!r})\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    embeds = torch.load(result, weights_only=True)
+    assert torch.equal(embeds["image"], runs["z0_fp32"]["image"]) and torch.equal(embeds["text"], runs["z0_fp32"]["text"])
+
+
+def _write_valid_shard(folder, sizes):
+    """A validation shard in the format tools/make_shards.py writes: KEY.jpg, KEY.txt, KEY.json."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(os.path.join(folder, "valid-000000.tar"), "w") as tar:
+        for i, (width, height) in enumerate(sizes):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+            captions = [f"caption {i} number {j}" for j in range(2)]
+            meta = {"image_id": 100 + i, "captions": captions, "caption_ids": [10 * i, 10 * i + 1]}
+            for name, payload in ((f"{i:04d}.jpg", buffer.getvalue()), (f"{i:04d}.txt", captions[0].encode()),
+                                  (f"{i:04d}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(folder, "valid-000000.tar")
+
+
+def test_preprocess_and_tokenize_match_the_validation_loader(runs, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from zvl_ds.data import build_valid_loader
+    from zvl_ds.export import export_model, load_model
+
+    loaded = load_model(export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model")))
+    shard = _write_valid_shard(str(tmp_path / "shards" / "probe"), [(64, 48), (40, 90), (300, 200)])
+    cfg = loaded.config
+    cfg.data.data_path, cfg.data.num_workers, cfg.data.batch_size_val = str(tmp_path / "shards"), 0, 8
+    batches = list(build_valid_loader(cfg, "probe", 0, 1, loaded.tokenizer))
+    images = torch.cat([b.images for b in batches])
+    with tarfile.open(shard) as tar:
+        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    for i, data in enumerate(jpegs):
+        assert torch.equal(loaded.preprocess_uint8(data), images[i])  # bytes: the loader's own code path
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(data)
+        assert torch.equal(loaded.preprocess_uint8(str(path)), images[i])
+    # a PIL image skips only reduced-scale JPEG decoding: identical for images less than 2x the target size
+    assert torch.equal(loaded.preprocess_uint8(Image.open(io.BytesIO(jpegs[0]))), images[0])
+    assert torch.equal(loaded.encode_image(loaded.preprocess(Image.open(io.BytesIO(jpegs[0]))).unsqueeze(0)),
+                       loaded.encode_image(images[:1]))
+    ids = torch.cat([b.input_ids for b in batches])
+    assert torch.equal(loaded.tokenize([f"caption {i} number {j}" for i in range(3) for j in range(2)])["input_ids"],
+                       ids)
+
+
+def test_bad_run_folders_give_clear_errors(runs, tmp_path):
+    import shutil
+
+    from zvl_ds.export import ExportError, export_model
+
+    with pytest.raises(ExportError, match="run folder not found: .*nowhere"):
+        export_model(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match="holds no complete checkpoint: there is no 'latest' file$"):
+        export_model(str(empty), str(tmp_path / "out"))
+    run = tmp_path / "copy"
+    shutil.copytree(runs["z0_fp32"]["run_dir"], run)
+    (run / "latest").unlink()
+    with pytest.raises(ExportError, match="no 'latest' file; folders that look like checkpoints: step_00000002"):
+        export_model(str(run), str(tmp_path / "out"))
+    with pytest.raises(ExportError, match="checkpoint 'step_00000009' not found .*available: step_00000002"):
+        export_model(str(run), str(tmp_path / "out"), tag="step_00000009")
+    (run / "latest").write_text("step_00000007")
+    with pytest.raises(ExportError, match="names checkpoint 'step_00000007', which does not exist"):
+        export_model(str(run), str(tmp_path / "out"))
+    (run / "latest").write_text("step_00000002")
+    (run / "step_00000002" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ExportError, match="has no DeepSpeed model states file"):
+        export_model(str(run), str(tmp_path / "out"))
+    (run / "step_00000002" / "config.yaml").unlink()
+    (run / "config.yaml").unlink()
+    with pytest.raises(ExportError, match="no config.yaml in"):
+        export_model(str(run), str(tmp_path / "out"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(runs, tmp_path):
+    import shutil
+
+    from zvl_ds.export import ExportError, export_model
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["z3_fp32"]["run_dir"], run)
+    optim = next(p for p in (run / "step_00000002").iterdir() if p.name.endswith("optim_states.pt"))
+    torch.save({"payload": print}, optim)  # a global that is not a tensor or a known DeepSpeed data class
+    with pytest.raises(ExportError, match="cannot be read as a weights-only checkpoint file"):
+        export_model(str(run), str(tmp_path / "out"))
+
+
+def test_incomplete_model_folder_names_the_missing_files(runs, tmp_path):
+    import shutil
+
+    import zvl_ds
+    from zvl_ds.export import ExportError, export_model
+
+    out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
+    shutil.rmtree(os.path.join(out, "tokenizer"))
+    os.remove(os.path.join(out, "preprocess.json"))
+    with pytest.raises(ExportError, match="not a complete exported model: missing preprocess.json, tokenizer$"):
+        zvl_ds.load_model(out)
+    with pytest.raises(ExportError, match="training run folder: export it first"):
+        zvl_ds.load_model(runs["z0_fp32"]["run_dir"])
+    with pytest.raises(ExportError, match="model folder not found"):
+        zvl_ds.load_model(str(tmp_path / "nothing"))

@@ -462,7 +462,8 @@ class ZvlModel:
         return self.model.encode_text(texts.to(self.device), attention_mask).float()
 
     def temperature(self) -> float:
-        return float(self.model.temperature())
+        with torch.no_grad():
+            return float(self.model.temperature())
 
 
 def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlModel:

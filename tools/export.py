@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Export a training run to a model folder that loads without DeepSpeed (``zvl_ds.load_model``).
+
+Examples:
+  python tools/export.py output/demo --out exported/demo
+  python tools/export.py output/demo --tag step_00000100 --out exported/demo_step100
+
+Writes MODEL_DIR/model.safetensors (fp32, consolidated from any ZeRO stage), model_config.json,
+preprocess.json and tokenizer/. Exit codes: 0 done; 2 bad input (message, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
+from zvl_ds.export import ExportError, export_model  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("run_dir", help="training run folder (ckpt.dir/data.exp_name)")
+    parser.add_argument("--tag", help="checkpoint to export, e.g. step_00000100 (default: the one 'latest' names)")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint)
+    except (ExportError, FileNotFoundError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
