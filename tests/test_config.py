@@ -182,3 +182,10 @@ def test_cli_prints_resolved_config_and_exits_2_on_errors():
     assert "Traceback" not in bad_type.stderr
     typo = run_cli("configs/clip/zerovl_dga.yaml", "data.bach_size=8")
     assert typo.returncode == 2 and "data.batch_size" in typo.stderr
+
+
+def test_tiny_preset_vocabulary_matches_the_packaged_demo_tokenizer():
+    from zvl_ds.data import load_tokenizer
+
+    cfg = load_config(None, ["model.arch=tiny"])
+    assert cfg.model.text_encoder.config["vocab_size"] == len(load_tokenizer(cfg.model.text_encoder))

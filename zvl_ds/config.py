@@ -359,8 +359,9 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
         "text_encoder": {
             "tag": "bert", "pretrained": False, "embedding_dim": 64, "pooling": "cls",
             "tokenizer": "zvl_ds:demo_tokenizer",
-            "config": {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "intermediate_size": 128, "max_position_embeddings": 64},
+            # vocab_size = the lines of zvl_ds/assets/demo_tokenizer/vocab.txt (a test checks they agree)
+            "config": {"model_type": "bert", "vocab_size": 288, "hidden_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64},
         },
         "projection": {"name": "simple", "dim": 64},
     },

@@ -1,0 +1,120 @@
+"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,all} [--out bench_results]``.
+
+Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
+ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+from typing import Callable, Dict, List, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+import zvl_ds  # noqa: E402,F401
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {device}, torch {torch.__version__}"
+
+
+def run_shards(args) -> Dict:
+    from zvl_ds.data.shards import benchmark_shards, format_benchmark
+
+    result = benchmark_shards(num_images=args.images)
+    print(format_benchmark(result))
+    return result
+
+
+def run_data(args) -> Dict:
+    from zvl_ds.data.bench import benchmark_loader
+
+    return benchmark_loader(verbose=True)
+
+
+def run_loss(args) -> Dict:
+    from zvl_ds.loss_bench import benchmark_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return benchmark_loss(batch_sizes=tuple(args.loss_batches), device=device, verbose=True)
+
+
+def model_overrides(args) -> List[str]:
+    from zvl_ds.bench import TINY, VIT_B16_BERT_BASE
+
+    base = TINY if args.arch == "tiny" else VIT_B16_BERT_BASE
+    return base + [f"precision={args.precision}"]
+
+
+def run_dga(args) -> Dict:
+    from zvl_ds.bench import bench_dga
+
+    result = bench_dga(model_overrides(args), chunk=args.chunk, chunks=args.chunks, stage=args.stage)
+    print(f"DGA vs single pass ({args.arch}, {args.precision}, chunk {result['chunk']}, global batch {result['global_batch']}): "
+          f"{result['dga_ms_per_sample']:.3f} vs {result['single_pass_ms_per_sample']:.3f} ms/sample, "
+          f"ratio {result['ratio']:.2f}x (target <= 1.4x; one extra forward ~ 1.33x)")
+    return result
+
+
+def run_memory(args) -> Dict:
+    from zvl_ds.bench import bench_memory
+
+    batches = [256, 1024, 4096] + ([16384] if torch.cuda.is_available() else [])
+    result = bench_memory(model_overrides(args), global_batches=batches, chunk=args.chunk, stage=args.stage)
+    print(f"peak memory of one DGA step at a fixed chunk of {args.chunk} ({args.arch}, {args.precision}):")
+    for row in result["rows"]:
+        print(f"  global batch {row['global_batch']:>6}: {row['peak_bytes'] / 2 ** 20:8.1f} MiB "
+              f"({'device' if row['device'] == 'cuda' else 'process peak RSS'}), step {row['step_seconds']:.1f} s")
+    print(f"  growth {batches[0]} -> {batches[-1]}: {result['growth_first_to_last']:.2f}x (target <= 1.5x to 4096)")
+    return result
+
+
+def run_gpu(args) -> Dict:
+    from zvl_ds.bench import bench_gpu
+
+    result = bench_gpu(global_batch=args.gpu_batch, chunk=args.gpu_chunk, peak_tflops=args.peak_tflops)
+    print(f"vit_b16_bert_base DGA on {result['gpu']} ({result['precision']}, global batch {result['global_batch']}, "
+          f"chunk {result['chunk']}): {result['samples_per_sec']:.0f} samples/s/GPU, MFU {100 * result['mfu']:.1f}% "
+          f"(with recompute {100 * result['hardware_flops_utilisation']:.1f}%), peak {result['peak_memory_gib']:.1f} GiB")
+    return result
+
+
+BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
+                                "memory": run_memory, "gpu": run_gpu}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=list(BENCHES) + ["all"])
+    parser.add_argument("--out", default="bench_results", help="folder for the JSON results")
+    parser.add_argument("--images", type=int, default=512, help="shards: JPEGs to convert")
+    parser.add_argument("--chunk", type=int, default=64, help="dga/memory: per-forward chunk")
+    parser.add_argument("--chunks", type=int, default=8, help="dga: chunks per DGA step")
+    parser.add_argument("--arch", choices=["tiny", "vit_b16_bert_base"], default="tiny", help="dga/memory: model")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="dga/memory")
+    parser.add_argument("--stage", type=int, default=0, help="dga/memory: ZeRO stage (one process)")
+    parser.add_argument("--loss-batches", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--gpu-batch", type=int, default=16384)
+    parser.add_argument("--gpu-chunk", type=int, default=512)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="gpu: the device's dense peak for MFU")
+    args = parser.parse_args(argv)
+    names = [n for n in BENCHES if n != "gpu" or torch.cuda.is_available()] if args.which == "all" else [args.which]
+    os.makedirs(args.out, exist_ok=True)
+    print(f"machine: {machine()}")
+    for name in names:
+        print(f"\n== {name}")
+        result = BENCHES[name](args)
+        with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as handle:
+            json.dump({"machine": machine(), "result": result}, handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

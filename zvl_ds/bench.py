@@ -1,0 +1,195 @@
+"""Benchmarks of the training step: DGA vs single-pass time, memory vs global batch, GPU throughput and MFU.
+
+Every figure is measured side by side in one run on one machine, so ratios hold wherever they were taken.
+Inputs are synthetic (uint8 images, random tokens) so that the step, not the loader, is measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from zvl_ds.config import Config, load_config
+
+TINY = ["model.arch=tiny", "model.image_encoder.kwargs.patch_size=4"]
+# The paper's model with random weights: no download, but the real shapes and FLOPs.
+VIT_B16_BERT_BASE = [
+    "model.arch=vit_b16_bert_base", "model.image_encoder.pretrained=false", "model.text_encoder.pretrained=false",
+    "model.text_encoder.config={model_type: bert, vocab_size: 30522, hidden_size: 768, num_hidden_layers: 12, "
+    "num_attention_heads: 12, intermediate_size: 3072, max_position_embeddings: 512}",
+]
+
+
+def _setup_engine(cfg: Config, stage: int):
+    from zvl_ds import dist
+    from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement
+    from zvl_ds.model import build_model
+    from zvl_ds.optim import build_optimizer
+
+    dist.init_distributed()
+    placement = resolve_placement(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.loss)
+    engine = initialize_engine(model, build_optimizer(model, cfg.optim),
+                               build_ds_config({"zero_optimization": {"stage": stage}}, cfg, 1))
+    engine.train()
+    return engine, placement
+
+
+def _synthetic_batch(cfg: Config, batch: int, device: torch.device):
+    from zvl_ds.dga import StepBatch
+
+    size = cfg.transforms.input_size if cfg.model.image_encoder.img_size is None else cfg.model.image_encoder.img_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    input_ids = torch.randint(5, 200, (batch, cfg.model.max_length))
+    return StepBatch(images.to(device), input_ids.to(device), torch.ones_like(input_ids).to(device))
+
+
+def _time_steps(engine, runner, batch, options, mixup, partner, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        runner(engine, batch, options, mixup, partner)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = runner(engine, batch, options, mixup, partner)
+        assert result.applied, result.skip_reason
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 5, warmup: int = 2,
+              stage: int = 0) -> Dict[str, float]:
+    """Time per sample of a DGA step (``chunks`` chunks of ``chunk``) vs a single-pass step of ``chunk``."""
+    from zvl_ds.dga import RUNNERS, StepOptions
+    from zvl_ds.mixup import draw_mixup, partner_index
+
+    cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
+                                               "loss.name=MixUpNCE"])
+    engine, placement = _setup_engine(cfg, stage)
+    prepare = _normaliser(cfg, placement)
+    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
+    single_options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
+                                 device=placement.device)
+    single = _time_steps(engine, RUNNERS["clip"], _synthetic_batch(cfg, chunk, placement.device), single_options,
+                         mixup, partner_index(chunk, 1, chunk).to(placement.device), steps * 2, warmup,
+                         placement.device)
+    dga_options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
+                              device=placement.device)
+    dga = _time_steps(engine, RUNNERS["clip_bsgs"], _synthetic_batch(cfg, chunk * chunks, placement.device),
+                      dga_options, mixup, partner_index(chunk * chunks, 1, chunk).to(placement.device), steps, warmup,
+                      placement.device)
+    return {"chunk": chunk, "global_batch": chunk * chunks, "single_pass_ms_per_sample": 1e3 * single / chunk,
+            "dga_ms_per_sample": 1e3 * dga / (chunk * chunks), "ratio": (dga / (chunk * chunks)) / (single / chunk)}
+
+
+def _normaliser(cfg: Config, placement):
+    from zvl_ds.data import normalize_images
+
+    return lambda images: normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)
+
+
+def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stage: int) -> Dict[str, float]:
+    """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
+    from zvl_ds.dga import RUNNERS, StepOptions
+    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.monitor import peak_memory_bytes
+
+    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
+                                               "loss.name=MixUpNCE"])
+    engine, placement = _setup_engine(cfg, stage)
+    batch = _synthetic_batch(cfg, global_batch, placement.device)
+    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
+                          prepare_images=_normaliser(cfg, placement), device=placement.device)
+    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
+    partner = partner_index(global_batch, 1, chunk).to(placement.device)
+    if placement.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    RUNNERS["clip_bsgs"](engine, batch, options, mixup, partner)
+    seconds = time.perf_counter() - start
+    return {"global_batch": global_batch, "chunk": chunk, "peak_bytes": peak_memory_bytes(placement.device),
+            "step_seconds": seconds, "device": placement.device.type}
+
+
+def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] = (256, 1024, 4096), chunk: int = 64,
+                 stage: int = 0) -> Dict[str, object]:
+    """Peak memory of a DGA step per global batch at a fixed chunk, each in a fresh process (so peaks are its own)."""
+    rows = []
+    for global_batch in global_batches:
+        code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
+                f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
+        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(29700 + global_batch % 97))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"memory benchmark at batch {global_batch} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
+    growth = rows[-1]["peak_bytes"] / rows[0]["peak_bytes"]
+    return {"rows": rows, "growth_first_to_last": growth}
+
+
+def model_flops_per_sample(cfg: Config) -> float:
+    """Forward FLOPs of one image-text pair, counted by torch's FLOP counter on the real model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zvl_ds.model import build_model
+
+    model = build_model(cfg.model, cfg.loss)
+    size = cfg.model.image_encoder.img_size or cfg.transforms.input_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images=torch.zeros(1, 3, size, size), input_ids=torch.ones(1, cfg.model.max_length, dtype=torch.long),
+              attention_mask=torch.ones(1, cfg.model.max_length, dtype=torch.long))
+    return float(counter.get_total_flops())
+
+
+def bench_gpu(global_batch: int = 16384, chunk: int = 512, steps: int = 2, precision: str = "bf16",
+              peak_tflops: Optional[float] = None, stage: int = 2, offload_inputs: bool = True) -> Dict[str, float]:
+    """samples/s and model FLOPs utilisation of ``vit_b16_bert_base`` with DGA on one GPU.
+
+    MFU counts the model's useful work (forward + backward = 3 x forward FLOPs per sample) and not DGA's extra
+    recomputation forward, as is usual; ``hardware_flops_utilisation`` counts the recomputation too (4 x forward).
+    """
+    from zvl_ds.dga import RUNNERS, StepOptions
+    from zvl_ds.mixup import draw_mixup, partner_index
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench gpu needs a CUDA device")
+    overrides = VIT_B16_BERT_BASE + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
+                                     f"precision={precision}", "loss.name=MixUpNCE", "device=cuda"]
+    cfg = load_config(None, overrides)
+    flops = model_flops_per_sample(cfg)
+    engine, placement = _setup_engine(cfg, stage)
+    batch = _synthetic_batch(cfg, global_batch, torch.device("cpu") if offload_inputs else placement.device)
+    if offload_inputs:
+        batch.images = batch.images.pin_memory()
+    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
+                          prepare_images=_normaliser(cfg, placement), device=placement.device)
+    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
+    partner = partner_index(global_batch, 1, chunk).to(placement.device)
+    torch.cuda.reset_peak_memory_stats()
+    seconds = _time_steps(engine, RUNNERS["clip_bsgs"], batch, options, mixup, partner, steps, 1, placement.device)
+    samples_per_sec = global_batch / seconds
+    peak = peak_tflops or _guess_peak_tflops(precision)
+    return {"gpu": torch.cuda.get_device_name(), "precision": precision, "global_batch": global_batch, "chunk": chunk,
+            "step_seconds": seconds, "samples_per_sec": samples_per_sec, "forward_gflops_per_sample": flops / 1e9,
+            "mfu": 3 * flops * samples_per_sec / (peak * 1e12),
+            "hardware_flops_utilisation": 4 * flops * samples_per_sec / (peak * 1e12),
+            "peak_tflops_assumed": peak, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def _guess_peak_tflops(precision: str) -> float:
+    """Dense tensor-core peak of the GPU (H100 SXM: 989 bf16/fp16, 67 fp32 non-tensor); pass --peak-tflops else."""
+    name = torch.cuda.get_device_name()
+    if "H100" in name or "H200" in name:
+        return 989.0 if precision in ("bf16", "fp16") else 67.0
+    if "A100" in name:
+        return 312.0 if precision in ("bf16", "fp16") else 19.5
+    raise RuntimeError(f"unknown peak FLOP/s for {name}; pass peak_tflops")
