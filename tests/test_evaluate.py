@@ -183,22 +183,20 @@ from dist_utils import run_distributed  # noqa: E402
 VALID_NAMES = ["demo_val", "demo_one"]  # 23 images x 3 captions in 5 shards; 1 image (other ranks get none)
 
 
-def _tool(*args, cwd):
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", args[0]), *args[1:]], cwd=cwd, check=True,
-                   capture_output=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
+    """Demo validation data through the same code as tools/make_demo_data.py and tools/make_shards.py."""
+    from zvl_ds.data import shards
+    from zvl_ds.data.demo import make_demo_data
+
     root = tmp_path_factory.mktemp("eval_data")
-    _tool("make_demo_data.py", "--out", "data", "--train-size", "1", "--valid-size", "23", "--captions-per-image",
-          "3", cwd=root)
-    _tool("make_shards.py", "--data-root", "data", "--dataset", "demo_val", "--split", "valid", "--out", "shards",
-          "--samples-per-shard", "5", "--quiet", cwd=root)
-    _tool("make_demo_data.py", "--out", "data2", "--seed", "1", "--train-size", "1", "--valid-size", "1", cwd=root)
-    _tool("make_shards.py", "--data-root", "data2", "--dataset", "demo_val", "--split", "valid", "--out", "shards2",
-          "--quiet", cwd=root)
-    shutil.move(str(root / "shards2" / "demo_val"), str(root / "shards" / "demo_one"))
+    for data, size, captions, name, per_shard in (("data", 23, 3, "demo_val", 5), ("data2", 1, 5, "demo_one", 10)):
+        make_demo_data(str(root / data), seed=len(data), train_size=1, valid_size=size, captions_per_image=captions)
+        sources, _ = shards.resolve_sources(str(root / data), ["demo_val"], "valid", None, None)
+        shards.convert_sources(sources, str(root / data / "shards"), shards.ShardSettings(samples_per_shard=per_shard),
+                               workers=1, policy="overwrite", progress=False)
+        os.makedirs(root / "shards", exist_ok=True)
+        shutil.move(str(root / data / "shards" / "demo_val"), str(root / "shards" / name))
     return str(root / "shards")
 
 
@@ -317,3 +315,46 @@ def test_distributed_evaluation_is_identical_over_1_2_3_ranks(shard_root, refere
                                                                          128 + 520 + 18, 3), 7)
                                     for name in VALID_NAMES}
     assert all(r["images"] == {} for r in results[1:])
+
+
+def _run_cli(args, cwd, torchrun=False):
+    script = os.path.join(REPO_ROOT, "tools", "evaluate.py")
+    if torchrun:
+        from dist_utils import free_port
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), script]
+    else:
+        command = [sys.executable, script]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
+    return subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_evaluate_cli_on_an_exported_model_one_process_and_torchrun(shard_root, reference, tmp_path):
+    from zvl_ds.export import write_model_folder
+
+    overrides = eval_overrides(shard_root)
+    cfg, model, tokenizer = build_tiny(overrides)
+    model_dir = write_model_folder(str(tmp_path / "model"), cfg, model, tokenizer, {"run_dir": "test", "tag": "x"})
+    # the data settings come from --cfg and overrides; the model brings its own transforms and caption length
+    (tmp_path / "data.yaml").write_text(f"data:\n  data_path: {shard_root}\n  valid_name: [demo_val]\n"
+                                        "  batch_size: 6\n  batch_size_val: 6\n  num_workers: 0\n")
+    args = ["--model", model_dir, "--cfg", str(tmp_path / "data.yaml"), "--valid-name", *VALID_NAMES,
+            "--no-progress"]
+    single = _run_cli(args + ["--out", "one.json"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "rsum" in single.stdout and "demo_one" in single.stdout and "600.00" in single.stdout
+    got = json.loads((tmp_path / "one.json").read_text())
+    assert list(got) == VALID_NAMES
+    for name in VALID_NAMES:
+        _assert_metrics(got[name], reference[name])
+    two = _run_cli(args + ["--out", "two.json"], cwd=tmp_path, torchrun=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text()) == got
+    assert two.stdout.count("rsum") == 1  # only rank 0 prints
+
+
+def test_evaluate_cli_reports_bad_input(tmp_path):
+    missing = _run_cli(["--model", str(tmp_path / "nothing"), "--cfg", "x.yaml"], cwd=tmp_path)
+    assert missing.returncode == 2 and "run folder not found" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -181,7 +181,8 @@ def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path
     assert sorted(os.listdir(out)) == ["model.safetensors", "model_config.json", "preprocess.json", "tokenizer"]
     meta = json.loads((out / "model_config.json").read_text())
     assert meta["model"]["text_encoder"]["config"]["hidden_size"] == 64  # the HF config travels with the model
-    assert meta["model"]["image_encoder"]["pretrained"] is False and meta["model"]["text_encoder"]["pretrained"] is False
+    assert meta["model"]["image_encoder"]["pretrained"] is False
+    assert meta["model"]["text_encoder"]["pretrained"] is False
     assert meta["source"]["tag"] == "step_00000002"
     assert json.loads((out / "preprocess.json").read_text()) == {
         "valid_transforms": ["resize", "center_crop"], "resize": 36, "center_crop": 32, "input_size": 32,
@@ -235,7 +236,8 @@ def test_load_model_works_without_deepspeed(runs, tmp_path):
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     embeds = torch.load(result, weights_only=True)
-    assert torch.equal(embeds["image"], runs["z0_fp32"]["image"]) and torch.equal(embeds["text"], runs["z0_fp32"]["text"])
+    assert torch.equal(embeds["image"], runs["z0_fp32"]["image"])
+    assert torch.equal(embeds["text"], runs["z0_fp32"]["text"])
 
 
 def _write_valid_shard(folder, sizes):

@@ -513,11 +513,11 @@ def _list_images(folder: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
 def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
                                max_length: int, device: Optional[torch.device] = None,
                                batch_size: int = 256) -> Tensor:
-    """A [d, C] matrix: column c is the normalised mean of the text embeddings of ``template.format(class c)``.
+    """A [d, C] matrix: column c is the normalised mean of the text embeddings of class c's prompts.
 
-    ``templates`` use ``{}`` for the class name (``"a photo of a {}."``); captions are tokenised as in training
-    (``max_length`` = ``model.max_length`` of the config). ``model`` is a DualEncoder (or anything with
-    ``encode_text(input_ids, attention_mask)`` returning L2-normalised rows).
+    ``templates`` mark the class name with ``{}`` (every occurrence is replaced: ``"a photo of a {}."``);
+    prompts are tokenised as in training (``max_length`` = the config's ``model.max_length``). ``model`` is a
+    DualEncoder (or anything with ``encode_text(input_ids, attention_mask)`` returning L2-normalised rows).
     """
     if not classnames or not templates:
         raise ValueError(f"need at least one class name and one template, got {len(classnames)} and "
@@ -528,7 +528,7 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
     from zvl_ds.data import tokenize
 
     device = device or _module_device(model)
-    prompts = [template.format(name) for name in classnames for template in templates]
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
     embeds = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = tokenize(tokenizer, prompts[start:start + batch_size], max_length)

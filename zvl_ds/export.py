@@ -245,9 +245,10 @@ def load_state_strict(model: nn.Module, state: Dict[str, Tensor], source: str) -
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ExportError(f"{source} does not match the model its config describes: "
-                          f"{len(missing)} missing tensor(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+        raise ExportError(f"{source} does not match the model its config describes: {len(missing)} missing "
+                          f"tensor(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise ExportError(f"{source}: tensor shapes differ from the model: {'; '.join(wrong[:5])}")
     model.load_state_dict(state, strict=True)
