@@ -354,3 +354,20 @@ def test_incomplete_model_folder_names_the_missing_files(runs, tmp_path):
         zvl_ds.load_model(runs["z0_fp32"]["run_dir"])
     with pytest.raises(ExportError, match="model folder not found"):
         zvl_ds.load_model(str(tmp_path / "nothing"))
+
+
+def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
+    import textwrap
+
+    from PIL import Image
+
+    import zvl_ds.export as export
+    from zvl_ds.export import export_model
+
+    out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    doc = export.__doc__
+    code = textwrap.dedent(doc[doc.index("    import zvl_ds\n"):])
+    code = code.replace('"MODEL_DIR"', repr(out)).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    exec(compile(code, "export-docstring-example", "exec"), {})
+    assert capsys.readouterr().out.strip() in ("a red circle", "a blue square", "two green triangles")

@@ -264,20 +264,33 @@ def _gather_rows(x: Tensor) -> Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
-def _step_shape(batch, device: torch.device) -> Tuple[bool, int, int, int]:
-    """(does any rank still have a batch, image height, width, caption length) agreed by all ranks."""
+@dataclass
+class _Step:
+    """What all ranks agree on before each forward of ``embed_validation``."""
+
+    active: bool  # some rank still has a batch
+    height: int
+    width: int
+    length: int  # caption tokens
+    images: int  # images in this step over all ranks (for the progress bar)
+
+
+def _agree_step(batch, device: torch.device) -> _Step:
     from zvl_ds import dist
 
-    local = torch.tensor([0, 0, 0, 0], dtype=torch.long, device=device)
+    shape = torch.zeros(4, dtype=torch.long, device=device)
+    count = torch.zeros(1, dtype=torch.long, device=device)
     if batch is not None:
-        local = torch.tensor([1, batch.images.shape[2], batch.images.shape[3], batch.input_ids.shape[1]],
+        shape = torch.tensor([1, batch.images.shape[2], batch.images.shape[3], batch.input_ids.shape[1]],
                              dtype=torch.long, device=device)
+        count[0] = batch.images.shape[0]
     if dist.is_distributed():
         import torch.distributed as tdist
 
-        tdist.all_reduce(local, op=tdist.ReduceOp.MAX)
-    flag, height, width, length = local.tolist()
-    return bool(flag), height, width, length
+        tdist.all_reduce(shape, op=tdist.ReduceOp.MAX)
+        tdist.all_reduce(count, op=tdist.ReduceOp.SUM)
+    active, height, width, length = shape.tolist()
+    return _Step(bool(active), height, width, length, int(count))
 
 
 @torch.no_grad()
@@ -303,22 +316,25 @@ def embed_validation(model, loader, device: torch.device, dtype: torch.dtype, no
     width, image_hw = None, (0, 0)
     while True:
         batch = next(iterator, None)
-        active, height, img_width, length = _step_shape(batch, device)
-        if not active:
+        step = _agree_step(batch, device)
+        if not step.active:
             break
-        images = batch.images if batch is not None else torch.zeros(0, 3, height, img_width, dtype=torch.uint8)
-        input_ids = batch.input_ids if batch is not None else torch.zeros(0, length, dtype=torch.long)
-        mask = batch.attention_mask if batch is not None else torch.zeros(0, length, dtype=torch.long)
+        empty_images = torch.zeros(0, 3, step.height, step.width, dtype=torch.uint8)
+        empty_tokens = torch.zeros(0, step.length, dtype=torch.long)
+        images = batch.images if batch is not None else empty_images
+        input_ids = batch.input_ids if batch is not None else empty_tokens
+        mask = batch.attention_mask if batch is not None else empty_tokens
         n, m = images.shape[0], input_ids.shape[0]
         if n == 0:
-            images = torch.zeros(1, 3, height, img_width, dtype=torch.uint8)
+            images = torch.zeros(1, 3, step.height, step.width, dtype=torch.uint8)
         if m == 0:
-            input_ids = torch.zeros(1, length, dtype=torch.long)
-            mask = torch.ones(1, length, dtype=torch.long)
+            input_ids = torch.zeros(1, step.length, dtype=torch.long)
+            mask = torch.ones(1, step.length, dtype=torch.long)
         out = model(images=normalize_images(images, norm_cfg, device, dtype), input_ids=input_ids.to(device),
                     attention_mask=mask.to(device))
         image_embeds, text_embeds = out["image_embeds"].float(), out["text_embeds"].float()
-        width, image_hw = image_embeds.shape[1], (height, img_width)
+        width, image_hw = image_embeds.shape[1], (step.height, step.width)
+        bar.update(step.images)
         if batch is None:
             continue
         parts["image"].append(image_embeds[:n])
@@ -332,7 +348,6 @@ def embed_validation(model, loader, device: torch.device, dtype: torch.dtype, no
             take = min(n, num_examples - len(examples))
             examples.extend(batch.images[:take].cpu())
             example_ids.extend(batch.image_ids[:take].cpu())
-        bar.update(n)
     bar.close()
     if width is None:
         raise ValueError(f"{desc}: the validation set is empty on every rank (no images were read)")
@@ -381,7 +396,7 @@ def _step_max(value: int, device: torch.device) -> int:
 def _progress_bar(enabled: bool, desc: str, total: Optional[int]):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
 def retrieval_examples(embedded: EmbeddedSet, tokenizer, num_images: int = 8, k: int = 3) -> Optional[np.ndarray]:
