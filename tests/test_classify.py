@@ -1,6 +1,5 @@
 """Zero-shot classification: the prompt-ensemble classifier, and top-1/top-5 on a labelled image folder whose
 answers are known by hand."""
-import os
 
 import numpy as np
 import pytest

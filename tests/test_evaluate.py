@@ -168,7 +168,6 @@ def test_render_retrieval_grid_rejects_mismatched_inputs():
 
 # ------------------------------------------------------------------------------------------------ integration
 
-import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402

@@ -19,7 +19,6 @@ image are an error. Recalls are percentages; RSUM is the sum of the six.
 """
 from __future__ import annotations
 
-import math
 import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
