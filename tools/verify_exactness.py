@@ -36,6 +36,7 @@ from zvl_ds.optim import build_optimizer  # noqa: E402
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
                  "optim.grad_clip=0.0"]
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
+MAX_OVERFLOW_RETRIES = 20
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -88,16 +89,24 @@ def full_parameters(engine, stage: int) -> Dict[str, torch.Tensor]:
                 if p.requires_grad}
 
 
+# The reference runs in the engine's precision: on CUDA, dropout and drop-path draw different random numbers for
+# bf16/fp16 tensors than for fp32 ones, so only a same-precision reference sees the same masks. fp16 gradients
+# are taken from a scaled loss so that small ones do not underflow.
+REFERENCE_LOSS_SCALE = {torch.float16: 1024.0}
+
+
 def reference_gradients(cfg: Config, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        world_size: int, chunk: int, normalise, device: torch.device) -> Dict[str, torch.Tensor]:
+                        world_size: int, chunk: int, normalise, device: torch.device,
+                        dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.loss).to(device)
+    model = build_model(cfg.model, cfg.loss).to(device=device, dtype=dtype)
     model.train()
     mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
     loss = reference_loss(model, normalise(images), input_ids.to(device), attention_mask.to(device),
                           world_size=world_size, chunk=chunk, seed=cfg.seed, step=0, mixup=mixup)
-    loss.backward()
-    return {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()
+    scale = REFERENCE_LOSS_SCALE.get(dtype, 1.0)
+    (loss * scale).backward()
+    return {name: p.grad.detach().float().cpu() / scale for name, p in model.named_parameters()
             if p.requires_grad and p.grad is not None}
 
 
@@ -148,8 +157,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
         partner = partner_index(cfg.data.batch_size, world_size, chunk).to(placement.device) if mixup else None
         engine.train()
-        torch.manual_seed(step_seed(cfg.seed, 0, rank))
-        result = RUNNERS[cfg.runner.name](engine, batch, options, mixup, partner)
+        for _ in range(MAX_OVERFLOW_RETRIES):  # fp16: DeepSpeed lowers its loss scale after each overflow
+            torch.manual_seed(step_seed(cfg.seed, 0, rank))
+            result = RUNNERS[cfg.runner.name](engine, batch, options, mixup, partner)
+            if result.applied or result.skip_reason != "fp16 overflow":
+                break
         after = full_parameters(engine, stage)
         ok = True
         if rank == 0:
@@ -159,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 update = {name: before[name] - after[name] for name in before}
                 expected = reference_gradients(cfg, global_images, global_ids, global_mask, world_size, chunk,
-                                               lambda x: normalise(x).float(), placement.device)
+                                               normalise, placement.device, placement.dtype)
                 tolerance = args.tolerance or DEFAULT_TOLERANCE[cfg.precision or "fp32"]
                 print(f"one {cfg.runner.name} step, {world_size} rank(s), ZeRO-{stage}, {cfg.precision}, "
                       f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
