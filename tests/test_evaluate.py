@@ -218,7 +218,7 @@ def build_tiny(overrides):
 
 def _eval_worker(rank, world_size, overrides, zero3):
     from zvl_ds.data import build_valid_loader
-    from zvl_ds.evaluate import embed_validation, evaluate_retrieval, log_retrieval_examples
+    from zvl_ds.evaluate import embed_validation, evaluate_retrieval, evaluate_with_examples, log_retrieval_examples
 
     cfg, model, tokenizer = build_tiny(overrides)
     if zero3:  # parameters partitioned: every forward is collective, ranks must call the model in lockstep
@@ -239,7 +239,10 @@ def _eval_worker(rank, world_size, overrides, zero3):
             self.images[name] = (grid.shape, step)
 
     monitor = Monitor()
-    log_retrieval_examples(cfg, model, tokenizer, device, torch.float32, monitor, step=7)
+    again, grids = evaluate_with_examples(cfg, model, tokenizer, device, torch.float32,
+                                          num_examples=cfg.log.num_image_samples, progress=False)
+    assert again == metrics
+    log_retrieval_examples(monitor, grids, step=7)
     loader = build_valid_loader(cfg, "demo_val", rank, world_size, tokenizer)
     embedded = embed_validation(model, loader, device, torch.float32, cfg.transforms.normalize, progress=False)
     return {"metrics": metrics, "images": monitor.images, "image_ids": embedded.image_ids.tolist(),

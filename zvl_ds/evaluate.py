@@ -423,12 +423,6 @@ def retrieval_examples(embedded: EmbeddedSet, tokenizer, num_images: int = 8, k:
 # Every validation set of a config
 # --------------------------------------------------------------------------------------------------
 
-# Grids rendered by the last ``evaluate_retrieval`` call on a model, keyed by id(model); ``log_retrieval_examples``
-# takes them instead of embedding the validation sets a second time. Every rank stores an entry (rank 0 the
-# grids), so every rank takes the same branch there.
-_PENDING_EXAMPLES: Dict[int, Dict[str, Optional[np.ndarray]]] = {}
-
-
 def evaluate_with_examples(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype,
                            names: Optional[Sequence[str]] = None, num_examples: int = 0, progress: bool = True
                            ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Optional[np.ndarray]]]:
@@ -466,29 +460,13 @@ def evaluate_with_examples(cfg, model, tokenizer, device: torch.device, dtype: t
 
 def evaluate_retrieval(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype,
                        names: Optional[Sequence[str]] = None, progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """``{dataset: {"i2t_r1", ..., "rsum", ...}}`` for every validation set; the same on every rank.
-
-    Also renders ``cfg.log.num_image_samples`` retrieval examples per set, which the next
-    ``log_retrieval_examples`` call on this model logs without embedding again.
-    """
-    metrics, grids = evaluate_with_examples(cfg, model, tokenizer, device, dtype, names,
-                                            max(0, cfg.log.num_image_samples), progress)
-    _PENDING_EXAMPLES.clear()
-    _PENDING_EXAMPLES[id(model)] = grids
+    """``{dataset: {"i2t_r1", ..., "rsum", ...}}`` for every validation set; the same on every rank."""
+    metrics, _ = evaluate_with_examples(cfg, model, tokenizer, device, dtype, names, 0, progress)
     return metrics
 
 
-def log_retrieval_examples(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype, monitor, step: int,
-                           names: Optional[Sequence[str]] = None) -> None:
-    """Log each validation set's examples grid to TensorBoard (``eval/<name>/retrieval_examples``).
-
-    Uses the grids of the ``evaluate_retrieval`` call just made on this model (as the trainer does: evaluate,
-    then log); without one, embeds the sets itself.
-    """
-    grids = _PENDING_EXAMPLES.pop(id(model), None)
-    if grids is None:
-        _, grids = evaluate_with_examples(cfg, model, tokenizer, device, dtype, names,
-                                          max(1, cfg.log.num_image_samples))
+def log_retrieval_examples(monitor, grids: Dict[str, Optional[np.ndarray]], step: int) -> None:
+    """Log each validation set's examples grid to TensorBoard (``eval/<name>/retrieval_examples``)."""
     for name, grid in grids.items():
         if grid is not None:
             monitor.image(f"eval/{name}/retrieval_examples", grid, step)

@@ -146,17 +146,16 @@ class Trainer:
         return step % every == 0 or step == self.total_steps
 
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        from zvl_ds.evaluate import evaluate_retrieval, log_retrieval_examples
+        from zvl_ds.evaluate import evaluate_with_examples, log_retrieval_examples
 
         self.engine.eval()
         try:
-            metrics = evaluate_retrieval(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
-                                         self.placement.dtype)
-            if self.cfg.log.num_image_samples > 0:
-                log_retrieval_examples(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
-                                       self.placement.dtype, self.monitor, step)
+            metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer,
+                                                    self.placement.device, self.placement.dtype,
+                                                    num_examples=max(0, self.cfg.log.num_image_samples))
         finally:
             self.engine.train()
+        log_retrieval_examples(self.monitor, grids, step)
         for name, values in metrics.items():
             self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
                                         if isinstance(value, (int, float))})
