@@ -360,3 +360,17 @@ def test_evaluate_cli_reports_bad_input(tmp_path):
     missing = _run_cli(["--model", str(tmp_path / "nothing"), "--cfg", "x.yaml"], cwd=tmp_path)
     assert missing.returncode == 2 and "run folder not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_chance_metrics_hand_computed():
+    from zvl_ds.evaluate import chance_metrics
+
+    two = chance_metrics(num_images=2, num_texts=2)  # one caption each: a coin flip at K=1, certain at K>=2
+    assert two["i2t_r1"] == pytest.approx(50.0) and two["t2i_r1"] == pytest.approx(50.0)
+    assert two["i2t_r5"] == 100.0 and two["t2i_r10"] == 100.0
+    # 200 images x 5 captions: T2I R@1 = 1/200; I2T R@1 = 5/1000; I2T R@5 = 1 - C(995,5)/C(1000,5)
+    demo = chance_metrics(num_images=200, num_texts=1000)
+    assert demo["t2i_r1"] == pytest.approx(0.5) and demo["i2t_r1"] == pytest.approx(0.5)
+    expected = 1 - (995 * 994 * 993 * 992 * 991) / (1000 * 999 * 998 * 997 * 996)
+    assert demo["i2t_r5"] == pytest.approx(100 * expected)
+    assert demo["rsum"] == pytest.approx(sum(v for k, v in demo.items() if k != "rsum"))

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple  # noqa: E402
 import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
 from zvl_ds import dist  # noqa: E402
 from zvl_ds.config import Config, ConfigError, load_config  # noqa: E402
+from zvl_ds.evaluate import chance_metrics  # noqa: E402
 from zvl_ds.export import ExportError  # noqa: E402
 
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -79,6 +80,8 @@ def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
     for name, values in metrics.items():
         lines.append(f"{name:<{width}}  " + "  ".join(f"{values[key]:8.2f}" for key in TABLE_KEYS)
                      + f"  {int(values['num_images']):6d}  {int(values['num_texts']):8d}")
+        chance = chance_metrics(int(values["num_images"]), int(values["num_texts"]))
+        lines.append(f"{'  chance':<{width}}  " + "  ".join(f"{chance[key]:8.2f}" for key in TABLE_KEYS))
     return "\n".join(lines)
 
 

@@ -147,6 +147,24 @@ def retrieval_metrics(image_embeds: Tensor, image_ids: Tensor, text_embeds: Tens
     return metrics
 
 
+def chance_metrics(num_images: int, num_texts: int) -> Dict[str, float]:
+    """Expected recalls (in %) of a random ranking, with captions spread evenly over the images.
+
+    T2I: the one true image among ``num_images`` lands in the top K with probability K/N. I2T: an image with c
+    captions among T finds one of them in the top K with probability 1 - C(T-c, K) / C(T, K).
+    """
+    import math
+
+    per_image = max(1, round(num_texts / max(1, num_images)))
+    metrics = {}
+    for k in RECALL_KS:
+        top = min(k, num_texts)
+        metrics[f"i2t_r{k}"] = 100.0 * (1.0 - math.comb(num_texts - per_image, top) / math.comb(num_texts, top))
+        metrics[f"t2i_r{k}"] = 100.0 * min(k, num_images) / num_images
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
 def top_captions(image_embeds: Tensor, text_embeds: Tensor, k: int = 3) -> Tensor:
     """Indices of the ``k`` highest-scoring captions for each image, best first."""
     k = min(k, text_embeds.shape[0])
