@@ -716,8 +716,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m zvl_ds.config CFG.yaml [key.sub=value ...]\n"
-              "Prints the fully resolved config as YAML (what a run would use).")
+              "Prints the fully resolved config as YAML (what a run would use).\n"
+              "       python -m zvl_ds.config --reference | --lavis-mapping | --presets\n"
+              "Prints the README's Markdown table of every config key / of LAVIS run: keys / of model.arch presets.")
         return 0 if argv else 2
+    if argv[0] in README_TABLE_FLAGS:
+        sys.stdout.write(README_TABLES[README_TABLE_FLAGS[argv[0]]]())
+        return 0
     try:
         cfg = load_config(argv[0], argv[1:])
     except ConfigError as error:
@@ -725,6 +730,77 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     sys.stdout.write(cfg.to_yaml())
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference tables for the README (generated, so they cannot drift; tests/test_config_docs.py compares)
+# --------------------------------------------------------------------------------------------------
+
+MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> List[Tuple[str, Any]]:
+    """(dotted key, default) of every key of ``cls``, in declaration order, sections depth-first. A mapping of
+    sections (``data.datasets``) is listed itself, then its sections' keys under ``<name>``."""
+    hints = typing.get_type_hints(cls)
+    rows: List[Tuple[str, Any]] = []
+    for item in dataclasses.fields(cls):
+        key, tp = prefix + item.name, hints[item.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_keys(tp, key + "."))
+            continue
+        has_factory = item.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        rows.append((key, item.default_factory() if has_factory else item.default))  # type: ignore[misc]
+        if typing.get_origin(tp) in (dict, Dict) and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            rows.extend(config_keys(typing.get_args(tp)[1], f"{key}.{MAPPING_ENTRY}."))
+    return rows
+
+
+def _flow_yaml(value: Any) -> str:
+    """A default as one YAML flow value: ``[0.9, 0.98]``, ``null``, ``{}``, ``''``."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10 ** 9).strip()
+    return text[:-len("\n...")] if text.endswith("\n...") else text  # a lone scalar ends the document with ...
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """``| key | default | meaning |`` for every config key; meanings from ``zvl_ds.config_docs.KEY_HELP``."""
+    from zvl_ds.config_docs import KEY_HELP
+
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default in config_keys():
+        lines.append(f"| `{key}` | `{_cell(_flow_yaml(default))}` | {_cell(KEY_HELP.get(key, '**undocumented**'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def lavis_mapping_markdown() -> str:
+    """``| run.<key> | zvl_ds key |`` for every LAVIS ``run:`` option that ``LAVIS_RUN_MAP`` accepts."""
+    from zvl_ds.config_docs import LAVIS_NOTES
+
+    lines = ["| `run.<key>` | zvl_ds key |", "| --- | --- |"]
+    for key, (target, convert) in LAVIS_RUN_MAP.items():
+        note = LAVIS_NOTES.get(key, "converted" if convert is not None else "")
+        lines.append(f"| `run.{key}` | `{target}`{_cell(f' ({note})' if note else '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def presets_markdown() -> str:
+    """``| model.arch | model |`` for every preset in ``MODEL_PRESETS``."""
+    from zvl_ds.config_docs import PRESET_HELP
+
+    lines = ["| `model.arch` | model |", "| --- | --- |"]
+    for name in MODEL_PRESETS:
+        lines.append(f"| `{name}` | {_cell(PRESET_HELP.get(name, '**undocumented**'))} |")
+    return "\n".join(lines) + "\n"
+
+
+# README marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each
+README_TABLES = {"config-reference": reference_markdown, "lavis-mapping": lavis_mapping_markdown,
+                 "presets": presets_markdown}
+README_TABLE_FLAGS = {"--reference": "config-reference", "--lavis-mapping": "lavis-mapping", "--presets": "presets"}
 
 
 if __name__ == "__main__":
