@@ -7,26 +7,14 @@ computations written in this file, run inside each worker on the concatenated gl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist_utils import run_distributed
+from loss_reference import reference_loss
 
 PER_RANK = 4  # samples per rank in the model check
 TOLERANCE = 1e-5  # of each tensor's largest magnitude
 
 
-def _reference_loss(image, text, tau, lam=None, partner=None, detach_keys=False):
-    batch = image.shape[0]
-    targets = torch.eye(batch, dtype=image.dtype)
-    if lam is not None:
-        swap = torch.zeros(batch, batch, dtype=image.dtype)
-        swap[torch.arange(batch), partner] = 1.0
-        targets = lam * targets + (1 - lam) * swap
-    image_keys = image.detach() if detach_keys else image
-    text_keys = text.detach() if detach_keys else text
-    i2t = -(targets * F.log_softmax(image @ text_keys.t() / tau, dim=1)).sum(dim=1)
-    t2i = -(targets * F.log_softmax(text @ image_keys.t() / tau, dim=1)).sum(dim=1)
-    return (0.5 * (i2t + t2i)).mean()
 
 
 def _reversed_blocks(batch, block):
@@ -144,7 +132,7 @@ def _model_checks(rank, world_size):
         model.zero_grad(set_to_none=True)
         image, text = _reference_embeddings(model, images, input_ids, attention_mask, mixup, partner)
         lam = None if mixup is None else mixup.lam
-        ref = _reference_loss(image, text, model.temperature(), lam, partner, detach_keys=not gather_backward)
+        ref = reference_loss(image, text, model.temperature(), lam, partner, detach_keys=not gather_backward)
         ref.backward()
         reference = _grads(model)
         # Per-tensor relative error. A few gradients are mathematically zero and only float noise (~1e-11
@@ -162,7 +150,7 @@ def _model_checks(rank, world_size):
             # how far the documented "detached keys" gradient is from the full one (must be far)
             model.zero_grad(set_to_none=True)
             image, text = _reference_embeddings(model, images, input_ids, attention_mask, mixup, partner)
-            _reference_loss(image, text, model.temperature(), lam, partner).backward()
+            reference_loss(image, text, model.temperature(), lam, partner).backward()
             full = _grads(model)
             case["distance_from_full"] = _rel_error(averaged["image_projection.weight"],
                                                     full["image_projection.weight"])
@@ -199,7 +187,7 @@ def _cached_grad_checks(rank, world_size):
             ref_image = image.clone().requires_grad_(True)
             ref_text = text.clone().requires_grad_(True)
             ref_tau = tau.clone().requires_grad_(True)
-            ref = _reference_loss(ref_image, ref_text, ref_tau, None if mixup is None else mixup.lam, partner)
+            ref = reference_loss(ref_image, ref_text, ref_tau, None if mixup is None else mixup.lam, partner)
             grads = torch.autograd.grad(ref, [ref_image, ref_text, ref_tau])
             logits = image @ text.t()
             hard = torch.arange(batch)
@@ -215,7 +203,7 @@ def _cached_grad_checks(rank, world_size):
         # the single-pass form with a default partner (reversal of each rank's whole batch)
         _, logged = contrastive_loss(image[local], text[local], torch.tensor([0.05], dtype=torch.float64),
                                      mixup=mixup, partner=None, gather_backward=True, chunk_rows=5)
-        expected = _reference_loss(image, text, 0.05, None if mixup is None else mixup.lam,
+        expected = reference_loss(image, text, 0.05, None if mixup is None else mixup.lam,
                                    _reversed_blocks(batch, per_rank))
         report[f"{name}_default_partner_loss"] = abs(logged.loss.item() - expected.item())
     return report

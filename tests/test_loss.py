@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loss_reference import reference_loss
 from zvl_ds.loss import contrastive_loss, loss_and_grads
 from zvl_ds.mixup import MixupDraw, draw_mixup, mix_images, partner_index
 
@@ -21,20 +22,6 @@ def reversed_blocks(batch: int, block: int) -> torch.Tensor:
         out.extend(reversed(range(start, start + block)))
     return torch.tensor(out)
 
-
-def reference_loss(image, text, tau, lam=None, partner=None, detach_keys=False):
-    """Global-mean symmetric InfoNCE with soft targets Y = lam*I + (1-lam)*P, on full B x B logits."""
-    batch = image.shape[0]
-    targets = torch.eye(batch, dtype=image.dtype)
-    if lam is not None:
-        swap = torch.zeros(batch, batch, dtype=image.dtype)
-        swap[torch.arange(batch), partner] = 1.0
-        targets = lam * targets + (1 - lam) * swap
-    image_keys = image.detach() if detach_keys else image
-    text_keys = text.detach() if detach_keys else text
-    i2t = -(targets * F.log_softmax(image @ text_keys.t() / tau, dim=1)).sum(dim=1)
-    t2i = -(targets * F.log_softmax(text @ image_keys.t() / tau, dim=1)).sum(dim=1)
-    return (0.5 * (i2t + t2i)).mean()
 
 
 def leaves(batch=11, dim=6, tau=0.05, dtype=torch.float64, seed=0):

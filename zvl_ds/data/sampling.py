@@ -174,16 +174,18 @@ class SamplingPlan:
         self.per_rank = [d.size // world_size for d in self.datasets]  # samples of one pass on one rank
         self._sizes = [np.asarray(d.sizes, dtype=np.int64) for d in self.datasets]
         self._orders: Dict[Tuple[int, int], np.ndarray] = {}
+        self._steps = 0  # optimizer steps per epoch; each subclass sets it
 
-    # ---- what subclasses provide
     @property
     def source_names(self) -> List[str]:
-        raise NotImplementedError
+        """One stream per dataset (shuffle mode has a single mixed stream)."""
+        return [d.name for d in self.datasets]
 
     @property
     def steps_per_epoch(self) -> int:
-        raise NotImplementedError
+        return self._steps
 
+    # ---- what subclasses provide
     def source_of_step(self, step: int) -> int:
         raise NotImplementedError
 
@@ -239,10 +241,6 @@ class ShufflePlan(SamplingPlan):
     def source_names(self) -> List[str]:
         return [MIXED]
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
     def source_of_step(self, step: int) -> int:
         return 0
 
@@ -279,14 +277,6 @@ class SequentialPlan(SamplingPlan):
         self._steps = sum(self.dataset_steps)
         self._require_steps(self._steps, "no dataset holds one batch per rank")
 
-    @property
-    def source_names(self) -> List[str]:
-        return [d.name for d in self.datasets]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
     def source_of_step(self, step: int) -> int:
         return bisect.bisect_right(self._first_step, step % self._steps) - 1
 
@@ -310,14 +300,6 @@ class DebiasPlan(SamplingPlan):
         sizes = np.asarray([d.size for d in self.datasets], dtype=np.float64)
         self.probabilities = sizes / sizes.sum()
         self._cumulative = np.cumsum(self.probabilities)
-
-    @property
-    def source_names(self) -> List[str]:
-        return [d.name for d in self.datasets]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
 
     def source_of_step(self, step: int) -> int:
         return debias_draw(self.seed, step, self._cumulative)

@@ -1,0 +1,18 @@
+"""The dense full-batch symmetric InfoNCE the loss tests compare against (plain autograd, no chunking)."""
+import torch
+import torch.nn.functional as F
+
+
+def reference_loss(image, text, tau, lam=None, partner=None, detach_keys=False):
+    """Global-mean symmetric InfoNCE with soft targets Y = lam*I + (1-lam)*P, on full B x B logits."""
+    batch = image.shape[0]
+    targets = torch.eye(batch, dtype=image.dtype)
+    if lam is not None:
+        swap = torch.zeros(batch, batch, dtype=image.dtype)
+        swap[torch.arange(batch), partner] = 1.0
+        targets = lam * targets + (1 - lam) * swap
+    image_keys = image.detach() if detach_keys else image
+    text_keys = text.detach() if detach_keys else text
+    i2t = -(targets * F.log_softmax(image @ text_keys.t() / tau, dim=1)).sum(dim=1)
+    t2i = -(targets * F.log_softmax(text @ image_keys.t() / tau, dim=1)).sum(dim=1)
+    return (0.5 * (i2t + t2i)).mean()
