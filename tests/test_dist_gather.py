@@ -7,6 +7,7 @@ computations written in this file, run inside each worker on the concatenated gl
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from dist_utils import run_distributed
 from loss_reference import reference_loss
