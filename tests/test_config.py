@@ -189,3 +189,19 @@ def test_tiny_preset_vocabulary_matches_the_packaged_demo_tokenizer():
 
     cfg = load_config(None, ["model.arch=tiny"])
     assert cfg.model.text_encoder.config["vocab_size"] == len(load_tokenizer(cfg.model.text_encoder))
+
+
+def test_unimplemented_zerovl_loss_options_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="loss.smoothing=0.1.*not implemented"):
+        load_config(None, ["loss.smoothing=0.1"])
+    with pytest.raises(ConfigError, match="loss.group_size=8"):
+        load_config(None, ["loss.group_size=8"])
+    assert load_config(None, ["loss.smoothing=0.0", "loss.group_size=-1"]).loss.smoothing == 0.0
+
+
+def test_lavis_constant_lr_name_is_accepted(tmp_path):
+    path = write(tmp_path / "lavis.yaml", "run:\n  lr_sched: constant_lr\n  init_lr: 0.1\n")
+    from zvl_ds.schedule import learning_rate
+
+    cfg = load_config(path)
+    assert [learning_rate(cfg.optim.lr, s, 100, 10) for s in (0, 50, 99)] == [0.1, 0.1, 0.1]

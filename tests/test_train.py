@@ -91,6 +91,20 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
     assert "resumed from" in again.stdout and "at step 40" in again.stdout
     assert (run_dir / "latest").read_text().strip() == "step_00000044"
 
+    # changed data settings cannot continue the checkpointed stream: a clear error, not a traceback
+    changed = common_args(shards, tmp_path, "demo", 48, ["data.shuffle_buffer=49"])
+    refused = subprocess.run(torchrun(changed), env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "cannot continue the data stream" in refused.stderr and "shuffle" in refused.stderr
+    assert "Traceback" not in refused.stderr.split("cannot continue")[0][-200:]
+
+    # evaluation only (evaluate: true) needs no training data
+    only_eval = common_args(shards, tmp_path, "demo", 44, ["evaluate=true", "data.train_name=[no_such_set]"])
+    evaluated = subprocess.run([sys.executable, TRAIN, *only_eval], env=env(), capture_output=True, text=True,
+                               timeout=600, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "eval demo_val @ step 44" in evaluated.stdout
+
 
 def kill_tree(process):
     """SIGKILL the launcher and every worker (torchrun starts its workers in sessions of their own)."""

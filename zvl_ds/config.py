@@ -218,7 +218,7 @@ class LRParams:
 
 
 LR_SCHEDULES = ("cosine_schedule_with_warmup_min_lr_scale", "linear_warmup_cosine_lr", "linear_warmup_step_lr",
-                "constant")
+                "constant", "constant_lr")  # constant_lr: LAVIS's name for constant
 
 
 @dataclass
@@ -663,6 +663,13 @@ def _validate(cfg: Config) -> None:
     if not 0 < temp.min <= temp.value <= temp.max:
         raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "
                           f"value={temp.value} max={temp.max}")
+    # ZeroVL's keys with no implementation here: refuse a value that would otherwise be silently ignored
+    if cfg.loss.smoothing != 0.0:
+        raise ConfigError(f"loss.smoothing={cfg.loss.smoothing}: label smoothing is not implemented (ZeroVL leaves "
+                          "it at 0.0 too); remove the key or set it to 0.0")
+    if cfg.loss.group_size != -1:
+        raise ConfigError(f"loss.group_size={cfg.loss.group_size}: only -1 (gather over the whole world) is "
+                          "implemented")
     if cfg.loss.chunk_rows < 1:
         raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
     if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:

@@ -139,7 +139,7 @@ KEY_HELP: Dict[str, str] = {
     "model.text_encoder.grad_checkpointing": "Activation checkpointing in the text tower (non-reentrant, replays "
                                              "dropout exactly); an error if the model does not support it.",
     "model.text_encoder.tokenizer": "Tokenizer folder or cached name; `zvl_ds:demo_tokenizer` = the packaged demo "
-                                    "vocabulary; `null`: `tag`.",
+                                    "vocabulary; `null`: the folder `pretrained` names, else `tag`.",
     "model.text_encoder.config": "Hugging Face config fields. With `model_type` (and `pretrained: false`) the "
                                  "tower is built from them alone; otherwise they override the loaded config.",
     "model.projection.name": "`simple`: one bias-free Linear per tower (ZeroVL); `mlp`: Linear, GELU, bias-free "
@@ -155,8 +155,10 @@ KEY_HELP: Dict[str, str] = {
     "loss.name": "`NCE`: symmetric InfoNCE over the global batch; `MixUpNCE`: ZeroVL's coin-flip mixup (each step "
                  "mixes either images or texts with a partner, soft targets).",
     "loss.global_reduce": "Accepted for ZeroVL configs; unused (the loss is always over the global batch).",
-    "loss.group_size": "Accepted for ZeroVL configs; unused (no sub-group gathering).",
-    "loss.smoothing": "Accepted for ZeroVL configs; unused (no label smoothing, whatever the value).",
+    "loss.group_size": "Accepted for ZeroVL configs; only -1 (gather over the whole world) is implemented, another "
+                       "value is an error.",
+    "loss.smoothing": "Accepted for ZeroVL configs; only 0.0 is implemented (no label smoothing), another value is "
+                      "an error.",
     "loss.nce_loss.gather_backward": "`clip` runner only. `true`: gradients flow back through the gathered "
                                      "embeddings (the exact full-batch gradient); `false`: ZeroVL's plain gather "
                                      "(gathered embeddings are constants). `clip_bsgs` is always exact.",
@@ -178,7 +180,7 @@ KEY_HELP: Dict[str, str] = {
     "optim.lr.name": "`cosine_schedule_with_warmup_min_lr_scale` (ZeroVL): linear ramp from 0, then cosine down "
                      "to `init * min_lr_scale`; `linear_warmup_cosine_lr` (LAVIS): ramp from `warmup_lr`, cosine "
                      "to `min_lr`; `linear_warmup_step_lr` (LAVIS): ramp, then `init * lr_decay_rate ** epoch` "
-                     "floored at `min_lr`; `constant`: `init`. Evaluated per optimizer step.",
+                     "floored at `min_lr`; `constant` (or LAVIS's `constant_lr`): `init`. Evaluated per optimizer step.",
     "optim.lr.init": "Peak learning rate (after warm-up).",
     "optim.lr.warmup_proportion": "Warm-up length as a fraction of the run's optimizer steps (unless "
                                   "`warmup_steps` is set).",
@@ -251,7 +253,7 @@ LAVIS_NOTES: Dict[str, str] = {
     "amp": "`true` -> `fp16`, `false` -> `fp32`; a string is taken as the precision",
     "batch_size_train": "GLOBAL DGA chunk here, used by `clip_bsgs` only; LAVIS's is the per-GPU batch",
     "batch_size_eval": "GLOBAL here; LAVIS's is per GPU",
-    "lr_sched": "zvl_ds names: LAVIS's `constant_lr` is `constant`",
+    "lr_sched": "LAVIS's names are accepted as they are (`constant_lr` too)",
     "warmup_lr": "LAVIS's -1 meaning `init_lr` is not special here; default 0",
     "test_splits": "unused",
     "dist_url": "unused",

@@ -53,4 +53,4 @@ def learning_rate(lr_cfg: LRConfig, step: int, total_steps: int, steps_per_epoch
     if lr_cfg.name == "linear_warmup_step_lr":
         return linear_warmup_step_lr(step, steps_per_epoch, warmup, lr_cfg.init, lr_cfg.min_lr, lr_cfg.warmup_lr,
                                      lr_cfg.lr_decay_rate)
-    return lr_cfg.init  # "constant"
+    return lr_cfg.init  # "constant" / "constant_lr"

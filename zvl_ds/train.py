@@ -76,8 +76,9 @@ class Trainer:
         model = build_model(cfg.model, cfg.loss)
         self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
         self.zero_stage = zero_stage(ds_config)
-        self.loader = build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
-        self.steps_per_epoch = max(1, self.loader.steps_per_epoch)
+        # evaluation-only runs (evaluate: true) need no training data
+        self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
         per_rank_batch = cfg.data.batch_size // self.world_size
         chunk = cfg.chunk_size // self.world_size if cfg.runner.name == "clip_bsgs" else per_rank_batch
@@ -132,8 +133,13 @@ class Trainer:
         self.step = int(shared.get("step", 0))
         self.skips.total = int(shared.get("skipped_steps", 0))
         self.last_saved_step = self.step
-        if rank_state is not None:
-            self.loader.load_state_dict(rank_state["loader"])
+        if rank_state is not None and self.loader is not None:
+            try:
+                self.loader.load_state_dict(rank_state["loader"])
+            except ValueError as error:  # the data settings changed since the checkpoint
+                raise CheckpointError(f"cannot continue the data stream of {point.run_dir}/{point.tag}: {error}. "
+                                      "Resume with the data settings of the checkpoint, or start a new run "
+                                      "(another data.exp_name)") from None
             restore_rng_state(rank_state["rng"])
         self.monitor.console(f"resumed from {os.path.join(point.run_dir, point.tag)} at step {self.step}")
 
@@ -238,7 +244,8 @@ class Trainer:
         self.monitor.flush()
 
     def close(self) -> None:
-        self.loader.close()
+        if self.loader is not None:
+            self.loader.close()
         self.monitor.close()
 
 

@@ -208,10 +208,12 @@ def resolve_tokenizer_path(name: str) -> str:
 
 
 def load_tokenizer(text_cfg: TextEncoderConfig):
-    """The Hugging Face tokenizer of ``text_cfg.tokenizer`` (or ``text_cfg.tag``), from local files only."""
+    """The Hugging Face tokenizer of ``text_cfg.tokenizer``, else of the weights folder ``text_cfg.pretrained``
+    names, else of ``text_cfg.tag``; from local files only."""
     import transformers
 
-    name = text_cfg.tokenizer or text_cfg.tag
+    pretrained_dir = text_cfg.pretrained if isinstance(text_cfg.pretrained, str) else None
+    name = text_cfg.tokenizer or pretrained_dir or text_cfg.tag
     path = resolve_tokenizer_path(name)
     try:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
