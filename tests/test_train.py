@@ -98,12 +98,20 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
     assert "cannot continue the data stream" in refused.stderr and "shuffle" in refused.stderr
     assert "Traceback" not in refused.stderr.split("cannot continue")[0][-200:]
 
+    # another world size (ZeRO-2): one process continues the 2-rank run; the data stream starts over
+    alone = common_args(shards, tmp_path, "demo", 46, ["runner.val_interval_steps=1000"])
+    single = subprocess.run([sys.executable, TRAIN, *alone], env=env(), capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "written by 2 ranks, now 1" in single.stdout and "at step 44" in single.stdout
+    assert (run_dir / "latest").read_text().strip() == "step_00000046"
+
     # evaluation only (evaluate: true) needs no training data
-    only_eval = common_args(shards, tmp_path, "demo", 44, ["evaluate=true", "data.train_name=[no_such_set]"])
+    only_eval = common_args(shards, tmp_path, "demo", 46, ["evaluate=true", "data.train_name=[no_such_set]"])
     evaluated = subprocess.run([sys.executable, TRAIN, *only_eval], env=env(), capture_output=True, text=True,
                                timeout=600, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "eval demo_val @ step 44" in evaluated.stdout
+    assert "eval demo_val @ step 46" in evaluated.stdout
 
 
 def kill_tree(process):

@@ -161,17 +161,18 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
     """Restore the engine; return the shared client state and this rank's state.
 
     The rank state (data position) is only meaningful at the world size that wrote it; with another world size
-    it is None and the caller restarts the data stream. ZeRO-3 partitions cannot be re-split for another world
-    size, so then only the weights are loaded.
+    it is None and the caller restarts the data stream. DeepSpeed (0.19) cannot re-split ZeRO 1-3 optimizer
+    partitions for another world size, so then only the weights are loaded; ZeRO-0 keeps its optimizer state in
+    one file and resumes fully.
     """
     world_size = dist.get_world_size()
     before = saved_world_size(point)
     same_world = before == world_size
-    if not same_world and zero_stage == 3:
+    if not same_world and zero_stage > 0:
         if dist.is_main_process():
-            print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks; ZeRO-3 optimizer partitions "
-                  f"cannot be re-split for {world_size} ranks: loading the weights only (optimizer state restarts)",
-                  flush=True)
+            print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: ZeRO-{zero_stage} "
+                  "optimizer partitions cannot be re-split for another world size, so only the weights are loaded "
+                  "(the optimizer state restarts)", flush=True)
         path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_optimizer_states=False,
                                                     load_lr_scheduler_states=False, load_module_only=True)
     else:
