@@ -67,7 +67,8 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     cfg.optim.name = optimizer
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loss)
-    ds_config = build_ds_config({"zero_optimization": {"stage": stage}}, cfg, world_size)
+    zero = {"stage": 2, "offload_optimizer": {"device": "cpu"}} if stage == "2+offload" else {"stage": stage}
+    ds_config = build_ds_config({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": False}, cfg, world_size)
     engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     images, input_ids, attention_mask = global_batch(cfg)
@@ -126,7 +127,8 @@ def assert_close_to_reference(params, expected, tolerance):
     assert value <= tolerance, f"{name}: relative difference {value:.2e} > {tolerance:.0e}"
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)])
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3),
+                                              (2, "2+offload")])
 def test_dga_matches_full_batch_reference(world_size, stage):
     params, losses = run(world_size, stage)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size)
