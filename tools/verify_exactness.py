@@ -146,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)
 
         batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer)
-        chunk = cfg.chunk_size // world_size if cfg.runner.name == "clip_bsgs" else len(batch)
+        chunk = cfg.per_rank_chunk(world_size)
         global_images = gather_to_all(batch.images, placement.device)
         global_ids = gather_to_all(batch.input_ids, placement.device)
         global_mask = gather_to_all(batch.attention_mask, placement.device)

@@ -330,6 +330,11 @@ class Config:
         """Global DGA chunk (samples per forward summed over ranks)."""
         return self.data.batch_size_train or self.data.batch_size
 
+    def per_rank_chunk(self, world_size: int) -> int:
+        """Samples per forward on one rank: the DGA chunk for ``clip_bsgs``, the whole per-rank batch for ``clip``."""
+        batch = self.chunk_size if self.runner.name == "clip_bsgs" else self.data.batch_size
+        return batch // world_size
+
     def to_dict(self) -> Dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 

@@ -80,8 +80,7 @@ class Trainer:
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
-        per_rank_batch = cfg.data.batch_size // self.world_size
-        chunk = cfg.chunk_size // self.world_size if cfg.runner.name == "clip_bsgs" else per_rank_batch
+        chunk = cfg.per_rank_chunk(self.world_size)
         self.options = StepOptions(chunk=chunk, world_size=self.world_size, chunk_rows=cfg.loss.chunk_rows,
                                    gather_backward=cfg.loss.nce_loss.gather_backward,
                                    prepare_images=self._prepare_images, device=placement.device)
