@@ -98,13 +98,17 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
     assert "cannot continue the data stream" in refused.stderr and "shuffle" in refused.stderr
     assert "Traceback" not in refused.stderr.split("cannot continue")[0][-200:]
 
-    # another world size (ZeRO-2): one process continues the 2-rank run; the data stream starts over
+    # another world size (ZeRO-2): one process continues the 2-rank run with its optimizer state re-split
     alone = common_args(shards, tmp_path, "demo", 46, ["runner.val_interval_steps=1000"])
     single = subprocess.run([sys.executable, TRAIN, *alone], env=env(), capture_output=True, text=True, timeout=600,
                             cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    assert "written by 2 ranks, now 1" in single.stdout and "at step 44" in single.stdout
+    assert "optimizer state re-split for this world size" in single.stdout and "at step 44" in single.stdout
     assert (run_dir / "latest").read_text().strip() == "step_00000046"
+    optim = torch.load(run_dir / "step_00000046" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]  # our own checkpoint (DeepSpeed pickles objects)
+    adam_steps = {int(state["step"]) for state in optim["base_optimizer_state"]["state"].values()}
+    assert adam_steps == {46}, f"Adam restarted instead of continuing: steps {adam_steps}"
 
     # evaluation only (evaluate: true) needs no training data
     only_eval = common_args(shards, tmp_path, "demo", 46, ["evaluate=true", "data.train_name=[no_such_set]"])

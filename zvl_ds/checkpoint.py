@@ -14,6 +14,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -133,6 +135,7 @@ def prune_checkpoints(run_dir: str, keep_last: int) -> List[str]:
 class ResumePoint:
     run_dir: str
     tag: str
+    universal: bool = False  # converted to DeepSpeed's universal format for another world size
 
 
 def find_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume: bool) -> Optional[ResumePoint]:
@@ -157,22 +160,78 @@ def saved_world_size(point: ResumePoint) -> int:
     return len([n for n in os.listdir(folder) if n.startswith("zvl_rank_") and n.endswith(".pt")])
 
 
+UNIVERSAL_FOLDER = "universal"
+CONVERSION_TIMEOUT_S = 3 * 3600
+
+
+def needs_universal_conversion(point: ResumePoint, world_size: int, zero_stage: int) -> bool:
+    """ZeRO-1/2 optimizer partitions written by another number of ranks must be re-split before loading."""
+    return zero_stage in (1, 2) and saved_world_size(point) != world_size
+
+
+def convert_to_universal(point: ResumePoint) -> ResumePoint:
+    """Convert a checkpoint (once, on rank 0) with DeepSpeed's ds_to_universal, which re-splits the optimizer
+    state for any world size; the engine that loads it must be built with ``"checkpoint": {"load_universal": true}``.
+    """
+    root = os.path.join(point.run_dir, UNIVERSAL_FOLDER)
+    target = os.path.join(root, point.tag)
+    failure = [None]
+    if dist.is_main_process() and not os.path.isdir(target):
+        failure[0] = _run_universal_conversion(os.path.join(point.run_dir, point.tag), target)
+    if dist.is_distributed():  # every rank learns the outcome, so none waits for a conversion that failed
+        import torch.distributed
+
+        torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise CheckpointError(f"converting {point.tag} for another world size failed:\n{failure[0]}")
+    if not os.path.isdir(target):
+        raise CheckpointError(f"{target} is missing after the conversion on rank 0 (is the run folder shared?)")
+    return ResumePoint(root, point.tag, universal=True)
+
+
+def _run_universal_conversion(source: str, target: str) -> Optional[str]:
+    """ds_to_universal into ``target``; returns an error text, or None on success."""
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"[zvl_ds] converting {os.path.basename(source)} to DeepSpeed's universal checkpoint format for a new "
+          "world size", flush=True)
+    # plain DeepSpeed (not Megatron) checkpoints lack Megatron's layout metadata: --inject_missing_state
+    try:
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+                               "--output_folder", partial, "--inject_missing_state"], capture_output=True, text=True,
+                              timeout=CONVERSION_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"ds_to_universal did not finish within {CONVERSION_TIMEOUT_S} s"
+    if done.returncode != 0:
+        return done.stderr[-2000:]
+    os.replace(partial, target)
+    return None
+
+
 def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
     """Restore the engine; return the shared client state and this rank's state.
 
     The rank state (data position) is only meaningful at the world size that wrote it; with another world size
-    it is None and the caller restarts the data stream. DeepSpeed (0.19) cannot re-split ZeRO 1-3 optimizer
-    partitions for another world size, so then only the weights are loaded; ZeRO-0 keeps its optimizer state in
-    one file and resumes fully.
+    it is None and the caller restarts the data stream. ZeRO-0 keeps its optimizer state in one file and ZeRO-1/2
+    checkpoints are re-split through the universal format (``convert_to_universal``), so both resume fully;
+    ZeRO-3 partitions are not converted, so then only the weights are loaded.
     """
+    if point.universal:
+        path, client_state = engine.load_checkpoint(point.run_dir, point.tag)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the converted checkpoint {point.tag} from {point.run_dir}")
+        if dist.is_main_process():
+            print(f"[zvl_ds] checkpoint {point.tag} was written by another number of ranks: weights and optimizer "
+                  "state re-split for this world size; the data stream starts over from its beginning", flush=True)
+        return client_state or {}, None
     world_size = dist.get_world_size()
     before = saved_world_size(point)
     same_world = before == world_size
     if not same_world and zero_stage > 0:
         if dist.is_main_process():
             print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: ZeRO-{zero_stage} "
-                  "optimizer partitions cannot be re-split for another world size, so only the weights are loaded "
-                  "(the optimizer state restarts)", flush=True)
+                  "optimizer partitions are not re-split, so only the weights are loaded (the optimizer state "
+                  "restarts)", flush=True)
         path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_optimizer_states=False,
                                                     load_lr_scheduler_states=False, load_module_only=True)
     else:

@@ -23,8 +23,9 @@ import torch  # noqa: E402
 
 import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
 from zvl_ds import dist  # noqa: E402
-from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, find_resume_point, load_checkpoint,  # noqa: E402
-                               read_latest, restore_rng_state, save_checkpoint)
+from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,  # noqa: E402
+                               find_resume_point, load_checkpoint, needs_universal_conversion, read_latest,
+                               restore_rng_state, save_checkpoint)
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
 from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images  # noqa: E402
 from zvl_ds.dga import (RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, TrainingAborted,  # noqa: E402
@@ -74,8 +75,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.model.text_encoder)
         model = build_model(cfg.model, cfg.loss)
-        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
         self.zero_stage = zero_stage(ds_config)
+        self.resume_point = find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume)
+        if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
+            self.resume_point = convert_to_universal(self.resume_point)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
@@ -125,7 +130,7 @@ class Trainer:
         self.monitor.console(f"saved checkpoint {os.path.join(self.run_dir, tag)}")
 
     def resume(self) -> None:
-        point = find_resume_point(self.run_dir, self.cfg.resume_ckpt_path, self.cfg.ckpt.auto_resume)
+        point = self.resume_point
         if point is None:
             return
         shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage)
