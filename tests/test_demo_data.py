@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import REPO_ROOT
-from zvl_ds.data import shards
+from zvl_ds.data import annotations, shards
 from zvl_ds.data.demo import COLOURS, PLURALS, POSITION_PHRASES, SHAPES, make_demo_data
 
 TRAIN, VALID = 40, 12
@@ -189,7 +189,7 @@ def test_the_two_styles_differ_clearly(demo):
 
 
 def test_demo_data_round_trips_through_the_shard_writer(demo, tmp_path):
-    sources, notes = shards.resolve_sources(str(demo), ["demo_flat", "demo_sketch", "demo_val"], "all")
+    sources, notes = annotations.resolve_sources(str(demo), ["demo_flat", "demo_sketch", "demo_val"], "all")
     reports = shards.convert_sources(sources, str(tmp_path), shards.ShardSettings(samples_per_shard=16))
     assert [(r.source.dataset, r.source.split, r.images_written, r.captions_written) for r in reports] == [
         ("demo_flat", "train", TRAIN, TRAIN), ("demo_sketch", "train", TRAIN, TRAIN),

@@ -185,13 +185,13 @@ VALID_NAMES = ["demo_val", "demo_one"]  # 23 images x 3 captions in 5 shards; 1 
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
     """Demo validation data through the same code as tools/make_demo_data.py and tools/make_shards.py."""
-    from zvl_ds.data import shards
+    from zvl_ds.data import annotations, shards
     from zvl_ds.data.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("eval_data")
     for data, size, captions, name, per_shard in (("data", 23, 3, "demo_val", 5), ("data2", 1, 5, "demo_one", 10)):
         make_demo_data(str(root / data), seed=len(data), train_size=1, valid_size=size, captions_per_image=captions)
-        sources, _ = shards.resolve_sources(str(root / data), ["demo_val"], "valid", None, None)
+        sources, _ = annotations.resolve_sources(str(root / data), ["demo_val"], "valid", None, None)
         shards.convert_sources(sources, str(root / data / "shards"), shards.ShardSettings(samples_per_shard=per_shard),
                                workers=1, policy="overwrite", progress=False)
         os.makedirs(root / "shards", exist_ok=True)

@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import REPO_ROOT
-from zvl_ds.data import shards
+from zvl_ds.data import annotations, bench, shards
+from zvl_ds.data.images import scaled_size
 
 MAKE_SHARDS = os.path.join(REPO_ROOT, "tools", "make_shards.py")
 PYTHON = sys.executable
@@ -70,7 +71,7 @@ def make_dataset(root, name="ds", split="train", images=7, captions_per_image=2,
 
 
 def source_of(root, name="ds", split="train"):
-    sources, _ = shards.resolve_sources(str(root), [name], split)
+    sources, _ = annotations.resolve_sources(str(root), [name], split)
     return sources[0]
 
 
@@ -315,11 +316,11 @@ def test_modes_and_orientation_are_converted(tmp_path):
 
 
 def test_scaled_size_keeps_aspect_and_never_upscales():
-    assert shards.scaled_size(640, 480, 256) == (341, 256)
-    assert shards.scaled_size(480, 640, 256) == (256, 341)
-    assert shards.scaled_size(200, 100, 256) == (200, 100)
-    assert shards.scaled_size(5000, 10, 5) == (2500, 5)
-    assert shards.scaled_size(640, 480, 0) == (640, 480)
+    assert scaled_size(640, 480, 256) == (341, 256)
+    assert scaled_size(480, 640, 256) == (256, 341)
+    assert scaled_size(200, 100, 256) == (200, 100)
+    assert scaled_size(5000, 10, 5) == (2500, 5)
+    assert scaled_size(640, 480, 0) == (640, 480)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +421,7 @@ def test_resume_after_simulated_kill_matches_uninterrupted_run(tmp_path):
     os.remove(out_dir / "train-000003_stats.json")  # killed between the tar rename and its stats
     (out_dir / "train-000004.tar.tmp").write_bytes(b"partial")
     (out_dir / "train-000007.tar").write_bytes(b"stale shard from a bigger input")
-    with pytest.raises(shards.InputError, match="--resume"):
+    with pytest.raises(annotations.InputError, match="--resume"):
         convert(tmp_path / "data", tmp_path / "out", settings)
     report = convert(tmp_path / "data", tmp_path / "out", settings, policy="resume")
     assert report.shards_reused == 2  # shards 0 and 4
@@ -484,19 +485,19 @@ def test_split_all_takes_the_splits_present_and_explicit_csv(tmp_path):
     make_dataset(tmp_path / "data", name="both", split="train", images=2)
     make_dataset(tmp_path / "data", name="both", split="valid", images=1)
     make_dataset(tmp_path / "data", name="valonly", split="valid", images=1)
-    sources, notes = shards.resolve_sources(str(tmp_path / "data"), ["both", "valonly"], "all")
+    sources, notes = annotations.resolve_sources(str(tmp_path / "data"), ["both", "valonly"], "all")
     assert [(s.dataset, s.split) for s in sources] == [("both", "train"), ("both", "valid"), ("valonly", "valid")]
     assert notes == ["valonly: no train_anno.csv, validation-only dataset (valid split written)"]
     csv_path = str(tmp_path / "data" / "valonly" / "valid_anno.csv")
-    (source,) = shards.resolve_sources(None, [], "all", csv_path=csv_path)[0]
+    (source,) = annotations.resolve_sources(None, [], "all", csv_path=csv_path)[0]
     assert (source.dataset, source.split, source.images_dir) == ("valonly", "valid",
                                                                  str(tmp_path / "data" / "valonly" / "valid"))
-    with pytest.raises(shards.InputError, match="image folder"):
-        shards.resolve_sources(None, ["x"], "train", csv_path=csv_path, images_dir=str(tmp_path / "nope"))
+    with pytest.raises(annotations.InputError, match="image folder"):
+        annotations.resolve_sources(None, ["x"], "train", csv_path=csv_path, images_dir=str(tmp_path / "nope"))
 
 
 def test_benchmark_returns_per_worker_figures(tmp_path):
-    result = shards.benchmark_shards(num_images=6, workers=(1, 2), work_dir=str(tmp_path))
+    result = bench.benchmark_shards(num_images=6, workers=(1, 2), work_dir=str(tmp_path))
     assert [run["workers"] for run in result["runs"]] == [1, 2]
     for run in result["runs"]:
         assert run["images_per_sec"] > 0

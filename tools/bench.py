@@ -26,7 +26,7 @@ def machine() -> str:
 
 
 def run_shards(args) -> Dict:
-    from zvl_ds.data.shards import benchmark_shards, format_benchmark
+    from zvl_ds.data.bench import benchmark_shards, format_benchmark
 
     result = benchmark_shards(num_images=args.images)
     print(format_benchmark(result))

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Turn ZeroVL annotation CSVs and image folders into WebDataset shards (see zvl_ds/data/shards.py).
+"""Turn ZeroVL annotation CSVs and image folders into WebDataset shards (output format: zvl_ds/data/shards.py;
+input layout: zvl_ds/data/annotations.py).
 
 Examples:
   python tools/make_shards.py --data-root data --dataset demo_flat demo_sketch demo_val --out shards
@@ -18,7 +19,8 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from zvl_ds.data import shards  # noqa: E402
+from zvl_ds.data import annotations, bench, shards  # noqa: E402
+from zvl_ds.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar")
     output.add_argument("--max-size", type=int, default=256,
                         help="resize so the shorter side is at most this (0 = keep size); aspect kept")
-    output.add_argument("--max-pixels", type=int, default=shards.DEFAULT_MAX_PIXELS,
+    output.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels than this (decompression bombs)")
     output.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
     output.add_argument("--resample", default="box", choices=["box", "bilinear", "bicubic", "lanczos"],
@@ -68,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    result = shards.benchmark_shards(num_images=args.bench_images, max_size=args.max_size,
-                                     resample=args.resample, progress=not args.quiet)
-    print(shards.format_benchmark(result))
+    result = bench.benchmark_shards(num_images=args.bench_images, max_size=args.max_size,
+                                    resample=args.resample, progress=not args.quiet)
+    print(bench.format_benchmark(result))
     if args.bench_json:
         with open(args.bench_json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
@@ -84,14 +86,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     policy = "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
     try:
         if args.workers < 1:
-            raise shards.InputError(f"--workers must be >= 1, got {args.workers}")
+            raise annotations.InputError(f"--workers must be >= 1, got {args.workers}")
         settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
                                         max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
                                         resample=args.resample)
-        sources, notes = shards.resolve_sources(args.data_root, args.dataset, args.split, args.csv, args.images)
+        sources, notes = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv,
+                                                     args.images)
         reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
                                          progress=not args.quiet)
-    except shards.InputError as error:
+    except annotations.InputError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
-"""Loader throughput: samples/s of the real training loader on synthetic 256 px JPEG shards.
+"""Data-side benchmarks: shard-writer images/s (``benchmark_shards``) and training-loader samples/s.
 
+``benchmark_shards()`` converts generated 640x480 photo-like JPEGs with the real shard writer at each worker count.
 ``benchmark_loader()`` writes a few shards of photo-like JPEGs (smooth colour fields with fine noise, ~20 KB at
 256 px, about what real 256 px photos weigh), then times ``TrainLoader`` end to end (tar reading, JPEG decode,
 transforms, tokenisation, batching, transfer from the workers) for each transform list and worker count.
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+
+from zvl_ds.data.annotations import SplitSource
+from zvl_ds.data.shards import ShardSettings, convert_split
 
 PIPELINES = {"random_resize_crop": ["random_resize_crop"],
              "random_resize_crop+autoaug": ["random_resize_crop", "autoaug"]}
@@ -110,6 +115,81 @@ def benchmark_loader(workers: Sequence[int] = (1, 2), pipelines: Optional[Dict[s
                     print(f"{label:28s} {crop_size} px from {image_size} px  workers={count}: "
                           f"{rate:7.1f} samples/s  ({per_worker:6.1f} per worker)", flush=True)
     return results
+
+
+def _benchmark_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like frame: smooth gradients, a few solid shapes and mild sensor-like noise."""
+    from PIL import ImageDraw
+
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(0, 255, size=3).astype(np.float32)
+    tilt = rng.uniform(-0.2, 0.2, size=(2, 3)).astype(np.float32)
+    pixels = base + xs[..., None] * tilt[0] + ys[..., None] * tilt[1] + rng.normal(0, 6, (height, width, 3))
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        size = int(rng.integers(20, 160))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        draw.ellipse((x, y, x + size, y + size), fill=colour)
+    return image
+
+
+def write_benchmark_dataset(root: str, num_images: int, size: Tuple[int, int] = (640, 480), seed: int = 0
+                            ) -> SplitSource:
+    """``root/bench/train_anno.csv`` + ``train/*.jpg`` of photo-like JPEGs (quality 90)."""
+    rng = np.random.default_rng(seed)
+    images_dir = os.path.join(root, "bench", "train")
+    os.makedirs(images_dir, exist_ok=True)
+    rows = ["image,caption"]
+    for index in range(num_images):
+        name = f"{index:06d}.jpg"
+        _benchmark_image(rng, *size).save(os.path.join(images_dir, name), format="JPEG", quality=90)
+        rows.append(f"{name},benchmark image {index}")
+    csv_path = os.path.join(root, "bench", "train_anno.csv")
+    with open(csv_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(rows) + "\n")
+    return SplitSource("bench", "train", csv_path, images_dir)
+
+
+def benchmark_shards(num_images: int = 512, workers: Sequence[int] = (1, 2), max_size: int = 256,
+                     resample: str = "box", work_dir: Optional[str] = None, progress: bool = False
+                     ) -> Dict[str, object]:
+    """Convert generated 640x480 JPEGs to max_size at each worker count; images/s per worker and speed-up.
+
+    Timings are end to end (CSV read, pool start, decode, resize, encode, tar and stats writes)."""
+    runs = []
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="zvl_shards_bench_") as root:
+        source = write_benchmark_dataset(root, num_images)
+        # Enough shards that every worker count divides the work evenly.
+        settings = ShardSettings(samples_per_shard=max(1, math.ceil(num_images / (4 * max(workers)))),
+                                 max_size=max_size, resample=resample)  # type: ignore[arg-type]
+        for count in workers:
+            start = time.perf_counter()
+            report = convert_split(source, os.path.join(root, f"out_{count}"), settings, workers=count,
+                                   progress=progress)
+            seconds = time.perf_counter() - start
+            if report.images_written != num_images:
+                raise RuntimeError(f"benchmark wrote {report.images_written} of {num_images} images")
+            runs.append({"workers": count, "seconds": round(seconds, 3),
+                         "images_per_sec": round(num_images / seconds, 1),
+                         "images_per_sec_per_worker": round(num_images / seconds / count, 1)})
+    base = runs[0]["images_per_sec"]
+    return {"images": num_images, "image_size": [640, 480], "max_size": max_size, "resample": resample,
+            "cpu_count": os.cpu_count(),
+            "runs": runs,
+            "speedup": {str(r["workers"]): round(float(r["images_per_sec"]) / float(base), 2) for r in runs}}
+
+
+def format_benchmark(result: Dict[str, object]) -> str:
+    """A ``benchmark_shards`` result as lines of text."""
+    lines = [f"shard writer benchmark: {result['images']} JPEGs 640x480 -> max-size {result['max_size']} "
+             f"({result['resample']}, {result['cpu_count']} CPUs)"]
+    for run in result["runs"]:  # type: ignore[union-attr]
+        lines.append(f"  workers={run['workers']}: {run['images_per_sec']:.1f} img/s total, "
+                     f"{run['images_per_sec_per_worker']:.1f} img/s per worker ({run['seconds']:.2f}s), "
+                     f"speed-up x{result['speedup'][str(run['workers'])]:.2f}")  # type: ignore[index]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
-"""The shard writer behind ``tools/make_shards.py``: ZeroVL annotation CSVs + image folders -> WebDataset tars.
+"""Writing WebDataset shards from grouped annotations: one shard, ``--resume``, a whole split, the summary.
 
-Input (ZeroVL layout): ``DATA_ROOT/<name>/<split>_anno.csv`` with columns ``image`` (file name relative to
-``DATA_ROOT/<name>/<split>/``), ``caption`` and optionally ``image_id`` / ``caption_id``; one row per caption.
-
+The writer behind ``tools/make_shards.py``; inputs come from ``annotations.py``, image bytes from ``images.py``.
 Output, per dataset folder ``OUT/<name>/`` (readers depend on exactly this):
 
 - ``<split>-000000.tar``, ``<split>-000001.tar``, ...: one sample per unique image, members in the fixed order
@@ -17,81 +15,39 @@ Output, per dataset folder ``OUT/<name>/`` (readers depend on exactly this):
 - ``<split>-000000_stats.json`` per shard (img2dataset's field names where they apply), ``<split>_stats.json``
   per split, and ``sizes.json`` (shard file name -> sample count, as OpenCLIP reads it) merged over splits.
 
-Captions and file names lose surrounding whitespace; rows of one image keep their CSV order. Rows that cannot
-be used (empty caption, caption bytes not UTF-8, unparsable id, wrong field count) and images that cannot be
-used (missing, empty, not an image, truncated, over --max-pixels, no caption left) are skipped and counted.
-
-Ids: when ``image_id`` is missing it is derived from the image file name (63-bit positive int from BLAKE2b);
-when ``caption_id`` is missing it is the caption's 0-based data row in the CSV. Both are stable for the same CSV.
-``original_width``/``original_height`` are the source image's size after EXIF orientation.
+Rows and images that cannot be used are skipped and counted by reason (see ``annotations.py`` and ``images.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import re
-import struct
 import sys
 import tarfile
-import tempfile
 import time
-import warnings
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
-import numpy as np
-import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+from zvl_ds.data.annotations import (INVALID_UTF8, MALFORMED_ROW, MAX_EXAMPLES, NO_VALID_CAPTION, FailureLog,
+                                     ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
+                                     read_annotations)
+from zvl_ds.data.images import (CORRUPT_IMAGE, DEFAULT_MAX_PIXELS, EMPTY_FILE, MISSING_FILE, NOT_AN_IMAGE,
+                                OTHER_ERROR, RESAMPLING, TOO_MANY_PIXELS, ConvertedImage, SkipImage, convert_image,
+                                pixel_limit, read_image_file)
 
-SPLITS = ("train", "valid")
-REQUIRED_COLUMNS = ("image", "caption")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS
-MAX_EXAMPLES = 5  # examples kept per failure reason
 TAR_SUFFIXES = ("jpg", "json", "txt")  # fixed member order inside a sample
 FORMAT_VERSION = 1  # bump when the bytes written for the same input change; old shards then fail --resume checks
 TEMP_SUFFIX = ".tmp"
-
-# Per-image skip reasons (counted in images).
-MISSING_FILE = "missing_file"
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-CORRUPT_IMAGE = "corrupt_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-NO_VALID_CAPTION = "no_valid_caption"
-INVALID_UTF8 = "invalid_utf8"  # also a per-row reason (caption bytes); per image when the file name is not UTF-8
-OTHER_ERROR = "other_error"
-# Per-row skip reasons (counted in caption rows).
-EMPTY_CAPTION = "empty_caption"
-INVALID_ID = "invalid_id"
-MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
 
 # img2dataset groups its failures into download and resize failures; we map our reasons onto those names.
 _DOWNLOAD_REASONS = (MISSING_FILE, EMPTY_FILE)
 _DECODE_REASONS = (NOT_AN_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, OTHER_ERROR)
 _CAPTION_REASONS = (NO_VALID_CAPTION, INVALID_UTF8)
 
-_RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
 ExistingPolicy = Literal["refuse", "resume", "overwrite"]
-
-
-class InputError(Exception):
-    """A problem with the command's input that the user must fix; the CLI prints it and exits with code 2."""
-
-
-class SkipImage(Exception):
-    """One image cannot be written; ``reason`` is its counter name."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,73 +74,13 @@ class ShardSettings:
             raise InputError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if not 1 <= self.jpeg_quality <= 100:
             raise InputError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if self.resample not in _RESAMPLING:
-            raise InputError(f"--resample must be one of {', '.join(_RESAMPLING)}, got {self.resample!r}")
+        if self.resample not in RESAMPLING:
+            raise InputError(f"--resample must be one of {', '.join(RESAMPLING)}, got {self.resample!r}")
 
     @property
     def key_digits(self) -> int:
         """Digits of the in-shard position in a key; fixed per run so keys never collide."""
         return max(6, len(str(self.samples_per_shard - 1)))
-
-
-@dataclass(frozen=True)
-class SplitSource:
-    """One CSV and its image folder, written to ``OUT/<dataset>/<split>-*.tar``."""
-
-    dataset: str
-    split: str
-    csv_path: str
-    images_dir: str
-
-
-@dataclass
-class ImageEntry:
-    """One unique image with its valid captions, in CSV order."""
-
-    image: str
-    image_id: int
-    row: int  # 1-based data row of the image's first appearance (for messages)
-    captions: List[str] = field(default_factory=list)
-    caption_ids: List[int] = field(default_factory=list)
-
-
-@dataclass
-class FailureLog:
-    """Counts by reason plus the first few examples of each."""
-
-    counts: Dict[str, int] = field(default_factory=dict)
-    examples: Dict[str, List[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, example: str, count: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + count
-        kept = self.examples.setdefault(reason, [])
-        if len(kept) < MAX_EXAMPLES:
-            kept.append(example)
-
-    def merge(self, other: "FailureLog") -> None:
-        for reason, count in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + count
-            kept = self.examples.setdefault(reason, [])
-            kept.extend(other.examples.get(reason, [])[: MAX_EXAMPLES - len(kept)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def to_json(self) -> Dict[str, Dict[str, object]]:
-        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
-                for reason in sorted(self.counts)}
-
-
-@dataclass
-class Annotations:
-    """A CSV read and grouped by image."""
-
-    entries: List[ImageEntry]
-    rows_read: int
-    row_failures: FailureLog
-    derived_ids: List[str]  # id columns that were missing and derived
-    image_id_conflicts: int  # rows whose image_id differs from the image's first row (the first one is kept)
 
 
 @dataclass(frozen=True)
@@ -219,15 +115,6 @@ class ShardResult:
     failures: FailureLog
     duration: float
     reused: bool = False  # kept from an earlier run under --resume
-
-
-@dataclass
-class ConvertedImage:
-    jpeg: bytes
-    width: int
-    height: int
-    original_width: int
-    original_height: int
 
 
 @dataclass
@@ -291,339 +178,6 @@ def shard_name(split: str, index: int) -> str:
 
 def sample_key(shard_index: int, position: int, settings: ShardSettings) -> str:
     return f"{shard_index:06d}{position:0{settings.key_digits}d}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding the inputs
-# --------------------------------------------------------------------------------------------------
-
-
-def _dataset_folders(data_root: str) -> List[str]:
-    """Sub-folders of data_root that look like ZeroVL datasets (hold a *_anno.csv)."""
-    found = []
-    for name in sorted(os.listdir(data_root)):
-        folder = os.path.join(data_root, name)
-        if os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f"{s}_anno.csv")) for s in SPLITS):
-            found.append(name)
-    return found
-
-
-def _split_from_csv_name(csv_path: str) -> Optional[str]:
-    base = os.path.basename(csv_path)
-    for split in SPLITS:
-        if base.startswith(split):
-            return split
-    return None
-
-
-def resolve_sources(data_root: Optional[str], datasets: Sequence[str], split: str = "all",
-                    csv_path: Optional[str] = None, images_dir: Optional[str] = None
-                    ) -> Tuple[List[SplitSource], List[str]]:
-    """The (dataset, split) inputs named on the command line, and notes for the summary. Raises InputError."""
-    if split not in SPLITS + ("all",):
-        raise InputError(f"--split must be one of train, valid, all; got {split!r}")
-    if csv_path is not None:
-        return [_explicit_source(datasets, split, csv_path, images_dir)], []
-    if images_dir is not None:
-        raise InputError("--images needs --csv (it names the folder of that one CSV)")
-    if not datasets:
-        raise InputError("name at least one --dataset (or give --csv and --images)")
-    if not data_root or not os.path.isdir(data_root):
-        raise InputError(f"data root {data_root!r} is not a folder")
-    sources: List[SplitSource] = []
-    notes: List[str] = []
-    for name in dict.fromkeys(datasets):  # a name given twice is written once
-        folder = os.path.join(data_root, name)
-        if not os.path.isdir(folder):
-            available = _dataset_folders(data_root)
-            listing = ", ".join(available) if available else "none (no */train_anno.csv or */valid_anno.csv)"
-            raise InputError(f"no dataset folder {folder}; datasets under {data_root}: {listing}")
-        wanted = SPLITS if split == "all" else (split,)
-        present = [s for s in wanted if os.path.isfile(os.path.join(folder, f"{s}_anno.csv"))]
-        if split != "all" and not present:
-            raise InputError(f"{os.path.join(folder, split + '_anno.csv')}: file not found")
-        if not present:
-            raise InputError(f"{folder} holds neither train_anno.csv nor valid_anno.csv")
-        if split == "all" and "train" not in present:
-            notes.append(f"{name}: no train_anno.csv, validation-only dataset (valid split written)")
-        for s in present:
-            sources.append(_checked_source(name, s, os.path.join(folder, f"{s}_anno.csv"), os.path.join(folder, s)))
-    return sources, notes
-
-
-def _explicit_source(datasets: Sequence[str], split: str, csv_path: str, images_dir: Optional[str]) -> SplitSource:
-    if len(datasets) > 1:
-        raise InputError("--csv names one CSV: give at most one --dataset with it")
-    name = datasets[0] if datasets else os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
-    if split == "all":
-        split = _split_from_csv_name(csv_path) or ""
-        if not split:
-            raise InputError(f"cannot tell the split from the file name {csv_path}: pass --split train or valid")
-    if images_dir is None:
-        images_dir = os.path.join(os.path.dirname(csv_path), split)
-    return _checked_source(name, split, csv_path, images_dir)
-
-
-def _checked_source(name: str, split: str, csv_path: str, images_dir: str) -> SplitSource:
-    if not name or "/" in name or name in (".", ".."):
-        raise InputError(f"invalid dataset name {name!r}")
-    if not os.path.isfile(csv_path):
-        raise InputError(f"{csv_path}: file not found")
-    if not os.path.isdir(images_dir):
-        raise InputError(f"image folder {images_dir} (for {csv_path}) not found")
-    return SplitSource(name, split, csv_path, images_dir)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading and grouping the CSV
-# --------------------------------------------------------------------------------------------------
-
-
-def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureLog]:
-    """All columns as text. Undecodable bytes become lone surrogates (surrogateescape) so that one bad row is
-    detected and skipped rather than killing the read; lines with the wrong field count are skipped and counted."""
-    malformed = FailureLog()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", pd.errors.ParserWarning)
-            frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                                encoding_errors="surrogateescape", on_bad_lines="warn")
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
-        raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
-    for warning in caught:
-        if issubclass(warning.category, pd.errors.ParserWarning):
-            for line in re.findall(r"Skipping line \d+:[^\n]*", str(warning.message)):
-                malformed.add(MALFORMED_ROW, line)
-    _check_frame(frame, csv_path)
-    return frame, malformed
-
-
-def check_csv(csv_path: str) -> None:
-    """Fail fast on a CSV that cannot be read, lacks a required column or has no rows (reads the head only)."""
-    try:
-        head = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                           encoding_errors="surrogateescape", nrows=5, on_bad_lines="skip")
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
-        raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
-    _check_frame(head, csv_path)
-
-
-def _check_frame(frame: pd.DataFrame, csv_path: str) -> None:
-    frame.columns = [str(column).strip() for column in frame.columns]
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
-    if missing:
-        shown = [name if len(name) <= 40 else name[:37] + "..." for name in frame.columns[:20]]
-        binary = any(_has_undecodable_bytes(name) or any(ord(c) < 32 for c in name) for name in frame.columns)
-        raise InputError(f"{csv_path}: missing required column(s) {', '.join(missing)}; "
-                         f"columns found: {', '.join(shown) or 'none'}"
-                         + (" (the header is not UTF-8 text: is this a CSV?)" if binary else ""))
-    if len(frame) == 0:
-        raise InputError(f"{csv_path}: no data rows (empty dataset)")
-
-
-def derived_image_id(image_name: str) -> int:
-    """A stable positive 63-bit id from the image file name (used when the CSV has no image_id column)."""
-    digest = hashlib.blake2b(image_name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
-
-
-def parse_id(text: str) -> Optional[int]:
-    """An integer id from CSV text ("12", " 12 ", "12.0"); None when it is not one."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
-
-
-_SURROGATE = re.compile("[\udc80-\udcff]")
-
-
-def _has_undecodable_bytes(text: str) -> bool:
-    return _SURROGATE.search(text) is not None
-
-
-def _column(frame: pd.DataFrame, name: str) -> Optional[List[str]]:
-    if name not in frame.columns:
-        return None
-    return [value if isinstance(value, str) else "" for value in frame[name].tolist()]
-
-
-def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = None) -> Annotations:
-    """One entry per unique image name in order of first appearance, each with its valid captions in row order.
-
-    Captions and file names lose surrounding whitespace. Empty captions, captions with undecodable bytes and
-    rows with an unparsable id are dropped and counted; an image left without captions stays in the list
-    (it keeps its shard position) and is skipped by the writer as ``no_valid_caption``."""
-    failures = row_failures if row_failures is not None else FailureLog()
-    images = _column(frame, "image")
-    captions = _column(frame, "caption")
-    image_ids = _column(frame, "image_id")
-    caption_ids = _column(frame, "caption_id")
-    derived = [name for name, values in (("image_id", image_ids), ("caption_id", caption_ids)) if values is None]
-    by_name: Dict[str, ImageEntry] = {}
-    conflicts = 0
-    for row, (image, caption) in enumerate(zip(images, captions)):
-        image = image.strip()
-        where = f"{image or '<empty file name>'} (data row {row + 1})"
-        image_id = derived_image_id(image) if image_ids is None else parse_id(image_ids[row])
-        caption_id = row if caption_ids is None else parse_id(caption_ids[row])
-        if image_id is None or caption_id is None:
-            bad = image_ids[row] if image_id is None else caption_ids[row]  # type: ignore[index]
-            failures.add(INVALID_ID, f"{where}: id {bad!r} is not an integer")
-            continue
-        entry = by_name.get(image)
-        if entry is None:
-            entry = by_name[image] = ImageEntry(image=image, image_id=image_id, row=row + 1)
-        elif image_id != entry.image_id:
-            conflicts += 1
-        caption = caption.strip()
-        if not caption:
-            failures.add(EMPTY_CAPTION, f"{where}: empty caption")
-        elif _has_undecodable_bytes(caption):
-            shown = caption.encode("utf-8", "replace")[:60]
-            failures.add(INVALID_UTF8, f"{where}: caption is not valid UTF-8: {shown!r}")
-        else:
-            entry.captions.append(caption)
-            entry.caption_ids.append(caption_id)
-    return Annotations(list(by_name.values()), len(images), failures, derived, conflicts)
-
-
-def read_annotations(csv_path: str) -> Annotations:
-    frame, malformed = read_csv_frame(csv_path)
-    return group_by_image(frame, malformed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------------
-
-
-def read_image_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise SkipImage(MISSING_FILE, "no such file") from None
-    except OSError as error:
-        raise SkipImage(OTHER_ERROR, f"cannot read: {error}") from None
-    if not data:
-        raise SkipImage(EMPTY_FILE, "zero bytes")
-    return data
-
-
-def scaled_size(width: int, height: int, max_size: int) -> Tuple[int, int]:
-    """(width, height) with the shorter side brought down to max_size, aspect kept; unchanged when smaller."""
-    shorter = min(width, height)
-    if max_size <= 0 or shorter <= max_size:
-        return width, height
-    scale = max_size / shorter
-    if width <= height:
-        return max_size, max(1, round(height * scale))
-    return max(1, round(width * scale)), max_size
-
-
-def _exif_orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block must not cost the image; it is then shown as stored
-        return 1
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode. 16-bit grey is scaled (Pillow's own convert clips at 255); transparency is
-    composited onto white (dropping alpha would expose whatever colour the transparent pixels hold)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64).clip(0, 65535)
-        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        if image.mode == "RGB":
-            return image
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _open_image(data: bytes) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise SkipImage(NOT_AN_IMAGE, "not a recognised image format") from None
-    except Image.DecompressionBombError as error:
-        raise SkipImage(TOO_MANY_PIXELS, str(error)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
-        raise SkipImage(CORRUPT_IMAGE, f"unreadable header: {error}") from None
-
-
-def convert_image(data: bytes, settings: ShardSettings) -> ConvertedImage:
-    """The JPEG to store. Original bytes are kept for an upright RGB JPEG already within max_size (after a full
-    decode that proves it is complete); anything else is decoded (JPEG draft mode for cheap downscaling),
-    turned upright, converted to RGB, resized so the shorter side is max_size and encoded at jpeg_quality."""
-    image = _open_image(data)
-    width, height = image.size
-    if width * height > settings.max_pixels:
-        raise SkipImage(TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {settings.max_pixels}")
-    orientation = _exif_orientation(image)
-    turned = orientation in (5, 6, 7, 8)  # EXIF transposes: width and height swap
-    stored_target = scaled_size(width, height, settings.max_size)
-    upright_size = (height, width) if turned else (width, height)
-    target = (stored_target[1], stored_target[0]) if turned else stored_target
-    try:
-        if image.format == "JPEG" and image.mode == "RGB" and orientation == 1 and target == upright_size:
-            image.load()
-            return ConvertedImage(data, width, height, width, height)
-        if image.format == "JPEG" and stored_target != (width, height):
-            # Draft picks the largest DCT scale (1/2, 1/4, 1/8) that stays at least as large as asked.
-            image.draft(None, stored_target)
-        image.load()
-        if orientation != 1:
-            image = ImageOps.exif_transpose(image)
-        rgb = to_rgb(image)
-        if rgb.size != target:
-            rgb = rgb.resize(target, _RESAMPLING[settings.resample], reducing_gap=3.0)
-        buffer = io.BytesIO()
-        rgb.save(buffer, format="JPEG", quality=settings.jpeg_quality)
-    except SkipImage:
-        raise
-    except Image.DecompressionBombError as error:
-        raise SkipImage(TOO_MANY_PIXELS, str(error)) from None
-    except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as error:
-        raise SkipImage(CORRUPT_IMAGE, f"truncated or corrupt: {error}") from None
-    except Exception as error:  # any other decoder failure costs this image only
-        raise SkipImage(OTHER_ERROR, f"{type(error).__name__}: {error}") from None
-    return ConvertedImage(buffer.getvalue(), rgb.width, rgb.height, *upright_size)
-
-
-@contextlib.contextmanager
-def pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's bomb check at our limit (its error fires at twice the limit; our own check covers the rest)."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,7 +260,7 @@ def write_json_atomic(path: str, payload: object) -> None:
 
 
 def _convert_entry(task: ShardTask, entry: ImageEntry) -> ConvertedImage:
-    if _has_undecodable_bytes(entry.image):
+    if has_undecodable_bytes(entry.image):
         raise SkipImage(INVALID_UTF8, "file name is not valid UTF-8")
     if not entry.captions:
         raise SkipImage(NO_VALID_CAPTION, "no valid caption left")
@@ -992,83 +546,4 @@ def format_summary(reports: Sequence[SplitReport], notes: Sequence[str] = (), qu
     lines.extend(f"note: {note}" for note in notes)
     lines.append(f"total: {images} images, {captions} captions, {skipped} skipped, {seconds:.1f}s"
                  + ("; details in each <split>_stats.json" if skipped else ""))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------------
-
-
-def _benchmark_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A photo-like frame: smooth gradients, a few solid shapes and mild sensor-like noise."""
-    from PIL import ImageDraw
-
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(0, 255, size=3).astype(np.float32)
-    tilt = rng.uniform(-0.2, 0.2, size=(2, 3)).astype(np.float32)
-    pixels = base + xs[..., None] * tilt[0] + ys[..., None] * tilt[1] + rng.normal(0, 6, (height, width, 3))
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x, y = rng.integers(0, width), rng.integers(0, height)
-        size = int(rng.integers(20, 160))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.ellipse((x, y, x + size, y + size), fill=colour)
-    return image
-
-
-def write_benchmark_dataset(root: str, num_images: int, size: Tuple[int, int] = (640, 480), seed: int = 0
-                            ) -> SplitSource:
-    """``root/bench/train_anno.csv`` + ``train/*.jpg`` of photo-like JPEGs (quality 90)."""
-    rng = np.random.default_rng(seed)
-    images_dir = os.path.join(root, "bench", "train")
-    os.makedirs(images_dir, exist_ok=True)
-    rows = ["image,caption"]
-    for index in range(num_images):
-        name = f"{index:06d}.jpg"
-        _benchmark_image(rng, *size).save(os.path.join(images_dir, name), format="JPEG", quality=90)
-        rows.append(f"{name},benchmark image {index}")
-    csv_path = os.path.join(root, "bench", "train_anno.csv")
-    with open(csv_path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(rows) + "\n")
-    return SplitSource("bench", "train", csv_path, images_dir)
-
-
-def benchmark_shards(num_images: int = 512, workers: Sequence[int] = (1, 2), max_size: int = 256,
-                     resample: str = "box", work_dir: Optional[str] = None, progress: bool = False
-                     ) -> Dict[str, object]:
-    """Convert generated 640x480 JPEGs to max_size at each worker count; images/s per worker and speed-up.
-
-    Timings are end to end (CSV read, pool start, decode, resize, encode, tar and stats writes)."""
-    runs = []
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="zvl_shards_bench_") as root:
-        source = write_benchmark_dataset(root, num_images)
-        # Enough shards that every worker count divides the work evenly.
-        settings = ShardSettings(samples_per_shard=max(1, math.ceil(num_images / (4 * max(workers)))),
-                                 max_size=max_size, resample=resample)  # type: ignore[arg-type]
-        for count in workers:
-            start = time.perf_counter()
-            report = convert_split(source, os.path.join(root, f"out_{count}"), settings, workers=count,
-                                   progress=progress)
-            seconds = time.perf_counter() - start
-            if report.images_written != num_images:
-                raise RuntimeError(f"benchmark wrote {report.images_written} of {num_images} images")
-            runs.append({"workers": count, "seconds": round(seconds, 3),
-                         "images_per_sec": round(num_images / seconds, 1),
-                         "images_per_sec_per_worker": round(num_images / seconds / count, 1)})
-    base = runs[0]["images_per_sec"]
-    return {"images": num_images, "image_size": [640, 480], "max_size": max_size, "resample": resample,
-            "cpu_count": os.cpu_count(),
-            "runs": runs,
-            "speedup": {str(r["workers"]): round(float(r["images_per_sec"]) / float(base), 2) for r in runs}}
-
-
-def format_benchmark(result: Dict[str, object]) -> str:
-    lines = [f"shard writer benchmark: {result['images']} JPEGs 640x480 -> max-size {result['max_size']} "
-             f"({result['resample']}, {result['cpu_count']} CPUs)"]
-    for run in result["runs"]:  # type: ignore[union-attr]
-        lines.append(f"  workers={run['workers']}: {run['images_per_sec']:.1f} img/s total, "
-                     f"{run['images_per_sec_per_worker']:.1f} img/s per worker ({run['seconds']:.2f}s), "
-                     f"speed-up x{result['speedup'][str(run['workers'])]:.2f}")  # type: ignore[index]
     return "\n".join(lines)

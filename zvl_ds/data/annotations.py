@@ -1,0 +1,308 @@
+"""Finding the annotation CSVs named on the command line and reading them into one entry per unique image.
+
+Input (ZeroVL layout): ``DATA_ROOT/<name>/<split>_anno.csv`` with columns ``image`` (file name relative to
+``DATA_ROOT/<name>/<split>/``), ``caption`` and optionally ``image_id`` / ``caption_id``; one row per caption.
+
+Captions and file names lose surrounding whitespace; rows of one image keep their CSV order. Rows that cannot
+be used (empty caption, caption bytes not UTF-8, unparsable id, wrong field count) are skipped and counted.
+
+Ids: when ``image_id`` is missing it is derived from the image file name (63-bit positive int from BLAKE2b);
+when ``caption_id`` is missing it is the caption's 0-based data row in the CSV. Both are stable for the same CSV.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+SPLITS = ("train", "valid")
+REQUIRED_COLUMNS = ("image", "caption")
+MAX_EXAMPLES = 5  # examples kept per failure reason
+
+# Per-row skip reasons (counted in caption rows).
+EMPTY_CAPTION = "empty_caption"
+INVALID_ID = "invalid_id"
+MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
+INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
+# Per-image reason (counted in images): every caption row of the image was skipped.
+NO_VALID_CAPTION = "no_valid_caption"
+
+
+class InputError(Exception):
+    """A problem with the command's input that the user must fix; the CLI prints it and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One CSV and its image folder, written to ``OUT/<dataset>/<split>-*.tar``."""
+
+    dataset: str
+    split: str
+    csv_path: str
+    images_dir: str
+
+
+@dataclass
+class ImageEntry:
+    """One unique image with its valid captions, in CSV order."""
+
+    image: str
+    image_id: int
+    row: int  # 1-based data row of the image's first appearance (for messages)
+    captions: List[str] = field(default_factory=list)
+    caption_ids: List[int] = field(default_factory=list)
+
+
+@dataclass
+class FailureLog:
+    """Counts by reason plus the first few examples of each."""
+
+    counts: Dict[str, int] = field(default_factory=dict)
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, example: str, count: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + count
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(example)
+
+    def merge(self, other: "FailureLog") -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + count
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(other.examples.get(reason, [])[: MAX_EXAMPLES - len(kept)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> Dict[str, Dict[str, object]]:
+        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
+                for reason in sorted(self.counts)}
+
+
+@dataclass
+class Annotations:
+    """A CSV read and grouped by image."""
+
+    entries: List[ImageEntry]
+    rows_read: int
+    row_failures: FailureLog
+    derived_ids: List[str]  # id columns that were missing and derived
+    image_id_conflicts: int  # rows whose image_id differs from the image's first row (the first one is kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _dataset_folders(data_root: str) -> List[str]:
+    """Sub-folders of data_root that look like ZeroVL datasets (hold a *_anno.csv)."""
+    found = []
+    for name in sorted(os.listdir(data_root)):
+        folder = os.path.join(data_root, name)
+        if os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f"{s}_anno.csv")) for s in SPLITS):
+            found.append(name)
+    return found
+
+
+def _split_from_csv_name(csv_path: str) -> Optional[str]:
+    base = os.path.basename(csv_path)
+    for split in SPLITS:
+        if base.startswith(split):
+            return split
+    return None
+
+
+def resolve_sources(data_root: Optional[str], datasets: Sequence[str], split: str = "all",
+                    csv_path: Optional[str] = None, images_dir: Optional[str] = None
+                    ) -> Tuple[List[SplitSource], List[str]]:
+    """The (dataset, split) inputs named on the command line, and notes for the summary. Raises InputError."""
+    if split not in SPLITS + ("all",):
+        raise InputError(f"--split must be one of train, valid, all; got {split!r}")
+    if csv_path is not None:
+        return [_explicit_source(datasets, split, csv_path, images_dir)], []
+    if images_dir is not None:
+        raise InputError("--images needs --csv (it names the folder of that one CSV)")
+    if not datasets:
+        raise InputError("name at least one --dataset (or give --csv and --images)")
+    if not data_root or not os.path.isdir(data_root):
+        raise InputError(f"data root {data_root!r} is not a folder")
+    sources: List[SplitSource] = []
+    notes: List[str] = []
+    for name in dict.fromkeys(datasets):  # a name given twice is written once
+        folder = os.path.join(data_root, name)
+        if not os.path.isdir(folder):
+            available = _dataset_folders(data_root)
+            listing = ", ".join(available) if available else "none (no */train_anno.csv or */valid_anno.csv)"
+            raise InputError(f"no dataset folder {folder}; datasets under {data_root}: {listing}")
+        wanted = SPLITS if split == "all" else (split,)
+        present = [s for s in wanted if os.path.isfile(os.path.join(folder, f"{s}_anno.csv"))]
+        if split != "all" and not present:
+            raise InputError(f"{os.path.join(folder, split + '_anno.csv')}: file not found")
+        if not present:
+            raise InputError(f"{folder} holds neither train_anno.csv nor valid_anno.csv")
+        if split == "all" and "train" not in present:
+            notes.append(f"{name}: no train_anno.csv, validation-only dataset (valid split written)")
+        for s in present:
+            sources.append(_checked_source(name, s, os.path.join(folder, f"{s}_anno.csv"), os.path.join(folder, s)))
+    return sources, notes
+
+
+def _explicit_source(datasets: Sequence[str], split: str, csv_path: str, images_dir: Optional[str]) -> SplitSource:
+    if len(datasets) > 1:
+        raise InputError("--csv names one CSV: give at most one --dataset with it")
+    name = datasets[0] if datasets else os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
+    if split == "all":
+        split = _split_from_csv_name(csv_path) or ""
+        if not split:
+            raise InputError(f"cannot tell the split from the file name {csv_path}: pass --split train or valid")
+    if images_dir is None:
+        images_dir = os.path.join(os.path.dirname(csv_path), split)
+    return _checked_source(name, split, csv_path, images_dir)
+
+
+def _checked_source(name: str, split: str, csv_path: str, images_dir: str) -> SplitSource:
+    if not name or "/" in name or name in (".", ".."):
+        raise InputError(f"invalid dataset name {name!r}")
+    if not os.path.isfile(csv_path):
+        raise InputError(f"{csv_path}: file not found")
+    if not os.path.isdir(images_dir):
+        raise InputError(f"image folder {images_dir} (for {csv_path}) not found")
+    return SplitSource(name, split, csv_path, images_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and grouping the CSV
+# --------------------------------------------------------------------------------------------------
+
+
+def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureLog]:
+    """All columns as text. Undecodable bytes become lone surrogates (surrogateescape) so that one bad row is
+    detected and skipped rather than killing the read; lines with the wrong field count are skipped and counted."""
+    malformed = FailureLog()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                encoding_errors="surrogateescape", on_bad_lines="warn")
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
+        raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
+    for warning in caught:
+        if issubclass(warning.category, pd.errors.ParserWarning):
+            for line in re.findall(r"Skipping line \d+:[^\n]*", str(warning.message)):
+                malformed.add(MALFORMED_ROW, line)
+    _check_frame(frame, csv_path)
+    return frame, malformed
+
+
+def check_csv(csv_path: str) -> None:
+    """Fail fast on a CSV that cannot be read, lacks a required column or has no rows (reads the head only)."""
+    try:
+        head = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                           encoding_errors="surrogateescape", nrows=5, on_bad_lines="skip")
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
+        raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
+    _check_frame(head, csv_path)
+
+
+def _check_frame(frame: pd.DataFrame, csv_path: str) -> None:
+    frame.columns = [str(column).strip() for column in frame.columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    if missing:
+        shown = [name if len(name) <= 40 else name[:37] + "..." for name in frame.columns[:20]]
+        binary = any(has_undecodable_bytes(name) or any(ord(c) < 32 for c in name) for name in frame.columns)
+        raise InputError(f"{csv_path}: missing required column(s) {', '.join(missing)}; "
+                         f"columns found: {', '.join(shown) or 'none'}"
+                         + (" (the header is not UTF-8 text: is this a CSV?)" if binary else ""))
+    if len(frame) == 0:
+        raise InputError(f"{csv_path}: no data rows (empty dataset)")
+
+
+def derived_image_id(image_name: str) -> int:
+    """A stable positive 63-bit id from the image file name (used when the CSV has no image_id column)."""
+    digest = hashlib.blake2b(image_name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+def parse_id(text: str) -> Optional[int]:
+    """An integer id from CSV text ("12", " 12 ", "12.0"); None when it is not one."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def has_undecodable_bytes(text: str) -> bool:
+    """True when text holds bytes that were not UTF-8 (read_csv_frame keeps them as lone surrogates)."""
+    return _SURROGATE.search(text) is not None
+
+
+def _column(frame: pd.DataFrame, name: str) -> Optional[List[str]]:
+    if name not in frame.columns:
+        return None
+    return [value if isinstance(value, str) else "" for value in frame[name].tolist()]
+
+
+def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = None) -> Annotations:
+    """One entry per unique image name in order of first appearance, each with its valid captions in row order.
+
+    Captions and file names lose surrounding whitespace. Empty captions, captions with undecodable bytes and
+    rows with an unparsable id are dropped and counted; an image left without captions stays in the list
+    (it keeps its shard position) and is skipped by the writer as ``no_valid_caption``."""
+    failures = row_failures if row_failures is not None else FailureLog()
+    images = _column(frame, "image")
+    captions = _column(frame, "caption")
+    image_ids = _column(frame, "image_id")
+    caption_ids = _column(frame, "caption_id")
+    derived = [name for name, values in (("image_id", image_ids), ("caption_id", caption_ids)) if values is None]
+    by_name: Dict[str, ImageEntry] = {}
+    conflicts = 0
+    for row, (image, caption) in enumerate(zip(images, captions)):
+        image = image.strip()
+        where = f"{image or '<empty file name>'} (data row {row + 1})"
+        image_id = derived_image_id(image) if image_ids is None else parse_id(image_ids[row])
+        caption_id = row if caption_ids is None else parse_id(caption_ids[row])
+        if image_id is None or caption_id is None:
+            bad = image_ids[row] if image_id is None else caption_ids[row]  # type: ignore[index]
+            failures.add(INVALID_ID, f"{where}: id {bad!r} is not an integer")
+            continue
+        entry = by_name.get(image)
+        if entry is None:
+            entry = by_name[image] = ImageEntry(image=image, image_id=image_id, row=row + 1)
+        elif image_id != entry.image_id:
+            conflicts += 1
+        caption = caption.strip()
+        if not caption:
+            failures.add(EMPTY_CAPTION, f"{where}: empty caption")
+        elif has_undecodable_bytes(caption):
+            shown = caption.encode("utf-8", "replace")[:60]
+            failures.add(INVALID_UTF8, f"{where}: caption is not valid UTF-8: {shown!r}")
+        else:
+            entry.captions.append(caption)
+            entry.caption_ids.append(caption_id)
+    return Annotations(list(by_name.values()), len(images), failures, derived, conflicts)
+
+
+def read_annotations(csv_path: str) -> Annotations:
+    frame, malformed = read_csv_frame(csv_path)
+    return group_by_image(frame, malformed)
