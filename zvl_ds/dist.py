@@ -13,13 +13,28 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("ZVL_DIST_TIMEOUT_MIN", "30")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _single_process_env() -> None:
-    """A plain ``python train.py`` run: act as rank 0 of 1 (DeepSpeed would otherwise try MPI discovery)."""
+    """A plain ``python train.py`` run: act as rank 0 of 1 (DeepSpeed would otherwise try MPI discovery).
+
+    With no launcher there is nobody to meet, so any free port will do: two single-process jobs on one machine
+    must not collide on a fixed default.
+    """
+    if "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ:
+        return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", os.environ.get("ZVL_MASTER_PORT", "29500"))
+    if os.environ["WORLD_SIZE"] == "1":
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True) -> None:
