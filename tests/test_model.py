@@ -311,6 +311,6 @@ def test_paper_preset_refuses_to_download(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
     cfg = config_from_dict({"model": {"arch": "vit_b16_bert_base"}})
-    assert cfg.model.image_encoder.tag == "vit_base_patch16_224_in21k"
+    assert cfg.model.image_encoder.tag == "vit_base_patch16_224.augreg_in21k"
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         build_model(cfg.model, cfg.loss)

@@ -350,7 +350,8 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's model: ViT-B/16 (ImageNet-21k) + BERT-base, [CLS] pooling, 512-d projections.
     "vit_b16_bert_base": {
         "max_length": 25,
-        "image_encoder": {"tag": "vit_base_patch16_224_in21k", "embedding_dim": 768, "img_size": 224},
+        # timm's current name for ZeroVL's vit_base_patch16_224_in21k (the same weights; the old name warns)
+        "image_encoder": {"tag": "vit_base_patch16_224.augreg_in21k", "embedding_dim": 768, "img_size": 224},
         "text_encoder": {"tag": "bert-base-uncased", "embedding_dim": 768, "pooling": "cls"},
         "projection": {"name": "simple", "dim": 512},
     },
