@@ -1,6 +1,7 @@
 """End-to-end training runs: the real entry point under the deepspeed launcher and torchrun (2 CPU ranks)."""
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,3 +204,31 @@ def test_contradicting_deepspeed_config_is_refused(shards, tmp_path):
     done = subprocess.run([sys.executable, TRAIN, *args], env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train_batch_size=999" in done.stderr and "contradicts" in done.stderr
+
+
+def ssh_to_localhost_works():
+    if not shutil.which("pdsh") or not shutil.which("ssh"):
+        return False
+    for host in ("localhost", "127.0.0.1"):
+        probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                                "ConnectTimeout=5", host, "true"], capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not ssh_to_localhost_works(),
+                    reason="needs pdsh and passwordless ssh to localhost (CI sets them up: tools/ci_ssh_localhost.sh)")
+def test_multi_node_hostfile_launch(shards, tmp_path):
+    """Two "nodes" (localhost and 127.0.0.1, one rank each) through the deepspeed launcher's pdsh runner."""
+    (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    # the launcher exports these to every node
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\nHF_HUB_OFFLINE=1\n"
+                                             "TRANSFORMERS_OFFLINE=1\n")
+    args = common_args(shards, tmp_path, "nodes", 4, ["data.enable_valid=false", "ckpt.step_interval=2"])
+    command = [os.path.join(BIN, "deepspeed"), "--hostfile", "hostfile", "--no_local_rank", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pdsh" in done.stdout + done.stderr and "2 ranks" in done.stdout
+    assert (tmp_path / "nodes" / "latest").read_text().strip() == "step_00000004"
