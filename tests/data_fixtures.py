@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,7 +59,7 @@ def write_dataset(root: str, name: str, split: str, shard_sizes: Sequence[int], 
             image_id = id_offset + counter
             captions = [f"{name} {image_id} caption {j}" for j in range(captions_per_image)]
             caption_ids = [image_id * 10 + j for j in range(captions_per_image)]
-            members += sample_members(key, image_id, captions, caption_ids, name, split, seed=hash(key) % 2**31)
+            members += sample_members(key, image_id, captions, caption_ids, name, split, seed=zlib.crc32(key.encode()))
             keys.append(key)
             counter += 1
         base = f"{split}-{shard:06d}.tar"
