@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from zvl_ds import dist
+from zvl_ds.atomic_write import atomic_path, write_text_atomic
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 LATEST_FILE = "latest"
@@ -54,15 +55,6 @@ def read_latest(run_dir: str) -> Optional[str]:
     if not tag or not os.path.isdir(os.path.join(run_dir, tag)):
         raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {run_dir}")
     return tag
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -106,12 +98,12 @@ def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any
     tag = tag_for_step(step)
     engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
     rank_path = os.path.join(run_dir, tag, f"zvl_rank_{dist.get_rank():05d}.pt")
-    torch.save(rank_state, rank_path + ".tmp")
-    os.replace(rank_path + ".tmp", rank_path)
+    with atomic_path(rank_path) as temp:
+        torch.save(rank_state, temp)
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if dist.is_main_process():
-        _write_atomic(os.path.join(run_dir, tag, "config.yaml"), config_yaml)
-        _write_atomic(os.path.join(run_dir, LATEST_FILE), tag)
+        write_text_atomic(os.path.join(run_dir, tag, "config.yaml"), config_yaml)
+        write_text_atomic(os.path.join(run_dir, LATEST_FILE), tag)
         prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return tag

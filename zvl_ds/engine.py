@@ -112,7 +112,3 @@ def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
-
-def unwrap(engine_or_model) -> nn.Module:
-    return getattr(engine_or_model, "module", engine_or_model)
-

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import zvl_ds
+from zvl_ds.atomic_write import atomic_path
 from zvl_ds.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, config_from_dict, load_config
 from zvl_ds.model import DualEncoder, build_model
@@ -318,12 +319,14 @@ def write_model_folder(out_dir: str, cfg: Config, model: DualEncoder, tokenizer,
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
-    _atomic(os.path.join(out_dir, WEIGHTS_FILE),
-            lambda path: save_file(state, path, metadata={"format": EXPORT_FORMAT, **source}))
+    with atomic_path(os.path.join(out_dir, WEIGHTS_FILE)) as path:
+        save_file(state, path, metadata={"format": EXPORT_FORMAT, **source})
     config = {**exported_model_config(cfg, model), "source": source}
-    _atomic(os.path.join(out_dir, MODEL_CONFIG_FILE), lambda path: _write_json(path, config))
+    with atomic_path(os.path.join(out_dir, MODEL_CONFIG_FILE)) as path:
+        _write_json(path, config)
     preprocess = dataclasses.asdict(Preprocessing.from_config(cfg))
-    _atomic(os.path.join(out_dir, PREPROCESS_FILE), lambda path: _write_json(path, preprocess))
+    with atomic_path(os.path.join(out_dir, PREPROCESS_FILE)) as path:
+        _write_json(path, preprocess)
     tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
     return out_dir
 
@@ -344,10 +347,6 @@ def _write_json(path: str, payload: Dict) -> None:
         handle.write("\n")
 
 
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
+from zvl_ds.atomic_write import atomic_path, write_text_atomic
 from zvl_ds.data.annotations import (INVALID_UTF8, MALFORMED_ROW, MAX_EXAMPLES, NO_VALID_CAPTION, FailureLog,
                                      ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
@@ -250,13 +251,7 @@ def _file_sha256(path: str) -> str:
 
 
 def write_json_atomic(path: str, payload: object) -> None:
-    temp = path + TEMP_SUFFIX
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", TEMP_SUFFIX)
 
 
 def _convert_entry(task: ShardTask, entry: ImageEntry) -> ConvertedImage:
@@ -276,8 +271,8 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
     input_hash = shard_input_hash(task)
     failures = FailureLog()
     successes = captions = 0
-    temp_path = task.tar_path + TEMP_SUFFIX
-    with pixel_limit(task.settings.max_pixels), open(temp_path, "wb") as handle:
+    with atomic_path(task.tar_path, TEMP_SUFFIX) as temp_path, pixel_limit(task.settings.max_pixels), \
+            open(temp_path, "wb") as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
             for position, entry in enumerate(task.entries):
                 try:
@@ -292,9 +287,6 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
                     captions += len(entry.captions)
                 if on_image is not None:
                     on_image()
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp_path, task.tar_path)
     end = time.time()
     stats = _shard_stats(task, successes, captions, failures, start, end, input_hash)
     write_json_atomic(task.stats_path, stats)
