@@ -200,9 +200,11 @@ class Trainer:
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["train/grad_norm"] = float(grad_norm)
         values.update({f"time/{name}": value for name, value in phases.items()})
-        values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
+        on_interval = step % self.cfg.log.interval_train == 0 or step == self.total_steps
+        if on_interval:  # summing the counters over ranks is a collective: not on every step
+            values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
         self.monitor.scalars(step, values)
-        if step % self.cfg.log.interval_train == 0 or step == self.total_steps:
+        if on_interval:
             self.monitor.train_line(step, result.loss, lr, samples_per_sec, result.temperature)
 
     def _count_skip(self, result: StepResult) -> None:
