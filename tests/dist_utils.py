@@ -5,15 +5,10 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from typing import Any, Callable, List, Sequence
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from zvl_ds.dist import free_port  # noqa: F401  (the tests take their ports from here)
 
 
 def _entry(fn, rank, world_size, port, args, results, use_deepspeed):

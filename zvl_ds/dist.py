@@ -13,7 +13,8 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("ZVL_DIST_TIMEOUT_MIN", "30")))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
 
     with socket.socket() as sock:
@@ -34,7 +35,7 @@ def _single_process_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.environ["WORLD_SIZE"] == "1":
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True) -> None:
