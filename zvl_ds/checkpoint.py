@@ -24,12 +24,13 @@ import torch
 
 from zvl_ds import dist
 from zvl_ds.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.errors import UserError
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 LATEST_FILE = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

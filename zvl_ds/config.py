@@ -18,8 +18,10 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
+from zvl_ds.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem the user must fix; the message names the key path."""
 
 

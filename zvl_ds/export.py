@@ -39,6 +39,7 @@ from zvl_ds.atomic_write import atomic_path
 from zvl_ds.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, config_from_dict, load_config
 from zvl_ds.model import DualEncoder, build_model
+from zvl_ds.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -51,7 +52,7 @@ _ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A run folder or model folder that cannot be exported or loaded; the message names what is missing."""
 
 

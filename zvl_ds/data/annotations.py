@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from zvl_ds.errors import UserError
+
 SPLITS = ("train", "valid")
 REQUIRED_COLUMNS = ("image", "caption")
 MAX_EXAMPLES = 5  # examples kept per failure reason
@@ -33,7 +35,7 @@ INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is n
 NO_VALID_CAPTION = "no_valid_caption"
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with the command's input that the user must fix; the CLI prints it and exits with code 2."""
 
 

@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from zvl_ds.errors import UserError
+
 SHUFFLE, SEQUENTIAL, DEBIAS = "shuffle", "sequential", "debias"
 MIXED = "mixed"  # TrainBatch.dataset in shuffle mode
 
@@ -42,7 +44,7 @@ _MASK64 = (1 << 64) - 1
 _ORDER_TAG, _MIX_TAG, _BUFFER_TAG = 0x5A1, 0x5A2, 0x5A3
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """A configuration the sampler cannot serve (too little data for the batch or the world size)."""
 
 

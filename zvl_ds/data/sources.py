@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from braceexpand import braceexpand
 
 from zvl_ds.config import DataConfig
+from zvl_ds.errors import UserError
 
 LOG = logging.getLogger("zvl_ds.data")
 
@@ -32,7 +33,7 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = set("*?[")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A dataset that cannot be found or sized; the message names the dataset and the spec."""
 
 

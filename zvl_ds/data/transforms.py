@@ -27,13 +27,14 @@ import torch
 from PIL import Image
 
 from zvl_ds.config import CaptionAugConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
+from zvl_ds.errors import UserError
 
 PACKAGE_PREFIX = "zvl_ds:"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-class TransformError(ValueError):
+class TransformError(UserError, ValueError):
     """A transform list that cannot produce fixed-size images, or an unknown name."""
 
 
