@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 import zvl_ds  # noqa: E402,F401
+from zvl_ds.cli import run  # noqa: E402
 
 
 def machine() -> str:
@@ -117,4 +118,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

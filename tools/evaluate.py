@@ -27,7 +27,9 @@ import json  # noqa: E402
 from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
+from zvl_ds.cli import run  # noqa: E402
 from zvl_ds import dist  # noqa: E402
+from zvl_ds.atomic_write import write_text_atomic  # noqa: E402
 from zvl_ds.config import Config, ConfigError, load_config  # noqa: E402
 from zvl_ds.evaluate import chance_metrics  # noqa: E402
 from zvl_ds.export import ExportError  # noqa: E402
@@ -89,33 +91,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: join the group (no DeepSpeed needed here)
         dist.init_distributed(use_deepspeed=False)
+    from zvl_ds.data import DataSourceError
+    from zvl_ds.engine import resolve_placement
+    from zvl_ds.evaluate import evaluate_with_examples
+
     try:
-        from zvl_ds.data import DataSourceError
-        from zvl_ds.engine import resolve_placement
-        from zvl_ds.evaluate import evaluate_with_examples
-
-        try:
-            cfg, model, tokenizer = load_for_evaluation(args)
-            placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", "0")))
-            model.to(placement.device, placement.dtype)
-            metrics, _ = evaluate_with_examples(cfg, model, tokenizer, placement.device, placement.dtype,
-                                                names=args.valid_name, num_examples=0,
-                                                progress=not args.no_progress)
-        except (ConfigError, ExportError, DataSourceError, FileNotFoundError, OSError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        if dist.is_main_process():
-            print(format_table(metrics))
-            folder = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(folder, exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as handle:
-                json.dump(metrics, handle, indent=2)
-                handle.write("\n")
-            print(f"wrote {args.out}")
-        return 0
-    finally:
-        dist.cleanup()
-
+        cfg, model, tokenizer = load_for_evaluation(args)
+        placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+        model.to(placement.device, placement.dtype)
+        metrics, _ = evaluate_with_examples(cfg, model, tokenizer, placement.device, placement.dtype,
+                                            names=args.valid_name, num_examples=0,
+                                            progress=not args.no_progress)
+    except (ConfigError, ExportError, DataSourceError, FileNotFoundError, OSError, ValueError) as error:
+        if dist.get_world_size() > 1:
+            raise  # zvl_ds.cli.run ends this rank at once; a barrier here would wait for the others forever
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if dist.is_main_process():
+        print(format_table(metrics))
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    dist.cleanup()
+    return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -18,6 +18,7 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
+from zvl_ds.cli import run  # noqa: E402
 from zvl_ds.export import ExportError, export_model  # noqa: E402
 
 
@@ -45,4 +46,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -19,6 +19,7 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from zvl_ds.cli import run  # noqa: E402
 from zvl_ds.data import annotations, bench, shards  # noqa: E402
 from zvl_ds.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
@@ -87,6 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.workers < 1:
             raise annotations.InputError(f"--workers must be >= 1, got {args.workers}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise annotations.InputError(f"--out {args.out} is a file; name a folder for the shards")
         settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
                                         max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
                                         resample=args.resample)
@@ -109,4 +112,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 import zvl_ds  # noqa: E402,F401
+from zvl_ds.cli import run  # noqa: E402
 from zvl_ds import dist  # noqa: E402
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
 from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed  # noqa: E402
@@ -189,4 +190,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -255,6 +255,7 @@ class RunnerConfig:
     train_steps: int = -1  # > 0 fixes the run length; else epoch x steps per epoch
     offload_inputs: bool = False
     max_skipped_steps: int = 10
+    collective_timeout: float = 600.0  # seconds any rank may wait in a collective before the job fails
     world_size: int = -1  # LAVIS run.world_size; > 0 is checked against the launcher's world size
 
 
@@ -265,6 +266,7 @@ class CkptConfig:
     filename: str = "step_checkpoint.pth"  # accepted for ZeroVL configs; DeepSpeed names its own files
     keep_last: int = 2
     auto_resume: bool = True
+    overwrite: bool = False  # with auto_resume false: allow starting over in a folder that holds checkpoints
     soft_resume: bool = False
     external_resume: Optional[str] = None
 
@@ -686,6 +688,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
     if cfg.ckpt.keep_last < 1:
         raise ConfigError(f"ckpt.keep_last: must be >= 1, got {cfg.ckpt.keep_last}")
+    if cfg.runner.collective_timeout <= 0:
+        raise ConfigError(f"runner.collective_timeout: must be > 0 seconds, got {cfg.runner.collective_timeout}")
     if not cfg.data.exp_name or "/" in cfg.data.exp_name:
         raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
 
@@ -819,4 +823,6 @@ README_TABLE_FLAGS = {"--reference": "config-reference", "--lavis-mapping": "lav
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from zvl_ds.cli import run
+
+    sys.exit(run(main))
