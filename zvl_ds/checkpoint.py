@@ -7,9 +7,15 @@ Layout of a run folder (``ckpt.dir/data.exp_name``)::
     step_00000050/               DeepSpeed's files for that step (engine.save_checkpoint)
         config.yaml              resolved config at that step
         zvl_rank_00000.pt        per-rank state: data-loader position, RNG states (tensors and plain values)
+        manifest.json            world size and every file's size, written after all ranks reported success
+
+A checkpoint is complete when every rank's writes succeeded: only then does rank 0 write the manifest, move
+``latest`` and prune. A failure on any rank stops the run with that rank's error and leaves ``latest`` (and
+the checkpoint it names) untouched. Resume checks the files against the manifest before loading anything.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -28,6 +34,7 @@ from zvl_ds.errors import UserError
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -93,21 +100,97 @@ def _to_tuples(value):
 
 # ------------------------------------------------------------------------------------------------ save
 
+def rank_file(rank: int) -> str:
+    return f"zvl_rank_{rank:05d}.pt"
+
+
 def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any], rank_state: Dict[str, Any],
                     config_yaml: str, keep_last: int) -> str:
-    """Save on every rank; ``latest`` moves to the new tag only after all ranks have finished writing."""
+    """Save on every rank; ``latest`` moves to the new tag only after every rank reported that its writes
+    succeeded. Otherwise raises CheckpointError naming the failed ranks and their errors, on every rank."""
     tag = tag_for_step(step)
-    engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
-    rank_path = os.path.join(run_dir, tag, f"zvl_rank_{dist.get_rank():05d}.pt")
-    with atomic_path(rank_path) as temp:
-        torch.save(rank_state, temp)
-    dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    folder = os.path.join(run_dir, tag)
     if dist.is_main_process():
-        write_text_atomic(os.path.join(run_dir, tag, "config.yaml"), config_yaml)
+        clear_leftover(run_dir, tag)
+    dist.barrier()  # nobody writes into the folder while rank 0 clears it
+    failure = None
+    try:
+        engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
+        with atomic_path(os.path.join(folder, rank_file(dist.get_rank()))) as temp:
+            torch.save(rank_state, temp)
+    except Exception as error:  # noqa: BLE001  (reported to every rank below, then raised there)
+        failure = f"{type(error).__name__}: {error}"
+    failures = gather_failures(failure)
+    if failures:
+        raise CheckpointError(f"checkpoint {tag} in {run_dir} is incomplete and was not made `latest` ("
+                              + "; ".join(f"rank {rank}: {text}" for rank, text in failures)
+                              + f"); `latest` still names {read_latest(run_dir) or 'no checkpoint'}")
+    if dist.is_main_process():
+        write_text_atomic(os.path.join(folder, "config.yaml"), config_yaml)
+        write_manifest(folder, dist.get_world_size())  # last file of the checkpoint: it is now complete
         write_text_atomic(os.path.join(run_dir, LATEST_FILE), tag)
         prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def clear_leftover(run_dir: str, tag: str) -> None:
+    """Remove a ``tag`` folder left by an earlier attempt that never completed, so no stale file of it mixes
+    with the new one (the checkpoint ``latest`` names is never touched)."""
+    folder = os.path.join(run_dir, tag)
+    if os.path.isdir(folder) and read_latest(run_dir) != tag:
+        shutil.rmtree(folder)
+
+
+def gather_failures(failure: Optional[str]) -> List[Tuple[int, str]]:
+    """(rank, error text) of every rank whose ``failure`` is not None; the same list on every rank."""
+    outcomes: List[Optional[str]] = [failure]
+    if dist.get_world_size() > 1:
+        import torch.distributed
+
+        outcomes = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(outcomes, failure)
+    return [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
+
+
+def write_manifest(folder: str, world_size: int) -> None:
+    """Record the size of every file of a checkpoint folder (all ranks' writes are done: they reported)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    write_text_atomic(os.path.join(folder, MANIFEST_FILE),
+                      json.dumps({"world_size": world_size, "files": dict(sorted(files.items()))}, indent=1) + "\n")
+
+
+def read_manifest(folder: str) -> Optional[Dict[str, Any]]:
+    """The manifest of a checkpoint folder; None for checkpoints written before manifests existed."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        return {"world_size": int(manifest["world_size"]), "files": {str(k): int(v)
+                                                                     for k, v in manifest["files"].items()}}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not a valid checkpoint manifest: {error}") from None
+
+
+def check_complete(folder: str) -> None:
+    """Refuse a checkpoint whose files differ from its manifest: a missing or truncated file is named."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    for name, size in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing (the manifest lists "
+                                  f"{len(manifest['files'])} files of {manifest['world_size']} ranks)")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(f"checkpoint {folder} is damaged: {name} has {os.path.getsize(path)} bytes, "
+                                  f"the manifest recorded {size}")
 
 
 def prune_checkpoints(run_dir: str, keep_last: int) -> List[str]:
@@ -124,6 +207,16 @@ def prune_checkpoints(run_dir: str, keep_last: int) -> List[str]:
 
 # ------------------------------------------------------------------------------------------------ resume
 
+def refuse_overwrite(run_dir: str, resumes: bool, overwrite: bool) -> None:
+    """A run that starts from scratch must not silently replace the checkpoints of an earlier run."""
+    tags = list_tags(run_dir)
+    if tags and not resumes and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds checkpoints ({', '.join(tags[-2:])}) and "
+                              "ckpt.auto_resume is false: starting from scratch would replace them. Pass "
+                              "ckpt.overwrite=true to do so, ckpt.auto_resume=true to continue, or choose another "
+                              "data.exp_name / ckpt.dir")
+
+
 @dataclass
 class ResumePoint:
     run_dir: str
@@ -132,7 +225,15 @@ class ResumePoint:
 
 
 def find_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume: bool) -> Optional[ResumePoint]:
-    """An explicit ``resume_ckpt_path`` (a run folder or one of its tag folders) wins; else the run's latest."""
+    """An explicit ``resume_ckpt_path`` (a run folder or one of its tag folders) wins; else the run's latest.
+    The checkpoint found must be complete (``check_complete``)."""
+    point = _locate_resume_point(run_dir, resume_ckpt_path, auto_resume)
+    if point is not None:
+        check_complete(os.path.join(point.run_dir, point.tag))
+    return point
+
+
+def _locate_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume: bool) -> Optional[ResumePoint]:
     if resume_ckpt_path:
         path = os.path.abspath(resume_ckpt_path)
         if os.path.isfile(os.path.join(path, LATEST_FILE)):
@@ -150,6 +251,9 @@ def find_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume
 
 def saved_world_size(point: ResumePoint) -> int:
     folder = os.path.join(point.run_dir, point.tag)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return manifest["world_size"]
     return len([n for n in os.listdir(folder) if n.startswith("zvl_rank_") and n.endswith(".pt")])
 
 
@@ -233,8 +337,8 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.tag} from {point.run_dir}")
     rank_state = None
     if same_world:
-        rank_file = os.path.join(point.run_dir, point.tag, f"zvl_rank_{dist.get_rank():05d}.pt")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        path = os.path.join(point.run_dir, point.tag, rank_file(dist.get_rank()))
+        rank_state = torch.load(path, map_location="cpu", weights_only=True)
     elif dist.is_main_process():
         print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: the data stream "
               "starts over from its beginning instead of the exact sample position", flush=True)

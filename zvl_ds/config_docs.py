@@ -210,6 +210,10 @@ KEY_HELP: Dict[str, str] = {
                              "time (saves device memory for large `clip_bsgs` batches). No effect on CPU.",
     "runner.max_skipped_steps": "Consecutive skipped steps (non-finite loss, fp16 overflow) after which the run "
                                 "stops with an error naming the last good checkpoint.",
+    "runner.collective_timeout": "Seconds a rank may wait in one collective (all-reduce, barrier, broadcast) "
+                                 "before the job fails, e.g. when another rank hangs. A rank that raises ends "
+                                 "the job at once regardless; raise this only for collectives that legitimately "
+                                 "wait long (a universal checkpoint conversion of a large model on rank 0).",
     "runner.world_size": "LAVIS `run.world_size`: > 0 must equal the number of ranks the launcher started; "
                          "-1: not checked.",
     # ---------------------------------------------------------------- ckpt
@@ -218,6 +222,9 @@ KEY_HELP: Dict[str, str] = {
     "ckpt.filename": "Accepted for ZeroVL configs; unused (checkpoints are `step_NNNNNNNN` folders).",
     "ckpt.keep_last": "Checkpoints kept in the run folder; older ones are deleted (never the one `latest` names).",
     "ckpt.auto_resume": "Resume from the run folder's `latest` checkpoint when there is one.",
+    "ckpt.overwrite": "With `ckpt.auto_resume: false` (and no `resume_ckpt_path`): start from scratch in a run "
+                      "folder that already holds checkpoints (replacing them as new ones are saved). Without it "
+                      "such a run is refused (exit 2), so old checkpoints are not lost by mistake.",
     "ckpt.soft_resume": "Accepted for ZeroVL configs; unused.",
     "ckpt.external_resume": "Accepted for ZeroVL configs; unused (use `resume_ckpt_path`).",
     # ---------------------------------------------------------------- log

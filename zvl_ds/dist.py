@@ -38,8 +38,10 @@ def _single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True) -> None:
-    """Join (or create) the default process group. Idempotent.
+def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True,
+                     timeout: Optional[datetime.timedelta] = None) -> None:
+    """Join (or create) the default process group. Idempotent. ``timeout`` bounds every collective
+    (default: ``DEFAULT_TIMEOUT``; training passes ``runner.collective_timeout``).
 
     On CPU, DeepSpeed JIT-compiles a shared-memory op (~30 s) on every fresh machine that training never
     uses (only inference all-reduce does); it is skipped here.
@@ -51,6 +53,7 @@ def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True) 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    timeout = timeout or DEFAULT_TIMEOUT
     if use_deepspeed:
         import deepspeed
         import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
@@ -58,9 +61,9 @@ def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True) 
         comm_torch = sys.modules.get("deepspeed.comm.torch")
         if comm_torch is not None and not torch.cuda.is_available():
             comm_torch.build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend=backend, timeout=DEFAULT_TIMEOUT)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, timeout=DEFAULT_TIMEOUT)
+        dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def is_distributed() -> bool:
@@ -85,7 +88,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group; without this, gloo processes sometimes abort at interpreter exit."""
+    """Leave the process group after a SUCCESSFUL run; without this, gloo processes sometimes abort at
+    interpreter exit. Never on an error path: its barrier would wait for ranks that failed."""
     if is_distributed():
         try:
             dist.barrier()

@@ -460,16 +460,26 @@ def evaluate_with_examples(cfg, model, tokenizer, device: torch.device, dtype: t
             embedded = embed_validation(model, loader, device, dtype, cfg.transforms.normalize, progress=progress,
                                         num_examples=num_examples, keep_tokens=num_examples > 0,
                                         desc=f"eval {name}")
+            # one rank does the ranking; the others receive the numbers, or the error that stopped rank 0:
+            # a failure there must not leave them waiting for a result that never comes
             result: List[Optional[Dict[str, float]]] = [None]
-            if rank == 0:  # one rank does the ranking; the others receive the numbers
-                result[0] = embedded.metrics()
-                grids[name] = retrieval_examples(embedded, tokenizer, num_examples) if num_examples > 0 else None
-            else:
-                grids[name] = None
+            failure: Optional[BaseException] = None
+            grids[name] = None
+            if rank == 0:
+                try:
+                    result[0] = embedded.metrics()
+                    grids[name] = retrieval_examples(embedded, tokenizer, num_examples) if num_examples > 0 else None
+                except Exception as error:  # noqa: BLE001  (shared below, then re-raised on every rank)
+                    failure = error
+                    result[0] = {"error": f"evaluation of {name} failed on rank 0: {type(error).__name__}: {error}"}
             if world_size > 1:
                 import torch.distributed as tdist
 
                 tdist.broadcast_object_list(result, src=0)
+            if failure is not None:
+                raise failure
+            if "error" in result[0]:
+                raise RuntimeError(result[0]["error"])
             metrics[name] = result[0]
     finally:
         model.train(was_training)

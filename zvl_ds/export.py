@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import zvl_ds
-from zvl_ds.atomic_write import atomic_path
+from zvl_ds.atomic_write import atomic_folder, atomic_path
 from zvl_ds.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, config_from_dict, load_config
 from zvl_ds.model import DualEncoder, build_model
@@ -328,7 +328,8 @@ def write_model_folder(out_dir: str, cfg: Config, model: DualEncoder, tokenizer,
     preprocess = dataclasses.asdict(Preprocessing.from_config(cfg))
     with atomic_path(os.path.join(out_dir, PREPROCESS_FILE)) as path:
         _write_json(path, preprocess)
-    tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
+    with atomic_folder(os.path.join(out_dir, TOKENIZER_DIR)) as folder:
+        tokenizer.save_pretrained(folder)
     return out_dir
 
 

@@ -14,6 +14,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -23,19 +24,22 @@ import torch  # noqa: E402
 
 import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
 from zvl_ds import dist  # noqa: E402
+from zvl_ds.atomic_write import write_text_atomic  # noqa: E402
 from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,  # noqa: E402
                                find_resume_point, load_checkpoint, needs_universal_conversion, read_latest,
-                               restore_rng_state, save_checkpoint)
+                               refuse_overwrite, restore_rng_state, save_checkpoint)
+from zvl_ds.cli import run  # noqa: E402
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
 from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images  # noqa: E402
-from zvl_ds.dga import (RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, TrainingAborted,  # noqa: E402
-                        step_seed)
+from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets  # noqa: E402
+from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed  # noqa: E402
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,  # noqa: E402
                            set_learning_rate, zero_stage)
 from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
 from zvl_ds.model import build_model  # noqa: E402
 from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
 from zvl_ds.optim import build_optimizer  # noqa: E402
+from zvl_ds.records import drop_rows_after  # noqa: E402
 from zvl_ds.schedule import learning_rate  # noqa: E402
 
 
@@ -222,6 +226,7 @@ class Trainer:
         self.monitor.console(f"training {self.total_steps} steps of {cfg.data.batch_size} samples "
                              f"({cfg.runner.name}, chunk {self.options.chunk}/rank, {self.world_size} ranks, "
                              f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
+        drop_rows_after(self.run_dir, self.step, self.rank, dist.is_main_process())  # steps that are replayed
         self.engine.train()
         self.monitor.start(self.step)
         batches = iter(self.loader)
@@ -255,6 +260,16 @@ class Trainer:
         self.monitor.close()
 
 
+def check_data_sources(cfg: Config) -> None:
+    """Resolve the training and validation shards now: a wrong data path must fail in seconds, before the
+    model, the engine and the process group are built (raises DataSourceError, a user error)."""
+    if not cfg.evaluate:
+        resolve_train_datasets(cfg.data)
+    if cfg.evaluate or cfg.data.enable_valid:
+        for name in cfg.data.valid_name:
+            resolve_dataset(cfg.data, name, cfg.data.valid_splits)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -262,37 +277,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    dist.init_distributed()
-    trainer = None
+    check_data_sources(cfg)
+    if not cfg.evaluate:
+        refuse_overwrite(cfg.run_dir, cfg.ckpt.auto_resume or bool(cfg.resume_ckpt_path), cfg.ckpt.overwrite)
+    dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))
+    # No `finally: dist.cleanup()`: its barrier would wait forever for a rank that failed. An error escapes to
+    # zvl_ds.cli.run, which ends this rank at once (and with it, through the launcher, the job).
+    world_size = dist.get_world_size()
+    check_world_size(cfg, world_size)
+    placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
+    limit_cpu_threads(placement)
+    ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
+    if dist.is_main_process():
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        write_text_atomic(os.path.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
+    trainer = Trainer(cfg, ds_config, placement)
     try:
-        world_size = dist.get_world_size()
-        check_world_size(cfg, world_size)
-        placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
-        limit_cpu_threads(placement)
-        ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
-        if dist.is_main_process():
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as handle:
-                handle.write(cfg.to_yaml())
-        trainer = Trainer(cfg, ds_config, placement)
         trainer.resume()
         if cfg.evaluate:
             trainer.evaluate(trainer.step)
         else:
             trainer.train()
-        return 0
-    except ConfigError as error:
-        if dist.is_main_process():
-            print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingAborted, CheckpointError) as error:
-        print(f"[rank {dist.get_rank()}] error: {error}", file=sys.stderr)
-        return 1
     finally:
-        if trainer is not None:
-            trainer.close()
-        dist.cleanup()
+        trainer.close()
+    dist.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
