@@ -210,13 +210,23 @@ def resolve_dataset(data: DataConfig, name: str, splits: Sequence[str]) -> Resol
         spec = " + ".join(patterns)
         if not os.path.isdir(folder):
             raise DataSourceError(f"dataset {name!r}: no folder {folder!r} under data.data_path and no "
-                                  f"data.datasets.{name}.shards spec")
+                                  f"data.datasets.{name}.shards spec" + _unprefixed_hint(name, data.data_path))
         shards = [path for pattern in patterns for path in sorted(glob.glob(pattern))]
         if not shards:
-            raise DataSourceError(f"dataset {name!r}: no shards match {spec} (splits {list(splits)})")
+            raise DataSourceError(f"dataset {name!r}: no shards match {spec} (splits {list(splits)})"
+                                  + _unprefixed_hint(name, folder))
     configured = source.size if source is not None else None
     return ResolvedDataset(name=name, shards=tuple(shards), shard_sizes=_sizes_for(name, shards, configured),
                            spec=spec)
+
+
+def _unprefixed_hint(name: str, folder: str) -> str:
+    """Shards without a split prefix (img2dataset writes ``00000.tar``, ...) are not guessed to be one split:
+    say which key selects them."""
+    if not os.path.isdir(folder) or not glob.glob(os.path.join(glob.escape(folder), "*.tar")):
+        return ""
+    return (f". {folder!r} holds .tar shards without a split prefix (as img2dataset writes them): select them "
+            f"with data.datasets.{name}.shards={folder}")
 
 
 def require_sizes(dataset: ResolvedDataset, purpose: str) -> Tuple[int, ...]:
