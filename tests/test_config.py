@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -205,3 +206,15 @@ def test_lavis_constant_lr_name_is_accepted(tmp_path):
 
     cfg = load_config(path)
     assert [learning_rate(cfg.optim.lr, s, 100, 10) for s in (0, 50, 99)] == [0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("key, name", [("trust_remote_code=true", "trust_remote_code"),
+                                       ("auto_map.AutoModel=evil.Model", "auto_map"),
+                                       ("text_config.code_revision=main", "text_config.code_revision")])
+def test_keys_that_load_code_from_a_model_folder_are_refused(tmp_path, key, name):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  text_encoder:\n    tag: some/folder\n    config: {hidden_size: 64}\n")
+    message = rf"model\.text_encoder\.config\.{re.escape(name)}: a key that makes Hugging Face load Python code"
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path), [f"model.text_encoder.config.{key}"])
+    assert load_config(str(path)).model.text_encoder.config == {"hidden_size": 64}

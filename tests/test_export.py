@@ -371,3 +371,30 @@ def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
     code = code.replace('"MODEL_DIR"', repr(out)).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
     exec(compile(code, "export-docstring-example", "exec"), {})
     assert capsys.readouterr().out.strip() in ("a red circle", "a blue square", "two green triangles")
+
+
+def test_every_file_of_real_checkpoints_passes_the_weights_only_check(runs):
+    """The allow-list is complete for what DeepSpeed writes at ZeRO 0-3 (fp32 and bf16): resume accepts them."""
+    from zvl_ds.checkpoint import read_latest
+    from zvl_ds.safe_load import check_checkpoint_folder, checkpoint_files
+
+    for name, run in runs.items():
+        tag_dir = os.path.join(run["run_dir"], read_latest(run["run_dir"]))
+        assert len(checkpoint_files(tag_dir)) >= 2, name
+        check_checkpoint_folder(tag_dir)
+
+
+def test_a_model_folder_asking_for_remote_code_is_refused(runs, tmp_path):
+    import zvl_ds
+    from zvl_ds.export import ExportError, export_model
+
+    out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
+    meta_path = os.path.join(out, "model_config.json")
+    with open(meta_path) as handle:
+        meta = json.load(handle)
+    meta["model"]["text_encoder"]["config"]["trust_remote_code"] = True
+    with open(meta_path, "w") as handle:
+        json.dump(meta, handle)
+    with pytest.raises(ExportError, match=r"model_config\.json: model\.text_encoder\.config\.trust_remote_code: "
+                                          "a key that makes Hugging Face load Python code"):
+        zvl_ds.load_model(out)

@@ -504,3 +504,97 @@ def test_benchmark_returns_per_worker_figures(tmp_path):
         assert run["images_per_sec_per_worker"] == pytest.approx(run["images_per_sec"] / run["workers"], rel=0.01)
     assert result["speedup"]["1"] == 1.0
     assert os.listdir(tmp_path) == []  # temporary data removed
+
+
+# ------------------------------------------------------------------------------------------------
+# crafted CSVs: ids beyond int64, image paths that leave the image folder
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ids_that_are_not_int64_are_bad_rows(tmp_path):
+    folder = tmp_path / "data" / "ds"
+    (folder / "train").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        solid(folder / "train" / name)
+    write_csv(folder / "train_anno.csv", ["image", "image_id", "caption", "caption_id"],
+              [["a.jpg", "1e30", "float beyond int64", "1"], ["b.jpg", str(2**63), "just beyond", "2"],
+               ["c.jpg", "3", "caption id beyond", str(-2**63 - 1)], ["d.jpg", str(2**63 - 1), "the largest", "1e3"]])
+    report = convert(tmp_path / "data", tmp_path / "out")
+    assert report.row_failures.counts == {"invalid_id": 3}
+    assert any("'1e30' is not a 64-bit integer" in e for e in report.row_failures.examples["invalid_id"])
+    written = [json.loads(s["json"]) for s in read_back(tmp_path / "out" / "ds")]
+    assert [(m["image"], m["image_id"], m["caption_ids"]) for m in written] == [("d.jpg", 2**63 - 1, [1000])]
+
+
+def test_image_paths_outside_the_image_folder_are_bad_rows_unless_allowed(tmp_path):
+    folder = tmp_path / "data" / "ds"
+    (folder / "train" / "sub").mkdir(parents=True)
+    solid(folder / "train" / "sub" / "inside.jpg")
+    secret = tmp_path / "data" / "secret.jpg"  # a readable image outside DATA_ROOT/ds/train
+    solid(secret, colour=(1, 2, 3))
+    write_csv(folder / "train_anno.csv", ["image", "caption"],
+              [["sub/inside.jpg", "inside"], [str(secret), "absolute"], ["../../secret.jpg", "dot dot"],
+               ["sub/../../../secret.jpg", "dot dot in the middle"]])
+    report = convert(tmp_path / "data", tmp_path / "out")
+    assert report.row_failures.counts == {"path_outside_images": 3}
+    assert [json.loads(s["json"])["image"] for s in read_back(tmp_path / "out" / "ds")] == ["sub/inside.jpg"]
+    assert CLI.main(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "o2"),
+                     "--quiet", "--workers", "1", "--allow-outside-images"]) == 0
+    allowed = [json.loads(s["json"])["image"] for s in read_back(tmp_path / "o2" / "ds")]
+    assert allowed == ["sub/inside.jpg", str(secret), "../../secret.jpg", "sub/../../../secret.jpg"]
+
+
+def _children(pid):
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to find the worker processes")
+def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
+    """SIGKILL one of 2 workers (as the OOM killer would) while another is blocked on a FIFO: the run stops with
+    an error within a bounded time, and --resume then completes it as an uninterrupted run would."""
+    make_dataset(tmp_path / "data", images=12, size=(50, 40))
+    images = tmp_path / "data" / "ds" / "train"
+    real_bytes = (images / "img_7.jpg").read_bytes()
+    args = ["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--samples-per-shard", "2", "--max-size", "32",
+            "--quiet", "--workers", "2"]
+    assert CLI.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    reference = tar_bytes(tmp_path / "ref" / "ds")
+    os.remove(images / "img_7.jpg")
+    os.mkfifo(images / "img_7.jpg")  # the worker that takes shard 3 blocks here
+    process = subprocess.Popen([PYTHON, MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out_dir = tmp_path / "out" / "ds"
+    try:
+        deadline = time.monotonic() + 60
+        while not (out_dir / "train-000003.tar.tmp").exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the run never reached shard 3"
+            time.sleep(0.05)
+        workers = _children(process.pid)
+        assert workers, "no worker processes found"
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)  # before the fix: waits forever for the lost shard
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    assert process.returncode == 1
+    assert "a shard worker process died" in stderr and "--resume" in stderr
+    for path in glob.glob(str(out_dir / "train-*.tar")):  # whatever made it to a final name is complete
+        with tarfile.open(path) as archive:
+            assert len(archive.getmembers()) == 6
+    os.remove(images / "img_7.jpg")
+    (images / "img_7.jpg").write_bytes(real_bytes)
+    assert CLI.main([*args, "--out", str(tmp_path / "out"), "--resume"]) == 0
+    assert tar_bytes(out_dir) == reference

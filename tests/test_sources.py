@@ -40,6 +40,19 @@ def test_spec_forms(root, tmp_path, monkeypatch):
     assert urls == [f"https://example.invalid/s-{i}.tar" for i in range(3)] + ["pipe:cat x.tar"]
 
 
+def test_a_list_file_cannot_run_a_shell_command(root, tmp_path):
+    marker = tmp_path / "ran"
+    listing = tmp_path / "list.lst"
+    listing.write_text(f"{shard(root, 'flat', 'train', 0)}\npipe:touch {marker}; cat x.tar\n")
+    with pytest.raises(DataSourceError, match=r"list\.lst, line 2: a list file cannot name a `pipe:` shard"):
+        expand_shard_spec(str(listing))
+    nested = tmp_path / "outer.txt"
+    nested.write_text("list.lst\n")  # a list naming a list is checked the same way
+    with pytest.raises(DataSourceError, match=r"list\.lst, line 2"):
+        expand_shard_spec(str(nested))
+    assert not marker.exists()
+
+
 def test_spec_errors_name_the_spec(root):
     with pytest.raises(DataSourceError, match=r"'/nowhere/train-\{0\.\.3\}\.tar' matches nothing"):
         expand_shard_spec("/nowhere/train-{0..3}.tar")

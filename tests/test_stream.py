@@ -444,3 +444,114 @@ def test_validation_rank_without_samples_yields_nothing(tmp_path, tokenizer, num
     per_rank = [[i for b in build_valid_loader(cfg, "val", r, 3, tokenizer) for i in b.image_ids.tolist()]
                 for r in range(3)]
     assert per_rank == [[], [0], [1]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Crafted samples: deep json, ids beyond int64, a decompression bomb, a format no shard writer produces
+# --------------------------------------------------------------------------------------------------
+
+
+def png_bomb(width=9800, height=9700):
+    """A valid grey PNG of 95 megapixels in ~100 KB: over the shard writer's pixel limit, under twice it (where
+    Pillow's own DecompressionBombError starts; below it Pillow only warns and decodes)."""
+    import struct
+    import zlib as z
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", z.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = z.compress(bytes((width + 1) * height), 9)  # filter byte 0 + zero pixels, every row
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def write_crafted_dataset(root, name, split):
+    """Four good samples and one of each crafted fault in one shard; returns (good keys, bad key -> reason for
+    validation, for training)."""
+    import io
+
+    from PIL import Image
+
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    members, good = [], []
+    for i in range(4):
+        key = f"{name}_{i:04d}"
+        members += sample_members(key, i, [f"cap {i}"], [i], name, split, i)
+        good.append(key)
+    gif = io.BytesIO()
+    Image.new("RGB", (40, 32), (200, 10, 10)).save(gif, format="GIF")
+    crafted = {"deepjson": ("json", b"[" * 200_000 + b"]" * 200_000),
+               "hugeid": ("json", json.dumps({"image_id": 2**64, "captions": ["cap"]}).encode()),
+               "bomb": ("jpg", png_bomb()),
+               "gif": ("jpg", gif.getvalue())}
+    for suffix, (ext, data) in crafted.items():
+        key = f"{name}_{suffix}"
+        sample = dict(sample_members(key, 50, ["cap"], [50], name, split, 50))
+        sample[f"{key}.{ext}"] = data
+        members += list(sample.items())
+    write_tar(os.path.join(folder, f"{split}-000000.tar"), members)
+    with open(os.path.join(folder, "sizes.json"), "w") as handle:
+        json.dump({f"{split}-000000.tar": len(good) + len(crafted)}, handle)
+    valid = {"deepjson": "bad_json", "hugeid": "bad_json", "bomb": "too_many_pixels", "gif": "corrupt_image"}
+    train = {k: v for k, v in valid.items() if k != "hugeid"}  # training reads no ids
+    return good, valid, train
+
+
+def _skipped(caplog):
+    """(reason, message) of every skip warning."""
+    return [(r.args[1], r.args[2]) for r in caplog.records if r.getMessage().startswith("data: skipped")]
+
+
+def test_crafted_samples_are_skipped_and_counted_by_name_in_validation(tmp_path, tokenizer, caplog):
+    good, reasons, _ = write_crafted_dataset(str(tmp_path), "odd", "valid")
+    cfg = make_config(str(tmp_path), valid=("odd",), batch_size=4, num_workers=0)
+    loader = build_valid_loader(cfg, "odd", 0, 1, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="zvl_ds.data"):
+        batches = list(loader)
+    assert sorted(k for b in batches for k in b.keys) == good
+    assert loader.error_counts() == dict(Counter(reasons.values()))
+    shard = os.path.join(str(tmp_path), "odd", "valid-000000.tar")
+    for suffix, reason in reasons.items():
+        assert any(r == reason and m.startswith(f"{shard} sample 'odd_{suffix}'") for r, m in _skipped(caplog))
+
+
+def test_crafted_samples_are_skipped_and_counted_in_training(tmp_path, tokenizer, caplog):
+    good, _, reasons = write_crafted_dataset(str(tmp_path), "odd", "train")
+    cfg = make_config(str(tmp_path), train=("odd",), batch_size=2, num_workers=0,
+                      extra={"data.train_splits": ["train"]})
+    loader = build_train_loader(cfg, 0, 1, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="zvl_ds.data"):
+        batches = take(loader, 2)
+    loader.close()
+    assert sorted(k for b in batches for k in b.keys) == good
+    assert loader.error_counts() == dict(Counter(reasons.values()))
+    shard = os.path.join(str(tmp_path), "odd", "train-000000.tar")
+    for suffix, reason in reasons.items():
+        assert any(r == reason and m.startswith(f"{shard} sample 'odd_{suffix}'") for r, m in _skipped(caplog))
+
+
+@pytest.mark.parametrize("first", ["with_ids", "without_ids"])
+def test_validation_refuses_a_mix_of_real_and_position_ids(tmp_path, tokenizer, first):
+    """Position 1 of the dataset would get id 1 from the fallback, the id a real sample carries: refused."""
+    from data_fixtures import image_bytes
+
+    members = {"with_ids": [], "without_ids": []}
+    for i in range(2):
+        members["with_ids"] += sample_members(f"real_{i}", i, [f"real {i}"], [i], "mix", "valid", i)
+        members["without_ids"] += [(f"bare_{i}.jpg", image_bytes(10 + i)), (f"bare_{i}.txt", f"bare {i}".encode())]
+    order = [first, "with_ids" if first == "without_ids" else "without_ids"]
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    write_tar(str(folder / "valid-000000.tar"), members[order[0]] + members[order[1]])
+    cfg = make_config(str(tmp_path), valid=("mix",), batch_size=4, num_workers=0)
+    with pytest.raises(DataSourceError, match=r"validation dataset 'mix' mixes samples with and without a json "
+                                              r"'image_id' \(.*valid-000000\.tar sample '(bare|real)_0'"):
+        list(build_valid_loader(cfg, "mix", 0, 1, tokenizer))
+    for kind in members:  # either kind alone is fine
+        alone = tmp_path / kind / "mix"
+        alone.mkdir(parents=True)
+        write_tar(str(alone / "valid-000000.tar"), members[kind])
+        cfg = make_config(str(tmp_path / kind), valid=("mix",), batch_size=4, num_workers=0)
+        ids = sorted(i for b in build_valid_loader(cfg, "mix", 0, 1, tokenizer) for i in b.image_ids.tolist())
+        assert ids == [0, 1]

@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "<split>_stats.json per split and sizes.json. Same input -> byte-identical tars.",
         epilog="Bad rows are skipped and counted by reason (missing_file, empty_file, not_an_image, corrupt_image, "
                "too_many_pixels, no_valid_caption, invalid_utf8, empty_caption, invalid_id, malformed_row, "
-               "other_error). Exit codes: 0 done; 1 nothing written or (with --strict) anything skipped; "
-               "2 bad input.",
+               "path_outside_images, other_error). Exit codes: 0 done; 1 nothing written or (with --strict) "
+               "anything skipped; 2 bad input.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_argument_group("input")
     source.add_argument("--data-root", default="data", help="folder holding one sub-folder per dataset")
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which split; 'all' takes train and valid where their CSV exists")
     source.add_argument("--csv", help="one annotation CSV named explicitly (instead of --data-root layout)")
     source.add_argument("--images", help="image folder for --csv (default: <csv folder>/<split>)")
+    source.add_argument("--allow-outside-images", action="store_true",
+                        help="accept absolute or '..' paths in the CSV image column (by default such rows are "
+                             "skipped as path_outside_images: a CSV is data and should not read other files)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="shards", help="output root; shards go to OUT/<dataset>/")
     output.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar")
@@ -96,10 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         sources, notes = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv,
                                                      args.images)
         reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, allow_outside_images=args.allow_outside_images)
     except annotations.InputError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
+    except shards.WorkerDied as error:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("make_shards: interrupted; finished shards are complete, rerun with --resume", file=sys.stderr)
         return 130

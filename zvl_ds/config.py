@@ -269,6 +269,7 @@ class CkptConfig:
     overwrite: bool = False  # with auto_resume false: allow starting over in a folder that holds checkpoints
     soft_resume: bool = False
     external_resume: Optional[str] = None
+    trust_checkpoint: bool = False  # skip the weights-only check of the checkpoint files resume opens
 
 
 @dataclass
@@ -686,12 +687,34 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
+    code_key = _code_loading_key(cfg.model.text_encoder.config)
+    if code_key:
+        raise ConfigError(f"model.text_encoder.config.{code_key}: a key that makes Hugging Face load Python code "
+                          "from a model folder is not accepted (configs and model folders are data); use a model "
+                          "that transformers implements")
     if cfg.ckpt.keep_last < 1:
         raise ConfigError(f"ckpt.keep_last: must be >= 1, got {cfg.ckpt.keep_last}")
     if cfg.runner.collective_timeout <= 0:
         raise ConfigError(f"runner.collective_timeout: must be > 0 seconds, got {cfg.runner.collective_timeout}")
     if not cfg.data.exp_name or "/" in cfg.data.exp_name:
         raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
+
+
+# Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
+CODE_LOADING_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
+
+
+def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
+    """The dotted path of the first code-loading key in a (nested) Hugging Face config mapping, else None."""
+    if not isinstance(fields, dict):
+        return None
+    for key, value in fields.items():
+        if key in CODE_LOADING_KEYS:
+            return f"{prefix}{key}"
+        found = _code_loading_key(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

@@ -43,6 +43,7 @@ KEY_HELP: Dict[str, str] = {
                      "here is read from `data_path/<name>/`.",
     "data.datasets.<name>.shards": "Shard spec of dataset `<name>`: a brace pattern, glob, folder, text file "
                                    "listing shards, tar path or URL (`http(s)://`, `pipe:`); several joined by `::`. "
+                                   "`pipe:CMD` runs CMD in a shell, so it is refused inside list files. "
                                    "Empty: use `data_path/<name>/<split>-*.tar`.",
     "data.datasets.<name>.size": "Total samples of dataset `<name>`; `null`: read from `sizes.json` or "
                                  "`*_stats.json` next to the shards. Training needs a size; when given it wins and "
@@ -227,6 +228,9 @@ KEY_HELP: Dict[str, str] = {
                       "such a run is refused (exit 2), so old checkpoints are not lost by mistake.",
     "ckpt.soft_resume": "Accepted for ZeroVL configs; unused.",
     "ckpt.external_resume": "Accepted for ZeroVL configs; unused (use `resume_ckpt_path`).",
+    "ckpt.trust_checkpoint": "Open the resumed checkpoint's files without first checking that they hold only "
+                             "weights (tensors, plain values): set it only for checkpoints you wrote yourself, "
+                             "since DeepSpeed's loader unpickles them and a crafted file runs code.",
     # ---------------------------------------------------------------- log
     "log.interval_train": "Print a console line every this many steps (TensorBoard gets every step).",
     "log.interval_val": "Accepted for ZeroVL configs; unused.",

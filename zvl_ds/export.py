@@ -37,6 +37,7 @@ from torch import Tensor, nn
 import zvl_ds
 from zvl_ds.atomic_write import atomic_folder, atomic_path
 from zvl_ds.checkpoint import CheckpointError, list_tags, read_latest
+from zvl_ds.safe_load import check_checkpoint_folder, load_weights_only
 from zvl_ds.config import Config, ConfigError, config_from_dict, load_config
 from zvl_ds.model import DualEncoder, build_model
 from zvl_ds.errors import UserError
@@ -100,37 +101,11 @@ def _model_states_file(tag_dir: str) -> str:
                       "was the checkpoint written completely?")
 
 
-# DeepSpeed's own plain data classes that appear in its checkpoint files (ZeRO stage, loss-scaler settings,
-# fragment offsets). They carry values only; allowing them keeps the weights-only unpickler's guarantee that
-# loading runs no code.
-_DEEPSPEED_SAFE_GLOBALS = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                           ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                           ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-                           ("deepspeed.utils.tensor_fragment", "fragment_address"))
-
-
-def _deepspeed_safe_globals() -> List[type]:
-    import importlib
-
-    found = []
-    for module_name, name in _DEEPSPEED_SAFE_GLOBALS:
-        try:
-            found.append(getattr(importlib.import_module(module_name), name))
-        except (ImportError, AttributeError):  # another DeepSpeed version: the class simply is not needed
-            pass
-    return found
+_TRUST_HINT = "pass --trust-checkpoint (trust_checkpoint=True)"
 
 
 def _load_weights_only(path: str) -> Dict:
-    """``torch.load`` that refuses anything but tensors, plain containers and DeepSpeed's data classes above.
-    ``mmap`` keeps this cheap: tensor data is not read."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # pickled code, an unknown class, or not a torch file
-        raise ExportError(f"{path} cannot be read as a weights-only checkpoint file ({error}). If this run "
-                          "folder is yours and a newer DeepSpeed pickles another class, pass "
-                          "--trust-checkpoint (trust_checkpoint=True) to skip this check.") from error
+    return load_weights_only(path, ExportError, _TRUST_HINT)
 
 
 def _zero_stage(model_states: Dict, tag_dir: str) -> int:
@@ -212,9 +187,8 @@ def consolidate_state_dict(run_dir: str, tag: str, model: DualEncoder, cfg: Conf
         # zero_to_fp32 calls torch.load(weights_only=False) itself: its files pickle DeepSpeed classes (ZeRO
         # stage enum, loss scaler). Every file it will open is first checked with the weights-only unpickler (only
         # tensors, containers and DeepSpeed's data classes pass), so the unrestricted load never meets code.
-        for path in [] if trust_checkpoint else sorted(glob.glob(os.path.join(tag_dir, "*_model_states.pt")) +
-                           glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))):
-            _load_weights_only(path)
+        if not trust_checkpoint:
+            check_checkpoint_folder(tag_dir, ExportError, _TRUST_HINT)
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress for every file
             try:
                 state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag)

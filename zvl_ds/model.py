@@ -216,7 +216,7 @@ def _text_config(cfg: TextEncoderConfig):
     if "model_type" in fields:
         return AutoConfig.for_model(**fields)
     try:
-        config = AutoConfig.from_pretrained(cfg.tag, local_files_only=True)
+        config = AutoConfig.from_pretrained(cfg.tag, local_files_only=True, trust_remote_code=False)
     except OSError as error:
         raise FileNotFoundError(
             f"model.text_encoder: no config for {cfg.tag!r} in the local cache and no model_type in "
@@ -246,7 +246,8 @@ def build_text_tower(cfg: TextEncoderConfig) -> Tuple[nn.Module, int]:
         source = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.pretrained else cfg.tag
         overrides = {k: v for k, v in cfg.config.items() if k != "model_type"}
         try:
-            tower = _without_pooler(AutoModel.from_pretrained, source, local_files_only=True, **overrides)
+            tower = _without_pooler(AutoModel.from_pretrained, source, local_files_only=True, trust_remote_code=False,
+                                     **overrides)
         except OSError as error:
             raise FileNotFoundError(
                 f"model.text_encoder: cannot load {source!r} from a local directory or the local Hugging Face "

@@ -40,6 +40,7 @@ from zvl_ds.model import build_model  # noqa: E402
 from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
 from zvl_ds.optim import build_optimizer  # noqa: E402
 from zvl_ds.records import drop_rows_after  # noqa: E402
+from zvl_ds.safe_load import check_checkpoint_folder  # noqa: E402
 from zvl_ds.schedule import learning_rate  # noqa: E402
 
 
@@ -81,8 +82,10 @@ class Trainer:
         model = build_model(cfg.model, cfg.loss)
         self.zero_stage = zero_stage(ds_config)
         self.resume_point = find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume)
+        self._refuse_code_in_checkpoint()
         if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
             self.resume_point = convert_to_universal(self.resume_point)
+            self._refuse_code_in_checkpoint()
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
         # evaluation-only runs (evaluate: true) need no training data
@@ -101,6 +104,14 @@ class Trainer:
         self.step = 0
         self.skips = SkipPolicy(cfg.runner.max_skipped_steps)
         self.last_saved_step: Optional[int] = None
+
+    def _refuse_code_in_checkpoint(self) -> None:
+        """DeepSpeed (and its universal conversion) unpickles checkpoint files with ``weights_only=False``: every
+        file is checked with the weights-only unpickler first, so a crafted file is refused instead of run."""
+        point = self.resume_point
+        if point is not None and not self.cfg.ckpt.trust_checkpoint:
+            check_checkpoint_folder(os.path.join(point.run_dir, point.tag), CheckpointError,
+                                    "set ckpt.trust_checkpoint=true")
 
     # ------------------------------------------------------------------ pieces the loop uses
 

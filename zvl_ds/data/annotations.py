@@ -31,6 +31,7 @@ EMPTY_CAPTION = "empty_caption"
 INVALID_ID = "invalid_id"
 MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
 INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` image path (unless allowed explicitly)
 # Per-image reason (counted in images): every caption row of the image was skipped.
 NO_VALID_CAPTION = "no_valid_caption"
 
@@ -237,18 +238,23 @@ def derived_image_id(image_name: str) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
+ID_RANGE = range(-2**63, 2**63)  # ids are stored and collated as int64
+
+
 def parse_id(text: str) -> Optional[int]:
-    """An integer id from CSV text ("12", " 12 ", "12.0"); None when it is not one."""
+    """An int64 id from CSV text ("12", " 12 ", "12.0"); None when it is not one (also "1e30": too large)."""
     text = text.strip()
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        if not value.is_integer():
+            return None
+        number = int(value)
+    return number if number in ID_RANGE else None
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -265,11 +271,19 @@ def _column(frame: pd.DataFrame, name: str) -> Optional[List[str]]:
     return [value if isinstance(value, str) else "" for value in frame[name].tolist()]
 
 
-def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = None) -> Annotations:
+def stays_inside_folder(image_name: str) -> bool:
+    """True for a relative path without `..` parts: joined to the image folder, it names a file inside it."""
+    parts = image_name.replace("\\", "/").split("/")
+    return not os.path.isabs(image_name) and ".." not in parts
+
+
+def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = None,
+                   allow_outside_images: bool = False) -> Annotations:
     """One entry per unique image name in order of first appearance, each with its valid captions in row order.
 
-    Captions and file names lose surrounding whitespace. Empty captions, captions with undecodable bytes and
-    rows with an unparsable id are dropped and counted; an image left without captions stays in the list
+    Captions and file names lose surrounding whitespace. Empty captions, captions with undecodable bytes,
+    rows with an unparsable or out-of-int64 id and (unless ``allow_outside_images``) rows whose image path
+    leaves the image folder are dropped and counted; an image left without captions stays in the list
     (it keeps its shard position) and is skipped by the writer as ``no_valid_caption``."""
     failures = row_failures if row_failures is not None else FailureLog()
     images = _column(frame, "image")
@@ -286,7 +300,11 @@ def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = Non
         caption_id = row if caption_ids is None else parse_id(caption_ids[row])
         if image_id is None or caption_id is None:
             bad = image_ids[row] if image_id is None else caption_ids[row]  # type: ignore[index]
-            failures.add(INVALID_ID, f"{where}: id {bad!r} is not an integer")
+            failures.add(INVALID_ID, f"{where}: id {bad!r} is not a 64-bit integer")
+            continue
+        if not allow_outside_images and not stays_inside_folder(image):
+            failures.add(PATH_OUTSIDE_IMAGES, f"{where}: the image path leaves the image folder (absolute or "
+                                              "'..'); --allow-outside-images accepts it")
             continue
         entry = by_name.get(image)
         if entry is None:
@@ -305,6 +323,6 @@ def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = Non
     return Annotations(list(by_name.values()), len(images), failures, derived, conflicts)
 
 
-def read_annotations(csv_path: str) -> Annotations:
+def read_annotations(csv_path: str, allow_outside_images: bool = False) -> Annotations:
     frame, malformed = read_csv_frame(csv_path)
-    return group_by_image(frame, malformed)
+    return group_by_image(frame, malformed, allow_outside_images)

@@ -32,6 +32,7 @@ KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
 
 # Skip reasons; every counter counts samples.
 CORRUPT_IMAGE = "corrupt_image"  # image bytes Pillow cannot decode
+TOO_MANY_PIXELS = "too_many_pixels"  # image over the shard writer's pixel limit (a decompression bomb)
 MISSING_IMAGE = "missing_image"  # no jpg/jpeg/png/webp member
 MISSING_CAPTION = "missing_caption"  # no usable caption in .json or .txt
 BAD_JSON = "bad_json"  # .json member that is not valid UTF-8 JSON of the expected shape

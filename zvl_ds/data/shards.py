@@ -28,6 +28,8 @@ import re
 import sys
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -410,6 +412,10 @@ def update_sizes(out_dir: str, split: str, sizes: Dict[str, int]) -> None:
     write_json_atomic(path, dict(sorted(merged.items())))
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without finishing its shard."""
+
+
 def _pool_context() -> multiprocessing.context.BaseContext:
     # fork starts workers in milliseconds without re-importing torch (pulled in by zvl_ds); spawn elsewhere.
     methods = multiprocessing.get_all_start_methods()
@@ -422,10 +428,16 @@ def _run_tasks(tasks: Sequence[ShardTask], workers: int, on_images: Callable[[in
         for task in tasks:
             yield write_shard(task, on_image=lambda: on_images(1))
         return
-    with _pool_context().Pool(processes=min(workers, len(tasks))) as pool:
-        for result in pool.imap(write_shard, tasks, chunksize=1):
-            on_images(result.count)
-            yield result
+    # A process pool that notices dead workers: multiprocessing.Pool replaces a worker killed by a signal (the
+    # OOM killer) and waits forever for the shard it held; this executor fails instead.
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=_pool_context()) as pool:
+        try:
+            for result in pool.map(write_shard, tasks):
+                on_images(result.count)
+                yield result
+        except BrokenProcessPool:
+            raise WorkerDied("a shard worker process died (killed by a signal, e.g. the out-of-memory killer; "
+                             "try fewer --workers); the finished shards are complete: rerun with --resume") from None
 
 
 def _progress_bar(total: int, label: str, enabled: bool):
@@ -436,10 +448,12 @@ def _progress_bar(total: int, label: str, enabled: bool):
 
 
 def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, workers: int = 1,
-                  policy: ExistingPolicy = "refuse", progress: bool = False) -> SplitReport:
-    """Write all shards of one split; see the module docstring for the output format."""
+                  policy: ExistingPolicy = "refuse", progress: bool = False,
+                  allow_outside_images: bool = False) -> SplitReport:
+    """Write all shards of one split; see the module docstring for the output format. Image paths that leave
+    the image folder (absolute, `..`) are bad rows unless ``allow_outside_images``."""
     start = time.time()
-    annotations = read_annotations(source.csv_path)
+    annotations = read_annotations(source.csv_path, allow_outside_images)
     out_dir = os.path.join(out_root, source.dataset)
     tasks = make_tasks(source, annotations.entries, out_dir, settings)
     notes = _prepare_output(out_dir, source.split, len(tasks), policy)
@@ -474,7 +488,8 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
 
 
 def convert_sources(sources: Sequence[SplitSource], out_root: str, settings: ShardSettings, workers: int = 1,
-                    policy: ExistingPolicy = "refuse", progress: bool = False) -> List[SplitReport]:
+                    policy: ExistingPolicy = "refuse", progress: bool = False,
+                    allow_outside_images: bool = False) -> List[SplitReport]:
     """All splits in order. Every CSV is read and checked before anything is written, so input errors fail fast."""
     for source in sources:
         check_csv(source.csv_path)
@@ -482,7 +497,8 @@ def convert_sources(sources: Sequence[SplitSource], out_root: str, settings: Sha
         existing = split_output_files(out_dir, source.split)
         if existing and policy == "refuse":
             _prepare_output(out_dir, source.split, 0, policy)  # raises with the message
-    return [convert_split(source, out_root, settings, workers, policy, progress) for source in sources]
+    return [convert_split(source, out_root, settings, workers, policy, progress, allow_outside_images)
+            for source in sources]
 
 
 # --------------------------------------------------------------------------------------------------

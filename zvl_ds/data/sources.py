@@ -6,7 +6,9 @@ else from the shard writer's layout ``data.data_path/<name>/<split>-NNNNNN.tar``
 A shard spec is one or more entries joined by ``::``. Each entry is a brace pattern (``train-{000000..000009}.tar``),
 a glob, a folder (every ``*.tar`` in it), a text file listing shards (``.txt``/``.lst``/``.list``, one entry a line,
 relative to the file), a tar path, or a URL (``http(s)://``, ``pipe:cmd``, anything with ``://``) read through
-webdataset's ``gopen``. Relative local paths are looked up under ``data.data_path`` first, then the working folder.
+webdataset's ``gopen``. ``pipe:cmd`` runs ``cmd`` in a shell, so it is accepted only where the user wrote it (the
+config or the command line), never from a list file. Relative local paths are looked up under ``data.data_path``
+first, then the working folder.
 
 Sizes (samples per shard): ``data.datasets[name].size`` (a total) wins; else the ``sizes.json`` next to the shards
 (shard file name -> count, as the shard writer and OpenCLIP write it); else img2dataset's ``<shard>_stats.json``
@@ -31,6 +33,7 @@ LOG = logging.getLogger("zvl_ds.data")
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = set("*?[")
+PIPE_PREFIX = "pipe:"  # webdataset runs the rest of the entry as a shell command
 
 
 class DataSourceError(UserError, ValueError):
@@ -52,7 +55,7 @@ class ResolvedDataset:
 
 
 def is_url(entry: str) -> bool:
-    return "://" in entry or entry.startswith("pipe:")
+    return "://" in entry or entry.startswith(PIPE_PREFIX)
 
 
 def is_seekable_local_tar(shard: str) -> bool:
@@ -117,11 +120,16 @@ def _base_with_matches(entry: str, bases: Sequence[str]) -> str:
 
 
 def _read_shard_list(path: str, spec: str) -> List[str]:
+    """A list file is data, like the shards it names: it may name files and URLs, never a shell command."""
     folder = os.path.dirname(os.path.abspath(path))
     shards: List[str] = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             line = line.strip()
+            if line.startswith(PIPE_PREFIX):
+                raise DataSourceError(f"{path}, line {number}: a list file cannot name a `pipe:` shard (it would "
+                                      f"run the shell command {line[len(PIPE_PREFIX):]!r}); write `pipe:` entries "
+                                      "in the config's shard spec or on the command line instead")
             if line and not line.startswith("#"):
                 shards.extend(_expand_entry(line, (folder,), spec))
     if not shards:

@@ -33,8 +33,9 @@ from zvl_ds.data import reader
 from zvl_ds.data.reader import FaultCounter, FieldLoader, RawSample, read_segment
 from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, SamplingPlan, build_plan,
                                   derive_seed, name_key, validation_part)
-from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_dataset, resolve_train_datasets
-from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, to_uint8_chw, tokenize
+from zvl_ds.data.sources import (DataSourceError, ResolvedDataset, require_sizes, resolve_dataset,
+                                  resolve_train_datasets)
+from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, TooManyPixels, to_uint8_chw, tokenize
 
 STATE_FORMAT = 1
 _VISIT_TAG, _VALID_TAG = 0x7151, 0x7152
@@ -125,6 +126,8 @@ def _json_meta(fields: Dict[str, bytes], where: str) -> Optional[dict]:
         meta = json.loads(fields["json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise SampleSkipped(reader.BAD_JSON, f"{where}: {error}") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise SampleSkipped(reader.BAD_JSON, f"{where}: json nested too deeply") from None
     if not isinstance(meta, dict):
         raise SampleSkipped(reader.BAD_JSON, f"{where}: json is a {type(meta).__name__}, not an object")
     return meta
@@ -155,8 +158,15 @@ def _captions(meta: Optional[dict], fields: Dict[str, bytes], where: str) -> Lis
 def _decode_image(transform: ImageTransform, data: bytes, rng: random.Random, where: str) -> torch.Tensor:
     try:
         return to_uint8_chw(transform(data, rng))
+    except TooManyPixels as error:
+        raise SampleSkipped(reader.TOO_MANY_PIXELS, f"{where}: {error}") from None
     except Exception as error:  # Pillow raises many types on bad bytes; every one means "skip this sample"
         raise SampleSkipped(reader.CORRUPT_IMAGE, f"{where}: {type(error).__name__}: {error}") from None
+
+
+def _is_int64(value: object) -> bool:
+    """Ids become int64 tensors: larger ones (or bools, floats) cannot be collated."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def _describe(raw: RawSample) -> str:
@@ -470,6 +480,7 @@ class _ValidSpec:
     max_length: int
     seed: int
     max_warnings: int
+    json_image_ids: bool  # the dataset's samples carry a json image_id (else: their position is the id)
 
 
 @dataclass
@@ -537,15 +548,18 @@ class _ValidStream(IterableDataset):
         image_bytes = _image_bytes(data, where)
         meta = _json_meta(data, where)
         captions = _captions(meta, data, where)
+        if (meta is not None and "image_id" in meta) != spec.json_image_ids:
+            raise DataSourceError(_mixed_ids_message(spec.dataset.name, where, spec.json_image_ids))
         image_id = meta.get("image_id", index) if meta is not None else index
         caption_ids = meta.get("caption_ids") if meta is not None else None
-        if not isinstance(image_id, int) or isinstance(image_id, bool):
-            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'image_id' is not an integer")
+        if not _is_int64(image_id):
+            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'image_id' is not a 64-bit integer: {image_id!r:.40}")
         if caption_ids is None:
             caption_ids = [image_id] if len(captions) == 1 else [-1] * len(captions)
         elif (not isinstance(caption_ids, list) or len(caption_ids) != len(captions)
-              or not all(isinstance(c, int) and not isinstance(c, bool) for c in caption_ids)):
-            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'caption_ids' does not match 'captions'")
+              or not all(_is_int64(c) for c in caption_ids)):
+            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'caption_ids' does not match 'captions' or holds "
+                                "an id that is not a 64-bit integer")
         rng = random.Random(derive_seed(spec.seed, _VALID_TAG, index))
         image = _decode_image(spec.transform, image_bytes, rng, where)
         return _ValidSample(image, image_id, captions, list(caption_ids), raw.key)
@@ -577,6 +591,41 @@ class _Quiet:
         self.inner.add(reason, message, count)
 
 
+_ID_PROBE_SAMPLES = 100  # samples read at most to find one with readable metadata
+
+
+def dataset_has_json_image_ids(dataset: ResolvedDataset) -> bool:
+    """Whether the dataset's samples carry a json ``image_id``, judged by its first sample with readable metadata.
+
+    Samples without one get their position in the dataset as id, which can equal a real id of another sample
+    and merge the two in retrieval metrics; so a dataset must be all one kind. Every rank judges from the same
+    first sample, so all ranks agree without communicating."""
+    fields = FieldLoader()
+    seen = 0
+    try:
+        for shard_index, path in enumerate(dataset.shards):
+            for raw in read_segment(path, shard_index, 0, 1 << 62, _Quiet(FaultCounter())):  # type: ignore[arg-type]
+                seen += 1
+                try:
+                    meta = _json_meta(_load_fields(fields, raw), _describe(raw))
+                except SampleSkipped:
+                    if seen >= _ID_PROBE_SAMPLES:
+                        return False
+                    continue
+                return meta is not None and "image_id" in meta
+    finally:
+        fields.close()
+    return False
+
+
+def _mixed_ids_message(name: str, where: str, first_has_id: bool) -> str:
+    this, first = ("lacks", "has") if first_has_id else ("has", "lacks")
+    return (f"validation dataset {name!r} mixes samples with and without a json 'image_id' ({where} {this} one, "
+            f"the dataset's first sample {first} one): position-based ids could equal real ids and merge two "
+            "images in the retrieval metrics. Give every sample an image_id (or none), or evaluate the two kinds "
+            "as separate datasets")
+
+
 class ValidLoader:
     """This rank's share of one validation dataset: every sample exactly once over all ranks, no padding."""
 
@@ -593,7 +642,8 @@ class ValidLoader:
         transform = ImageTransform(cfg.transforms.valid_transforms, cfg.transforms)
         self._spec = _ValidSpec(self.dataset, rank, world_size, max(1, cfg.data.num_workers),
                                 max(1, cfg.data.batch_size_val // world_size), transform, tokenizer,
-                                cfg.model.max_length, cfg.seed, cfg.data.max_bad_sample_warnings)
+                                cfg.model.max_length, cfg.seed, cfg.data.max_bad_sample_warnings,
+                                dataset_has_json_image_ids(self.dataset))
         self._faults: Dict[str, int] = {}
 
     @property

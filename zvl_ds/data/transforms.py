@@ -20,6 +20,7 @@ import io
 import math
 import os
 import random
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from zvl_ds.config import CaptionAugConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
+from zvl_ds.data.images import DEFAULT_MAX_PIXELS
 from zvl_ds.errors import UserError
 
 PACKAGE_PREFIX = "zvl_ds:"
@@ -36,6 +38,15 @@ _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 class TransformError(UserError, ValueError):
     """A transform list that cannot produce fixed-size images, or an unknown name."""
+
+
+class TooManyPixels(ValueError):
+    """An image over the pixel limit: a decompression bomb (a small file that decodes to gigabytes)."""
+
+
+# Image formats shard members come in (the shard writer's JPEG; img2dataset's jpg/png/webp): decoders of other
+# formats are never tried on shard bytes.
+SHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,8 +143,9 @@ class AutoAugmentImageNet:
 class ImageTransform:
     """The named transforms in order: bytes -> RGB Pillow image of ``size`` x ``size``."""
 
-    def __init__(self, names: Sequence[str], cfg: TransformsConfig):
+    def __init__(self, names: Sequence[str], cfg: TransformsConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.names = list(names)
+        self.max_pixels = max_pixels  # the shard writer's default limit: shards it wrote never exceed it
         self.ops: List[Callable[[Image.Image, random.Random], Image.Image]] = []
         size: Optional[int] = None
         for name in self.names:
@@ -162,8 +174,14 @@ class ImageTransform:
         self.uses_torch_rng = any(isinstance(op, AutoAugmentImageNet) for op in self.ops)
 
     def __call__(self, data: bytes, rng: random.Random) -> Image.Image:
-        """Decode and transform; raises (OSError, ValueError, ...) on undecodable bytes."""
-        image = Image.open(io.BytesIO(data))
+        """Decode and transform; raises (OSError, ValueError, ...) on undecodable bytes, ``TooManyPixels`` on an
+        image over the shard writer's pixel limit (checked from the header, before anything is decoded)."""
+        with warnings.catch_warnings():  # Pillow warns about large images; the check below refuses them itself
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=SHARD_IMAGE_FORMATS)
+        if image.width * image.height > self.max_pixels:
+            raise TooManyPixels(f"{image.width}x{image.height} = {image.width * image.height} pixels > limit "
+                                f"{self.max_pixels}")
         first, *rest = self.ops
         if isinstance(first, (RandomResizeCrop, SquareResize)):  # these may decode a JPEG at reduced scale
             image = first(image, rng, decode=True)
@@ -217,7 +235,7 @@ def load_tokenizer(text_cfg: TextEncoderConfig):
     name = text_cfg.tokenizer or pretrained_dir or text_cfg.tag
     path = resolve_tokenizer_path(name)
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise OSError(f"cannot load tokenizer {name!r} (model.text_encoder.tokenizer or .tag) from local files; "
                       f"nothing is downloaded: give a local folder, a name already in the Hugging Face cache, or "
