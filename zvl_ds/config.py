@@ -235,11 +235,45 @@ class LRConfig:
     param: LRParams = field(default_factory=LRParams)
 
 
+MODEL_PARTS = ("image_tower", "text_tower", "projection", "temperature")
+
+
+@dataclass
+class PartLRMultConfig:
+    """Each part's learning rate as a multiple of the schedule's (optim.lr)."""
+
+    image_tower: float = 1.0
+    text_tower: float = 1.0
+    projection: float = 1.0  # both projections
+    temperature: float = 1.0  # the learnable temperature (loss.temperature.name=parameter)
+
+
+@dataclass
+class PartLRAbsConfig:
+    """A part's peak learning rate given absolutely: its multiplier becomes value / optim.lr.init."""
+
+    image_tower: Optional[float] = None
+    text_tower: Optional[float] = None
+    projection: Optional[float] = None
+    temperature: Optional[float] = None
+
+
+@dataclass
+class LayerDecayConfig:
+    """Layer-wise LR decay (EVA-CLIP): block i of L gets decay ** (L - i); embeddings decay ** (L + 1)."""
+
+    image_tower: float = 1.0  # 1.0 = off; < 1 needs a ViT tower (blocks.N)
+    text_tower: float = 1.0  # 1.0 = off; < 1 needs a BERT-like tower (encoder.layer.N)
+
+
 @dataclass
 class OptimConfig:
     name: Literal["torch.optim.AdamW", "AdamW", "torch.optim.SGD", "SGD"] = "torch.optim.AdamW"
     param: OptimParams = field(default_factory=OptimParams)
     lr: LRConfig = field(default_factory=LRConfig)
+    lr_mult: PartLRMultConfig = field(default_factory=PartLRMultConfig)
+    lr_abs: PartLRAbsConfig = field(default_factory=PartLRAbsConfig)
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     # ZeroVL decays every parameter (its exclusion rules are commented out); decaying norms, biases and the
     # temperature is rarely what users want, so by default they go to a no-decay group.
     decay_all: bool = False
@@ -682,12 +716,34 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
     if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
+    _validate_part_lrs(cfg.optim)
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
     if cfg.ckpt.keep_last < 1:
         raise ConfigError(f"ckpt.keep_last: must be >= 1, got {cfg.ckpt.keep_last}")
     if not cfg.data.exp_name or "/" in cfg.data.exp_name:
         raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
+
+
+def _validate_part_lrs(optim: OptimConfig) -> None:
+    for part in MODEL_PARTS:
+        mult, absolute = getattr(optim.lr_mult, part), getattr(optim.lr_abs, part)
+        if mult < 0:
+            raise ConfigError(f"optim.lr_mult.{part}: must be >= 0, got {mult}")
+        if absolute is None:
+            continue
+        if absolute < 0:
+            raise ConfigError(f"optim.lr_abs.{part}: must be >= 0, got {absolute}")
+        if mult != 1.0:
+            raise ConfigError(f"optim.lr_abs.{part}={absolute} and optim.lr_mult.{part}={mult}: give the part's "
+                              "learning rate one way")
+        if optim.lr.init <= 0:
+            raise ConfigError(f"optim.lr_abs.{part} is relative to optim.lr.init, which must then be > 0 "
+                              f"(got {optim.lr.init})")
+    for tower in ("image_tower", "text_tower"):
+        decay = getattr(optim.layer_decay, tower)
+        if not 0 < decay <= 1:
+            raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

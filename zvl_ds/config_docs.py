@@ -192,6 +192,21 @@ KEY_HELP: Dict[str, str] = {
     "optim.lr.param.num_cycles": "Cosine cycles of the ZeroVL schedule after warm-up (0.5: one half cosine, "
                                  "monotone decay).",
     "optim.lr.param.min_lr_scale": "ZeroVL schedule: the final learning rate is `init * min_lr_scale`.",
+    "optim.lr_mult.image_tower": "Image tower's learning rate as a multiple of the schedule's (every schedule, "
+                                 "every step); 0 freezes it in effect but keeps it in the optimizer.",
+    "optim.lr_mult.text_tower": "Text tower's learning-rate multiple of the schedule's.",
+    "optim.lr_mult.projection": "Both projections' learning-rate multiple of the schedule's.",
+    "optim.lr_mult.temperature": "The learnable temperature's learning-rate multiple of the schedule's.",
+    "optim.lr_abs.image_tower": "Image tower's peak learning rate, absolute (multiplier = value / `optim.lr.init`); "
+                                "`null`: use `lr_mult`.",
+    "optim.lr_abs.text_tower": "Text tower's peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.lr_abs.projection": "Projections' peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.lr_abs.temperature": "Temperature's peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.layer_decay.image_tower": "Layer-wise LR decay of a ViT image tower (EVA-CLIP): with L blocks, block i "
+                                     "(0-based) gets `decay ** (L - i)`, patch/position embeddings and tokens "
+                                     "`decay ** (L + 1)`, the final norm 1; 1.0 = off.",
+    "optim.layer_decay.text_tower": "The same for a BERT-like text tower (`encoder.layer.N`; the embeddings are "
+                                    "layer 0); 1.0 = off.",
     "optim.decay_all": "`true`: decay every parameter (ZeroVL); `false`: biases, norm gains and other 1-d tensors, "
                        "the temperature, position embeddings and class/mask tokens get no weight decay.",
     "optim.grad_clip": "Maximum global gradient norm (DeepSpeed `gradient_clipping`); 0 = off.",

@@ -80,7 +80,9 @@ class Trainer:
         if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
             self.resume_point = convert_to_universal(self.resume_point)
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.lr_scales = [group["lr_scale"] for group in optimizer.param_groups]
+        self.engine = initialize_engine(model, optimizer, ds_config)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
@@ -235,7 +237,7 @@ class Trainer:
                 torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
             mixup = draw_mixup(cfg.seed, self.step, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
             lr = learning_rate(cfg.optim.lr, self.step, self.total_steps, self.steps_per_epoch)
-            set_learning_rate(self.engine, lr)
+            set_learning_rate(self.engine, lr, self.lr_scales)
             result = self.run_step(self.engine, self._to_step_batch(batch), self.options, mixup, self.partner,
                                    self.timer)
             self.step += 1
