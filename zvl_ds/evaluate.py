@@ -547,27 +547,58 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1).T.contiguous()
 
 
-@torch.no_grad()
-def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_size: int = 64,
-                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
-    """Zero-shot top-1/top-5 accuracy (%) on ``folder/<class>/<image>``; class c is the c-th sorted sub-folder.
-
-    ``preprocess`` maps a PIL image to a normalised [3, S, S] tensor; ``classifier`` is [d, C] with C equal to
-    the number of class folders. Unreadable images are skipped and counted (``num_skipped``). With fewer than 5
-    classes, top-5 is top-C (reported as ``topk``).
-    """
-    from PIL import Image
-
+def list_class_folder_images(folder: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(``(image path, class index)`` for every image under ``folder/<class>/``, class names = sorted folders)."""
     classes = list_class_folders(folder)
-    if classifier.shape[1] != len(classes):
-        raise ValueError(f"classifier has {classifier.shape[1]} classes but {folder} has {len(classes)} class "
-                         f"folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
     samples = _list_images(folder, classes)
     if not samples:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {folder}")
+    return samples, classes
+
+
+def read_labelled_csv(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """``image,label`` rows (a header row ``image,label`` is optional) -> (samples, class names sorted).
+
+    Relative image paths are relative to the CSV's folder. A row without two fields is an error naming its line.
+    """
+    import csv
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CSV not found: {path}")
+    rows: List[Tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise ValueError(f"{path}:{line_no}: expected 'image,label', got {','.join(row)!r}")
+            if line_no == 1 and [cell.strip().lower() for cell in row] == ["image", "label"]:
+                continue
+            rows.append((row[0].strip(), row[1].strip()))
+    if not rows:
+        raise ValueError(f"{path} has no image,label rows")
+    classes = sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    base = os.path.dirname(os.path.abspath(path))
+    return [(os.path.join(base, image), index[label]) for image, label in rows], classes
+
+
+@torch.no_grad()
+def classify_samples(model, classifier: Tensor, samples: Sequence[Tuple[str, int]], preprocess,
+                     batch_size: int = 64, device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 accuracy (%) of ``(image path, class index)`` samples against ``classifier`` [d, C].
+
+    ``preprocess`` maps a PIL image to a normalised [3, S, S] tensor. Unreadable images are skipped and counted
+    (``num_skipped``). With fewer than 5 classes, top-5 is top-C (reported as ``topk``).
+    """
+    from PIL import Image
+
+    num_classes = classifier.shape[1]
     device = device or _module_device(model)
     classifier = classifier.to(device).float()
-    k = min(5, len(classes))
+    k = min(5, num_classes)
     hits1 = hits5 = seen = skipped = 0
 
     def run(batch: List[Tensor], labels: List[int]) -> None:
@@ -585,7 +616,7 @@ def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_si
         try:
             with Image.open(path) as image:
                 batch.append(preprocess(image.convert("RGB")))
-        except (OSError, ValueError) as error:  # unreadable or truncated file: skip it, count it
+        except (OSError, ValueError) as error:  # unreadable, missing or truncated file: skip it, count it
             skipped += 1
             if skipped <= 5:
                 print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
@@ -597,9 +628,25 @@ def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_si
     if batch:
         run(batch, labels)
     if seen == 0:
-        raise ValueError(f"none of the {len(samples)} image files under {folder} could be read")
+        raise ValueError(f"none of the {len(samples)} image files could be read")
     return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "topk": float(k),
-            "num_images": float(seen), "num_skipped": float(skipped), "num_classes": float(len(classes))}
+            "num_images": float(seen), "num_skipped": float(skipped), "num_classes": float(num_classes)}
+
+
+def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_size: int = 64,
+                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """``classify_samples`` on ``folder/<class>/<image>``; class c is the c-th sorted sub-folder."""
+    classes = list_class_folders(folder)
+    if classifier.shape[1] != len(classes):
+        raise ValueError(f"classifier has {classifier.shape[1]} classes but {folder} has {len(classes)} class "
+                         f"folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    samples, _ = list_class_folder_images(folder)
+    return classify_samples(model, classifier, samples, preprocess, batch_size, device, dtype)
+
+
+def chance_accuracy(num_classes: int) -> Dict[str, float]:
+    """Expected top-1 / top-5 (%) of a random guess among ``num_classes`` classes."""
+    return {"top1": 100.0 / num_classes, "top5": 100.0 * min(5, num_classes) / num_classes}
 
 
 def _module_device(model) -> torch.device:
