@@ -39,6 +39,15 @@ class DatasetSource:
 
 
 @dataclass
+class ZeroShotSetConfig:
+    """A zero-shot classification set evaluated at the validation interval (logged as eval/<name>/top1, top5)."""
+
+    path: str = ""  # a folder laid out by class (PATH/<class>/<image>) or a CSV of image,label rows
+    classes: Optional[str] = None  # file of class names for the prompts, one per line; None = folder names/labels
+    templates: Optional[str] = None  # file of prompt templates with {}, one per line; None = the built-in set
+
+
+@dataclass
 class DataConfig:
     exp_name: str = "your_exp_name"
     name: Literal["local"] = "local"
@@ -49,6 +58,7 @@ class DataConfig:
     # ZeroVL reads CSVs under ./data/; zvl_ds streams shards, made by tools/make_shards.py --out shards.
     data_path: str = "./shards/"
     datasets: Dict[str, DatasetSource] = field(default_factory=dict)  # explicit sources, by dataset name
+    zeroshot: Dict[str, ZeroShotSetConfig] = field(default_factory=dict)  # classification sets, by name
     train_splits: List[str] = field(default_factory=lambda: ["train"])
     valid_splits: List[str] = field(default_factory=lambda: ["valid"])
     test_splits: List[str] = field(default_factory=list)
@@ -701,6 +711,12 @@ def _validate(cfg: Config) -> None:
         if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
             raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "
                               f"data.batch_size={data.batch_size}")
+    for name, zeroshot in data.zeroshot.items():
+        if not zeroshot.path:
+            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder or an image,label CSV")
+        if name in data.valid_name:
+            raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
+                              "would share eval/<name>/; rename one")
     temp = cfg.loss.temperature
     if not 0 < temp.min <= temp.value <= temp.max:
         raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "

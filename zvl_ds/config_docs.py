@@ -47,6 +47,15 @@ KEY_HELP: Dict[str, str] = {
     "data.datasets.<name>.size": "Total samples of dataset `<name>`; `null`: read from `sizes.json` or "
                                  "`*_stats.json` next to the shards. Training needs a size; when given it wins and "
                                  "is spread evenly over the shards unless the size files agree.",
+    "data.zeroshot": "Zero-shot classification sets by name, evaluated at the validation interval with "
+                     "the validation transforms; logged as `eval/<name>/top1` and `top5`, every image counted once "
+                     "over the ranks.",
+    "data.zeroshot.<name>.path": "A folder laid out by class (`PATH/<class>/<image>`, class c = the c-th sorted "
+                                 "sub-folder) or a `.csv` of `image,label` rows (paths relative to the CSV).",
+    "data.zeroshot.<name>.classes": "File of the class names the prompts use, one per line in class order; "
+                                    "`null`: the folder names or labels with `_` as a space.",
+    "data.zeroshot.<name>.templates": "File of prompt templates, one per line, `{}` for the class name; `null`: "
+                                      "ten built-in photo prompts.",
     "data.train_splits": "Split prefixes read for training datasets found under `data_path/<name>/` "
                          "(`<split>-*.tar`); ignored for datasets with an explicit `shards` spec.",
     "data.valid_splits": "Split prefixes read for validation datasets found under `data_path/<name>/`; ignored for "
