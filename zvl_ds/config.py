@@ -300,6 +300,7 @@ class RunnerConfig:
     offload_inputs: bool = False
     max_skipped_steps: int = 10
     world_size: int = -1  # LAVIS run.world_size; > 0 is checked against the launcher's world size
+    task: Literal["retrieval"] = "retrieval"  # LAVIS run.task; a dual encoder trains for retrieval only
 
 
 @dataclass
@@ -447,7 +448,16 @@ LAVIS_RUN_MAP: Dict[str, Tuple[str, Any]] = {
     "dist_url": ("dist.url", None),
     "distributed": ("dist.distributed", None),
     "amp": ("precision", lambda v: ("fp16" if v else "fp32") if isinstance(v, bool) else v),
+    "task": ("runner.task", lambda v: _lavis_task(v)),
 }
+
+
+def _lavis_task(task: Any) -> str:
+    if task != "retrieval":
+        raise ConfigError(f"run.task={task!r} is not supported: zvl_ds trains a dual encoder for image-text "
+                          "retrieval (run.task: retrieval); LAVIS's captioning, VQA, multimodal classification "
+                          "and other tasks need models it does not have")
+    return task
 
 # --------------------------------------------------------------------------------------------------
 # YAML loading
@@ -701,6 +711,21 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _resolve_package_paths(cfg: Config) -> None:
+    """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
+    from zvl_ds.package_paths import is_package_path, resolve_package_path
+
+    for section, key in ((cfg.model.image_encoder, "pretrained"), (cfg.model.text_encoder, "tag"),
+                         (cfg.model.text_encoder, "tokenizer")):
+        value = getattr(section, key)
+        if is_package_path(value):
+            try:
+                setattr(section, key, resolve_package_path(value))
+            except FileNotFoundError as error:
+                where = "image_encoder" if section is cfg.model.image_encoder else "text_encoder"
+                raise ConfigError(f"model.{where}.{key}: {error}") from None
+
+
 def _validate(cfg: Config) -> None:
     data = cfg.data
     for key in ("batch_size", "batch_size_val", "num_workers", "shuffle_buffer"):
@@ -784,6 +809,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     raw = _apply_lavis_run_block(raw)
     raw = _apply_model_preset(raw)
     cfg = _build(Config, raw)
+    _resolve_package_paths(cfg)
     if cfg.precision is None:
         cfg.precision = "fp16" if cfg.dist.fp16 else "fp32"
     _validate(cfg)

@@ -236,6 +236,7 @@ KEY_HELP: Dict[str, str] = {
                                 "stops with an error naming the last good checkpoint.",
     "runner.world_size": "LAVIS `run.world_size`: > 0 must equal the number of ranks the launcher started; "
                          "-1: not checked.",
+    "runner.task": "What the run trains for: `retrieval` (LAVIS `run.task`); any other value is refused.",
     # ---------------------------------------------------------------- ckpt
     "ckpt.dir": "Output root; the run folder is `ckpt.dir/data.exp_name`.",
     "ckpt.step_interval": "Save a checkpoint every this many optimizer steps (and after the last step).",
@@ -280,6 +281,7 @@ LAVIS_NOTES: Dict[str, str] = {
     "lr_sched": "LAVIS's names are accepted as they are (`constant_lr` too)",
     "warmup_lr": "LAVIS's -1 meaning `init_lr` is not special here; default 0",
     "test_splits": "unused",
+    "task": "`retrieval` only; any other task is refused by name",
     "dist_url": "unused",
     "distributed": "unused",
 }
