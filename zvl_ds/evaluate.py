@@ -584,8 +584,12 @@ def read_labelled_csv(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return [(os.path.join(base, image), index[label]) for image, label in rows], classes
 
 
-def _load_images(paths: Sequence[str], preprocess) -> Tuple[List[Tensor], List[int], int]:
-    """(preprocessed images, their positions in ``paths``, number unreadable); unreadable files are reported."""
+MAX_UNREADABLE_WARNINGS = 5  # per classification run; every unreadable image is counted all the same
+
+
+def _load_images(paths: Sequence[str], preprocess, warnings_left: int) -> Tuple[List[Tensor], List[int], int]:
+    """(preprocessed images, their positions in ``paths``, number unreadable); the first unreadable files are
+    reported (``warnings_left``)."""
     from PIL import Image
 
     images, kept, skipped = [], [], 0
@@ -595,7 +599,8 @@ def _load_images(paths: Sequence[str], preprocess) -> Tuple[List[Tensor], List[i
                 images.append(preprocess(image.convert("RGB")))
         except (OSError, ValueError) as error:  # unreadable, missing or truncated file: skip it, count it
             skipped += 1
-            print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
+            if skipped <= warnings_left:
+                print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
             continue
         kept.append(position)
     return images, kept, skipped
@@ -616,7 +621,8 @@ def count_hits(model, classifier: Tensor, samples: Sequence[Tuple[str, int]], pr
     needed = -(-len(samples) // batch_size)
     for index in range(needed if num_batches is None else num_batches):
         chunk = samples[index * batch_size:(index + 1) * batch_size]
-        images, kept, skipped = _load_images([path for path, _ in chunk], preprocess)
+        images, kept, skipped = _load_images([path for path, _ in chunk], preprocess,
+                                             MAX_UNREADABLE_WARNINGS - int(counts[3]))
         counts[3] += skipped
         if not images and num_batches is None:
             continue
