@@ -15,7 +15,7 @@ step() { printf '\n== [%3ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 step "install (tools/install.sh: .venv, CPU torch pinned where there is no GPU)"
 bash tools/install.sh
 
-step "demo data: two training styles of the same concepts + a validation set (tools/make_demo_data.py)"
+step "demo data: two training styles of the same concepts, a validation set, a classification set (tools/make_demo_data.py)"
 $py tools/make_demo_data.py --out "$work/data"
 
 step "shards (tools/make_shards.py)"
@@ -25,7 +25,8 @@ $py tools/make_shards.py --data-root "$work/data" --dataset demo_flat --dataset 
 step "train configs/demo.yaml on 2 ranks with the deepspeed launcher (ZeRO-2, DGA, MixUpNCE, debias)"
 .venv/bin/deepspeed --num_gpus 2 --no_local_rank --master_port "${ZVL_MASTER_PORT:-29561}" zvl_ds/train.py \
     --deepspeed_config ds_configs/zero2.json --cfg configs/demo.yaml \
-    data.data_path="$work/shards" ckpt.dir="$work/output" 2>&1 \
+    data.data_path="$work/shards" ckpt.dir="$work/output" data.zeroshot.demo_classify.path="$work/data/demo_classify" \
+    2>&1 \
     | grep --line-buffered -v -E "^\[20[0-9-]+ |Warning|warnings.warn|return func|^\s*$"
 
 step "zero-shot retrieval of the trained model (tools/evaluate.py)"
@@ -35,9 +36,13 @@ $py tools/evaluate.py --model "$work/output/demo" --cfg configs/demo.yaml data.d
 step "export a model folder that loads without DeepSpeed (tools/export.py)"
 $py tools/export.py "$work/output/demo" --out "$work/model"
 
+step "zero-shot classification by shape (python -m zvl_ds.classify)"
+$py -m zvl_ds.classify --model "$work/model" --images "$work/data/demo_classify" --out "$work/classify.json"
+
 step "done"
 cat <<MSG
 Retrieval metrics (%, chance level on the 'chance' row): $work/metrics.json
+Classification:  $work/classify.json  (also eval/demo_classify/top1 in training)
 Checkpoints:     $work/output/demo/   (resume: run the same training command again)
 Exported model:  $work/model/          (python -c "import zvl_ds; m = zvl_ds.load_model('$work/model')")
 TensorBoard:     .venv/bin/tensorboard --logdir $work/output/demo/tensorboard

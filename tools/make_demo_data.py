@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write the procedural demo datasets (demo_flat, demo_sketch, demo_val) in the ZeroVL layout.
+"""Write the procedural demo datasets (demo_flat, demo_sketch, demo_val) in the ZeroVL layout, and
+demo_classify (class folders by shape) for zero-shot classification.
 
   python tools/make_demo_data.py --out data [--seed 0] [--train-size 2000] [--valid-size 200]
 then
@@ -30,16 +31,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--valid-size", type=int, default=200, help="images in demo_val")
     parser.add_argument("--captions-per-image", type=int, default=5,
                         help=f"captions per validation image (1..{len(TEMPLATES)})")
+    parser.add_argument("--classify-size", type=int, default=100,
+                        help="images in demo_classify (zero-shot classification by shape, one folder per shape); 0: none")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         written = make_demo_data(args.out, seed=args.seed, train_size=args.train_size, valid_size=args.valid_size,
-                                 captions_per_image=args.captions_per_image)
+                                 captions_per_image=args.captions_per_image, classify_size=args.classify_size)
     except ValueError as error:
         print(f"make_demo_data: error: {error}", file=sys.stderr)
         return 2
     for dataset in written:
-        print(f"{dataset.csv_path}: {dataset.images} images, {dataset.captions} captions ({dataset.split})")
+        if dataset.split == "classify":
+            print(f"{dataset.csv_path}/<shape>/: {dataset.images} images ({dataset.split})")
+        else:
+            print(f"{dataset.csv_path}: {dataset.images} images, {dataset.captions} captions ({dataset.split})")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -39,6 +39,15 @@ class DatasetSource:
 
 
 @dataclass
+class ZeroShotSetConfig:
+    """A zero-shot classification set evaluated at the validation interval (logged as eval/<name>/top1, top5)."""
+
+    path: str = ""  # a folder laid out by class (PATH/<class>/<image>) or a CSV of image,label rows
+    classes: Optional[str] = None  # file of class names for the prompts, one per line; None = folder names/labels
+    templates: Optional[str] = None  # file of prompt templates with {}, one per line; None = the built-in set
+
+
+@dataclass
 class DataConfig:
     exp_name: str = "your_exp_name"
     name: Literal["local"] = "local"
@@ -49,6 +58,7 @@ class DataConfig:
     # ZeroVL reads CSVs under ./data/; zvl_ds streams shards, made by tools/make_shards.py --out shards.
     data_path: str = "./shards/"
     datasets: Dict[str, DatasetSource] = field(default_factory=dict)  # explicit sources, by dataset name
+    zeroshot: Dict[str, ZeroShotSetConfig] = field(default_factory=dict)  # classification sets, by name
     train_splits: List[str] = field(default_factory=lambda: ["train"])
     valid_splits: List[str] = field(default_factory=lambda: ["valid"])
     test_splits: List[str] = field(default_factory=list)
@@ -235,11 +245,45 @@ class LRConfig:
     param: LRParams = field(default_factory=LRParams)
 
 
+MODEL_PARTS = ("image_tower", "text_tower", "projection", "temperature")
+
+
+@dataclass
+class PartLRMultConfig:
+    """Each part's learning rate as a multiple of the schedule's (optim.lr)."""
+
+    image_tower: float = 1.0
+    text_tower: float = 1.0
+    projection: float = 1.0  # both projections
+    temperature: float = 1.0  # the learnable temperature (loss.temperature.name=parameter)
+
+
+@dataclass
+class PartLRAbsConfig:
+    """A part's peak learning rate given absolutely: its multiplier becomes value / optim.lr.init."""
+
+    image_tower: Optional[float] = None
+    text_tower: Optional[float] = None
+    projection: Optional[float] = None
+    temperature: Optional[float] = None
+
+
+@dataclass
+class LayerDecayConfig:
+    """Layer-wise LR decay (EVA-CLIP): block i of L gets decay ** (L - i); embeddings decay ** (L + 1)."""
+
+    image_tower: float = 1.0  # 1.0 = off; < 1 needs a ViT tower (blocks.N)
+    text_tower: float = 1.0  # 1.0 = off; < 1 needs a BERT-like tower (encoder.layer.N)
+
+
 @dataclass
 class OptimConfig:
     name: Literal["torch.optim.AdamW", "AdamW", "torch.optim.SGD", "SGD"] = "torch.optim.AdamW"
     param: OptimParams = field(default_factory=OptimParams)
     lr: LRConfig = field(default_factory=LRConfig)
+    lr_mult: PartLRMultConfig = field(default_factory=PartLRMultConfig)
+    lr_abs: PartLRAbsConfig = field(default_factory=PartLRAbsConfig)
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     # ZeroVL decays every parameter (its exclusion rules are commented out); decaying norms, biases and the
     # temperature is rarely what users want, so by default they go to a no-decay group.
     decay_all: bool = False
@@ -257,6 +301,7 @@ class RunnerConfig:
     max_skipped_steps: int = 10
     collective_timeout: float = 600.0  # seconds any rank may wait in a collective before the job fails
     world_size: int = -1  # LAVIS run.world_size; > 0 is checked against the launcher's world size
+    task: Literal["retrieval"] = "retrieval"  # LAVIS run.task; a dual encoder trains for retrieval only
 
 
 @dataclass
@@ -406,7 +451,16 @@ LAVIS_RUN_MAP: Dict[str, Tuple[str, Any]] = {
     "dist_url": ("dist.url", None),
     "distributed": ("dist.distributed", None),
     "amp": ("precision", lambda v: ("fp16" if v else "fp32") if isinstance(v, bool) else v),
+    "task": ("runner.task", lambda v: _lavis_task(v)),
 }
+
+
+def _lavis_task(task: Any) -> str:
+    if task != "retrieval":
+        raise ConfigError(f"run.task={task!r} is not supported: zvl_ds trains a dual encoder for image-text "
+                          "retrieval (run.task: retrieval); LAVIS's captioning, VQA, multimodal classification "
+                          "and other tasks need models it does not have")
+    return task
 
 # --------------------------------------------------------------------------------------------------
 # YAML loading
@@ -660,6 +714,21 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _resolve_package_paths(cfg: Config) -> None:
+    """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
+    from zvl_ds.package_paths import is_package_path, resolve_package_path
+
+    for section, key in ((cfg.model.image_encoder, "pretrained"), (cfg.model.text_encoder, "tag"),
+                         (cfg.model.text_encoder, "tokenizer")):
+        value = getattr(section, key)
+        if is_package_path(value):
+            try:
+                setattr(section, key, resolve_package_path(value))
+            except FileNotFoundError as error:
+                where = "image_encoder" if section is cfg.model.image_encoder else "text_encoder"
+                raise ConfigError(f"model.{where}.{key}: {error}") from None
+
+
 def _validate(cfg: Config) -> None:
     data = cfg.data
     for key in ("batch_size", "batch_size_val", "num_workers", "shuffle_buffer"):
@@ -670,6 +739,12 @@ def _validate(cfg: Config) -> None:
         if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
             raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "
                               f"data.batch_size={data.batch_size}")
+    for name, zeroshot in data.zeroshot.items():
+        if not zeroshot.path:
+            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder or an image,label CSV")
+        if name in data.valid_name:
+            raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
+                              "would share eval/<name>/; rename one")
     temp = cfg.loss.temperature
     if not 0 < temp.min <= temp.value <= temp.max:
         raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "
@@ -685,6 +760,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
     if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
+    _validate_part_lrs(cfg.optim)
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
     code_key = _code_loading_key(cfg.model.text_encoder.config)
@@ -717,6 +793,27 @@ def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
     return None
 
 
+def _validate_part_lrs(optim: OptimConfig) -> None:
+    for part in MODEL_PARTS:
+        mult, absolute = getattr(optim.lr_mult, part), getattr(optim.lr_abs, part)
+        if mult < 0:
+            raise ConfigError(f"optim.lr_mult.{part}: must be >= 0, got {mult}")
+        if absolute is None:
+            continue
+        if absolute < 0:
+            raise ConfigError(f"optim.lr_abs.{part}: must be >= 0, got {absolute}")
+        if mult != 1.0:
+            raise ConfigError(f"optim.lr_abs.{part}={absolute} and optim.lr_mult.{part}={mult}: give the part's "
+                              "learning rate one way")
+        if optim.lr.init <= 0:
+            raise ConfigError(f"optim.lr_abs.{part} is relative to optim.lr.init, which must then be > 0 "
+                              f"(got {optim.lr.init})")
+    for tower in ("image_tower", "text_tower"):
+        decay = getattr(optim.layer_decay, tower)
+        if not 0 < decay <= 1:
+            raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
+
+
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Batch sizes are global; they must split evenly over the ranks the launcher started."""
     if cfg.runner.world_size > 0 and cfg.runner.world_size != world_size:
@@ -739,6 +836,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     raw = _apply_lavis_run_block(raw)
     raw = _apply_model_preset(raw)
     cfg = _build(Config, raw)
+    _resolve_package_paths(cfg)
     if cfg.precision is None:
         cfg.precision = "fp16" if cfg.dist.fp16 else "fp32"
     _validate(cfg)

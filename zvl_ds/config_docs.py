@@ -48,6 +48,15 @@ KEY_HELP: Dict[str, str] = {
     "data.datasets.<name>.size": "Total samples of dataset `<name>`; `null`: read from `sizes.json` or "
                                  "`*_stats.json` next to the shards. Training needs a size; when given it wins and "
                                  "is spread evenly over the shards unless the size files agree.",
+    "data.zeroshot": "Zero-shot classification sets by name, evaluated at the validation interval with "
+                     "the validation transforms; logged as `eval/<name>/top1` and `top5`, every image counted once "
+                     "over the ranks.",
+    "data.zeroshot.<name>.path": "A folder laid out by class (`PATH/<class>/<image>`, class c = the c-th sorted "
+                                 "sub-folder) or a `.csv` of `image,label` rows (paths relative to the CSV).",
+    "data.zeroshot.<name>.classes": "File of the class names the prompts use, one per line in class order; "
+                                    "`null`: the folder names or labels with `_` as a space.",
+    "data.zeroshot.<name>.templates": "File of prompt templates, one per line, `{}` for the class name; `null`: "
+                                      "ten built-in photo prompts.",
     "data.train_splits": "Split prefixes read for training datasets found under `data_path/<name>/` "
                          "(`<split>-*.tar`); ignored for datasets with an explicit `shards` spec.",
     "data.valid_splits": "Split prefixes read for validation datasets found under `data_path/<name>/`; ignored for "
@@ -193,6 +202,21 @@ KEY_HELP: Dict[str, str] = {
     "optim.lr.param.num_cycles": "Cosine cycles of the ZeroVL schedule after warm-up (0.5: one half cosine, "
                                  "monotone decay).",
     "optim.lr.param.min_lr_scale": "ZeroVL schedule: the final learning rate is `init * min_lr_scale`.",
+    "optim.lr_mult.image_tower": "Image tower's learning rate as a multiple of the schedule's (every schedule, "
+                                 "every step); 0 freezes it in effect but keeps it in the optimizer.",
+    "optim.lr_mult.text_tower": "Text tower's learning-rate multiple of the schedule's.",
+    "optim.lr_mult.projection": "Both projections' learning-rate multiple of the schedule's.",
+    "optim.lr_mult.temperature": "The learnable temperature's learning-rate multiple of the schedule's.",
+    "optim.lr_abs.image_tower": "Image tower's peak learning rate, absolute (multiplier = value / `optim.lr.init`); "
+                                "`null`: use `lr_mult`.",
+    "optim.lr_abs.text_tower": "Text tower's peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.lr_abs.projection": "Projections' peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.lr_abs.temperature": "Temperature's peak learning rate, absolute; `null`: use `lr_mult`.",
+    "optim.layer_decay.image_tower": "Layer-wise LR decay of a ViT image tower (EVA-CLIP): with L blocks, block i "
+                                     "(0-based) gets `decay ** (L - i)`, patch/position embeddings and tokens "
+                                     "`decay ** (L + 1)`, the final norm 1; 1.0 = off.",
+    "optim.layer_decay.text_tower": "The same for a BERT-like text tower (`encoder.layer.N`; the embeddings are "
+                                    "layer 0); 1.0 = off.",
     "optim.decay_all": "`true`: decay every parameter (ZeroVL); `false`: biases, norm gains and other 1-d tensors, "
                        "the temperature, position embeddings and class/mask tokens get no weight decay.",
     "optim.grad_clip": "Maximum global gradient norm (DeepSpeed `gradient_clipping`); 0 = off.",
@@ -217,6 +241,7 @@ KEY_HELP: Dict[str, str] = {
                                  "wait long (a universal checkpoint conversion of a large model on rank 0).",
     "runner.world_size": "LAVIS `run.world_size`: > 0 must equal the number of ranks the launcher started; "
                          "-1: not checked.",
+    "runner.task": "What the run trains for: `retrieval` (LAVIS `run.task`); any other value is refused.",
     # ---------------------------------------------------------------- ckpt
     "ckpt.dir": "Output root; the run folder is `ckpt.dir/data.exp_name`.",
     "ckpt.step_interval": "Save a checkpoint every this many optimizer steps (and after the last step).",
@@ -267,6 +292,7 @@ LAVIS_NOTES: Dict[str, str] = {
     "lr_sched": "LAVIS's names are accepted as they are (`constant_lr` too)",
     "warmup_lr": "LAVIS's -1 meaning `init_lr` is not special here; default 0",
     "test_splits": "unused",
+    "task": "`retrieval` only; any other task is refused by name",
     "dist_url": "unused",
     "distributed": "unused",
 }

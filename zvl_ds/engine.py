@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -108,7 +108,14 @@ def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_con
     return engine
 
 
-def set_learning_rate(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+def set_learning_rate(engine, lr: float, scales: Optional[Sequence[float]] = None) -> None:
+    """Give optimizer group i the schedule's ``lr`` times ``scales[i]`` (per-part LRs, layer decay).
+
+    The scales come from the groups as built (``zvl_ds.optim.optimizer_groups``), not from the groups' dicts,
+    which a checkpoint load replaces with what an older run saved."""
+    groups = engine.optimizer.param_groups
+    if scales is not None and len(scales) != len(groups):
+        raise RuntimeError(f"{len(scales)} learning-rate scales for {len(groups)} optimizer groups")
+    for index, group in enumerate(groups):
+        group["lr"] = lr * (scales[index] if scales is not None else 1.0)
 

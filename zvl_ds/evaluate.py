@@ -557,59 +557,138 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1).T.contiguous()
 
 
-@torch.no_grad()
-def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_size: int = 64,
-                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
-    """Zero-shot top-1/top-5 accuracy (%) on ``folder/<class>/<image>``; class c is the c-th sorted sub-folder.
+def list_class_folder_images(folder: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(``(image path, class index)`` for every image under ``folder/<class>/``, class names = sorted folders)."""
+    classes = list_class_folders(folder)
+    samples = _list_images(folder, classes)
+    if not samples:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {folder}")
+    return samples, classes
 
-    ``preprocess`` maps a PIL image to a normalised [3, S, S] tensor; ``classifier`` is [d, C] with C equal to
-    the number of class folders. Unreadable images are skipped and counted (``num_skipped``). With fewer than 5
-    classes, top-5 is top-C (reported as ``topk``).
+
+def read_labelled_csv(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """``image,label`` rows (a header row ``image,label`` is optional) -> (samples, class names sorted).
+
+    Relative image paths are relative to the CSV's folder. A row without two fields is an error naming its line.
     """
+    import csv
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CSV not found: {path}")
+    rows: List[Tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise ValueError(f"{path}:{line_no}: expected 'image,label', got {','.join(row)!r}")
+            if line_no == 1 and [cell.strip().lower() for cell in row] == ["image", "label"]:
+                continue
+            rows.append((row[0].strip(), row[1].strip()))
+    if not rows:
+        raise ValueError(f"{path} has no image,label rows")
+    classes = sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    base = os.path.dirname(os.path.abspath(path))
+    return [(os.path.join(base, image), index[label]) for image, label in rows], classes
+
+
+MAX_UNREADABLE_WARNINGS = 5  # per classification run; every unreadable image is counted all the same
+
+
+def _load_images(paths: Sequence[str], preprocess, warnings_left: int) -> Tuple[List[Tensor], List[int], int]:
+    """(preprocessed images, their positions in ``paths``, number unreadable); the first unreadable files are
+    reported (``warnings_left``)."""
     from PIL import Image
 
+    images, kept, skipped = [], [], 0
+    for position, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                images.append(preprocess(image.convert("RGB")))
+        except (OSError, ValueError) as error:  # unreadable, missing or truncated file: skip it, count it
+            skipped += 1
+            if skipped <= warnings_left:
+                print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
+            continue
+        kept.append(position)
+    return images, kept, skipped
+
+
+@torch.no_grad()
+def count_hits(model, classifier: Tensor, samples: Sequence[Tuple[str, int]], preprocess, batch_size: int,
+               device: torch.device, dtype: torch.dtype, num_batches: Optional[int] = None) -> Tensor:
+    """``[top-1 hits, top-k hits, images seen, images skipped]`` (long) of ``samples`` against ``classifier``.
+
+    Runs exactly ``num_batches`` forwards (default: as many as the samples need); a batch without a readable
+    image runs one blank image whose result is dropped, so that every rank of a sharded model (ZeRO-3) takes
+    part in the same number of forwards.
+    """
+    k = min(5, classifier.shape[1])
+    classifier = classifier.to(device).float()
+    counts = torch.zeros(4, dtype=torch.long)
+    needed = -(-len(samples) // batch_size)
+    for index in range(needed if num_batches is None else num_batches):
+        chunk = samples[index * batch_size:(index + 1) * batch_size]
+        images, kept, skipped = _load_images([path for path, _ in chunk], preprocess,
+                                             MAX_UNREADABLE_WARNINGS - int(counts[3]))
+        counts[3] += skipped
+        if not images and num_batches is None:
+            continue
+        batch = torch.stack(images) if images else torch.zeros((1, 3) + _image_shape(preprocess))
+        logits = model.encode_image(batch.to(device=device, dtype=dtype)).float() @ classifier
+        if not images:
+            continue
+        top = logits.topk(k, dim=1).indices.cpu()
+        target = torch.tensor([chunk[i][1] for i in kept]).unsqueeze(1)
+        counts[0] += int((top[:, :1] == target).sum())
+        counts[1] += int((top == target).any(dim=1).sum())
+        counts[2] += len(kept)
+    return counts
+
+
+def _image_shape(preprocess) -> Tuple[int, int]:
+    from PIL import Image
+
+    return tuple(preprocess(Image.new("RGB", (8, 8))).shape[1:])  # type: ignore[return-value]
+
+
+def accuracy_summary(counts: Tensor, num_classes: int, num_samples: int) -> Dict[str, float]:
+    hits1, hits5, seen, skipped = (int(c) for c in counts)
+    if seen == 0:
+        raise ValueError(f"none of the {num_samples} image files could be read")
+    return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "topk": float(min(5, num_classes)),
+            "num_images": float(seen), "num_skipped": float(skipped), "num_classes": float(num_classes)}
+
+
+def classify_samples(model, classifier: Tensor, samples: Sequence[Tuple[str, int]], preprocess,
+                     batch_size: int = 64, device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 accuracy (%) of ``(image path, class index)`` samples against ``classifier`` [d, C].
+
+    ``preprocess`` maps a PIL image to a normalised [3, S, S] tensor. Unreadable images are skipped and counted
+    (``num_skipped``). With fewer than 5 classes, top-5 is top-C (reported as ``topk``).
+    """
+    device = device or _module_device(model)
+    counts = count_hits(model, classifier, list(samples), preprocess, batch_size, device, dtype)
+    return accuracy_summary(counts, classifier.shape[1], len(samples))
+
+
+def classify_folder(model, classifier: Tensor, folder: str, preprocess, batch_size: int = 64,
+                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """``classify_samples`` on ``folder/<class>/<image>``; class c is the c-th sorted sub-folder."""
     classes = list_class_folders(folder)
     if classifier.shape[1] != len(classes):
         raise ValueError(f"classifier has {classifier.shape[1]} classes but {folder} has {len(classes)} class "
                          f"folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-    samples = _list_images(folder, classes)
-    if not samples:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {folder}")
-    device = device or _module_device(model)
-    classifier = classifier.to(device).float()
-    k = min(5, len(classes))
-    hits1 = hits5 = seen = skipped = 0
+    samples, _ = list_class_folder_images(folder)
+    return classify_samples(model, classifier, samples, preprocess, batch_size, device, dtype)
 
-    def run(batch: List[Tensor], labels: List[int]) -> None:
-        nonlocal hits1, hits5, seen
-        images = torch.stack(batch).to(device=device, dtype=dtype)
-        logits = model.encode_image(images).float() @ classifier
-        top = logits.topk(k, dim=1).indices.cpu()
-        target = torch.tensor(labels).unsqueeze(1)
-        hits1 += int((top[:, :1] == target).sum())
-        hits5 += int((top == target).any(dim=1).sum())
-        seen += len(labels)
 
-    batch, labels = [], []
-    for path, label in samples:
-        try:
-            with Image.open(path) as image:
-                batch.append(preprocess(image.convert("RGB")))
-        except (OSError, ValueError) as error:  # unreadable or truncated file: skip it, count it
-            skipped += 1
-            if skipped <= 5:
-                print(f"[zvl_ds] skipping unreadable image {path}: {error}", flush=True)
-            continue
-        labels.append(label)
-        if len(batch) == batch_size:
-            run(batch, labels)
-            batch, labels = [], []
-    if batch:
-        run(batch, labels)
-    if seen == 0:
-        raise ValueError(f"none of the {len(samples)} image files under {folder} could be read")
-    return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "topk": float(k),
-            "num_images": float(seen), "num_skipped": float(skipped), "num_classes": float(len(classes))}
+def chance_accuracy(num_classes: int) -> Dict[str, float]:
+    """Expected top-1 / top-5 (%) of a random guess among ``num_classes`` classes."""
+    return {"top1": 100.0 / num_classes, "top5": 100.0 * min(5, num_classes) / num_classes}
 
 
 def _module_device(model) -> torch.device:
@@ -617,3 +696,69 @@ def _module_device(model) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Zero-shot classification sets of a config (data.zeroshot), every image once over the ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def validation_preprocess(transforms_cfg):
+    """PIL image -> normalised float32 [3, S, S] through the config's validation transforms (as the loader)."""
+    import random
+
+    from zvl_ds.data import normalize_images
+    from zvl_ds.data.transforms import ImageTransform, load_rgb, to_uint8_chw
+
+    transform = ImageTransform(transforms_cfg.valid_transforms, transforms_cfg)
+
+    def preprocess(image) -> Tensor:
+        image = load_rgb(image.copy())
+        for op in transform.ops:
+            image = op(image, random.Random(0))  # validation transforms draw nothing
+        uint8 = to_uint8_chw(image.convert("RGB")).unsqueeze(0)
+        return normalize_images(uint8, transforms_cfg.normalize, torch.device("cpu"), torch.float32)[0]
+
+    return preprocess
+
+
+def labelled_images(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """A folder laid out by class, or a CSV of image,label rows."""
+    return read_labelled_csv(path) if path.lower().endswith(".csv") else list_class_folder_images(path)
+
+
+def evaluate_zero_shot(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
+    """``{set: {"top1", "top5", ...}}`` for every ``data.zeroshot`` set, the same on every rank.
+
+    Rank r classifies the samples r, r + W, r + 2W, ...; the counts are summed over the ranks, so every image
+    is counted exactly once whatever the world size.
+    """
+    from zvl_ds import dist
+    from zvl_ds.classify import prompt_names, read_templates
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    preprocess = validation_preprocess(cfg.transforms)
+    batch_size = max(1, cfg.data.batch_size_val // world_size)
+    was_training = model.training
+    model.eval()
+    results: Dict[str, Dict[str, float]] = {}
+    try:
+        for name, zs in cfg.data.zeroshot.items():
+            samples, classes = labelled_images(zs.path)
+            names = prompt_names(classes, zs.classes)
+            classifier = build_zero_shot_classifier(model, tokenizer, names, read_templates(zs.templates),
+                                                    cfg.model.max_length, device)
+            mine = samples[rank::world_size]
+            num_batches = torch.tensor([-(-len(mine) // batch_size)], dtype=torch.long, device=device)
+            if world_size > 1:
+                import torch.distributed as tdist
+
+                tdist.all_reduce(num_batches, op=tdist.ReduceOp.MAX)
+            counts = count_hits(model, classifier, mine, preprocess, batch_size, device, dtype, int(num_batches))
+            if world_size > 1:
+                counts = counts.to(device)
+                tdist.all_reduce(counts)
+            results[name] = accuracy_summary(counts.cpu(), len(classes), len(samples))
+    finally:
+        model.train(was_training)
+    return results

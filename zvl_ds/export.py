@@ -121,9 +121,9 @@ def _stage0_master_weights(model_states: Dict, model: nn.Module, cfg: Config) ->
     """fp32 master copies kept by DeepSpeed's bf16/fp16 optimizer wrapper at ZeRO-0, by parameter name.
 
     The wrapper stores them per optimizer group, in group order, without names; the trainer builds the groups
-    with ``zvl_ds.optim.parameter_groups``, so rebuilding the groups on the same model recovers the names.
+    with ``zvl_ds.optim.optimizer_groups``, so rebuilding the groups on the same model recovers the names.
     """
-    from zvl_ds.optim import parameter_groups
+    from zvl_ds.optim import optimizer_groups
 
     wrapper = model_states.get("optimizer") or {}
     if "fp32_groups" in wrapper:
@@ -133,7 +133,7 @@ def _stage0_master_weights(model_states: Dict, model: nn.Module, cfg: Config) ->
     else:
         return {}
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = parameter_groups(model, cfg.optim.param.weight_decay, cfg.optim.decay_all)
+    groups = optimizer_groups(model, cfg.optim)
     if len(groups) != len(masters):
         return {}
     found: Dict[str, Tensor] = {}

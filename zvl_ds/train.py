@@ -70,6 +70,20 @@ def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
     return cfg.epoch * steps_per_epoch
 
 
+def check_zero_shot_sets(cfg: Config) -> None:
+    """Fail at the start, not at the first evaluation, when a ``data.zeroshot`` set cannot be read."""
+    from zvl_ds.classify import prompt_names, read_templates
+    from zvl_ds.evaluate import labelled_images
+
+    for name, zeroshot in cfg.data.zeroshot.items():
+        try:
+            _, classes = labelled_images(zeroshot.path)
+            prompt_names(classes, zeroshot.classes)
+            read_templates(zeroshot.templates)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.zeroshot.{name}: {error}") from None
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_config: Dict, placement: Placement):
         self.cfg = cfg
@@ -87,7 +101,10 @@ class Trainer:
             self.resume_point = convert_to_universal(self.resume_point)
             self._refuse_code_in_checkpoint()
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.lr_scales = [group["lr_scale"] for group in optimizer.param_groups]
+        self.engine = initialize_engine(model, optimizer, ds_config)
+        check_zero_shot_sets(cfg)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
@@ -171,13 +188,15 @@ class Trainer:
         return step % every == 0 or step == self.total_steps
 
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        from zvl_ds.evaluate import evaluate_with_examples, log_retrieval_examples
+        from zvl_ds.evaluate import evaluate_with_examples, evaluate_zero_shot, log_retrieval_examples
 
         self.engine.eval()
         try:
             metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer,
                                                     self.placement.device, self.placement.dtype,
                                                     num_examples=max(0, self.cfg.log.num_image_samples))
+            metrics.update(evaluate_zero_shot(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                              self.placement.dtype))
         finally:
             self.engine.train()
         log_retrieval_examples(self.monitor, grids, step)
@@ -185,7 +204,8 @@ class Trainer:
             self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
                                         if isinstance(value, (int, float))})
             self.monitor.console(f"eval {name} @ step {step}: " + "  ".join(
-                f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum") if key in values))
+                f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "top1", "top5")
+                if key in values))
         if dist.is_main_process():
             with open(os.path.join(self.run_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -251,7 +271,7 @@ class Trainer:
                 torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
             mixup = draw_mixup(cfg.seed, self.step, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
             lr = learning_rate(cfg.optim.lr, self.step, self.total_steps, self.steps_per_epoch)
-            set_learning_rate(self.engine, lr)
+            set_learning_rate(self.engine, lr, self.lr_scales)
             result = self.run_step(self.engine, self._to_step_batch(batch), self.options, mixup, self.partner,
                                    self.timer)
             self.step += 1

@@ -211,17 +211,33 @@ def write_valid_dataset(folder: str, count: int, captions_per_image: int, rng: n
     return DemoDataset(os.path.basename(folder), "valid", csv_path, count, len(rows))
 
 
+def write_classify_dataset(folder: str, count: int, rng: np.random.Generator) -> DemoDataset:
+    """A zero-shot classification set by shape: ``folder/<shape>/<index>.jpg``, colours, counts and styles mixed."""
+    for shape in SHAPES:
+        os.makedirs(os.path.join(folder, shape), exist_ok=True)
+    for index in range(count):
+        scene = random_scene(rng)
+        style = STYLES[rng.integers(len(STYLES))]
+        _save_jpeg(draw_scene(scene, style, rng), os.path.join(folder, scene.shape, f"{index:06d}.jpg"))
+    return DemoDataset(os.path.basename(folder), "classify", folder, count, 0)
+
+
 def make_demo_data(out: str, seed: int = 0, train_size: int = 2000, valid_size: int = 200,
-                   captions_per_image: int = 5) -> List[DemoDataset]:
-    """Write demo_flat, demo_sketch (train) and demo_val (valid) under ``out``; existing files are overwritten."""
-    if train_size < 1 or valid_size < 1:
-        raise ValueError("train_size and valid_size must be >= 1")
+                   captions_per_image: int = 5, classify_size: int = 0) -> List[DemoDataset]:
+    """Write demo_flat, demo_sketch (train), demo_val (valid) and, when ``classify_size`` > 0, the class folders
+    of demo_classify (shapes) under ``out``; existing files are overwritten."""
+    if train_size < 1 or valid_size < 1 or classify_size < 0:
+        raise ValueError("train_size and valid_size must be >= 1, classify_size >= 0")
     if not 1 <= captions_per_image <= len(TEMPLATES):
         raise ValueError(f"captions_per_image must be in 1..{len(TEMPLATES)}, got {captions_per_image}")
     # Independent streams per dataset, so changing one size leaves the other datasets' bytes unchanged.
-    return [
+    datasets = [
         write_train_dataset(os.path.join(out, "demo_flat"), "flat", train_size, np.random.default_rng([seed, 0])),
         write_train_dataset(os.path.join(out, "demo_sketch"), "sketch", train_size, np.random.default_rng([seed, 1])),
         write_valid_dataset(os.path.join(out, "demo_val"), valid_size, captions_per_image,
                             np.random.default_rng([seed, 2])),
     ]
+    if classify_size > 0:
+        datasets.append(write_classify_dataset(os.path.join(out, "demo_classify"), classify_size,
+                                               np.random.default_rng([seed, 3])))
+    return datasets
