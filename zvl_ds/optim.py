@@ -1,7 +1,7 @@
 """Optimizer construction: parameter groups with or without weight decay."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -29,13 +29,34 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """A torch optimizer instance (handed to DeepSpeed, which avoids its fused-Adam JIT build on CPU)."""
+def kernel_options(implementation: str, device: torch.device) -> Dict[str, bool]:
+    """torch optimizer flags for ``optim.implementation`` on ``device``.
+
+    ``auto`` keeps CPU runs on the plain loop (bit-for-bit what they always were) and takes the fused kernel on
+    CUDA, where one launch per parameter group replaces several per tensor. DeepSpeed hands the optimizer its
+    own flat fp32 partitions (ZeRO 1/2) or the module's parameters, all on one device, which both kernels accept.
+    """
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "plain"
+    if implementation == "fused":
+        return {"fused": True}
+    if implementation == "foreach":
+        return {"foreach": True}
+    return {"foreach": False}
+
+
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, device: Optional[torch.device] = None
+                    ) -> torch.optim.Optimizer:
+    """A torch optimizer instance (handed to DeepSpeed, which avoids its fused-Adam JIT build on CPU).
+
+    ``device`` is where the parameters will live once DeepSpeed has placed the model (it picks the kernel).
+    """
+    kernel = kernel_options(optim_cfg.implementation, device or torch.device("cpu"))
     params = optim_cfg.param
     groups = parameter_groups(model, params.weight_decay, optim_cfg.decay_all)
     if not groups:
         raise ValueError("the model has no trainable parameters (both towers and projections frozen?)")
     lr = optim_cfg.lr.init
     if optim_cfg.name.endswith("AdamW"):
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(params.betas), eps=params.eps)
-    return torch.optim.SGD(groups, lr=lr, momentum=params.momentum)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(params.betas), eps=params.eps, **kernel)
+    return torch.optim.SGD(groups, lr=lr, momentum=params.momentum, **kernel)

@@ -33,7 +33,7 @@ from zvl_ds.dga import (RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult,
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,  # noqa: E402
                            set_learning_rate, zero_stage)
 from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
-from zvl_ds.model import build_model  # noqa: E402
+from zvl_ds.model import build_model, compile_towers  # noqa: E402
 from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
 from zvl_ds.optim import build_optimizer  # noqa: E402
 from zvl_ds.schedule import learning_rate  # noqa: E402
@@ -74,13 +74,13 @@ class Trainer:
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.model.text_encoder)
-        model = build_model(cfg.model, cfg.loss)
+        model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile)
         self.zero_stage = zero_stage(ds_config)
         self.resume_point = find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume)
         if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
             self.resume_point = convert_to_universal(self.resume_point)
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+        self.engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device), ds_config)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
@@ -107,7 +107,8 @@ class Trainer:
     def _to_step_batch(self, batch) -> StepBatch:
         images = batch.images
         if self.cfg.runner.offload_inputs and self.placement.device.type == "cuda":
-            images = images.pin_memory()  # chunks travel to the device one at a time
+            # chunks travel to the device one at a time; the loader's pin thread has pinned them already
+            images = images if images.is_pinned() else images.pin_memory()
         else:
             images = images.to(self.placement.device, non_blocking=True)
         return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
