@@ -1,4 +1,4 @@
-"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,profile,openclip,all} [--out bench_results]``.
+"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,profile,openclip,max-chunk,all} [--out bench_results]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
@@ -113,9 +113,24 @@ def run_openclip(args) -> Dict:
     return result
 
 
+def run_max_chunk(args) -> Dict:
+    from zvl_ds.bench import bench_max_chunk
+
+    result = bench_max_chunk(model_overrides(args), chunks=args.try_chunks, stage=args.stage)
+    print(f"largest chunk that fits ({args.arch}, {args.precision}, ZeRO {args.stage}), one DGA step of two chunks:")
+    for row in result["rows"]:
+        if row["fits"]:
+            print(f"  chunk {row['chunk']:>6}: fits, peak {row['peak_bytes'] / 2 ** 30:6.2f} GiB "
+                  f"({'device' if row['device'] == 'cuda' else 'process RSS'}), {row['ms_per_sample']:.3f} ms/sample")
+        else:
+            print(f"  chunk {row['chunk']:>6}: out of memory")
+    print(f"  largest: {result['largest_chunk_that_fits']}")
+    return result
+
+
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
                                 "memory": run_memory, "gpu": run_gpu, "profile": run_profile,
-                                "openclip": run_openclip}
+                                "openclip": run_openclip, "max-chunk": run_max_chunk}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -135,9 +150,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                         help="dga/memory/profile/openclip: model.compile")
     parser.add_argument("--offload-inputs", action="store_true", help="profile: images in pinned host memory (CUDA)")
+    parser.add_argument("--try-chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
+                        help="max-chunk: candidate per-forward chunks")
     parser.add_argument("--trace", action="store_true", help="profile: also write OUT/profile_trace.json (Chrome)")
     args = parser.parse_args(argv)
-    optional = {"gpu", "profile", "openclip"}  # not part of "all": GPU-only, or a closer look at one step
+    optional = {"gpu", "profile", "openclip", "max-chunk"}  # not part of "all": GPU-only, or a closer look at one step
     names = ([n for n in BENCHES if n not in optional or (n == "gpu" and torch.cuda.is_available())]
              if args.which == "all" else [args.which])
     os.makedirs(args.out, exist_ok=True)

@@ -206,17 +206,53 @@ def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] 
     """Peak memory of a DGA step per global batch at a fixed chunk, each in a fresh process (so peaks are its own)."""
     rows = []
     for global_batch in global_batches:
-        code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
-                f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
-        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(29700 + global_batch % 97))
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"memory benchmark at batch {global_batch} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        row, error = _step_in_fresh_process(overrides, global_batch, chunk, stage)
+        if row is None:
+            raise RuntimeError(f"memory benchmark at batch {global_batch} failed:\n{error}")
+        rows.append(row)
     growth = rows[-1]["peak_bytes"] / rows[0]["peak_bytes"]
     return {"rows": rows, "growth_first_to_last": growth}
+
+
+def _step_in_fresh_process(overrides: Sequence[str], global_batch: int, chunk: int, stage: int):
+    """(``_peak_memory_child``'s row, None) from a fresh process, or (None, the end of its stderr)."""
+    code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
+            f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
+    from zvl_ds.dist import free_port
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return None, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):]), None
+
+
+def _out_of_memory(error: str) -> bool:
+    return "out of memory" in error.lower() or "OutOfMemoryError" in error
+
+
+def bench_max_chunk(overrides: Sequence[str] = TINY, chunks: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+                    stage: int = 0) -> Dict[str, object]:
+    """The largest per-forward chunk that fits: one DGA step of two chunks per candidate, each in a fresh process
+    (so an out-of-memory failure leaves nothing behind), smallest first, stopping at the first that does not fit.
+
+    Any failure other than running out of memory is raised. The answer is a ceiling: leave headroom for the
+    loader's pinned buffers and fragmentation over a long run (the next smaller power of two is a safe choice).
+    """
+    rows: List[Dict[str, object]] = []
+    largest = None
+    for chunk in sorted(chunks):
+        row, error = _step_in_fresh_process(overrides, 2 * chunk, chunk, stage)
+        if row is None:
+            if not _out_of_memory(error or ""):
+                raise RuntimeError(f"max-chunk benchmark at chunk {chunk} failed:\n{error}")
+            rows.append({"chunk": chunk, "fits": False})
+            break
+        rows.append({**row, "fits": True, "ms_per_sample": 1e3 * row["step_seconds"] / (2 * chunk)})
+        largest = chunk
+    return {"rows": rows, "largest_chunk_that_fits": largest}
 
 
 def model_flops_per_sample(cfg: Config) -> float:
