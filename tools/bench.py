@@ -1,4 +1,4 @@
-"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,all} [--out bench_results]``.
+"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,profile,openclip,max-chunk,all} [--out bench_results]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
@@ -51,7 +51,7 @@ def model_overrides(args) -> List[str]:
     from zvl_ds.bench import TINY, VIT_B16_BERT_BASE
 
     base = TINY if args.arch == "tiny" else VIT_B16_BERT_BASE
-    return base + [f"precision={args.precision}"]
+    return base + [f"precision={args.precision}", f"model.compile={args.compile}"]
 
 
 def run_dga(args) -> Dict:
@@ -87,8 +87,51 @@ def run_gpu(args) -> Dict:
     return result
 
 
+def run_profile(args) -> Dict:
+    from zvl_ds.bench import bench_profile
+
+    trace = os.path.join(args.out, "profile_trace.json") if args.trace else None
+    result = bench_profile(model_overrides(args), chunk=args.chunk, chunks=args.chunks, stage=args.stage,
+                           trace_path=trace, offload_inputs=args.offload_inputs)
+    split = result["ms_per_step"]
+    print(f"one DGA step ({args.arch}, {args.precision}, {result['device']}, chunk {result['chunk']}, global batch "
+          f"{result['global_batch']}, compile {result['compile']}): {split['step_wall']:.1f} ms")
+    for part in ("pass1", "loss", "pass2", "optimizer", "host_to_device", "deepspeed", "host_other",
+                 "device_kernels_ms", "device_host_to_device_ms"):
+        if part in split:
+            print(f"  {part:<26}{split[part]:10.2f} ms  {100 * split[part] / split['step_wall']:5.1f}%")
+    return result
+
+
+def run_openclip(args) -> Dict:
+    from zvl_ds.bench import bench_openclip
+
+    result = bench_openclip(model_overrides(args), chunk=args.chunk, chunks=args.chunks, precision=args.precision)
+    print(f"OpenCLIP accum-freq step vs zvl_ds DGA ({args.arch}, {args.precision}, {result['device']}, batch "
+          f"{result['global_batch']} in chunks of {result['chunk']}; loss: {result['openclip_loss']}): "
+          f"{result['openclip_samples_per_sec']:.1f} vs {result['zvl_ds_samples_per_sec']:.1f} samples/s, "
+          f"ratio {result['ratio_zvl_ds_to_openclip']:.2f}x (target >= 1.3x on a GPU)")
+    return result
+
+
+def run_max_chunk(args) -> Dict:
+    from zvl_ds.bench import bench_max_chunk
+
+    result = bench_max_chunk(model_overrides(args), chunks=args.try_chunks, stage=args.stage)
+    print(f"largest chunk that fits ({args.arch}, {args.precision}, ZeRO {args.stage}), one DGA step of two chunks:")
+    for row in result["rows"]:
+        if row["fits"]:
+            print(f"  chunk {row['chunk']:>6}: fits, peak {row['peak_bytes'] / 2 ** 30:6.2f} GiB "
+                  f"({'device' if row['device'] == 'cuda' else 'process RSS'}), {row['ms_per_sample']:.3f} ms/sample")
+        else:
+            print(f"  chunk {row['chunk']:>6}: out of memory")
+    print(f"  largest: {result['largest_chunk_that_fits']}")
+    return result
+
+
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
-                                "memory": run_memory, "gpu": run_gpu}
+                                "memory": run_memory, "gpu": run_gpu, "profile": run_profile,
+                                "openclip": run_openclip, "max-chunk": run_max_chunk}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -105,8 +148,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--gpu-batch", type=int, default=16384)
     parser.add_argument("--gpu-chunk", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=None, help="gpu: the device's dense peak for MFU")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="dga/memory/profile/openclip: model.compile")
+    parser.add_argument("--offload-inputs", action="store_true", help="profile: images in pinned host memory (CUDA)")
+    parser.add_argument("--try-chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
+                        help="max-chunk: candidate per-forward chunks")
+    parser.add_argument("--trace", action="store_true", help="profile: also write OUT/profile_trace.json (Chrome)")
     args = parser.parse_args(argv)
-    names = [n for n in BENCHES if n != "gpu" or torch.cuda.is_available()] if args.which == "all" else [args.which]
+    optional = {"gpu", "profile", "openclip", "max-chunk"}  # not part of "all": GPU-only, or a closer look at one step
+    names = ([n for n in BENCHES if n not in optional or (n == "gpu" and torch.cuda.is_available())]
+             if args.which == "all" else [args.which])
     os.makedirs(args.out, exist_ok=True)
     print(f"machine: {machine()}")
     for name in names:

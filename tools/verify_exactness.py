@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer = load_tokenizer(cfg.model.text_encoder)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.loss)
-        engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
+        engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device), ds_config)
 
         def normalise(images):
             return normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)

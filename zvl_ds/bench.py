@@ -5,6 +5,7 @@ Inputs are synthetic (uint8 images, random tokens) so that the step, not the loa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from zvl_ds.config import Config, load_config
+from zvl_ds.engine import DTYPES, Placement
 
 TINY = ["model.arch=tiny", "model.image_encoder.kwargs.patch_size=4"]
 # The paper's model with random weights: no download, but the real shapes and FLOPs.
@@ -28,14 +30,14 @@ VIT_B16_BERT_BASE = [
 def _setup_engine(cfg: Config, stage: int):
     from zvl_ds import dist
     from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement
-    from zvl_ds.model import build_model
+    from zvl_ds.model import build_model, compile_towers
     from zvl_ds.optim import build_optimizer
 
     dist.init_distributed()
     placement = resolve_placement(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.loss)
-    engine = initialize_engine(model, build_optimizer(model, cfg.optim),
+    model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile)
+    engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device),
                                build_ds_config({"zero_optimization": {"stage": stage}}, cfg, 1))
     engine.train()
     return engine, placement
@@ -89,6 +91,87 @@ def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8,
             "dga_ms_per_sample": 1e3 * dga / (chunk * chunks), "ratio": (dga / (chunk * chunks)) / (single / chunk)}
 
 
+def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 1,
+                  warmup: int = 1, stage: int = 0, trace_path: Optional[str] = None,
+                  offload_inputs: bool = False) -> Dict[str, object]:
+    """Where one DGA step's time goes (see ``zvl_ds.step_profile``), ms per step."""
+    from zvl_ds.dga import RUNNERS, StepOptions
+    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.step_profile import profile_steps
+
+    global_batch = chunk * chunks
+    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
+                                               "loss.name=MixUpNCE"])
+    engine, placement = _setup_engine(cfg, stage)
+    offload = offload_inputs and placement.device.type == "cuda"
+    batch = _synthetic_batch(cfg, global_batch, torch.device("cpu") if offload else placement.device)
+    if offload:
+        batch.images = batch.images.pin_memory()
+    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
+                          prepare_images=_normaliser(cfg, placement), device=placement.device)
+    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
+    partner = partner_index(global_batch, 1, chunk).to(placement.device)
+    split, _ = profile_steps(lambda: RUNNERS["clip_bsgs"](engine, batch, options, mixup, partner), steps=steps,
+                             warmup=warmup, device=placement.device, trace_path=trace_path)
+    return {"chunk": chunk, "global_batch": global_batch, "device": placement.device.type,
+            "precision": cfg.precision or "fp32", "compile": cfg.model.compile, "steps": steps, "ms_per_step": split}
+
+
+def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 2,
+                   warmup: int = 1, precision: str = "fp32") -> Dict[str, object]:
+    """samples/s of OpenCLIP's ``--accum-freq`` step (``zvl_ds.openclip_step``) and of zvl_ds's DGA step, same
+    towers, batch (``chunks`` micro-batches of ``chunk``) and loss (symmetric InfoNCE), in this one process.
+
+    OpenCLIP's side runs as open_clip_train does: fp32 weights, a plain torch AdamW, ``torch.autocast`` for
+    bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
+    """
+    from zvl_ds.dga import RUNNERS, StepOptions
+    from zvl_ds.model import build_model, compile_towers
+    from zvl_ds.openclip_step import accum_freq_step, clip_loss
+    from zvl_ds.optim import build_optimizer
+
+    global_batch = chunk * chunks
+    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
+                                               "loss.name=NCE", f"precision={precision}"])
+    engine, placement = _setup_engine(cfg, 0)
+    batch = _synthetic_batch(cfg, global_batch, placement.device)
+    prepare = _normaliser(cfg, placement)
+    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
+                          device=placement.device)
+    ours = _time_steps(engine, RUNNERS["clip_bsgs"], batch, options, None, None, steps, warmup, placement.device)
+
+    torch.manual_seed(cfg.seed)
+    model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile).to(placement.device).train()
+    optimizer = build_optimizer(model, cfg.optim, placement.device)
+    loss_fn, loss_source = clip_loss()
+    # open_clip's loader hands over normalised float images; they are ready on the device before timing starts
+    normalise = _normaliser(cfg, Placement(placement.device, torch.float32))
+    micro = [(normalise(batch.images[i:i + chunk]), batch.input_ids[i:i + chunk], batch.attention_mask[i:i + chunk])
+             for i in range(0, global_batch, chunk)]
+    amp = DTYPES[precision]
+    autocast = ((lambda: torch.autocast(placement.device.type, dtype=amp)) if amp != torch.float32
+                else contextlib.nullcontext)
+    theirs = _time_calls(lambda: accum_freq_step(model, optimizer, micro, loss_fn, autocast), steps, warmup,
+                         placement.device)
+    return {"global_batch": global_batch, "chunk": chunk, "precision": precision, "device": placement.device.type,
+            "compile": cfg.model.compile, "openclip_loss": loss_source,
+            "openclip_samples_per_sec": global_batch / theirs, "zvl_ds_samples_per_sec": global_batch / ours,
+            "ratio_zvl_ds_to_openclip": theirs / ours}
+
+
+def _time_calls(call, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
 def _normaliser(cfg: Config, placement):
     from zvl_ds.data import normalize_images
 
@@ -123,17 +206,53 @@ def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] 
     """Peak memory of a DGA step per global batch at a fixed chunk, each in a fresh process (so peaks are its own)."""
     rows = []
     for global_batch in global_batches:
-        code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
-                f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
-        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(29700 + global_batch % 97))
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"memory benchmark at batch {global_batch} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        row, error = _step_in_fresh_process(overrides, global_batch, chunk, stage)
+        if row is None:
+            raise RuntimeError(f"memory benchmark at batch {global_batch} failed:\n{error}")
+        rows.append(row)
     growth = rows[-1]["peak_bytes"] / rows[0]["peak_bytes"]
     return {"rows": rows, "growth_first_to_last": growth}
+
+
+def _step_in_fresh_process(overrides: Sequence[str], global_batch: int, chunk: int, stage: int):
+    """(``_peak_memory_child``'s row, None) from a fresh process, or (None, the end of its stderr)."""
+    code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
+            f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
+    from zvl_ds.dist import free_port
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return None, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):]), None
+
+
+def _out_of_memory(error: str) -> bool:
+    return "out of memory" in error.lower() or "OutOfMemoryError" in error
+
+
+def bench_max_chunk(overrides: Sequence[str] = TINY, chunks: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+                    stage: int = 0) -> Dict[str, object]:
+    """The largest per-forward chunk that fits: one DGA step of two chunks per candidate, each in a fresh process
+    (so an out-of-memory failure leaves nothing behind), smallest first, stopping at the first that does not fit.
+
+    Any failure other than running out of memory is raised. The answer is a ceiling: leave headroom for the
+    loader's pinned buffers and fragmentation over a long run (the next smaller power of two is a safe choice).
+    """
+    rows: List[Dict[str, object]] = []
+    largest = None
+    for chunk in sorted(chunks):
+        row, error = _step_in_fresh_process(overrides, 2 * chunk, chunk, stage)
+        if row is None:
+            if not _out_of_memory(error or ""):
+                raise RuntimeError(f"max-chunk benchmark at chunk {chunk} failed:\n{error}")
+            rows.append({"chunk": chunk, "fits": False})
+            break
+        rows.append({**row, "fits": True, "ms_per_sample": 1e3 * row["step_seconds"] / (2 * chunk)})
+        largest = chunk
+    return {"rows": rows, "largest_chunk_that_fits": largest}
 
 
 def model_flops_per_sample(cfg: Config) -> float:

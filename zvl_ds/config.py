@@ -183,6 +183,9 @@ class ModelConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     syncbn: bool = True  # accepted for ZeroVL configs; the towers have no BatchNorm to convert
     interpolate_pos_embed: bool = False
+    # Speed only: results equal the plain eager towers up to floating-point rounding.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile mode per tower
+    attention: Literal["sdpa", "eager"] = "sdpa"  # fused scaled_dot_product_attention in both towers
 
 
 @dataclass
@@ -288,6 +291,7 @@ class OptimConfig:
     # temperature is rarely what users want, so by default they go to a no-decay group.
     decay_all: bool = False
     grad_clip: float = 0.0  # max global grad norm; 0 = off (ZeroVL uses none; DeepSpeed's own default is 1.0)
+    implementation: Literal["auto", "plain", "foreach", "fused"] = "auto"  # auto: fused on CUDA, plain on CPU
 
 
 @dataclass

@@ -161,6 +161,10 @@ KEY_HELP: Dict[str, str] = {
     "model.syncbn": "Accepted for ZeroVL configs; unused (the towers have no BatchNorm to convert).",
     "model.interpolate_pos_embed": "Accepted for ZeroVL configs; unused (timm resamples position embeddings itself "
                                    "when a weights file's grid differs from `img_size`).",
+    "model.compile": "`torch.compile` each tower with this mode (`default`, `reduce-overhead`, `max-autotune`); "
+                     "`none`: eager. Faster steps after a compile on the first ones; needs a C++ compiler on CPU.",
+    "model.attention": "`sdpa`: both towers use fused `scaled_dot_product_attention` (flash/memory-efficient "
+                       "kernels on GPUs); `eager`: the plain matmul-softmax attention (a reference for debugging).",
     # ---------------------------------------------------------------- loss
     "loss.name": "`NCE`: symmetric InfoNCE over the global batch; `MixUpNCE`: ZeroVL's coin-flip mixup (each step "
                  "mixes either images or texts with a partner, soft targets).",
@@ -220,6 +224,9 @@ KEY_HELP: Dict[str, str] = {
     "optim.decay_all": "`true`: decay every parameter (ZeroVL); `false`: biases, norm gains and other 1-d tensors, "
                        "the temperature, position embeddings and class/mask tokens get no weight decay.",
     "optim.grad_clip": "Maximum global gradient norm (DeepSpeed `gradient_clipping`); 0 = off.",
+    "optim.implementation": "Kernel of the torch optimizer: `plain` (a loop over tensors), `foreach` (batched "
+                            "over tensors), `fused` (one kernel; CUDA, or CPU where torch supports it); `auto`: "
+                            "`fused` on CUDA, `plain` on CPU. Same update up to floating-point rounding.",
     # ---------------------------------------------------------------- runner
     "runner.name": "`clip`: one forward and backward per rank over its share of the batch; `clip_bsgs`: ZeroVL's "
                    "decoupled gradient accumulation: embed in chunks of `data.batch_size_train`, one loss over the "

@@ -9,6 +9,10 @@ DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch indep
    back-propagate the cached gradient; the temperature's gradient enters once;
 4. one gradient reduction and the optimizer step.
 
+No host synchronisation happens inside the chunk loops: per-chunk results stay on the device and the few values
+the host needs (finite loss, temperature, accuracies) are read once per step. Named ``torch.profiler`` ranges
+(``zvl.*``, see ``profile_range``) let ``tools/bench.py profile`` split a step into its parts.
+
 Gradient bookkeeping: ``loss_and_grads`` returns gradients whose SUM over ranks is the full-batch gradient,
 while DeepSpeed AVERAGES gradients over ranks, so pass 2 back-propagates ``world_size`` times them.
 
@@ -28,6 +32,7 @@ import torch
 
 from zvl_ds.loss import contrastive_loss, loss_and_grads
 from zvl_ds.mixup import MixupDraw
+from zvl_ds.profile_ranges import profile_range
 
 
 @dataclass
@@ -85,11 +90,23 @@ def _rng_restore(snapshot, device: torch.device) -> None:
 
 
 def _chunk_inputs(batch: StepBatch, start: int, stop: int, options: StepOptions):
-    images = batch.images[start:stop]
-    images = options.prepare_images(images) if options.prepare_images else images
-    input_ids = batch.input_ids[start:stop].to(options.device, non_blocking=True)
-    attention_mask = batch.attention_mask[start:stop].to(options.device, non_blocking=True)
+    with profile_range("zvl.host_to_device"):
+        images = batch.images[start:stop]
+        images = options.prepare_images(images) if options.prepare_images else images
+        input_ids = batch.input_ids[start:stop].to(options.device, non_blocking=True)
+        attention_mask = batch.attention_mask[start:stop].to(options.device, non_blocking=True)
     return images, input_ids, attention_mask
+
+
+def _forward(engine, inputs, mixup):
+    images, input_ids, attention_mask = inputs
+    with profile_range("zvl.forward"):
+        return engine(images=images, input_ids=input_ids, attention_mask=attention_mask, mixup=mixup)
+
+
+def _backward(engine, surrogate: torch.Tensor) -> None:
+    with profile_range("zvl.backward"):
+        engine.backward(surrogate)
 
 
 def _chunk_bounds(size: int, chunk: int) -> List[slice]:
@@ -107,25 +124,36 @@ def _skipped(reason: str, loss: float = math.nan, temperature: float = math.nan)
                       skip_reason=reason)
 
 
+def _phases(timer):
+    """A step phase: timed by ``timer`` when given, and a ``zvl.<phase>`` profiler range when profiling."""
+    def phase(name: str):
+        stack = contextlib.ExitStack()
+        if timer is not None:
+            stack.enter_context(timer.phase(name))
+        stack.enter_context(profile_range(f"zvl.{name}"))
+        return stack
+    return phase
+
+
 def _optimizer_step(engine) -> bool:
     """Step; False when DeepSpeed skipped it (fp16 overflow in any chunk)."""
     skipped_before = getattr(engine, "skipped_steps", 0)
-    engine.step()
+    with profile_range("zvl.optimizer_step"):
+        engine.step()
     return getattr(engine, "skipped_steps", 0) == skipped_before
 
 
 def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[MixupDraw],
              partner: Optional[torch.Tensor], timer=None) -> StepResult:
     """One DGA optimizer step (ZeroVL's ``clip_bsgs`` runner), exact for any number of chunks."""
-    phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
+    phase = _phases(timer)
     bounds = _chunk_bounds(len(batch), options.chunk)
     snapshots = []
     image_parts, text_parts = [], []
     with phase("pass1"), torch.no_grad():
         for bound in bounds:
             snapshots.append(_rng_snapshot(options.device))
-            images, input_ids, attention_mask = _chunk_inputs(batch, bound.start, bound.stop, options)
-            out = engine(images=images, input_ids=input_ids, attention_mask=attention_mask, mixup=mixup)
+            out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
             image_parts.append(out["image_embeds"].float())
             text_parts.append(out["text_embeds"].float())
             temperature = out["temperature"].float()
@@ -149,15 +177,14 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
         with reduction:
             for index, (bound, snapshot) in enumerate(zip(bounds, snapshots)):
                 _rng_restore(snapshot, options.device)
-                images, input_ids, attention_mask = _chunk_inputs(batch, bound.start, bound.stop, options)
-                out = engine(images=images, input_ids=input_ids, attention_mask=attention_mask, mixup=mixup)
+                out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
                 surrogate = ((out["image_embeds"].float() * grad_image[bound]).sum()
                              + (out["text_embeds"].float() * grad_text[bound]).sum())
                 if index == 0 and out["temperature"].requires_grad:
                     surrogate = surrogate + (out["temperature"].float() * grad_temperature).sum()
                 if stage == 0:
                     engine.set_gradient_accumulation_boundary(index == len(bounds) - 1)
-                engine.backward(surrogate)
+                _backward(engine, surrogate)
     with phase("optimizer"):
         applied = _optimizer_step(engine)
     output = cached.output
@@ -168,10 +195,9 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
 def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[MixupDraw],
                      partner: Optional[torch.Tensor], timer=None) -> StepResult:
     """ZeroVL's plain ``clip`` runner: one forward and one backward over this rank's batch."""
-    phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
+    phase = _phases(timer)
     with phase("pass1"):
-        images, input_ids, attention_mask = _chunk_inputs(batch, 0, len(batch), options)
-        out = engine(images=images, input_ids=input_ids, attention_mask=attention_mask, mixup=mixup)
+        out = _forward(engine, _chunk_inputs(batch, 0, len(batch), options), mixup)
         temperature = out["temperature"].float()
     with phase("loss"):
         loss, output = contrastive_loss(out["image_embeds"].float(), out["text_embeds"].float(), temperature,
@@ -181,7 +207,7 @@ def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Opti
     if not _is_finite(output.loss):
         return _skipped("non-finite loss", float(output.loss), tau)
     with phase("pass2"):
-        engine.backward(loss)
+        _backward(engine, loss)
     with phase("optimizer"):
         applied = _optimizer_step(engine)
     return StepResult(applied=applied, loss=float(output.loss), i2t_acc=output.i2t_acc, t2i_acc=output.t2i_acc,

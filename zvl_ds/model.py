@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
 from zvl_ds.config import ImageEncoderConfig, LossConfig, ModelConfig, TextEncoderConfig, TemperatureConfig
 from zvl_ds.mixup import MixupDraw, mix_images, mix_with_reversed
+from zvl_ds.profile_ranges import profile_range
 
 logger = logging.getLogger(__name__)
 
@@ -236,22 +237,29 @@ def _without_pooler(factory: Callable[..., nn.Module], *args, **kwargs) -> nn.Mo
         return factory(*args, **kwargs)
 
 
-def build_text_tower(cfg: TextEncoderConfig) -> Tuple[nn.Module, int]:
-    """A Hugging Face ``AutoModel`` (local directory or already-cached name, or built from a config)."""
+def build_text_tower(cfg: TextEncoderConfig, attention: str = "sdpa") -> Tuple[nn.Module, int]:
+    """A Hugging Face ``AutoModel`` (local directory or already-cached name, or built from a config), with
+    ``attention`` (``sdpa`` or ``eager``) as its attention implementation."""
     from transformers import AutoModel
 
-    if cfg.pretrained is False:
-        tower = _without_pooler(AutoModel.from_config, _text_config(cfg))
-    else:
-        source = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.pretrained else cfg.tag
-        overrides = {k: v for k, v in cfg.config.items() if k != "model_type"}
-        try:
-            tower = _without_pooler(AutoModel.from_pretrained, source, local_files_only=True, trust_remote_code=False,
-                                     **overrides)
-        except OSError as error:
-            raise FileNotFoundError(
-                f"model.text_encoder: cannot load {source!r} from a local directory or the local Hugging Face "
-                f"cache; nothing is downloaded ({error})") from error
+    try:
+        if cfg.pretrained is False:
+            tower = _without_pooler(AutoModel.from_config, _text_config(cfg), attn_implementation=attention)
+        else:
+            source = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.pretrained else cfg.tag
+            overrides = {k: v for k, v in cfg.config.items() if k != "model_type"}
+            try:
+                tower = _without_pooler(AutoModel.from_pretrained, source, local_files_only=True,
+                                        trust_remote_code=False, attn_implementation=attention, **overrides)
+            except OSError as error:
+                raise FileNotFoundError(
+                    f"model.text_encoder: cannot load {source!r} from a local directory or the local Hugging Face "
+                    f"cache; nothing is downloaded ({error})") from error
+    except ValueError as error:
+        if "attn_implementation" not in str(error) and "sdpa" not in str(error).lower():
+            raise
+        raise ValueError(f"model.attention={attention}: the text tower does not support it ({error}); "
+                         "use model.attention=eager") from error
     width = next((getattr(tower.config, name) for name in ("hidden_size", "d_model", "dim")
                   if isinstance(getattr(tower.config, name, None), int)), None)
     if width is None:
@@ -267,6 +275,30 @@ def build_text_tower(cfg: TextEncoderConfig) -> Tuple[nn.Module, int]:
     return tower, int(width)
 
 
+def set_image_attention(tower: nn.Module, attention: str) -> None:
+    """timm attention blocks read ``fused_attn`` at every call: ``sdpa`` turns on
+    ``F.scaled_dot_product_attention`` explicitly instead of relying on timm's environment default."""
+    for module in tower.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = attention == "sdpa"
+
+
+def compile_towers(model: "DualEncoder", mode: str, backend: str = "inductor") -> "DualEncoder":
+    """``torch.compile`` each tower in place (``mode`` from ``model.compile``; ``none`` leaves them eager).
+
+    In place (``nn.Module.compile``), so parameter names, state dicts and checkpoints are unchanged. Only the
+    towers are compiled: the projections, mixup and temperature are small, and the profiler ranges around the
+    model stay outside the compiled graphs. Random ops inside a compiled tower draw their seeds from torch's
+    global generator, so DGA's replay of a chunk's RNG state repeats dropout in pass 2. ``backend`` is
+    torch.compile's (tests use ``aot_eager``: the same graph capture without inductor's code generation).
+    """
+    if mode == "none":
+        return model
+    for tower in (model.image_tower, model.text_tower):
+        tower.compile(mode=None if mode == "default" or backend != "inductor" else mode, backend=backend)
+    return model
+
+
 def build_projection(kind: str, width: int, dim: int) -> nn.Module:
     """``simple``: Linear(width, dim, bias=False) as ZeroVL. ``mlp``: Linear(width, width) - GELU -
     Linear(width, dim, bias=False), a small non-linear head (not ZeroVL's unused, broken ``complex`` head)."""
@@ -280,6 +312,17 @@ def build_projection(kind: str, width: int, dim: int) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
+
+
+def _key_padding_mask(text_tower: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask handed to the text tower: for SDPA, the boolean [n, 1, 1, length] mask transformers would build.
+
+    From a 2-d mask, transformers first asks whether any token is padded (``mask.all()``) to skip the mask: a
+    host-device synchronisation in every forward of every chunk. A 4-d mask is taken as it is.
+    """
+    if getattr(getattr(text_tower, "config", None), "_attn_implementation", None) != "sdpa":
+        return attention_mask
+    return attention_mask[:, None, None, :].bool()
 
 
 class DualEncoder(nn.Module):
@@ -340,7 +383,8 @@ class DualEncoder(nn.Module):
         the attention-masked mean of the last hidden states (mean)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.text_tower(input_ids=input_ids,
+                                 attention_mask=_key_padding_mask(self.text_tower, attention_mask)).last_hidden_state
         if self.text_pooling == "cls":
             return hidden[:, self.target_token_idx]
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
@@ -366,18 +410,20 @@ class DualEncoder(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None, mixup: Optional[MixupDraw] = None
                 ) -> Dict[str, Optional[torch.Tensor]]:
         """``{"image_embeds", "text_embeds", "temperature"}``; a modality not given is None."""
-        return {
-            "image_embeds": None if images is None else self.encode_image(images, mixup),
-            "text_embeds": None if input_ids is None else self.encode_text(input_ids, attention_mask, mixup),
-            "temperature": self.temperature(),
-        }
+        with profile_range("zvl.model_forward"):  # the engine's own work around it shows as the difference
+            return {
+                "image_embeds": None if images is None else self.encode_image(images, mixup),
+                "text_embeds": None if input_ids is None else self.encode_text(input_ids, attention_mask, mixup),
+                "temperature": self.temperature(),
+            }
 
 
 def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
     """The dual encoder a config describes (``model.arch`` presets are already merged by zvl_ds.config)."""
     image_cfg, text_cfg, proj_cfg = model_cfg.image_encoder, model_cfg.text_encoder, model_cfg.projection
     image_tower, image_width, report = build_image_tower(image_cfg)
-    text_tower, text_width = build_text_tower(text_cfg)
+    set_image_attention(image_tower, model_cfg.attention)
+    text_tower, text_width = build_text_tower(text_cfg, model_cfg.attention)
     image_projection = build_projection(proj_cfg.name, image_width, proj_cfg.dim)
     text_projection = build_projection(proj_cfg.name, text_width, proj_cfg.dim)
     image_projection.requires_grad_(proj_cfg.image_projector_trainable)

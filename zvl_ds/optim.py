@@ -129,13 +129,34 @@ def optimizer_groups(model: nn.Module, optim_cfg: OptimConfig) -> List[Dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """A torch optimizer instance (handed to DeepSpeed, which avoids its fused-Adam JIT build on CPU)."""
+def kernel_options(implementation: str, device: torch.device) -> Dict[str, bool]:
+    """torch optimizer flags for ``optim.implementation`` on ``device``.
+
+    ``auto`` keeps CPU runs on the plain loop (bit-for-bit what they always were) and takes the fused kernel on
+    CUDA, where one launch per parameter group replaces several per tensor. DeepSpeed hands the optimizer its
+    own flat fp32 partitions (ZeRO 1/2) or the module's parameters, all on one device, which both kernels accept.
+    """
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "plain"
+    if implementation == "fused":
+        return {"fused": True}
+    if implementation == "foreach":
+        return {"foreach": True}
+    return {"foreach": False}
+
+
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, device: Optional[torch.device] = None
+                    ) -> torch.optim.Optimizer:
+    """A torch optimizer instance (handed to DeepSpeed, which avoids its fused-Adam JIT build on CPU).
+
+    ``device`` is where the parameters will live once DeepSpeed has placed the model (it picks the kernel).
+    """
+    kernel = kernel_options(optim_cfg.implementation, device or torch.device("cpu"))
     params = optim_cfg.param
     groups = optimizer_groups(model, optim_cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters (both towers and projections frozen?)")
     lr = optim_cfg.lr.init
     if optim_cfg.name.endswith("AdamW"):
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(params.betas), eps=params.eps)
-    return torch.optim.SGD(groups, lr=lr, momentum=params.momentum)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(params.betas), eps=params.eps, **kernel)
+    return torch.optim.SGD(groups, lr=lr, momentum=params.momentum, **kernel)

@@ -36,7 +36,7 @@ from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, 
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,  # noqa: E402
                            set_learning_rate, zero_stage)
 from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
-from zvl_ds.model import build_model  # noqa: E402
+from zvl_ds.model import build_model, compile_towers  # noqa: E402
 from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
 from zvl_ds.optim import build_optimizer  # noqa: E402
 from zvl_ds.records import drop_rows_after  # noqa: E402
@@ -93,7 +93,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.model.text_encoder)
-        model = build_model(cfg.model, cfg.loss)
+        model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile)
         self.zero_stage = zero_stage(ds_config)
         self.resume_point = find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume)
         self._refuse_code_in_checkpoint()
@@ -101,7 +101,7 @@ class Trainer:
             self.resume_point = convert_to_universal(self.resume_point)
             self._refuse_code_in_checkpoint()
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, placement.device)
         self.lr_scales = [group["lr_scale"] for group in optimizer.param_groups]
         self.engine = initialize_engine(model, optimizer, ds_config)
         check_zero_shot_sets(cfg)
@@ -139,7 +139,8 @@ class Trainer:
     def _to_step_batch(self, batch) -> StepBatch:
         images = batch.images
         if self.cfg.runner.offload_inputs and self.placement.device.type == "cuda":
-            images = images.pin_memory()  # chunks travel to the device one at a time
+            # chunks travel to the device one at a time; the loader's pin thread has pinned them already
+            images = images if images.is_pinned() else images.pin_memory()
         else:
             images = images.to(self.placement.device, non_blocking=True)
         return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
