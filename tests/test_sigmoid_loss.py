@@ -146,3 +146,21 @@ def test_bad_sigmoid_configs_are_refused(overrides, message):
 def test_siglip_recipe_loads():
     cfg = load_config("configs/clip/siglip_dga.yaml", [])
     assert cfg.loss.name == "SigLIP" and cfg.runner.name == "clip_bsgs" and cfg.loss.chunk_cols > 0
+
+
+def test_exported_siglip_model_keeps_scale_and_bias(tmp_path):
+    from zvl_ds.data import load_tokenizer
+    from zvl_ds.export import load_model, write_model_folder
+    from zvl_ds.model import build_model
+
+    cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.bias_init=-4.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss)
+    with torch.no_grad():
+        model.logit_scale_log.fill_(1.5)  # "trained" values, not the initial ones
+        model.logit_bias.fill_(-6.25)
+    folder = write_model_folder(str(tmp_path / "model"), cfg, model, load_tokenizer(cfg.model.text_encoder),
+                                {"run": "test"})
+    loaded = load_model(folder)
+    params = dict(loaded.model.named_parameters())
+    assert params["logit_scale_log"].item() == 1.5 and params["logit_bias"].item() == -6.25
