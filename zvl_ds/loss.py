@@ -103,8 +103,9 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
         running_sum = q.new_zeros(stop - start)
         best_value = q.new_full((stop - start,), -float("inf"))
         best_col = torch.zeros(stop - start, dtype=torch.long, device=q.device)
+        scaled = q * inv_tau  # [rows, d]: dividing here saves a pass over every tile
         for col in range(0, num_keys, chunk_cols):
-            logits = torch.mm(q, keys[col:col + chunk_cols].t()).mul_(inv_tau)
+            logits = torch.mm(scaled, keys[col:col + chunk_cols].t())
             tile_max, tile_arg = logits.max(dim=1)
             better = tile_max > best_value  # strict: the first maximum wins, as argmax over whole rows
             best_value = torch.where(better, tile_max, best_value)
@@ -124,7 +125,8 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
         grad_rows = torch.zeros_like(q)
         for col in range(0, num_keys, chunk_cols):
             key_tile = keys[col:col + chunk_cols]
-            residual = torch.mm(q, key_tile.t()).mul_(inv_tau).sub_(log_norm[:, None]).exp_()
+            # the normaliser enters as the matmul's additive term: one pass over the tile, the exp
+            residual = torch.addmm(-log_norm[:, None], scaled, key_tile.t()).exp_()
             rows, tile_cols = _targets_in_tile(self_cols, col, col + key_tile.shape[0])
             residual.index_put_((rows, tile_cols), residual.new_full((rows.numel(),), -lam), accumulate=True)
             if partner_cols is not None:
