@@ -23,7 +23,8 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4):
     overrides = [
         "model.arch=tiny", "seed=3", f"data.batch_size={GLOBAL_BATCH}", f"data.batch_size_train={chunk}",
-        f"loss.name={loss_name}", "loss.temperature.value=0.1", "loss.chunk_rows=5", "optim.name=SGD", f"optim.lr.init={LR}", "optim.param.weight_decay=0.01",
+        f"loss.name={loss_name}", "loss.temperature.value=0.1", "loss.chunk_rows=5", "optim.name=SGD",
+        f"optim.lr.init={LR}", "optim.param.weight_decay=0.01",
         f"transforms.normalize.mean={MEAN}", f"transforms.normalize.std={STD}",
     ]
     # SigLIP learns its own scale and bias (and refuses a learnable temperature); its tiles are 5 x 3

@@ -4,7 +4,8 @@ DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch indep
 
 1. pass 1, no autograd: embed every chunk of this rank's batch, remembering the RNG state before each chunk;
 2. gather the embeddings of all ranks and compute the loss and its gradient with respect to this rank's
-   embeddings and the temperature once (``loss.loss_and_grads``, chunked over rows);
+   embeddings and the temperature once (``loss.loss_and_grads``, chunked over rows; for a SigLIP model,
+   ``sigmoid_loss.sigmoid_loss_and_grads`` and its scale and bias instead of the temperature);
 3. pass 2: for each chunk restore its RNG state (dropout repeats exactly), recompute it with autograd and
    back-propagate the cached gradient; the temperature's gradient enters once;
 4. one gradient reduction and the optimizer step.

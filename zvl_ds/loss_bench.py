@@ -1,4 +1,6 @@
-"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.loss) vs naive (B x B logits).
+"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.loss) vs naive (B x B logits),
+and the loss kernels side by side: row-chunked NCE, column-tiled NCE and SigLIP (``--methods rows tiled siglip``,
+which also report working memory; see KERNEL_METHODS).
 
 ``python -m zvl_ds.loss_bench [--batch-sizes 8192 32768] [--dim 512] [--chunk-rows 1024] [--device cpu]``
 
