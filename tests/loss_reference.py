@@ -1,4 +1,5 @@
-"""The dense full-batch symmetric InfoNCE the loss tests compare against (plain autograd, no chunking)."""
+"""The dense full-batch losses the loss tests compare against (plain autograd, no chunking): symmetric InfoNCE
+and the pairwise sigmoid loss."""
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +17,10 @@ def reference_loss(image, text, tau, lam=None, partner=None, detach_keys=False):
     i2t = -(targets * F.log_softmax(image @ text_keys.t() / tau, dim=1)).sum(dim=1)
     t2i = -(targets * F.log_softmax(text @ image_keys.t() / tau, dim=1)).sum(dim=1)
     return (0.5 * (i2t + t2i)).mean()
+
+
+def reference_sigmoid_loss(image, text, scale, bias):
+    """Mean over all B x B pairs of -log sigmoid(z_ij (scale <x_i, y_j> + bias)), z = +1 on the diagonal."""
+    batch = image.shape[0]
+    signs = 2 * torch.eye(batch, dtype=image.dtype) - 1
+    return -F.logsigmoid(signs * (scale * image @ text.t() + bias)).mean()

@@ -1,8 +1,11 @@
 """The distributed step equals a plain single-process full-batch computation (real processes, gloo).
 
 Two optimizer steps, because DeepSpeed's multi-backward bugs only show from the second step on; dropout and
-drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both sides of the coin.
+drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both sides of the coin; SigLIP with
+its learnable scale and bias and 5 x 3 logits tiles.
 """
+import math
+
 import pytest
 import torch
 
@@ -20,10 +23,13 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4):
     overrides = [
         "model.arch=tiny", "seed=3", f"data.batch_size={GLOBAL_BATCH}", f"data.batch_size_train={chunk}",
-        f"loss.name={loss_name}", "loss.temperature.name=parameter", "loss.temperature.value=0.1",
-        "loss.chunk_rows=5", "optim.name=SGD", f"optim.lr.init={LR}", "optim.param.weight_decay=0.01",
+        f"loss.name={loss_name}", "loss.temperature.value=0.1", "loss.chunk_rows=5", "optim.name=SGD",
+        f"optim.lr.init={LR}", "optim.param.weight_decay=0.01",
         f"transforms.normalize.mean={MEAN}", f"transforms.normalize.std={STD}",
     ]
+    # SigLIP learns its own scale and bias (and refuses a learnable temperature); its tiles are 5 x 3
+    overrides += (["loss.chunk_cols=3", "loss.sigmoid.scale_init=4.0", "loss.sigmoid.bias_init=-3.0"]
+                  if loss_name == "SigLIP" else ["loss.temperature.name=parameter"])
     if dropout:
         overrides.append("model.image_encoder.kwargs.drop_path_rate=0.2")
     else:
@@ -81,7 +87,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     batch = StepBatch(images[local], input_ids[local], attention_mask[local])
     per_rank_chunk = chunk // world_size if runner == "clip_bsgs" else per_rank
     options = StepOptions(chunk=per_rank_chunk, world_size=world_size, chunk_rows=cfg.loss.chunk_rows,
-                          prepare_images=lambda x: normalise(x, dtype))
+                          chunk_cols=cfg.loss.chunk_cols, prepare_images=lambda x: normalise(x, dtype))
     partner = partner_index(GLOBAL_BATCH, world_size, per_rank_chunk) if loss_name == "MixUpNCE" else None
     losses = []
     for step, mixup in enumerate(draws_for(loss_name, sides)):
@@ -128,6 +134,7 @@ def run(world_size, stage, loss_name="MixUpNCE", sides=("image", "text"), chunk=
 def assert_close_to_reference(params, expected, tolerance):
     worst = compare_tensors(params, expected)
     name, value = max(worst.items(), key=lambda item: item[1])
+    print(f"worst relative difference {value:.2e} ({name})")  # shown with pytest -s
     assert value <= tolerance, f"{name}: relative difference {value:.2e} > {tolerance:.0e}"
 
 
@@ -141,6 +148,23 @@ def test_dga_matches_full_batch_reference(world_size, stage):
     # the temperature is learnable and really moved (its gradient reached it, and matched above)
     temperature = [value for name, value in params.items() if name == "tau"]
     assert len(temperature) == 1 and abs(float(temperature[0].reshape(-1)[0]) - 0.1) > 1e-4
+
+
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)])
+def test_dga_siglip_matches_full_batch_reference(world_size, stage):
+    params, losses = run(world_size, stage, loss_name="SigLIP")
+    expected, ref_losses = reference("SigLIP", (), 4, True, world_size)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_close_to_reference(params, expected, 1e-5)
+    # scale and bias are learnable and really moved: their gradient entered once per step, and matched above
+    for name, initial in (("logit_scale_log", math.log(4.0)), ("logit_bias", -3.0)):
+        assert abs(float(params[name].reshape(-1)[0]) - initial) > 1e-4, name
+
+
+def test_single_pass_siglip_matches_reference():
+    params, _ = run(2, 2, loss_name="SigLIP", runner="clip")
+    expected, _ = reference("SigLIP", (), 4, True, 2, runner="clip")
+    assert_close_to_reference(params, expected, 1e-5)
 
 
 def test_text_side_mixup_first():

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
-from loss_reference import reference_loss
+from loss_reference import reference_loss, reference_sigmoid_loss
 
 PER_RANK = 4  # samples per rank in the model check
 TOLERANCE = 1e-5  # of each tensor's largest magnitude
@@ -210,12 +210,81 @@ def _cached_grad_checks(rank, world_size):
     return report
 
 
+# ---------------------------------------------------------------------------------------------- sigmoid loss
+
+
+def _sigmoid_model_checks(rank, world_size):
+    """SigLIP through the model: per-rank losses with gather-backward, gradients averaged as an engine does."""
+    from zvl_ds.model import build_model
+    from zvl_ds.sigmoid_loss import sigmoid_loss
+
+    cfg = _tiny_config()
+    cfg.loss.name, cfg.loss.temperature.name = "SigLIP", "constant"
+    cfg.loss.sigmoid.scale_init, cfg.loss.sigmoid.bias_init = 5.0, -2.0
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss)
+    model.train()
+    batch = PER_RANK * world_size
+    images, input_ids, attention_mask = _global_batch(batch)
+    local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    out = model(images=images[local], input_ids=input_ids[local], attention_mask=attention_mask[local])
+    loss, logged = sigmoid_loss(out["image_embeds"], out["text_embeds"], out["logit_scale_bias"], chunk_rows=3,
+                                chunk_cols=2)
+    loss.backward()
+    averaged = _grads(model)
+    for grad in averaged.values():
+        dist.all_reduce(grad)
+        grad /= world_size
+    model.zero_grad(set_to_none=True)
+    image, text = _reference_embeddings(model, images, input_ids, attention_mask, None, None)
+    scale_bias = model.logit_scale_bias()
+    ref = reference_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
+    ref.backward()
+    reference = _grads(model)
+    largest = max(float(g.abs().max()) for g in reference.values())
+    errors = {p: float((averaged[p] - reference[p]).abs().max())
+              / (largest if reference[p].abs().max() < 1e-7 * largest else float(reference[p].abs().max()))
+              for p in reference if reference[p].abs().max() > 0}
+    return {"max_error": max(errors.values()), "worst": max(errors, key=errors.get), "params": len(errors),
+            "scale_error": errors.get("logit_scale_log", 1.0), "bias_error": errors.get("logit_bias", 1.0),
+            "loss_error": abs(logged.loss.item() - ref.item()) / ref.item()}
+
+
+def _sigmoid_cached_checks(rank, world_size):
+    """DGA's cached SigLIP gradients in fp64: rows gathered and (scale, bias) shares summed equal the dense ones."""
+    from zvl_ds.dist import gather_no_grad
+    from zvl_ds.sigmoid_loss import sigmoid_loss_and_grads
+
+    per_rank, dim = 5, 4
+    batch = per_rank * world_size
+    gen = torch.Generator().manual_seed(7)
+    image = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
+    text = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
+    local = slice(rank * per_rank, (rank + 1) * per_rank)
+    params = torch.tensor([10.0, -10.0], dtype=torch.float64)
+    cached = sigmoid_loss_and_grads(image[local], text[local], params, chunk_rows=2, chunk_cols=3)
+    summed_params = cached.temperature.clone()
+    dist.all_reduce(summed_params)
+    ref_image, ref_text, ref_params = (x.clone().requires_grad_(True) for x in (image, text, params))
+    ref = reference_sigmoid_loss(ref_image, ref_text, ref_params[0], ref_params[1])
+    grads = torch.autograd.grad(ref, [ref_image, ref_text, ref_params])
+    sims, hard = image @ text.t(), torch.arange(batch)
+    return {"image": _rel_error(gather_no_grad(cached.image), grads[0]),
+            "text": _rel_error(gather_no_grad(cached.text), grads[1]),
+            "scale_bias": _rel_error(summed_params, grads[2]),
+            "loss": abs(cached.output.loss.item() - ref.item()) / ref.item(),
+            "i2t_acc": abs(cached.output.i2t_acc - (sims.argmax(1) == hard).double().mean().item()),
+            "t2i_acc": abs(cached.output.t2i_acc - (sims.argmax(0) == hard).double().mean().item())}
+
+
 # ---------------------------------------------------------------------------------------------- tests
 
 
 def _all_checks(rank, world_size):
     return {"gather": _gather_checks(rank, world_size), "model": _model_checks(rank, world_size),
-            "cached": _cached_grad_checks(rank, world_size)}
+            "cached": _cached_grad_checks(rank, world_size),
+            "sigmoid_model": _sigmoid_model_checks(rank, world_size),
+            "sigmoid_cached": _sigmoid_cached_checks(rank, world_size)}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2_ranks", "3_ranks"])
@@ -270,3 +339,25 @@ def test_cached_gradients_sum_over_ranks_to_full_batch_gradient(results):
     # the temperature gradient is a share per rank, not a copy: the shares differ
     shares = {report["cached"]["nce_tau0.05"]["local_tau_share"] for report in per_rank}
     assert len(shares) == world_size
+
+
+def test_sigmoid_gather_backward_gradients_equal_full_batch(results):
+    _, per_rank = results
+    for report in per_rank:
+        checked = report["sigmoid_model"]
+        print("sigmoid gather-backward worst relative error", checked["max_error"], checked["worst"])
+        assert checked["params"] > 20  # towers, projections, scale and bias
+        assert checked["max_error"] <= TOLERANCE, checked
+        assert checked["scale_error"] <= TOLERANCE and checked["bias_error"] <= TOLERANCE, checked
+        assert checked["loss_error"] <= 1e-5, checked
+
+
+def test_sigmoid_cached_gradients_sum_over_ranks_to_full_batch_gradient(results):
+    _, per_rank = results
+    for report in per_rank:
+        checked = report["sigmoid_cached"]
+        print("sigmoid cached worst relative error", max(checked[f] for f in ("image", "text", "scale_bias")))
+        for field in ("image", "text", "scale_bias"):
+            assert checked[field] <= 1e-10, (field, checked)
+        assert checked["loss"] <= 1e-6, checked
+        assert checked["i2t_acc"] == 0 and checked["t2i_acc"] == 0, checked

@@ -114,6 +114,55 @@ def test_cached_gradients_equal_autograd(mixup):
     assert image.grad is None and tau.grad is None
 
 
+@pytest.mark.parametrize("mixup", MIXUPS, ids=["nce", "mix_image", "mix_text"])
+def test_column_tiles_equal_full_batch_reference_in_fp64(mixup):
+    image, text, tau = leaves(batch=13, seed=21)
+    partner = partner_index(13, 1, 13) if mixup else None
+    ref = reference_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
+    ref_grads = torch.autograd.grad(ref, [image, text, tau])
+    for chunk_rows, chunk_cols in ((1, 1), (4, 3), (5, 7), (13, 13), (6, 100)):
+        cached = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=chunk_rows,
+                                chunk_cols=chunk_cols)
+        assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)  # logged in fp32
+        for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+            assert_close_rel(got, want, rel=1e-10)
+
+
+@pytest.mark.parametrize("mixup", MIXUPS, ids=["nce", "mix_image", "mix_text"])
+def test_column_tiles_equal_row_chunks_in_fp32(mixup):
+    image, text, tau = leaves(batch=40, dim=16, tau=0.01, dtype=torch.float32, seed=4)
+    partner = partner_index(40, 1, 10) if mixup else None
+    rows_only = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=7)
+    for chunk_cols in (1, 3, 11, 40, 64):
+        tiled = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=7, chunk_cols=chunk_cols)
+        assert tiled.output.loss.item() == pytest.approx(rows_only.output.loss.item(), rel=1e-6)
+        assert (tiled.output.i2t_acc, tiled.output.t2i_acc) == (rows_only.output.i2t_acc, rows_only.output.t2i_acc)
+        for field in ("image", "text", "temperature"):
+            assert_close_rel(getattr(tiled, field), getattr(rows_only, field), rel=1e-5)
+
+
+def test_column_tiles_stable_at_smallest_temperature():
+    # the online log-sum-exp rescales its running sum: logits up to 1000 never reach exp unshifted
+    image, text, tau = leaves(batch=16, dim=8, tau=0.001, dtype=torch.float32, seed=7)
+    cached = loss_and_grads(image, text, tau, chunk_rows=3, chunk_cols=5)
+    image64, text64, tau64 = (x.detach().double().requires_grad_(True) for x in (image, text, tau))
+    ref = reference_loss(image64, text64, tau64)
+    ref_grads = torch.autograd.grad(ref, [image64, text64, tau64])
+    assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+        assert_close_rel(got.double(), want, rel=1e-4)
+
+
+def test_column_tile_accuracy_takes_the_first_maximum():
+    # rows 0 and 1 tie on both text columns: argmax over a whole row picks the first column, and so must tiles
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    tau = torch.tensor([0.1])
+    for chunk_cols in (0, 1):
+        _, output = contrastive_loss(image, text, tau, chunk_rows=1, chunk_cols=chunk_cols)
+        assert (output.i2t_acc, output.t2i_acc) == (0.5, 0.5)
+
+
 def test_stable_at_smallest_temperature():
     # tau = 0.001: logits up to 1000 overflow a naive exp in fp32; log-sum-exp keeps everything finite
     image, text, tau = leaves(batch=16, dim=8, tau=0.001, dtype=torch.float32, seed=7)
@@ -151,6 +200,12 @@ def test_bf16_embeddings_are_promoted_and_grads_keep_dtype():
     assert loss.dtype == torch.float32
     loss.backward()
     assert image16.grad.dtype == torch.bfloat16 and torch.isfinite(image16.grad.float()).all()
+
+
+def test_negative_chunk_cols_is_named():
+    image, text, tau = leaves(batch=4)
+    with pytest.raises(ValueError, match="chunk_cols"):
+        contrastive_loss(image, text, tau, chunk_cols=-1)
 
 
 def test_bad_inputs_are_named():
@@ -248,3 +303,15 @@ def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fi
         assert result["seconds"] > 0 and result["peak_extra_bytes"] >= 0
     huge = benchmark_loss(batch_sizes=(10 ** 6,), dim=16, methods=("naive",), verbose=False)["naive@1000000"]
     assert "GiB available" in huge["skipped"]
+
+
+def test_benchmark_kernels_agree_and_tiles_need_less_working_memory():
+    from zvl_ds.loss_bench import benchmark_loss
+
+    results = benchmark_loss(batch_sizes=(1024,), dim=32, chunk_rows=512, chunk_cols=64,
+                             methods=("rows", "tiled", "siglip"), verbose=False)
+    rows, tiled, siglip = results["rows@1024"], results["tiled@1024"], results["siglip@1024"]
+    assert tiled["loss"] == pytest.approx(rows["loss"], rel=1e-5)  # same NCE loss, two tilings
+    assert siglip["loss"] > 0 and siglip["seconds"] > 0
+    # rows hold a 512 x 1024 fp32 logits block (2 MiB) plus a temporary of its size; tiles 512 x 64 (128 KiB)
+    assert rows["working_mib"] >= 2.0 > tiled["working_mib"]

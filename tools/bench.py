@@ -44,7 +44,10 @@ def run_loss(args) -> Dict:
     from zvl_ds.loss_bench import benchmark_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return benchmark_loss(batch_sizes=tuple(args.loss_batches), device=device, verbose=True)
+    # 262,144 only where a GPU makes it take minutes rather than hours
+    batches = [b for b in args.loss_batches if b <= 65536 or device == "cuda"]
+    return benchmark_loss(batch_sizes=tuple(batches), device=device, verbose=True, methods=args.loss_methods,
+                          chunk_rows=args.loss_chunk_rows, chunk_cols=args.loss_chunk_cols, dim=args.loss_dim)
 
 
 def model_overrides(args) -> List[str]:
@@ -144,7 +147,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", choices=["tiny", "vit_b16_bert_base"], default="tiny", help="dga/memory: model")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="dga/memory")
     parser.add_argument("--stage", type=int, default=0, help="dga/memory: ZeRO stage (one process)")
-    parser.add_argument("--loss-batches", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--loss-batches", type=int, nargs="+", default=[8192, 32768, 65536, 262144],
+                        help="loss: global batches (262144 runs on CUDA only)")
+    parser.add_argument("--loss-methods", nargs="+", default=["rows", "tiled", "siglip"],
+                        choices=["rows", "tiled", "siglip", "chunked", "naive"],
+                        help="loss: row-chunked NCE, column-tiled NCE, SigLIP (kernels, no autograd); chunked / "
+                             "naive: NCE through autograd, and the textbook B x B loss")
+    parser.add_argument("--loss-dim", type=int, default=512, help="loss: embedding width")
+    parser.add_argument("--loss-chunk-rows", type=int, default=1024, help="loss: rows per logits block")
+    parser.add_argument("--loss-chunk-cols", type=int, default=1024, help="loss: columns per tile (tiled, siglip)")
     parser.add_argument("--gpu-batch", type=int, default=16384)
     parser.add_argument("--gpu-chunk", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=None, help="gpu: the device's dense peak for MFU")

@@ -153,6 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         global_mask = gather_to_all(batch.attention_mask, placement.device)
         before = full_parameters(engine, stage)
         options = StepOptions(chunk=chunk, world_size=world_size, chunk_rows=cfg.loss.chunk_rows,
+                              chunk_cols=cfg.loss.chunk_cols,
                               gather_backward=cfg.loss.nce_loss.gather_backward, prepare_images=normalise,
                               device=placement.device)
         mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None

@@ -207,8 +207,14 @@ class MixupConfig:
 
 
 @dataclass
+class SigmoidConfig:
+    scale_init: float = 10.0  # t: multiplies the cosine similarities; learned as log t
+    bias_init: float = -10.0  # b: added to every pair's logit
+
+
+@dataclass
 class LossConfig:
-    name: Literal["NCE", "MixUpNCE"] = "NCE"
+    name: Literal["NCE", "MixUpNCE", "SigLIP"] = "NCE"
     global_reduce: bool = True
     group_size: int = -1
     smoothing: float = 0.0
@@ -216,6 +222,8 @@ class LossConfig:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     chunk_rows: int = 1024  # rows of logits computed at once; the result is exact whatever the value
+    chunk_cols: int = 0  # > 0: columns per logits tile (online log-sum-exp); 0: whole rows, as before
+    sigmoid: SigmoidConfig = field(default_factory=SigmoidConfig)
 
 
 @dataclass
@@ -762,6 +770,10 @@ def _validate(cfg: Config) -> None:
                           "implemented")
     if cfg.loss.chunk_rows < 1:
         raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
+    if cfg.loss.chunk_cols < 0:
+        raise ConfigError(f"loss.chunk_cols: must be >= 0 (0 = whole rows), got {cfg.loss.chunk_cols}")
+    if cfg.loss.name == "SigLIP":
+        _validate_sigmoid(cfg)
     if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
     _validate_part_lrs(cfg.optim)
@@ -816,6 +828,20 @@ def _validate_part_lrs(optim: OptimConfig) -> None:
         decay = getattr(optim.layer_decay, tower)
         if not 0 < decay <= 1:
             raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
+
+
+def _validate_sigmoid(cfg: Config) -> None:
+    if cfg.loss.sigmoid.scale_init <= 0:
+        raise ConfigError(f"loss.sigmoid.scale_init: must be > 0 (it is learned as its log), got "
+                          f"{cfg.loss.sigmoid.scale_init}")
+    # With plain gather the gathered texts are constants, and SigLIP has no text->image direction to give the
+    # text tower a gradient through its own rows: it would not learn at all.
+    if not cfg.loss.nce_loss.gather_backward:
+        raise ConfigError("loss.nce_loss.gather_backward=false with loss.name=SigLIP: the text tower would get no "
+                          "gradient; use true (exact) or the clip_bsgs runner")
+    if cfg.loss.temperature.name == "parameter":
+        raise ConfigError("loss.temperature.name=parameter with loss.name=SigLIP: SigLIP learns its own scale "
+                          "(loss.sigmoid.scale_init), the temperature would never move; use constant")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

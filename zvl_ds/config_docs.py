@@ -167,7 +167,8 @@ KEY_HELP: Dict[str, str] = {
                        "kernels on GPUs); `eager`: the plain matmul-softmax attention (a reference for debugging).",
     # ---------------------------------------------------------------- loss
     "loss.name": "`NCE`: symmetric InfoNCE over the global batch; `MixUpNCE`: ZeroVL's coin-flip mixup (each step "
-                 "mixes either images or texts with a partner, soft targets).",
+                 "mixes either images or texts with a partner, soft targets); `SigLIP`: the pairwise sigmoid loss "
+                 "(see Choosing a loss).",
     "loss.global_reduce": "Accepted for ZeroVL configs; unused (the loss is always over the global batch).",
     "loss.group_size": "Accepted for ZeroVL configs; only -1 (gather over the whole world) is implemented, another "
                        "value is an error.",
@@ -185,6 +186,11 @@ KEY_HELP: Dict[str, str] = {
                        "be > 0.",
     "loss.chunk_rows": "Rows of the logits matrix computed at once (memory knob); the result is exact whatever "
                        "the value.",
+    "loss.chunk_cols": "Columns of a logits tile: > 0 holds chunk_rows x chunk_cols logits whatever the batch "
+                       "(online log-sum-exp, one extra matmul); 0: whole rows (chunk_rows x B).",
+    "loss.sigmoid.scale_init": "`SigLIP` only: initial scale t multiplying the similarities (learned as log t, "
+                               "parameter `logit_scale_log`); must be > 0.",
+    "loss.sigmoid.bias_init": "`SigLIP` only: initial bias b added to every logit (parameter `logit_bias`).",
     # ---------------------------------------------------------------- optim
     "optim.name": "`torch.optim.AdamW` or `AdamW`: AdamW; `torch.optim.SGD` or `SGD`: SGD.",
     "optim.param.betas": "AdamW betas `[beta1, beta2]`.",

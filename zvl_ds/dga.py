@@ -4,7 +4,8 @@ DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch indep
 
 1. pass 1, no autograd: embed every chunk of this rank's batch, remembering the RNG state before each chunk;
 2. gather the embeddings of all ranks and compute the loss and its gradient with respect to this rank's
-   embeddings and the temperature once (``loss.loss_and_grads``, chunked over rows);
+   embeddings and the temperature once (``loss.loss_and_grads``, chunked over rows; for a SigLIP model,
+   ``sigmoid_loss.sigmoid_loss_and_grads`` and its scale and bias instead of the temperature);
 3. pass 2: for each chunk restore its RNG state (dropout repeats exactly), recompute it with autograd and
    back-propagate the cached gradient; the temperature's gradient enters once;
 4. one gradient reduction and the optimizer step.
@@ -25,14 +26,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from zvl_ds.loss import contrastive_loss, loss_and_grads
+from zvl_ds.loss import CachedGrads, LossOutput, contrastive_loss, loss_and_grads
 from zvl_ds.mixup import MixupDraw
 from zvl_ds.profile_ranges import profile_range
+from zvl_ds.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 
 
 @dataclass
@@ -62,6 +64,7 @@ class StepOptions:
     chunk: int  # samples per forward on this rank (per-rank DGA chunk)
     world_size: int
     chunk_rows: int  # logit rows computed at once inside the loss
+    chunk_cols: int = 0  # logit columns per tile inside the loss; 0: whole rows
     gather_backward: bool = True  # single-pass runner only; DGA always yields the full gradient
     # Moves a uint8 image chunk to the device and normalises it to the engine's dtype.
     prepare_images: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -115,6 +118,41 @@ def _chunk_bounds(size: int, chunk: int) -> List[slice]:
     return [slice(start, start + chunk) for start in range(0, size, chunk)]
 
 
+def _loss_parameters(out: Dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
+    """The loss's learnable scalars in the model output: (t, b) for SigLIP (a model built for it returns them),
+    else the temperature."""
+    scale_bias = out.get("logit_scale_bias")
+    return scale_bias if scale_bias is not None else out["temperature"]
+
+
+def _reported_temperature(params: torch.Tensor) -> float:
+    """tau for the logs; SigLIP's logits are t * similarity + b, so 1 / t plays tau's part there."""
+    values = params.detach().reshape(-1)
+    return float(1.0 / values[0]) if values.numel() == 2 else float(values[0])
+
+
+def _pass1_gradients(image: torch.Tensor, text: torch.Tensor, params: torch.Tensor, mixup: Optional[MixupDraw],
+                     partner: Optional[torch.Tensor], options: StepOptions) -> CachedGrads:
+    if params.numel() == 2:
+        if mixup is not None:
+            raise ValueError("the sigmoid loss has no mixup variant")
+        return sigmoid_loss_and_grads(image, text, params, chunk_rows=options.chunk_rows,
+                                      chunk_cols=options.chunk_cols)
+    return loss_and_grads(image, text, params, mixup=mixup, partner=partner, chunk_rows=options.chunk_rows,
+                          chunk_cols=options.chunk_cols)
+
+
+def _single_pass_loss(image: torch.Tensor, text: torch.Tensor, params: torch.Tensor, mixup: Optional[MixupDraw],
+                      partner: Optional[torch.Tensor], options: StepOptions) -> Tuple[torch.Tensor, LossOutput]:
+    if params.numel() == 2:
+        if mixup is not None:
+            raise ValueError("the sigmoid loss has no mixup variant")
+        return sigmoid_loss(image, text, params, chunk_rows=options.chunk_rows, chunk_cols=options.chunk_cols)
+    return contrastive_loss(image, text, params, mixup=mixup, partner=partner,
+                            gather_backward=options.gather_backward, chunk_rows=options.chunk_rows,
+                            chunk_cols=options.chunk_cols)
+
+
 def _is_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
@@ -156,13 +194,13 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
             out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
             image_parts.append(out["image_embeds"].float())
             text_parts.append(out["text_embeds"].float())
-            temperature = out["temperature"].float()
+            loss_params = _loss_parameters(out).float()
     with phase("loss"):
-        cached = loss_and_grads(torch.cat(image_parts), torch.cat(text_parts), temperature, mixup=mixup,
-                                partner=partner, chunk_rows=options.chunk_rows)
+        cached = _pass1_gradients(torch.cat(image_parts), torch.cat(text_parts), loss_params, mixup, partner,
+                                  options)
     del image_parts, text_parts
     loss_value = cached.output.loss
-    tau = float(temperature.reshape(-1)[0])
+    tau = _reported_temperature(loss_params)
     # The loss is global (identical on every rank), so every rank takes the same decision without talking.
     if not _is_finite(loss_value):
         return _skipped("non-finite loss", float(loss_value), tau)
@@ -180,8 +218,9 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
                 out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
                 surrogate = ((out["image_embeds"].float() * grad_image[bound]).sum()
                              + (out["text_embeds"].float() * grad_text[bound]).sum())
-                if index == 0 and out["temperature"].requires_grad:
-                    surrogate = surrogate + (out["temperature"].float() * grad_temperature).sum()
+                params = _loss_parameters(out)
+                if index == 0 and params.requires_grad:  # the loss's scalars enter once per step
+                    surrogate = surrogate + (params.float() * grad_temperature).sum()
                 if stage == 0:
                     engine.set_gradient_accumulation_boundary(index == len(bounds) - 1)
                 _backward(engine, surrogate)
@@ -198,12 +237,11 @@ def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Opti
     phase = _phases(timer)
     with phase("pass1"):
         out = _forward(engine, _chunk_inputs(batch, 0, len(batch), options), mixup)
-        temperature = out["temperature"].float()
+        loss_params = _loss_parameters(out).float()
     with phase("loss"):
-        loss, output = contrastive_loss(out["image_embeds"].float(), out["text_embeds"].float(), temperature,
-                                        mixup=mixup, partner=partner, gather_backward=options.gather_backward,
-                                        chunk_rows=options.chunk_rows)
-    tau = float(temperature.detach().reshape(-1)[0])
+        loss, output = _single_pass_loss(out["image_embeds"].float(), out["text_embeds"].float(), loss_params,
+                                         mixup, partner, options)
+    tau = _reported_temperature(loss_params)
     if not _is_finite(output.loss):
         return _skipped("non-finite loss", float(output.loss), tau)
     with phase("pass2"):

@@ -2,8 +2,9 @@
 
 The reference shares nothing with ``dga.py`` or ``loss.py``: one process holds the whole global batch, one
 autograd graph spans every chunk of every rank, and the loss is the textbook dense symmetric InfoNCE with soft
-targets. Dropout is replayed by seeding each rank's chunks as the trainer does (``runner.stable_random: step``),
-so masks are identical and the two computations must agree to rounding.
+targets (or the dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
+chunks as the trainer does (``runner.stable_random: step``), so masks are identical and the two computations
+must agree to rounding.
 """
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def dense_contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature:
     return 0.5 * (image_to_text + text_to_image)
 
 
+def dense_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+    """Mean over all B x B pairs of -log sigmoid(z_ij (t <x_i, y_j> + b)), z = +1 on the diagonal, -1 elsewhere."""
+    signs = 2 * torch.eye(image.shape[0], dtype=image.dtype, device=image.device) - 1
+    return -F.logsigmoid(signs * (scale_bias[0] * image @ text.t() + scale_bias[1])).mean()
+
+
 def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    *, world_size: int, chunk: int, seed: int, step: int, mixup: Optional[MixupDraw],
                    replay_rng: bool = True) -> torch.Tensor:
@@ -51,7 +58,7 @@ def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tens
     per_rank = images.shape[0] // world_size
     image_parts: List[torch.Tensor] = []
     text_parts: List[torch.Tensor] = []
-    temperature = None
+    temperature = scale_bias = None
     for rank in range(world_size):
         if replay_rng:
             torch.manual_seed(step_seed(seed, step, rank))
@@ -61,6 +68,10 @@ def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tens
             image_parts.append(out["image_embeds"].float())
             text_parts.append(out["text_embeds"].float())
             temperature = out["temperature"].float() if temperature is None else temperature
+            if scale_bias is None and out.get("logit_scale_bias") is not None:
+                scale_bias = out["logit_scale_bias"].float()
+    if scale_bias is not None:  # a model built for SigLIP
+        return dense_sigmoid_loss(torch.cat(image_parts), torch.cat(text_parts), scale_bias)
     partner = reference_partner(images.shape[0], world_size, chunk) if mixup is not None else None
     return dense_contrastive_loss(torch.cat(image_parts), torch.cat(text_parts), temperature, mixup, partner)
 
@@ -77,8 +88,9 @@ class GroupDifference:
 
 
 def parameter_group(name: str) -> str:
-    """Coarse groups for the report: image tower, text tower, projections, temperature, other."""
-    for key, group in (("tau", "temperature"), ("temperature", "temperature"), ("image_projection", "image projection"),
+    """Coarse groups for the report: image tower, text tower, projections, temperature, sigmoid scale/bias, other."""
+    for key, group in (("logit_scale_log", "sigmoid scale/bias"), ("logit_bias", "sigmoid scale/bias"),
+                       ("tau", "temperature"), ("temperature", "temperature"), ("image_projection", "image projection"),
                        ("text_projection", "text projection"), ("image", "image tower"), ("text", "text tower")):
         if key in name:
             return group

@@ -284,7 +284,15 @@ def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
     model_cfg.text_encoder.grad_checkpointing = False
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "zvl_ds_version": zvl_ds.__version__,
             "model": dataclasses.asdict(model_cfg),
-            "loss": {"temperature": dataclasses.asdict(cfg.loss.temperature)}}
+            "loss": _exported_loss_config(cfg)}
+
+
+def _exported_loss_config(cfg: Config) -> Dict:
+    """The loss keys that shape the model: the temperature, and SigLIP's scale and bias (weights in the folder)."""
+    loss = {"temperature": dataclasses.asdict(cfg.loss.temperature)}
+    if cfg.loss.name == "SigLIP":
+        loss.update(name="SigLIP", sigmoid=dataclasses.asdict(cfg.loss.sigmoid))
+    return loss
 
 
 def write_model_folder(out_dir: str, cfg: Config, model: DualEncoder, tokenizer, source: Dict[str, str]) -> str:

@@ -10,9 +10,11 @@ rows T, temperature tau (dividing), and targets Y:
 NCE uses Y = I (hard targets). MixUpNCE uses Y = lam * I + (1 - lam) * P with P[i, partner(i)] = 1; the
 partner map is an involution, so Y is symmetric and serves both directions. Logged accuracies use hard targets.
 
-Memory: rows are processed ``chunk_rows`` at a time; per chunk the logits (chunk x B) are turned in place into
-``softmax - Y``, which gives the gradients of the queries, the keys and tau at once (closed form, below). No
-(B x B) or autograd graph of logits is ever kept, and the result equals the unchunked computation.
+Memory: rows are processed ``chunk_rows`` at a time (and columns ``chunk_cols`` at a time when > 0, with an
+online log-sum-exp, so that only chunk_rows x chunk_cols logits exist whatever B is); per chunk the logits
+(chunk x B) are turned in place into ``softmax - Y``, which gives the gradients of the queries, the keys and tau
+at once (closed form, below). No (B x B) or autograd graph of logits is ever kept, and the result equals the
+unchunked computation.
 
     dL/dq_i  = (1 / tau) sum_j G_ij k_j          G = softmax(z) - Y,  z = q k^T / tau
     dL/dk_j  = (1 / tau) sum_i G_ij q_i
@@ -44,7 +46,9 @@ class CachedGrads:
 
     image: torch.Tensor  # [b, d] fp32: dL/d(this rank's image embeddings), all ranks' rows accounted for
     text: torch.Tensor  # [b, d] fp32: dL/d(this rank's text embeddings)
-    temperature: torch.Tensor  # [1] fp32: this rank's share of dL/d(clamped tau); back-propagate it once per step
+    # [1] fp32: this rank's share of dL/d(clamped tau); back-propagate it once per step. For the sigmoid loss,
+    # [2]: of dL/d(scale, bias) (zvl_ds.sigmoid_loss).
+    temperature: torch.Tensor
     output: LossOutput
 
 
@@ -66,13 +70,93 @@ class _RowBlockResult:
     grad_tau: Optional[torch.Tensor]
 
 
+def _targets_in_tile(cols: torch.Tensor, start: int, stop: int):
+    """(rows, columns relative to the tile) of the target columns ``cols`` that fall in [start, stop)."""
+    inside = (cols >= start) & (cols < stop)
+    rows = inside.nonzero(as_tuple=True)[0]
+    return rows, cols[rows] - start
+
+
+def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor,
+                                   targets: _Targets, chunk_rows: int, chunk_cols: int, need_grads: bool,
+                                   need_key_grads: bool = True) -> _RowBlockResult:
+    """``_soft_cross_entropy_rows`` holding only (chunk_rows x chunk_cols) logits, whatever B is.
+
+    Per row chunk, a first sweep over column tiles keeps an online log-sum-exp (running max and rescaled sum)
+    and the running arg-max; a second sweep recomputes each tile, turns it into ``softmax - Y`` with the now
+    known normaliser and accumulates the same closed-form gradients. The price is one extra (rows x cols x d)
+    matmul per tile (4 instead of 3).
+    """
+    need_key_grads = need_grads and need_key_grads
+    n, num_keys = queries.shape[0], keys.shape[0]
+    lam = targets.lam
+    loss_sum = queries.new_zeros(())
+    correct = torch.zeros((), dtype=torch.long, device=queries.device)
+    grad_queries = torch.empty_like(queries) if need_grads else None
+    grad_keys = torch.zeros_like(keys) if need_key_grads else None
+    inv_tau = 1.0 / tau
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        q = queries[start:stop]
+        self_cols = targets.self_cols[start:stop]
+        partner_cols = targets.partner_cols[start:stop] if targets.partner_cols is not None else None
+        running_max = q.new_full((stop - start,), -float("inf"))
+        running_sum = q.new_zeros(stop - start)
+        best_value = q.new_full((stop - start,), -float("inf"))
+        best_col = torch.zeros(stop - start, dtype=torch.long, device=q.device)
+        scaled = q * inv_tau  # [rows, d]: dividing here saves a pass over every tile
+        for col in range(0, num_keys, chunk_cols):
+            logits = torch.mm(scaled, keys[col:col + chunk_cols].t())
+            tile_max, tile_arg = logits.max(dim=1)
+            better = tile_max > best_value  # strict: the first maximum wins, as argmax over whole rows
+            best_value = torch.where(better, tile_max, best_value)
+            best_col = torch.where(better, tile_arg + col, best_col)
+            new_max = torch.maximum(running_max, tile_max)
+            running_sum = running_sum * torch.exp(running_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
+            running_max = new_max
+            del logits
+        log_norm = running_max + running_sum.log()
+        target_logit = (q * keys[self_cols]).sum(1).mul_(inv_tau) * lam
+        if partner_cols is not None:
+            target_logit = target_logit + (q * keys[partner_cols]).sum(1).mul_(inv_tau) * (1.0 - lam)
+        loss_sum = loss_sum + (log_norm - target_logit).sum()
+        correct += (best_col == self_cols).sum()
+        if not need_grads:
+            continue
+        grad_rows = torch.zeros_like(q)
+        for col in range(0, num_keys, chunk_cols):
+            key_tile = keys[col:col + chunk_cols]
+            # the normaliser enters as the matmul's additive term: one pass over the tile, the exp
+            residual = torch.addmm(-log_norm[:, None], scaled, key_tile.t()).exp_()
+            rows, tile_cols = _targets_in_tile(self_cols, col, col + key_tile.shape[0])
+            residual.index_put_((rows, tile_cols), residual.new_full((rows.numel(),), -lam), accumulate=True)
+            if partner_cols is not None:
+                rows, tile_cols = _targets_in_tile(partner_cols, col, col + key_tile.shape[0])
+                residual.index_put_((rows, tile_cols), residual.new_full((rows.numel(),), lam - 1.0),
+                                    accumulate=True)
+            grad_rows.addmm_(residual, key_tile)
+            if need_key_grads:
+                grad_keys[col:col + chunk_cols].addmm_(residual.t(), q)
+            del residual
+        grad_queries[start:stop] = grad_rows.mul_(inv_tau)
+    if need_key_grads:
+        grad_keys.mul_(inv_tau)
+    grad_tau = -(queries * grad_queries).sum().reshape(1) * inv_tau if need_grads else None
+    return _RowBlockResult(loss_sum, correct, grad_queries, grad_keys, grad_tau)
+
+
 def _soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, targets: _Targets,
-                             chunk_rows: int, need_grads: bool, need_key_grads: bool = True) -> _RowBlockResult:
+                             chunk_rows: int, need_grads: bool, need_key_grads: bool = True,
+                             chunk_cols: int = 0) -> _RowBlockResult:
     """Sum over query rows of the soft cross-entropy of ``queries @ keys.T / tau``, with exact gradients.
 
     Holds at most one (chunk_rows x B) logits block at a time; log-sum-exp keeps it finite at tiny tau.
     ``need_grads`` gives the query and tau gradients, plus the key gradient if ``need_key_grads``.
+    ``chunk_cols`` > 0 tiles the columns too (see ``_tiled_soft_cross_entropy_rows``).
     """
+    if chunk_cols > 0:
+        return _tiled_soft_cross_entropy_rows(queries, keys, tau, targets, chunk_rows, chunk_cols, need_grads,
+                                              need_key_grads)
     need_key_grads = need_grads and need_key_grads
     n, num_keys = queries.shape[0], keys.shape[0]
     lam = targets.lam
@@ -124,12 +208,13 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
     the logits) and only scaled in the backward. Double backward is not supported."""
 
     @staticmethod
-    def forward(ctx, queries, keys, tau, targets: _Targets, chunk_rows: int):
+    def forward(ctx, queries, keys, tau, targets: _Targets, chunk_rows: int, chunk_cols: int = 0):
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.no_grad():
             result = _soft_cross_entropy_rows(_compute_dtype(queries), _compute_dtype(keys), _compute_dtype(tau),
                                               targets, chunk_rows,
-                                              need_grads, need_key_grads=ctx.needs_input_grad[1])
+                                              need_grads, need_key_grads=ctx.needs_input_grad[1],
+                                              chunk_cols=chunk_cols)
         ctx.dtypes = (queries.dtype, keys.dtype, tau.dtype)
         if need_grads:
             ctx.save_for_backward(result.grad_queries, result.grad_keys, result.grad_tau)
@@ -144,10 +229,11 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
         return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
                 (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
                 (grad_tau * grad_loss).to(dtypes[2]) if needs[2] else None,
-                None, None)
+                None, None, None)
 
 
-def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, chunk_rows: int) -> None:
+def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, chunk_rows: int,
+                  chunk_cols: int = 0) -> None:
     if image.dim() != 2 or image.shape != text.shape:
         raise ValueError(f"contrastive loss needs image and text embeddings of the same shape [b, d], got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
@@ -157,6 +243,8 @@ def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Te
         raise ValueError(f"temperature must hold one value (shape (1,)), got shape {tuple(temperature.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"loss.chunk_rows must be >= 1, got {chunk_rows}")
+    if chunk_cols < 0:
+        raise ValueError(f"loss.chunk_cols must be >= 0 (0 = whole rows), got {chunk_cols}")
 
 
 def _resolve_partner(mixup: Optional[MixupDraw], partner: Optional[torch.Tensor], global_batch: int,
@@ -200,7 +288,7 @@ def _global_output(local_loss_sum: torch.Tensor, i2t_correct: torch.Tensor, t2i_
 def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor,
                      temperature: torch.Tensor, *, mixup: Optional[MixupDraw] = None,
                      partner: Optional[torch.Tensor] = None, gather_backward: bool = True,
-                     chunk_rows: int = 1024) -> Tuple[torch.Tensor, LossOutput]:
+                     chunk_rows: int = 1024, chunk_cols: int = 0) -> Tuple[torch.Tensor, LossOutput]:
     """This rank's loss for the single-pass runner, and the global figures for logging.
 
     Local rows (b per rank) against the gathered global columns (B = b * world size), targets at the global
@@ -215,9 +303,10 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
 
     ``mixup``: soft targets ``lam`` on the pair and ``1 - lam`` on ``partner`` (a global index map of length
     B; default: reversal inside each rank's batch, which is what the model's mixing does in a single pass).
-    The embeddings are promoted to fp32 for the loss (fp64 stays fp64).
+    The embeddings are promoted to fp32 for the loss (fp64 stays fp64). ``chunk_cols`` > 0: logits tiles of
+    chunk_rows x chunk_cols instead of chunk_rows x B (same result within rounding).
     """
-    _check_inputs(image_embeds_local, text_embeds_local, temperature, chunk_rows)
+    _check_inputs(image_embeds_local, text_embeds_local, temperature, chunk_rows, chunk_cols)
     world_size, rank = get_world_size(), get_rank()
     per_rank = image_embeds_local.shape[0]
     global_batch = per_rank * world_size
@@ -230,8 +319,10 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
     text_all = gather(text_local)
     partner = _resolve_partner(mixup, partner, global_batch, world_size, per_rank, device)
     targets = _local_targets(rank, per_rank, partner, mixup, device)
-    i2t_sum, i2t_correct = _ChunkedSoftCrossEntropy.apply(image_local, text_all, tau, targets, chunk_rows)
-    t2i_sum, t2i_correct = _ChunkedSoftCrossEntropy.apply(text_local, image_all, tau, targets, chunk_rows)
+    i2t_sum, i2t_correct = _ChunkedSoftCrossEntropy.apply(image_local, text_all, tau, targets, chunk_rows,
+                                                          chunk_cols)
+    t2i_sum, t2i_correct = _ChunkedSoftCrossEntropy.apply(text_local, image_all, tau, targets, chunk_rows,
+                                                          chunk_cols)
     local_sum = 0.5 * (i2t_sum + t2i_sum)
     output = _global_output(local_sum, i2t_correct, t2i_correct, global_batch)
     return local_sum / per_rank, output
@@ -239,7 +330,7 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
 
 def loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor, temperature: torch.Tensor,
                    *, mixup: Optional[MixupDraw] = None, partner: Optional[torch.Tensor] = None,
-                   chunk_rows: int = 1024) -> CachedGrads:
+                   chunk_rows: int = 1024, chunk_cols: int = 0) -> CachedGrads:
     """Gradients of the global-mean loss L for DGA's second pass, from this rank's detached pass-1 embeddings.
 
     ``image``/``text``: dL/d(this rank's embeddings), complete: this rank's rows as queries plus its samples
@@ -256,7 +347,7 @@ def loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Te
     tau = _compute_dtype(temperature.detach()).reshape(1).requires_grad_(True)
     with torch.enable_grad():
         local_loss, output = contrastive_loss(image, text, tau, mixup=mixup, partner=partner, gather_backward=True,
-                                              chunk_rows=chunk_rows)
+                                              chunk_rows=chunk_rows, chunk_cols=chunk_cols)
         # local_loss is this rank's mean; L = average over ranks of local_loss, hence the 1 / world size.
         grad_image, grad_text, grad_tau = torch.autograd.grad(local_loss, [image, text, tau])
     scale = 1.0 / world_size

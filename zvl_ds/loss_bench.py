@@ -1,4 +1,6 @@
-"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.loss) vs naive (B x B logits).
+"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.loss) vs naive (B x B logits),
+and the loss kernels side by side: row-chunked NCE, column-tiled NCE and SigLIP (``--methods rows tiled siglip``,
+which also report working memory; see KERNEL_METHODS).
 
 ``python -m zvl_ds.loss_bench [--batch-sizes 8192 32768] [--dim 512] [--chunk-rows 1024] [--device cpu]``
 
@@ -41,6 +43,34 @@ from typing import Dict, Optional, Sequence
 
 NAIVE_BXB_MATRICES = 7  # estimate used only to decide whether a naive case can run at all
 
+# The tiled-loss comparison (``rows``, ``tiled``, ``siglip``) runs the loss kernels directly, without autograd,
+# so that exactly one set of gradient buffers exists: per softmax direction dL/d(queries) and dL/d(keys), 4
+# [B, dim] fp32 matrices in all; SigLIP's single sum over pairs, 2. "Working memory" is the peak extra resident
+# memory minus those buffers: what the loss needs beyond the embeddings and their gradients.
+KERNEL_METHODS = ("rows", "tiled", "siglip")
+GRADIENT_BUFFERS = {"rows": 4, "tiled": 4, "siglip": 2}
+
+
+def kernel_loss_and_gradients(method: str, image, text, chunk_rows: int, chunk_cols: int):
+    """Loss value and the gradient buffers of one kernel method (see ``KERNEL_METHODS``)."""
+    import torch
+
+    from zvl_ds.loss import _soft_cross_entropy_rows, _Targets
+    from zvl_ds.sigmoid_loss import _sigmoid_pairs
+
+    batch = image.shape[0]
+    if method == "siglip":
+        scale, bias = torch.tensor(10.0, device=image.device), torch.tensor(-10.0, device=image.device)
+        result = _sigmoid_pairs(image, text, scale, bias, 0, chunk_rows, chunk_cols, need_grads=True)
+        return float(result.loss_sum) / batch ** 2, (result.grad_queries, result.grad_keys)
+    tau = torch.tensor([0.02], device=image.device)
+    targets = _Targets(torch.arange(batch, device=image.device), None, 1.0)
+    cols = chunk_cols if method == "tiled" else 0
+    i2t = _soft_cross_entropy_rows(image, text, tau, targets, chunk_rows, True, chunk_cols=cols)
+    t2i = _soft_cross_entropy_rows(text, image, tau, targets, chunk_rows, True, chunk_cols=cols)
+    loss = 0.5 * float(i2t.loss_sum + t2i.loss_sum) / batch
+    return loss, (i2t.grad_queries, i2t.grad_keys, t2i.grad_queries, t2i.grad_keys)
+
 
 def naive_loss(image, text, tau):
     """The textbook CLIP loss: full B x B logits, cross-entropy both ways, autograd keeps everything."""
@@ -72,7 +102,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str) -> Dict[str, object]:
+def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, chunk_cols: int = 0
+             ) -> Dict[str, object]:
     """One measurement (meant to run in a fresh process; see the module docstring)."""
     import torch
     import torch.nn.functional as F
@@ -82,6 +113,12 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str) ->
     torch.manual_seed(0)
 
     def loss_and_backward(image, text, tau):
+        if method in KERNEL_METHODS:
+            with torch.no_grad():
+                loss, buffers = kernel_loss_and_gradients(method, image.detach(), text.detach(), chunk_rows,
+                                                          chunk_cols)
+            del buffers
+            return loss
         if method == "naive":
             loss = naive_loss(image, text, tau)
         else:
@@ -117,10 +154,15 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str) ->
     else:
         peak = _rss_bytes("VmHWM") if peak_source.startswith("VmHWM") else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows if method == "chunked" else None,
-            "device": device, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
-            "peak_extra_bytes": int(peak - baseline), "peak_extra_gib": round((peak - baseline) / 2 ** 30, 3),
-            "peak_source": peak_source, "loss": loss}
+    result = {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows if method != "naive" else None,
+              "device": device, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
+              "peak_extra_bytes": int(peak - baseline), "peak_extra_gib": round((peak - baseline) / 2 ** 30, 3),
+              "peak_source": peak_source, "loss": loss}
+    if method in KERNEL_METHODS:
+        result["chunk_cols"] = chunk_cols if method != "rows" else None
+        gradient_bytes = GRADIENT_BUFFERS[method] * batch * dim * 4
+        result["working_mib"] = round((peak - baseline - gradient_bytes) / 2 ** 20, 1)
+    return result
 
 
 def _available_bytes(device: str) -> int:
@@ -146,7 +188,7 @@ def _rss_bytes_meminfo(field: str) -> Optional[int]:
 
 def benchmark_loss(batch_sizes: Sequence[int] = (8192, 32768), dim: int = 512, chunk_rows: int = 1024,
                    device: str = "cpu", methods: Sequence[str] = ("chunked", "naive"), verbose: bool = True,
-                   timeout_s: float = 3600) -> Dict[str, Dict[str, object]]:
+                   timeout_s: float = 3600, chunk_cols: int = 1024) -> Dict[str, Dict[str, object]]:
     """Measure each (batch, method) in its own process; returns ``{"<method>@<batch>": result}``.
 
     A naive case estimated not to fit (7 B x B fp32 matrices vs the memory available now) is not run; its
@@ -167,7 +209,7 @@ def benchmark_loss(batch_sizes: Sequence[int] = (8192, 32768), dim: int = 512, c
                         print(f"{key:>16}: skipped, {results[key]['skipped']}", flush=True)
                     continue
             case = json.dumps({"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows,
-                               "device": device})
+                               "device": device, "chunk_cols": chunk_cols})
             proc = subprocess.run([sys.executable, "-m", "zvl_ds.loss_bench", "--case", case],
                                   capture_output=True, text=True, timeout=timeout_s,
                                   env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -181,7 +223,8 @@ def benchmark_loss(batch_sizes: Sequence[int] = (8192, 32768), dim: int = 512, c
                 if "failed" in result:
                     print(f"{key:>16}: FAILED {result['failed']}", flush=True)
                 else:
-                    print(f"{key:>16}: peak +{result['peak_extra_gib']:.3f} GiB, {result['seconds']:.2f} s "
+                    working = f", working {result['working_mib']:.1f} MiB" if "working_mib" in result else ""
+                    print(f"{key:>16}: peak +{result['peak_extra_gib']:.3f} GiB{working}, {result['seconds']:.2f} s "
                           f"({result['device']}, {result['threads']} threads, loss {result['loss']:.4f})",
                           flush=True)
     return results
@@ -193,14 +236,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=["chunked", "naive"], default=["chunked", "naive"])
+    parser.add_argument("--chunk-cols", type=int, default=1024, help="tiled and siglip: columns per tile")
+    parser.add_argument("--methods", nargs="+", choices=["chunked", "naive", *KERNEL_METHODS],
+                        default=["chunked", "naive"])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
         return 0
-    results = benchmark_loss(args.batch_sizes, args.dim, args.chunk_rows, args.device, args.methods)
+    results = benchmark_loss(args.batch_sizes, args.dim, args.chunk_rows, args.device, args.methods,
+                             chunk_cols=args.chunk_cols)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -14,6 +14,7 @@ cache, and fails with a message saying where it looked; a path loads that file (
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
-from zvl_ds.config import ImageEncoderConfig, LossConfig, ModelConfig, TextEncoderConfig, TemperatureConfig
+from zvl_ds.config import (ImageEncoderConfig, LossConfig, ModelConfig, SigmoidConfig, TextEncoderConfig,
+                           TemperatureConfig)
 from zvl_ds.mixup import MixupDraw, mix_images, mix_with_reversed
 from zvl_ds.profile_ranges import profile_range
 
@@ -331,7 +333,8 @@ class DualEncoder(nn.Module):
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, image_projection: nn.Module,
                  text_projection: nn.Module, temperature: TemperatureConfig, *, text_pooling: str = "cls",
                  target_token_idx: int = 0, image_only_cls_token: bool = True,
-                 image_trainable: bool = True, text_trainable: bool = True) -> None:
+                 image_trainable: bool = True, text_trainable: bool = True,
+                 sigmoid: Optional[SigmoidConfig] = None) -> None:
         super().__init__()
         if text_pooling not in ("cls", "mean"):
             raise ValueError(f"model.text_encoder.pooling: unknown pooling {text_pooling!r} (valid: cls, mean)")
@@ -349,6 +352,11 @@ class DualEncoder(nn.Module):
             self.tau = nn.Parameter(torch.full((1,), float(temperature.value)))
         else:
             self.temperature_constant = float(temperature.value)
+        # SigLIP's scale (learned as its log, so it stays positive) and bias; shape (1,) like tau, for DeepSpeed
+        self.sigmoid_loss = sigmoid is not None
+        if self.sigmoid_loss:
+            self.logit_scale_log = nn.Parameter(torch.full((1,), math.log(sigmoid.scale_init)))
+            self.logit_bias = nn.Parameter(torch.full((1,), float(sigmoid.bias_init)))
         # LiT-style locked towers: no gradients, and kept in eval mode (fixed BatchNorm statistics, no dropout)
         self.frozen_towers = [name for name, trainable in (("image_tower", image_trainable),
                                                             ("text_tower", text_trainable)) if not trainable]
@@ -370,6 +378,12 @@ class DualEncoder(nn.Module):
         device = next(self.parameters()).device
         value = min(max(self.temperature_constant, self.temperature_min), self.temperature_max)
         return torch.full((1,), value, dtype=torch.float32, device=device)
+
+    def logit_scale_bias(self) -> Optional[torch.Tensor]:
+        """(t, b) of the sigmoid loss, shape (2,), differentiable; None when the model has no sigmoid loss."""
+        if not self.sigmoid_loss:
+            return None
+        return torch.cat([self.logit_scale_log.exp(), self.logit_bias])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features [n, width], before projection."""
@@ -409,12 +423,14 @@ class DualEncoder(nn.Module):
     def forward(self, images: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, mixup: Optional[MixupDraw] = None
                 ) -> Dict[str, Optional[torch.Tensor]]:
-        """``{"image_embeds", "text_embeds", "temperature"}``; a modality not given is None."""
+        """``{"image_embeds", "text_embeds", "temperature", "logit_scale_bias"}``; a modality not given is None,
+        and so is ``logit_scale_bias`` for the softmax losses."""
         with profile_range("zvl.model_forward"):  # the engine's own work around it shows as the difference
             return {
                 "image_embeds": None if images is None else self.encode_image(images, mixup),
                 "text_embeds": None if input_ids is None else self.encode_text(input_ids, attention_mask, mixup),
                 "temperature": self.temperature(),
+                "logit_scale_bias": self.logit_scale_bias(),
             }
 
 
@@ -431,7 +447,8 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
     model = DualEncoder(image_tower, text_tower, image_projection, text_projection, loss_cfg.temperature,
                         text_pooling=text_cfg.pooling, target_token_idx=text_cfg.target_token_idx,
                         image_only_cls_token=image_cfg.vit.only_cls_token,
-                        image_trainable=image_cfg.trainable, text_trainable=text_cfg.trainable)
+                        image_trainable=image_cfg.trainable, text_trainable=text_cfg.trainable,
+                        sigmoid=loss_cfg.sigmoid if loss_cfg.name == "SigLIP" else None)
     model.image_weights_report = report
     return model
 

@@ -111,6 +111,7 @@ class Trainer:
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
         chunk = cfg.per_rank_chunk(self.world_size)
         self.options = StepOptions(chunk=chunk, world_size=self.world_size, chunk_rows=cfg.loss.chunk_rows,
+                                   chunk_cols=cfg.loss.chunk_cols,
                                    gather_backward=cfg.loss.nce_loss.gather_backward,
                                    prepare_images=self._prepare_images, device=placement.device)
         self.partner = (partner_index(cfg.data.batch_size, self.world_size, chunk).to(placement.device)
