@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 from zvl_ds.data import annotations, shards
 from zvl_ds.data.demo import COLOURS, PLURALS, POSITION_PHRASES, SHAPES, make_demo_data
 

@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from data_fixtures import make_config, write_dataset, write_img2dataset
+from tests.helpers.data_fixtures import make_config, write_dataset, write_img2dataset
 
 from zvl_ds.config import DatasetSource
 from zvl_ds.data.sources import (DataSourceError, expand_shard_spec, require_sizes, resolve_dataset,

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 
 # Tiny model; the text tower is frozen in some runs (ZeRO-1 drops frozen tensors from zero_to_fp32's output).
 BASE_OVERRIDES = ["model.arch=tiny", "loss.temperature.name=parameter", "loss.temperature.value=0.07",
@@ -226,14 +226,14 @@ def test_load_model_works_without_deepspeed(runs, tmp_path):
     script = (
         "import sys; sys.modules['deepspeed'] = None  # any import of deepspeed now fails\n"
         "import torch, zvl_ds\n"
-        f"sys.path.insert(0, {os.path.join(REPO_ROOT, 'tests')!r})\n"
-        "from test_export import probe_inputs\n"
+        "from tests.dist.test_export import probe_inputs\n"
         f"model = zvl_ds.load_model({out!r})\n"
         "images, ids, mask = probe_inputs(model.config)\n"
         f"torch.save({{'image': model.encode_image(images), 'text': model.encode_text(ids, mask)}}, {str(result)!r})\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # run from the repository root, as ``python -m`` would, so that the ``tests`` package is importable
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=str(tmp_path))
+                          cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     embeds = torch.load(result, weights_only=True)
     assert torch.equal(embeds["image"], runs["z0_fp32"]["image"])

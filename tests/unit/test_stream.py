@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import make_config, sample_members, write_dataset, write_img2dataset, write_tar
+from tests.helpers.data_fixtures import make_config, sample_members, write_dataset, write_img2dataset, write_tar
 
 from zvl_ds.config import DatasetSource
 from zvl_ds.data import (DataSourceError, TrainBatch, ValidBatch, build_train_loader, build_valid_loader,

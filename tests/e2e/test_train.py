@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT
-from dist_utils import free_port
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.dist_utils import free_port
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
 BIN = os.path.dirname(sys.executable)

@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 from zvl_ds.data import annotations, bench, shards
 from zvl_ds.data.images import scaled_size
 

@@ -6,7 +6,7 @@ drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
 from zvl_ds.exactness import compare_tensors, reference_loss
 from zvl_ds.mixup import MixupDraw

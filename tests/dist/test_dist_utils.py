@@ -2,7 +2,7 @@ import torch
 import torch.distributed as dist
 import pytest
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 
 
 def _sum_ranks(rank, world_size):

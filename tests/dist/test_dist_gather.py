@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
-from loss_reference import reference_loss
+from tests.helpers.dist_utils import run_distributed
+from tests.helpers.loss_reference import reference_loss
 
 PER_RANK = 4  # samples per rank in the model check
 TOLERANCE = 1e-5  # of each tensor's largest magnitude

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import load_config
 
 README = os.path.join(REPO_ROOT, "README.md")

@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from data_fixtures import image_bytes
+from tests.helpers.data_fixtures import image_bytes
+from tests.helpers.paths import REPO_ROOT
 from PIL import Image
 
 from zvl_ds.config import CaptionAugConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
@@ -14,7 +15,7 @@ from zvl_ds.data import load_tokenizer, normalize_images, tokenize
 from zvl_ds.data.transforms import (CaptionAugmenter, ImageTransform, TransformError, limit_pieces_per_word,
                                     random_resized_crop_box, to_uint8_chw)
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zvl_ds", "assets")
+ASSETS = os.path.join(REPO_ROOT, "zvl_ds", "assets")
 
 
 def cfg(**sizes):

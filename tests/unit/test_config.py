@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import Config, ConfigError, LAVIS_RUN_MAP, load_config
 
 CONFIGS = os.path.join(REPO_ROOT, "configs")

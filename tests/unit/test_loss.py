@@ -1,7 +1,7 @@
 """Single-process checks of the chunked loss, its cached-gradient form, and the mixup draws.
 
 The reference everywhere is a plain full-batch PyTorch computation written here (B x B logits, explicit soft
-targets, autograd), independent of zvl_ds.loss. Multi-process checks live in tests/test_dist_gather.py.
+targets, autograd), independent of zvl_ds.loss. Multi-process checks live in tests/dist/test_dist_gather.py.
 """
 import math
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss_reference import reference_loss
+from tests.helpers.loss_reference import reference_loss
 from zvl_ds.loss import contrastive_loss, loss_and_grads
 from zvl_ds.mixup import MixupDraw, draw_mixup, mix_images, partner_index
 

@@ -9,7 +9,7 @@ import typing
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT
 from zvl_ds import config as config_module
 from zvl_ds.config import (LAVIS_RUN_MAP, MODEL_PRESETS, README_TABLES, Config, lavis_mapping_markdown,
                            presets_markdown, reference_markdown)
