@@ -11,6 +11,8 @@ import zvl_ds  # noqa: E402,F401  (applies the torchvision shim before timm/tran
 
 # A test's kind is the folder it lives in, so a new file is marked by where it is put.
 KIND_BY_FOLDER = {"unit": pytest.mark.unit, "dist": pytest.mark.dist, "e2e": pytest.mark.e2e}
+# every end-to-end test starts fresh processes that import torch and DeepSpeed: none belongs in the fast subset
+SLOW_FOLDERS = {"e2e"}
 TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -21,3 +23,5 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/dist or tests/e2e "
                                     f"(the folder is the test's kind)")
         item.add_marker(KIND_BY_FOLDER[folder])
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
