@@ -11,8 +11,9 @@ import zvl_ds  # noqa: E402,F401  (applies the torchvision shim before timm/tran
 
 # A test's kind is the folder it lives in, so a new file is marked by where it is put.
 KIND_BY_FOLDER = {"unit": pytest.mark.unit, "dist": pytest.mark.dist, "e2e": pytest.mark.e2e}
-# every end-to-end test starts fresh processes that import torch and DeepSpeed: none belongs in the fast subset
-SLOW_FOLDERS = {"e2e"}
+# every multi-process and end-to-end test starts fresh interpreters that import torch and DeepSpeed (about 4 s of
+# CPU each, before any work): none of them fits the fast subset
+SLOW_FOLDERS = {"dist", "e2e"}
 TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -94,6 +94,7 @@ def test_classify_folder_against_hand_computed_accuracy(tokenizer, colour_folder
     assert "skipping unreadable image" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_prompt_ensemble_of_the_real_text_tower(tokenizer):
     """Batched ensemble = per-prompt embeddings averaged over templates, renormalised (one prompt at a time)."""
     from zvl_ds.config import load_config

@@ -173,6 +173,7 @@ def run_cli(*args):
                           cwd=REPO_ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_prints_resolved_config_and_exits_2_on_errors():
     ok = run_cli("configs/clip/zerovl_dga.yaml")
     assert ok.returncode == 0, ok.stderr

@@ -121,6 +121,7 @@ def test_presets_table_describes_every_preset():
     assert all(row[1] == PRESET_HELP[unquote(row[0])] for row in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(README_TABLES))
 def test_cli_prints_each_table(name):
     flag = REGENERATE[name]

@@ -238,6 +238,7 @@ def test_mix_images_hand_checked():
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
+@pytest.mark.slow
 def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fit():
     from zvl_ds.loss_bench import benchmark_loss
 

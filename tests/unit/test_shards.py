@@ -328,6 +328,7 @@ def test_scaled_size_keeps_aspect_and_never_upscales():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_csv_and_input_errors_exit_2_with_a_message(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, name="good", images=1)
@@ -435,6 +436,7 @@ def test_resume_after_simulated_kill_matches_uninterrupted_run(tmp_path):
     assert report.shards_reused == 4
 
 
+@pytest.mark.slow
 def test_resume_after_real_sigkill_matches_uninterrupted_run(tmp_path):
     """SIGKILL a 2-worker run while one worker is blocked reading an image (a FIFO stands in for a slow disk),
     then --resume once the file is there: the shards equal an uninterrupted run's."""
