@@ -1,12 +1,28 @@
 import os
-import sys
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(__file__))  # tests/dist_utils.py and friends
 
 import zvl_ds  # noqa: E402,F401  (applies the torchvision shim before timm/transformers are imported)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A test's kind is the folder it lives in, so a new file is marked by where it is put.
+KIND_BY_FOLDER = {"unit": pytest.mark.unit, "dist": pytest.mark.dist, "e2e": pytest.mark.e2e}
+# every multi-process and end-to-end test starts fresh interpreters that import torch and DeepSpeed (about 4 s of
+# CPU each, before any work): none of them fits the fast subset
+SLOW_FOLDERS = {"dist", "e2e"}
+TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = os.path.relpath(str(item.path), TESTS_ROOT).split(os.sep)[0]
+        if folder not in KIND_BY_FOLDER:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/dist or tests/e2e "
+                                    f"(the folder is the test's kind)")
+        item.add_marker(KIND_BY_FOLDER[folder])
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)

@@ -1,0 +1,6 @@
+"""The test suite, a package so that tests import their helpers as ``tests.helpers.<module>``.
+
+Kinds live in folders, and tests/conftest.py marks each test by its folder: ``unit/`` (one process),
+``dist/`` (real processes: gloo workers, torchrun), ``e2e/`` (the entry points and tools run as a user runs
+them, and README's commands). ``helpers/`` holds what several tests share.
+"""

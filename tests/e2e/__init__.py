@@ -1,0 +1,1 @@
+"""End-to-end tests: train.py and the tools run under their launchers as a user runs them, and README's commands."""

