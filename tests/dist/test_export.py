@@ -51,8 +51,12 @@ def _train_and_save(rank, world_size, run_root, overrides, stage, precision, ste
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss)
     optimizer = build_optimizer(model, cfg.optim)
+    # memory_efficient_linear off: ZeRO-3 otherwise swaps in its own linear (matmul, then the bias added
+    # separately), which rounds differently from the F.linear an exported model runs; the probe embeddings below
+    # must come from the same function as the model under test computes.
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
-                 "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": stage, "memory_efficient_linear": False},
+                 "zero_allow_untested_optimizer": True,
                  "bf16": {"enabled": precision == "bf16"}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
