@@ -534,7 +534,7 @@ def test_crafted_samples_are_skipped_and_counted_in_training(tmp_path, tokenizer
 @pytest.mark.parametrize("first", ["with_ids", "without_ids"])
 def test_validation_refuses_a_mix_of_real_and_position_ids(tmp_path, tokenizer, first):
     """Position 1 of the dataset would get id 1 from the fallback, the id a real sample carries: refused."""
-    from data_fixtures import image_bytes
+    from tests.helpers.data_fixtures import image_bytes
 
     members = {"with_ids": [], "without_ids": []}
     for i in range(2):
