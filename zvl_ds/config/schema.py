@@ -5,6 +5,12 @@ written. Defaults follow ZeroVL's code defaults; where we deviate, a comment say
 of every key for the generated reference (``python -m zvl_ds.config --reference``); a test checks that it covers
 exactly the keys of ``Config``, so the README's table cannot drift from the code. Keys under a mapping of sections
 are written with a ``<name>`` placeholder (``data.datasets.<name>.shards``).
+
+ZeroVL keys that change nothing here are not in these classes but in ``zvl_ds.config.compat`` (accepted, checked,
+reported). A few such keys stay, each marked "no effect" or "unused" in ``KEY_HELP``: ``data.test_splits``,
+``dist.url`` and ``dist.distributed``, because LAVIS's ``run:`` options map onto them, and the ``model.*`` ones
+(tower names, ``embedding_dim``, ``pool``, ``syncbn``, ...), because an exported model's config records the whole
+``model`` section and must stay readable as written.
 """
 from __future__ import annotations
 
@@ -167,7 +173,7 @@ class PoolConfig:
 @dataclass
 class ModelConfig:
     name: Literal["clip"] = "clip"
-    arch: Optional[str] = None  # a preset from MODEL_PRESETS; explicit model.* keys override it
+    arch: Optional[str] = None  # a preset from zvl_ds.presets.MODEL_PRESETS; explicit model.* keys override it
     max_length: int = 25
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
