@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds.config import Config, ConfigError, LAVIS_RUN_MAP, load_config
+from zvl_ds.config import Config, ConfigError, load_config
+from zvl_ds.config.compat import LAVIS_RUN_MAP
 
 CONFIGS = os.path.join(REPO_ROOT, "configs")
 
@@ -219,3 +220,35 @@ def test_keys_that_load_code_from_a_model_folder_are_refused(tmp_path, key, name
     with pytest.raises(ConfigError, match=message):
         load_config(str(path), [f"model.text_encoder.config.{key}"])
     assert load_config(str(path)).model.text_encoder.config == {"hidden_size": 64}
+
+
+def test_keys_without_effect_are_accepted_type_checked_and_kept_out_of_the_schema():
+    from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT
+
+    cfg = load_config(None, ["wandb.enable=true", "dist.param.opt_level=O2", "data.val_steps=5", "inference=true"])
+    assert cfg == load_config(None)  # read, checked, and changing nothing
+    assert "wandb" not in cfg.to_dict() and "inference" not in cfg.to_dict() and "param" not in cfg.to_dict()["dist"]
+    for key, accepted in ACCEPTED_WITHOUT_EFFECT.items():
+        assert load_config(None, [f"{key}={yaml.safe_dump(accepted.default).splitlines()[0]}"]) == cfg, key
+    with pytest.raises(ConfigError, match="wandb.enable.*bool"):
+        load_config(None, ["wandb.enable=3"])
+    with pytest.raises(ConfigError, match="data.name: invalid choice 'webdataset'"):
+        load_config(None, ["data.name=webdataset"])
+    with pytest.raises(ConfigError, match="unknown config key wandb.enabel; did you mean wandb.enable"):
+        load_config(None, ["wandb.enabel=true"])
+    with pytest.raises(ConfigError, match="did you mean data.single_eval"):
+        load_config(None, ["data.single_evl=true"])
+
+
+def test_each_key_without_effect_that_a_config_sets_is_reported_once(tmp_path, monkeypatch, caplog):
+    from zvl_ds.config import compat
+
+    monkeypatch.setattr(compat, "_REPORTED", set())  # a fresh process as far as the reports go
+    path = write(tmp_path / "zerovl_style.yaml", "ckpt:\n  soft_resume: true\nwandb:\n  project: mine\n")
+    with caplog.at_level("WARNING", logger="zvl_ds.config.compat"):
+        load_config(path)
+        load_config(path, ["log.interval_val=3"])
+        load_config(None)
+    reported = [record.getMessage() for record in caplog.records]
+    assert [message.split()[2] for message in reported] == ["ckpt.soft_resume", "wandb.project", "log.interval_val"]
+    assert all("has no effect" in message for message in reported)

@@ -10,17 +10,19 @@ import pytest
 import yaml
 
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds import config as config_module
-from zvl_ds.config import (LAVIS_RUN_MAP, MODEL_PRESETS, README_TABLES, Config, lavis_mapping_markdown,
-                           presets_markdown, reference_markdown)
-from zvl_ds.config_docs import KEY_HELP, LAVIS_NOTES, PRESET_HELP
+from zvl_ds.config import reference as config_module
+from zvl_ds.config.compat import LAVIS_NOTES, LAVIS_RUN_MAP
+from zvl_ds.config.reference import README_TABLES, lavis_mapping_markdown, presets_markdown, reference_markdown
+from zvl_ds.config.schema import KEY_HELP, Config
+from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
 
 README = os.path.join(REPO_ROOT, "README.md")
-REGENERATE = {"config-reference": "--reference", "lavis-mapping": "--lavis-mapping", "presets": "--presets"}
+REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
+              "presets": "--presets"}
 
 
 def expected_keys(cls=Config, prefix=""):
-    """(dotted key, default, type) of every leaf key, walked here independently of zvl_ds.config.config_keys."""
+    """(dotted key, default, type) of every leaf key, walked here independently of reference.config_keys."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -69,7 +71,7 @@ def test_every_config_key_has_help_and_no_help_is_stale():
     missing = [key for key in keys if key not in KEY_HELP]
     empty = [key for key in keys if key in KEY_HELP and not KEY_HELP[key].strip()]
     stale = sorted(set(KEY_HELP) - set(keys))
-    assert not missing, f"config keys without a meaning in zvl_ds/config_docs.py KEY_HELP: {missing}"
+    assert not missing, f"config keys without a meaning in zvl_ds/config/schema.py KEY_HELP: {missing}"
     assert not empty, f"empty KEY_HELP entries: {empty}"
     assert not stale, f"KEY_HELP entries for keys that Config no longer has: {stale}"
 
@@ -103,7 +105,7 @@ def test_lavis_table_lists_every_run_key_and_explains_every_conversion():
     for row, (key, (target, convert)) in zip(rows, LAVIS_RUN_MAP.items()):
         assert row[1].startswith(f"`{target}`"), (key, row[1])
         if convert is not None:
-            assert key in LAVIS_NOTES, f"run.{key} converts its value: say how in config_docs.LAVIS_NOTES"
+            assert key in LAVIS_NOTES, f"run.{key} converts its value: say how in compat.LAVIS_NOTES"
         if key in LAVIS_NOTES:
             assert row[1] == f"`{target}` ({LAVIS_NOTES[key]})"
     stale = sorted(set(LAVIS_NOTES) - set(LAVIS_RUN_MAP))
@@ -114,7 +116,7 @@ def test_lavis_table_lists_every_run_key_and_explains_every_conversion():
 
 
 def test_presets_table_describes_every_preset():
-    assert set(PRESET_HELP) == set(MODEL_PRESETS), "config_docs.PRESET_HELP must describe exactly MODEL_PRESETS"
+    assert set(PRESET_HELP) == set(MODEL_PRESETS), "presets.PRESET_HELP must describe exactly MODEL_PRESETS"
     header, rows = table_rows(presets_markdown())
     assert header == ["`model.arch`", "model"]
     assert [unquote(row[0]) for row in rows] == list(MODEL_PRESETS)
@@ -144,3 +146,17 @@ def test_readme_carries_the_current_table(name):
     between = text[text.index(start) + len(start):text.index(end)]
     assert between.strip() == README_TABLES[name]().strip(), (
         f"README.md's table between {start} and {end} is out of date; regenerate it with `{command}`")
+
+
+def test_accepted_keys_table_lists_every_key_without_effect_and_none_of_the_schema():
+    from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT
+    from zvl_ds.config.reference import accepted_keys_markdown
+
+    header, rows = table_rows(accepted_keys_markdown())
+    assert header == ["key", "default", "why it has no effect"]
+    assert [unquote(row[0]) for row in rows] == list(ACCEPTED_WITHOUT_EFFECT)
+    for row, (key, accepted) in zip(rows, ACCEPTED_WITHOUT_EFFECT.items()):
+        assert yaml.safe_load(unquote(row[1])) == accepted.default, key
+        assert row[2] == accepted.why.replace("|", "\\|") and accepted.why.strip(), key
+    schema_keys = {key for key, _, _ in expected_keys()}
+    assert not schema_keys & set(ACCEPTED_WITHOUT_EFFECT), "a key either acts (schema) or is accepted without effect"

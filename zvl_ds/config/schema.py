@@ -1,15 +1,397 @@
-"""What every config key means, for the generated reference (``python -m zvl_ds.config --reference``).
+"""The config schema: one dataclass per section, holding the keys that act, and what each key means.
 
-Kept apart from ``config.py`` so the dataclasses stay readable. ``tests/test_config_docs.py`` checks that every key
-of ``Config`` has an entry here and that no entry names a key that no longer exists, so the README's table cannot
-drift from the code. Each text says what THIS code does with the key; a key accepted only so that ZeroVL or LAVIS
-configs load says so ("accepted for ZeroVL configs; unused"). Keys under a mapping of sections are written with a
-``<name>`` placeholder (``data.datasets.<name>.shards``).
+Key names follow ZeroVL (``zerovl/tasks/clip/config.py`` and its yaml files) so that ZeroVL configs load as
+written. Defaults follow ZeroVL's code defaults; where we deviate, a comment says why. ``KEY_HELP`` gives the meaning
+of every key for the generated reference (``python -m zvl_ds.config --reference``); a test checks that it covers
+exactly the keys of ``Config``, so the README's table cannot drift from the code. Keys under a mapping of sections
+are written with a ``<name>`` placeholder (``data.datasets.<name>.shards``).
+
+ZeroVL keys that change nothing here are not in these classes but in ``zvl_ds.config.compat`` (accepted, checked,
+reported). A few such keys stay, each marked "no effect" or "unused" in ``KEY_HELP``: ``data.test_splits``,
+``dist.url`` and ``dist.distributed``, because LAVIS's ``run:`` options map onto them, and the ``model.*`` ones
+(tower names, ``embedding_dim``, ``pool``, ``syncbn``, ...), because an exported model's config records the whole
+``model`` section and must stay readable as written.
 """
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Union
 
+import yaml
+
+from zvl_ds.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem the user must fix; the message names the key path."""
+
+
+@dataclass
+class DatasetSource:
+    """Explicit form of a dataset: where its shards are and, optionally, how many samples it has."""
+
+    shards: str = ""  # brace pattern, glob, folder, text file listing shards, or URLs (http(s)://, pipe:)
+    size: Optional[int] = None  # samples; read from sizes.json / *_stats.json when not given
+
+
+@dataclass
+class ZeroShotSetConfig:
+    """A zero-shot classification set evaluated at the validation interval (logged as eval/<name>/top1, top5)."""
+
+    path: str = ""  # a folder laid out by class (PATH/<class>/<image>) or a CSV of image,label rows
+    classes: Optional[str] = None  # file of class names for the prompts, one per line; None = folder names/labels
+    templates: Optional[str] = None  # file of prompt templates with {}, one per line; None = the built-in set
+
+
+@dataclass
+class DataConfig:
+    exp_name: str = "your_exp_name"
+    train_type: Literal["shuffle", "sequential", "debias"] = "shuffle"
+    train_steps: int = -1  # ZeroVL's key; > 0 fixes the run length (runner.train_steps wins if both are set)
+    train_name: List[str] = field(default_factory=lambda: ["sbu", "cc3m"])
+    valid_name: List[str] = field(default_factory=lambda: ["f30k", "coco"])
+    # ZeroVL reads CSVs under ./data/; zvl_ds streams shards, made by tools/make_shards.py --out shards.
+    data_path: str = "./shards/"
+    datasets: Dict[str, DatasetSource] = field(default_factory=dict)  # explicit sources, by dataset name
+    zeroshot: Dict[str, ZeroShotSetConfig] = field(default_factory=dict)  # classification sets, by name
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
+    valid_splits: List[str] = field(default_factory=lambda: ["valid"])
+    test_splits: List[str] = field(default_factory=list)
+    batch_size: int = 1024  # global contrastive batch per optimizer step (all ranks)
+    batch_size_train: Optional[int] = None  # global DGA chunk; None = batch_size (one chunk)
+    batch_size_val: int = 1024  # global evaluation batch
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # sample-level shuffle buffer per loader worker
+    enable_valid: bool = True
+    max_bad_sample_warnings: int = 20  # warnings printed per reason before they go quiet (all are counted)
+    loader_timeout: float = 600.0  # seconds a loader worker may take for one batch before the run fails
+
+
+@dataclass
+class ResizeConfig:
+    size: int = 256
+
+
+@dataclass
+class CenterCropConfig:
+    size: int = 224
+
+
+@dataclass
+class RandomResizeCropConfig:
+    size: int = 224
+    scale: List[float] = field(default_factory=lambda: [0.6, 1.0])
+
+
+@dataclass
+class NormalizeConfig:
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class CaptionAugConfig:
+    """ZeroVL's word-piece caption augmentation, off by default.
+
+    Each word piece of a training caption is selected with ``select_prob``; a selected piece becomes the mask token,
+    a random vocabulary piece, or is deleted (``mask_prob``, ``random_prob``, ``delete_prob``; otherwise it is
+    kept). It perturbs the text side cheaply, as random crops perturb the images (see docs/method.md)."""
+
+    enable: bool = False
+    select_prob: float = 0.2
+    mask_prob: float = 0.5
+    random_prob: float = 0.1
+    delete_prob: float = 0.4
+    max_pieces_per_word: int = 3
+
+
+TRANSFORM_NAMES = ("random_resize_crop", "autoaug", "resize", "center_crop", "normalize")
+
+
+@dataclass
+class TransformsConfig:
+    train_transforms: List[Literal[TRANSFORM_NAMES]] = field(
+        default_factory=lambda: ["random_resize_crop", "autoaug"])
+    valid_transforms: List[Literal[TRANSFORM_NAMES]] = field(default_factory=lambda: ["resize", "center_crop"])
+    input_size: int = 224
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    center_crop: CenterCropConfig = field(default_factory=CenterCropConfig)
+    random_resize_crop: RandomResizeCropConfig = field(default_factory=RandomResizeCropConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    caption_aug: CaptionAugConfig = field(default_factory=CaptionAugConfig)
+
+
+@dataclass
+class VitOptions:
+    only_cls_token: bool = True
+
+
+@dataclass
+class ImageEncoderConfig:
+    name: Literal["timm_modelzoo"] = "timm_modelzoo"
+    tag: str = "vit_base_patch16_224_in21k"
+    embedding_dim: Optional[int] = 768  # informational; the tower's real width is read from the model
+    # false, true (only weights already in the local cache; nothing is downloaded) or a local weights file
+    pretrained: Union[bool, str] = True
+    trainable: bool = True
+    img_size: Optional[int] = None
+    grad_checkpointing: bool = False
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (depth=2, ...)
+    vit: VitOptions = field(default_factory=VitOptions)
+
+
+@dataclass
+class TextEncoderConfig:
+    name: Literal["huggingface_modelzoo"] = "huggingface_modelzoo"
+    tag: str = "bert-base-uncased"  # a Hugging Face name (already cached) or a local directory
+    embedding_dim: Optional[int] = 768
+    pretrained: Union[bool, str] = True  # false builds from `config` (or the tag's config) with random weights
+    trainable: bool = True
+    target_token_idx: int = 0
+    only_cls_token: bool = False
+    pooling: Literal["cls", "mean"] = "cls"
+    grad_checkpointing: bool = False
+    tokenizer: Optional[str] = None  # None = the tag; "zvl_ds:demo_tokenizer" = the packaged demo vocabulary
+    config: Dict[str, Any] = field(default_factory=dict)  # Hugging Face config fields (model_type, sizes, ...)
+
+
+@dataclass
+class ProjectionConfig:
+    name: Literal["simple", "mlp"] = "simple"
+    dim: int = 512
+    image_projector_trainable: bool = True
+    text_projector_trainable: bool = True
+
+
+@dataclass
+class PoolConfig:
+    name: Literal["identity"] = "identity"
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["clip"] = "clip"
+    arch: Optional[str] = None  # a preset from zvl_ds.presets.MODEL_PRESETS; explicit model.* keys override it
+    max_length: int = 25
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    syncbn: bool = True  # accepted for ZeroVL configs; the towers have no BatchNorm to convert
+    interpolate_pos_embed: bool = False
+    # Speed only: results equal the plain eager towers up to floating-point rounding.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile mode per tower
+    attention: Literal["sdpa", "eager"] = "sdpa"  # fused scaled_dot_product_attention in both towers
+
+
+@dataclass
+class NCELossOptions:
+    gather_backward: bool = True
+
+
+@dataclass
+class TemperatureConfig:
+    name: Literal["constant", "parameter"] = "constant"
+    value: float = 0.02
+    min: float = 0.001
+    max: float = 0.5
+
+
+@dataclass
+class MixupConfig:
+    beta: float = 0.1
+
+
+@dataclass
+class SigmoidConfig:
+    scale_init: float = 10.0  # t: multiplies the cosine similarities; learned as log t
+    bias_init: float = -10.0  # b: added to every pair's logit
+
+
+@dataclass
+class LossConfig:
+    name: Literal["NCE", "MixUpNCE", "SigLIP"] = "NCE"
+    group_size: int = -1
+    smoothing: float = 0.0
+    nce_loss: NCELossOptions = field(default_factory=NCELossOptions)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    chunk_rows: int = 1024  # rows of logits computed at once; the result is exact whatever the value
+    chunk_cols: int = 0  # > 0: columns per logits tile (online log-sum-exp); 0: whole rows, as before
+    sigmoid: SigmoidConfig = field(default_factory=SigmoidConfig)
+
+
+@dataclass
+class OptimParams:
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.001
+    momentum: float = 0.0  # SGD only
+
+
+@dataclass
+class LRParams:
+    num_cycles: float = 0.5
+    min_lr_scale: float = 0.1
+
+
+LR_SCHEDULES = ("cosine_schedule_with_warmup_min_lr_scale", "linear_warmup_cosine_lr", "linear_warmup_step_lr",
+                "constant", "constant_lr")  # constant_lr: LAVIS's name for constant
+
+
+@dataclass
+class LRConfig:
+    name: Literal[LR_SCHEDULES] = "cosine_schedule_with_warmup_min_lr_scale"
+    init: float = 1e-4
+    warmup_proportion: float = 0.025
+    warmup_steps: Optional[int] = None  # wins over warmup_proportion when set
+    min_lr: float = 0.0  # LAVIS schedules
+    warmup_lr: float = 0.0  # LAVIS schedules
+    lr_decay_rate: float = 0.9  # linear_warmup_step_lr: lr = init * rate ** epoch
+    param: LRParams = field(default_factory=LRParams)
+
+
+MODEL_PARTS = ("image_tower", "text_tower", "projection", "temperature")
+
+
+@dataclass
+class PartLRMultConfig:
+    """Each part's learning rate as a multiple of the schedule's (optim.lr)."""
+
+    image_tower: float = 1.0
+    text_tower: float = 1.0
+    projection: float = 1.0  # both projections
+    temperature: float = 1.0  # the learnable temperature (loss.temperature.name=parameter)
+
+
+@dataclass
+class PartLRAbsConfig:
+    """A part's peak learning rate given absolutely: its multiplier becomes value / optim.lr.init."""
+
+    image_tower: Optional[float] = None
+    text_tower: Optional[float] = None
+    projection: Optional[float] = None
+    temperature: Optional[float] = None
+
+
+@dataclass
+class LayerDecayConfig:
+    """Layer-wise LR decay (EVA-CLIP): block i of L gets decay ** (L - i); embeddings decay ** (L + 1)."""
+
+    image_tower: float = 1.0  # 1.0 = off; < 1 needs a ViT tower (blocks.N)
+    text_tower: float = 1.0  # 1.0 = off; < 1 needs a BERT-like tower (encoder.layer.N)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["torch.optim.AdamW", "AdamW", "torch.optim.SGD", "SGD"] = "torch.optim.AdamW"
+    param: OptimParams = field(default_factory=OptimParams)
+    lr: LRConfig = field(default_factory=LRConfig)
+    lr_mult: PartLRMultConfig = field(default_factory=PartLRMultConfig)
+    lr_abs: PartLRAbsConfig = field(default_factory=PartLRAbsConfig)
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
+    # ZeroVL decays every parameter (its exclusion rules are commented out); decaying norms, biases and the
+    # temperature is rarely what users want, so by default they go to a no-decay group.
+    decay_all: bool = False
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (ZeroVL uses none; DeepSpeed's own default is 1.0)
+    implementation: Literal["auto", "plain", "foreach", "fused"] = "auto"  # auto: fused on CUDA, plain on CPU
+
+
+@dataclass
+class RunnerConfig:
+    name: Literal["clip", "clip_bsgs"] = "clip"
+    val_interval: int = 1  # epochs between evaluations
+    val_interval_steps: int = -1  # > 0: evaluate every this many steps instead
+    stable_random: Literal["step", "none"] = "step"
+    train_steps: int = -1  # > 0 fixes the run length; else epoch x steps per epoch
+    offload_inputs: bool = False
+    max_skipped_steps: int = 10
+    collective_timeout: float = 600.0  # seconds any rank may wait in a collective before the job fails
+    world_size: int = -1  # LAVIS run.world_size; > 0 is checked against the launcher's world size
+    task: Literal["retrieval"] = "retrieval"  # LAVIS run.task; a dual encoder trains for retrieval only
+
+
+@dataclass
+class CkptConfig:
+    dir: str = "./output"
+    step_interval: int = 2000
+    keep_last: int = 2
+    auto_resume: bool = True
+    overwrite: bool = False  # with auto_resume false: allow starting over in a folder that holds checkpoints
+    trust_checkpoint: bool = False  # skip the weights-only check of the checkpoint files resume opens
+
+
+@dataclass
+class LogConfig:
+    interval_train: int = 10
+    tensorboard: bool = True
+    num_image_samples: int = 8  # validation images shown with their top-3 captions in TensorBoard
+    record_sample_keys: bool = False  # append each step's sample keys to RUN/sample_keys/rank_N.txt (audit)
+
+
+@dataclass
+class DistConfig:
+    """ZeroVL's launcher section: ``fp16: true`` selects precision fp16. ``url`` and ``distributed`` have no effect
+    (the launcher decides both); they stay here because LAVIS's ``run.dist_url`` / ``run.distributed`` map onto them."""
+
+    fp16: bool = False
+    url: str = "env://"
+    distributed: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 2021  # ZeroVL leaves it unset (non-reproducible); its debias and mixup generators use 2021
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # None: fp16 if dist.fp16 (ZeroVL's flag) else fp32. bf16 is the better choice on recent GPUs.
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    evaluate: bool = False
+    resume_ckpt_path: Optional[str] = None
+    epoch: int = 20
+    data: DataConfig = field(default_factory=DataConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> str:
+        """A run's folder: ``ckpt.dir/data.exp_name``, as in ZeroVL."""
+        return os.path.join(self.ckpt.dir, self.data.exp_name)
+
+    @property
+    def chunk_size(self) -> int:
+        """Global DGA chunk (samples per forward summed over ranks)."""
+        return self.data.batch_size_train or self.data.batch_size
+
+    def per_rank_chunk(self, world_size: int) -> int:
+        """Samples per forward on one rank: the DGA chunk for ``clip_bsgs``, the whole per-rank batch for ``clip``."""
+        batch = self.chunk_size if self.runner.name == "clip_bsgs" else self.data.batch_size
+        return batch // world_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def to_plain(value: Any) -> Any:
+    """Tuples as lists, recursively: what YAML and JSON write."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+# What every key of Config means. Each text says what THIS code does with the key.
 KEY_HELP: Dict[str, str] = {
     # ---------------------------------------------------------------- top level
     "seed": "Seed of everything random: the initial weights (same on every rank), the data plan, shuffle buffers, "
@@ -23,11 +405,9 @@ KEY_HELP: Dict[str, str] = {
                         "`step_NNNNNNNN` folders. Wins over `ckpt.auto_resume`.",
     "epoch": "Run length in epochs (an epoch = the data plan's steps per epoch) unless `runner.train_steps` or "
              "`data.train_steps` is > 0.",
-    "inference": "Accepted for ZeroVL configs; unused.",
     # ---------------------------------------------------------------- data
     "data.exp_name": "Name of the run folder `ckpt.dir/exp_name` (checkpoints, config.yaml, TensorBoard, "
                      "eval_metrics.jsonl); a folder name without `/`.",
-    "data.name": "Only `local` is accepted (ZeroVL's data backend name); no effect.",
     "data.train_type": "How steps draw from the training datasets. `shuffle`: every batch is a random mix, each "
                        "dataset in proportion to its size; `sequential`: an epoch runs one dataset after the other; "
                        "`debias`: each step takes its whole batch from one dataset drawn with probability "
@@ -75,9 +455,6 @@ KEY_HELP: Dict[str, str] = {
                            "through (larger: better mixing, more memory). Part of the resumable data plan.",
     "data.enable_valid": "Evaluate the `data.valid_name` sets during training (see `runner.val_interval*`); false "
                          "turns evaluation during training off.",
-    "data.single_eval": "Accepted for ZeroVL configs; unused.",
-    "data.cuda_eval": "Accepted for ZeroVL configs; unused (evaluation runs on the training device).",
-    "data.val_steps": "Accepted for ZeroVL configs; unused (evaluation always covers the whole validation set).",
     "data.max_bad_sample_warnings": "Warnings printed per reason for skipped bad samples before they go quiet; every "
                                     "skip is still counted (TensorBoard `data/skipped_<reason>`).",
     "data.loader_timeout": "Seconds a loader worker may take for one batch before the run fails instead of hanging "
@@ -169,7 +546,6 @@ KEY_HELP: Dict[str, str] = {
     "loss.name": "`NCE`: symmetric InfoNCE over the global batch; `MixUpNCE`: ZeroVL's coin-flip mixup (each step "
                  "mixes either images or texts with a partner, soft targets); `SigLIP`: the pairwise sigmoid loss "
                  "(see Choosing a loss).",
-    "loss.global_reduce": "Accepted for ZeroVL configs; unused (the loss is always over the global batch).",
     "loss.group_size": "Accepted for ZeroVL configs; only -1 (gather over the whole world) is implemented, another "
                        "value is an error.",
     "loss.smoothing": "Accepted for ZeroVL configs; only 0.0 is implemented (no label smoothing), another value is "
@@ -258,54 +634,23 @@ KEY_HELP: Dict[str, str] = {
     # ---------------------------------------------------------------- ckpt
     "ckpt.dir": "Output root; the run folder is `ckpt.dir/data.exp_name`.",
     "ckpt.step_interval": "Save a checkpoint every this many optimizer steps (and after the last step).",
-    "ckpt.filename": "Accepted for ZeroVL configs; unused (checkpoints are `step_NNNNNNNN` folders).",
     "ckpt.keep_last": "Checkpoints kept in the run folder; older ones are deleted (never the one `latest` names).",
     "ckpt.auto_resume": "Resume from the run folder's `latest` checkpoint when there is one.",
     "ckpt.overwrite": "With `ckpt.auto_resume: false` (and no `resume_ckpt_path`): start from scratch in a run "
                       "folder that already holds checkpoints (replacing them as new ones are saved). Without it "
                       "such a run is refused (exit 2), so old checkpoints are not lost by mistake.",
-    "ckpt.soft_resume": "Accepted for ZeroVL configs; unused.",
-    "ckpt.external_resume": "Accepted for ZeroVL configs; unused (use `resume_ckpt_path`).",
     "ckpt.trust_checkpoint": "Open the resumed checkpoint's files without first checking that they hold only "
                              "weights (tensors, plain values): set it only for checkpoints you wrote yourself, "
                              "since DeepSpeed's loader unpickles them and a crafted file runs code.",
     # ---------------------------------------------------------------- log
     "log.interval_train": "Print a console line every this many steps (TensorBoard gets every step).",
-    "log.interval_val": "Accepted for ZeroVL configs; unused.",
     "log.tensorboard": "Write TensorBoard events to `RUN/tensorboard` (rank 0).",
     "log.num_image_samples": "Validation images shown in TensorBoard with their top-3 retrieved captions at each "
                              "evaluation (0: none).",
     "log.record_sample_keys": "Append each step's sample keys to `RUN/sample_keys/rank_N.txt` (data audit).",
     # ---------------------------------------------------------------- dist
-    "dist.name": "Accepted for ZeroVL configs; unused (the launcher and DeepSpeed set up the processes).",
     "dist.fp16": "ZeroVL's mixed-precision flag: when `precision` is null, `true` selects `fp16`, `false` `fp32`.",
-    "dist.param.opt_level": "Accepted for ZeroVL configs (apex opt level); unused.",
     "dist.url": "Accepted for ZeroVL and LAVIS (`run.dist_url`) configs; unused (rendezvous comes from the "
                 "launcher's environment).",
     "dist.distributed": "Accepted for ZeroVL and LAVIS (`run.distributed`) configs; unused (the launcher decides).",
-    # ---------------------------------------------------------------- wandb
-    "wandb.enable": "Accepted for ZeroVL configs; unused (no Weights & Biases logging; see `log.tensorboard`).",
-    "wandb.project": "Accepted for ZeroVL configs; unused.",
-    "wandb.entity": "Accepted for ZeroVL configs; unused.",
-}
-
-# model.arch presets (zvl_ds.config.MODEL_PRESETS) -> one line each
-PRESET_HELP: Dict[str, str] = {
-    "vit_b16_bert_base": "The paper's model: ViT-B/16 (ImageNet-21k, 224 px) + BERT-base, [CLS] pooling, 512-d "
-                         "simple projections, 25 tokens. Needs both models in the local caches.",
-    "tiny": "A CPU-sized model built from configs, no weights: a 2-block ViT at 32 px (patch 8, width 64) and a "
-            "2-layer BERT (width 64) with the packaged demo tokenizer, 64-d projections, 16 tokens.",
-}
-
-# LAVIS run.* keys (zvl_ds.config.LAVIS_RUN_MAP) whose value is converted, or whose meaning differs from LAVIS's
-LAVIS_NOTES: Dict[str, str] = {
-    "amp": "`true` -> `fp16`, `false` -> `fp32`; a string is taken as the precision",
-    "batch_size_train": "GLOBAL DGA chunk here, used by `clip_bsgs` only; LAVIS's is the per-GPU batch",
-    "batch_size_eval": "GLOBAL here; LAVIS's is per GPU",
-    "lr_sched": "LAVIS's names are accepted as they are (`constant_lr` too)",
-    "warmup_lr": "LAVIS's -1 meaning `init_lr` is not special here; default 0",
-    "test_splits": "unused",
-    "task": "`retrieval` only; any other task is refused by name",
-    "dist_url": "unused",
-    "distributed": "unused",
 }

@@ -1,0 +1,37 @@
+"""``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config a run would use (config errors exit
+with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping`` and ``--presets`` print the README's tables."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from zvl_ds.config.load import load_config
+from zvl_ds.config.reference import README_TABLE_FLAGS, README_TABLES
+from zvl_ds.config.schema import ConfigError
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m zvl_ds.config CFG.yaml [key.sub=value ...]\n"
+              "Prints the fully resolved config as YAML (what a run would use).\n"
+              "       python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --presets\n"
+              "Prints the README's Markdown table of every config key / of the ZeroVL keys accepted without "
+              "effect / of LAVIS run: keys / of model.arch presets.")
+        return 0 if argv else 2
+    if argv[0] in README_TABLE_FLAGS:
+        sys.stdout.write(README_TABLES[README_TABLE_FLAGS[argv[0]]]())
+        return 0
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    from zvl_ds.cli import run
+
+    sys.exit(run(main))

@@ -1,0 +1,195 @@
+"""Configs written for ZeroVL and LAVIS load as written: LAVIS's ``run:`` block, and ZeroVL's keys without effect here.
+
+* ``run:`` (LAVIS's runtime options) is mapped onto our own keys by ``LAVIS_RUN_MAP``; a value given both ways must
+  agree.
+* ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (a logger it does not have, an apex
+  option, a checkpoint file name DeepSpeed chooses itself, ...). They are not part of the schema
+  (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are
+  type-checked, and each one a config sets is reported once per process with a warning saying it has no effect.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Optional, Set, Tuple
+
+from zvl_ds.config.keys import get_path, set_path, unknown_key_message
+from zvl_ds.config.schema import Config, ConfigError
+
+LOG = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# LAVIS `run:` options -> our keys
+# --------------------------------------------------------------------------------------------------
+
+
+# LAVIS key -> (canonical dotted key, value converter)
+LAVIS_RUN_MAP: Dict[str, Tuple[str, Any]] = {
+    "lr_sched": ("optim.lr.name", None),
+    "init_lr": ("optim.lr.init", None),
+    "min_lr": ("optim.lr.min_lr", None),
+    "warmup_lr": ("optim.lr.warmup_lr", None),
+    "lr_decay_rate": ("optim.lr.lr_decay_rate", None),
+    "warmup_steps": ("optim.lr.warmup_steps", None),
+    "max_epoch": ("epoch", None),
+    "weight_decay": ("optim.param.weight_decay", None),
+    "batch_size_train": ("data.batch_size_train", None),
+    "batch_size_eval": ("data.batch_size_val", None),
+    "seed": ("seed", None),
+    "output_dir": ("ckpt.dir", None),
+    "resume_ckpt_path": ("resume_ckpt_path", None),
+    "evaluate": ("evaluate", None),
+    "train_splits": ("data.train_splits", None),
+    "valid_splits": ("data.valid_splits", None),
+    "test_splits": ("data.test_splits", None),
+    "device": ("device", None),
+    "world_size": ("runner.world_size", None),
+    "dist_url": ("dist.url", None),
+    "distributed": ("dist.distributed", None),
+    "amp": ("precision", lambda v: ("fp16" if v else "fp32") if isinstance(v, bool) else v),
+    "task": ("runner.task", lambda v: lavis_task(v)),
+}
+
+
+def lavis_task(task: Any) -> str:
+    if task != "retrieval":
+        raise ConfigError(f"run.task={task!r} is not supported: zvl_ds trains a dual encoder for image-text "
+                          "retrieval (run.task: retrieval); LAVIS's captioning, VQA, multimodal classification "
+                          "and other tasks need models it does not have")
+    return task
+
+
+def apply_lavis_run_block(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Move ``run.<key>`` values onto the keys ``LAVIS_RUN_MAP`` names; ``raw`` loses its ``run`` block."""
+    run = raw.pop("run", None)
+    if run is None:
+        return raw
+    if not isinstance(run, dict):
+        raise ConfigError("run: must be a mapping of LAVIS runtime options")
+    for key, value in run.items():
+        if key not in LAVIS_RUN_MAP:
+            raise ConfigError(unknown_key_message(f"run.{key}", key, list(LAVIS_RUN_MAP)))
+        target, convert = LAVIS_RUN_MAP[key]
+        mapped = convert(value) if convert else value
+        path = target.split(".")
+        present, existing = get_path(raw, path)
+        if present and existing != mapped:
+            raise ConfigError(f"run.{key}={value!r} conflicts with {target}={existing!r}; give the value one way")
+        set_path(raw, path, mapped)
+    return raw
+
+
+# LAVIS run.* keys (LAVIS_RUN_MAP) whose value is converted, or whose meaning differs from LAVIS's
+LAVIS_NOTES: Dict[str, str] = {
+    "amp": "`true` -> `fp16`, `false` -> `fp32`; a string is taken as the precision",
+    "batch_size_train": "GLOBAL DGA chunk here, used by `clip_bsgs` only; LAVIS's is the per-GPU batch",
+    "batch_size_eval": "GLOBAL here; LAVIS's is per GPU",
+    "lr_sched": "LAVIS's names are accepted as they are (`constant_lr` too)",
+    "warmup_lr": "LAVIS's -1 meaning `init_lr` is not special here; default 0",
+    "test_splits": "unused",
+    "task": "`retrieval` only; any other task is refused by name",
+    "dist_url": "unused",
+    "distributed": "unused",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeroVL keys accepted without effect
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcceptedKey:
+    """A key a config may set that changes nothing: its default, the type a value must have, and why."""
+
+    default: Any
+    type: Any
+    why: str
+
+
+ACCEPTED_WITHOUT_EFFECT: Dict[str, AcceptedKey] = {
+    "inference": AcceptedKey(False, bool, "ZeroVL's inference flag; use `evaluate` or an exported model."),
+    "data.name": AcceptedKey("local", Literal["local"], "ZeroVL's data backend name; only `local` is accepted."),
+    "data.single_eval": AcceptedKey(False, bool, "ZeroVL's single-process evaluation switch; not used here."),
+    "data.cuda_eval": AcceptedKey(True, bool, "Evaluation runs on the training device."),
+    "data.val_steps": AcceptedKey(None, Optional[int], "Evaluation always covers the whole validation set."),
+    "loss.global_reduce": AcceptedKey(True, bool, "The loss is always over the global batch."),
+    "ckpt.filename": AcceptedKey("step_checkpoint.pth", str, "DeepSpeed names its own files; checkpoints are "
+                                                             "`step_NNNNNNNN` folders."),
+    "ckpt.soft_resume": AcceptedKey(False, bool, "ZeroVL's partial resume; resume here restores everything."),
+    "ckpt.external_resume": AcceptedKey(None, Optional[str], "Use `resume_ckpt_path`."),
+    "log.interval_val": AcceptedKey(1, int, "Evaluation is logged whenever it runs (see `runner.val_interval*`)."),
+    "dist.name": AcceptedKey("torch", str, "The launcher and DeepSpeed set up the processes."),
+    "dist.param.opt_level": AcceptedKey("O1", str, "apex's opt level; precision comes from `precision`."),
+    "wandb.enable": AcceptedKey(False, bool, "No Weights & Biases logging; see `log.tensorboard`."),
+    "wandb.project": AcceptedKey("your_proj", str, "No Weights & Biases logging."),
+    "wandb.entity": AcceptedKey("your_entity", str, "No Weights & Biases logging."),
+}
+
+
+def _schema_sections(cls: type = Config, prefix: str = "") -> Set[str]:
+    """Dotted paths of every section of the schema (``data``, ``model.image_encoder``, ...)."""
+    hints = typing.get_type_hints(cls)
+    found: Set[str] = set()
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[item.name]):
+            found.add(prefix + item.name)
+            found |= _schema_sections(hints[item.name], f"{prefix}{item.name}.")
+    return found
+
+
+def _parents(key: str) -> List[str]:
+    """``dist.param.opt_level`` -> [``dist.param``, ``dist``] (innermost first)."""
+    parts = key.split(".")[:-1]
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def take_accepted_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Remove the keys of ``ACCEPTED_WITHOUT_EFFECT`` from ``raw``; return those it set, by dotted key.
+
+    A section made only of such keys (``wandb``, ``dist.param``) goes too; a key in it that is not one of them is
+    an unknown key, named with the close matches."""
+    taken: Dict[str, Any] = {}
+    for key in ACCEPTED_WITHOUT_EFFECT:
+        path = key.split(".")
+        present, _ = get_path(raw, path)
+        if present:
+            parent = get_path(raw, path[:-1])[1] if len(path) > 1 else raw
+            taken[key] = parent.pop(path[-1])
+    schema_sections = _schema_sections()
+    for section in sorted({p for key in ACCEPTED_WITHOUT_EFFECT for p in _parents(key)} - schema_sections,
+                          key=lambda p: -p.count(".")):
+        present, node = get_path(raw, section.split("."))
+        if not present:
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{section}: expected a mapping (section), got {node!r}")
+        if node:
+            valid = [k[len(section) + 1:] for k in ACCEPTED_WITHOUT_EFFECT if k.startswith(section + ".")]
+            key = str(next(iter(node)))
+            raise ConfigError(unknown_key_message(f"{section}.{key}", key, valid))
+        parent, _, name = section.rpartition(".")
+        (get_path(raw, parent.split("."))[1] if parent else raw).pop(name)
+    return taken
+
+
+def accepted_names(section: str) -> List[str]:
+    """Names of the accepted keys (and accepted-only sections) directly under ``section`` ("" = top level), for
+    the close matches of an unknown-key message."""
+    prefix = section + "." if section else ""
+    return sorted({key[len(prefix):].split(".")[0] for key in ACCEPTED_WITHOUT_EFFECT if key.startswith(prefix)})
+
+
+_REPORTED: Set[str] = set()
+
+
+def report_without_effect(keys: List[str]) -> None:
+    """Warn once per process for each accepted key a config set: it is read, checked and then ignored."""
+    for key in keys:
+        if key in _REPORTED:
+            continue
+        _REPORTED.add(key)
+        LOG.warning("config key %s has no effect (accepted so that ZeroVL configs load): %s",
+                    key, ACCEPTED_WITHOUT_EFFECT[key].why)

@@ -1,0 +1,358 @@
+"""Loading a config: YAML (safe loader) with ``_base_`` inheritance, ``key.sub=value`` overrides, model presets, typed
+conversion against the schema, and validation of combinations. Config errors name the key path; entry points turn
+them into a message and exit code 2.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+
+from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
+                                  report_without_effect, take_accepted_keys)
+from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
+from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
+from zvl_ds.presets import MODEL_PRESETS
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML loading
+# --------------------------------------------------------------------------------------------------
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``!!python/tuple`` (ZeroVL writes ``betas: !!python/tuple [0.9, 0.98]``)."""
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                            lambda loader, node: list(loader.construct_sequence(node)))
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=_SafeLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_with_bases(path: str, _chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Read a YAML file, resolving ``_base_`` (a path or list of paths, relative to the file) depth-first."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(_chain + (real,))}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = deep_merge(merged, load_yaml_with_bases(base_path, _chain + (real,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``data.batch_size=4096`` -> (["data", "batch_size"], 4096); values are YAML-typed."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.load(raw, Loader=_SafeLoader) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_model_preset(raw: Dict[str, Any]) -> Dict[str, Any]:
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("arch") is None:
+        return raw
+    arch = model["arch"]
+    if arch not in MODEL_PRESETS:
+        raise ConfigError(unknown_choice_message("model.arch", arch, list(MODEL_PRESETS)))
+    raw["model"] = deep_merge(MODEL_PRESETS[arch], model)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, path)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as error:
+                errors.append(error)
+        # a choice error is more useful than a type error when a Literal is among the options
+        for error in errors:
+            if "invalid choice" in str(error):
+                raise error
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = list(typing.get_args(tp))
+        if len(choices) == 1 and isinstance(choices[0], tuple):
+            choices = list(choices[0])
+        if value not in choices:
+            raise ConfigError(unknown_choice_message(path, value, choices))
+        return value
+    if origin in (list, List, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        (item_type,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected a mapping")
+        _, value_type = typing.get_args(tp)
+        return {str(k): _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected bool (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected str")
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")
+
+
+def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key)
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(unknown_key_message(full, key, names + accepted_names(path)))
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation of combinations
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_package_paths(cfg: Config) -> None:
+    """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
+    from zvl_ds.package_paths import is_package_path, resolve_package_path
+
+    for section, key in ((cfg.model.image_encoder, "pretrained"), (cfg.model.text_encoder, "tag"),
+                         (cfg.model.text_encoder, "tokenizer")):
+        value = getattr(section, key)
+        if is_package_path(value):
+            try:
+                setattr(section, key, resolve_package_path(value))
+            except FileNotFoundError as error:
+                where = "image_encoder" if section is cfg.model.image_encoder else "text_encoder"
+                raise ConfigError(f"model.{where}.{key}: {error}") from None
+
+
+def _validate(cfg: Config) -> None:
+    data = cfg.data
+    for key in ("batch_size", "batch_size_val", "num_workers", "shuffle_buffer"):
+        minimum = 0 if key == "num_workers" else 1
+        if getattr(data, key) < minimum:
+            raise ConfigError(f"data.{key}: must be >= {minimum}, got {getattr(data, key)}")
+    if data.batch_size_train is not None:
+        if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
+            raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "
+                              f"data.batch_size={data.batch_size}")
+    for name, zeroshot in data.zeroshot.items():
+        if not zeroshot.path:
+            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder or an image,label CSV")
+        if name in data.valid_name:
+            raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
+                              "would share eval/<name>/; rename one")
+    temp = cfg.loss.temperature
+    if not 0 < temp.min <= temp.value <= temp.max:
+        raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "
+                          f"value={temp.value} max={temp.max}")
+    # ZeroVL's keys with no implementation here: refuse a value that would otherwise be silently ignored
+    if cfg.loss.smoothing != 0.0:
+        raise ConfigError(f"loss.smoothing={cfg.loss.smoothing}: label smoothing is not implemented (ZeroVL leaves "
+                          "it at 0.0 too); remove the key or set it to 0.0")
+    if cfg.loss.group_size != -1:
+        raise ConfigError(f"loss.group_size={cfg.loss.group_size}: only -1 (gather over the whole world) is "
+                          "implemented")
+    if cfg.loss.chunk_rows < 1:
+        raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
+    if cfg.loss.chunk_cols < 0:
+        raise ConfigError(f"loss.chunk_cols: must be >= 0 (0 = whole rows), got {cfg.loss.chunk_cols}")
+    if cfg.loss.name == "SigLIP":
+        _validate_sigmoid(cfg)
+    if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
+        raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
+    _validate_part_lrs(cfg.optim)
+    if len(cfg.optim.param.betas) != 2:
+        raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
+    code_key = _code_loading_key(cfg.model.text_encoder.config)
+    if code_key:
+        raise ConfigError(f"model.text_encoder.config.{code_key}: a key that makes Hugging Face load Python code "
+                          "from a model folder is not accepted (configs and model folders are data); use a model "
+                          "that transformers implements")
+    if cfg.ckpt.keep_last < 1:
+        raise ConfigError(f"ckpt.keep_last: must be >= 1, got {cfg.ckpt.keep_last}")
+    if cfg.runner.collective_timeout <= 0:
+        raise ConfigError(f"runner.collective_timeout: must be > 0 seconds, got {cfg.runner.collective_timeout}")
+    if not cfg.data.exp_name or "/" in cfg.data.exp_name:
+        raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
+
+
+# Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
+CODE_LOADING_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
+
+
+def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
+    """The dotted path of the first code-loading key in a (nested) Hugging Face config mapping, else None."""
+    if not isinstance(fields, dict):
+        return None
+    for key, value in fields.items():
+        if key in CODE_LOADING_KEYS:
+            return f"{prefix}{key}"
+        found = _code_loading_key(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+def _validate_part_lrs(optim: OptimConfig) -> None:
+    for part in MODEL_PARTS:
+        mult, absolute = getattr(optim.lr_mult, part), getattr(optim.lr_abs, part)
+        if mult < 0:
+            raise ConfigError(f"optim.lr_mult.{part}: must be >= 0, got {mult}")
+        if absolute is None:
+            continue
+        if absolute < 0:
+            raise ConfigError(f"optim.lr_abs.{part}: must be >= 0, got {absolute}")
+        if mult != 1.0:
+            raise ConfigError(f"optim.lr_abs.{part}={absolute} and optim.lr_mult.{part}={mult}: give the part's "
+                              "learning rate one way")
+        if optim.lr.init <= 0:
+            raise ConfigError(f"optim.lr_abs.{part} is relative to optim.lr.init, which must then be > 0 "
+                              f"(got {optim.lr.init})")
+    for tower in ("image_tower", "text_tower"):
+        decay = getattr(optim.layer_decay, tower)
+        if not 0 < decay <= 1:
+            raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
+
+
+def _validate_sigmoid(cfg: Config) -> None:
+    if cfg.loss.sigmoid.scale_init <= 0:
+        raise ConfigError(f"loss.sigmoid.scale_init: must be > 0 (it is learned as its log), got "
+                          f"{cfg.loss.sigmoid.scale_init}")
+    # With plain gather the gathered texts are constants, and SigLIP has no text->image direction to give the
+    # text tower a gradient through its own rows: it would not learn at all.
+    if not cfg.loss.nce_loss.gather_backward:
+        raise ConfigError("loss.nce_loss.gather_backward=false with loss.name=SigLIP: the text tower would get no "
+                          "gradient; use true (exact) or the clip_bsgs runner")
+    if cfg.loss.temperature.name == "parameter":
+        raise ConfigError("loss.temperature.name=parameter with loss.name=SigLIP: SigLIP learns its own scale "
+                          "(loss.sigmoid.scale_init), the temperature would never move; use constant")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Batch sizes are global; they must split evenly over the ranks the launcher started."""
+    if cfg.runner.world_size > 0 and cfg.runner.world_size != world_size:
+        raise ConfigError(f"runner.world_size={cfg.runner.world_size} but the launcher started {world_size} ranks")
+    for key in ("batch_size", "batch_size_val"):
+        if getattr(cfg.data, key) % world_size:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} is not divisible by the world size {world_size}")
+    if cfg.chunk_size % world_size:
+        raise ConfigError(f"data.batch_size_train={cfg.chunk_size} is not divisible by the world size {world_size}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_dict(raw: Dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (already merged) mapping."""
+    raw = copy.deepcopy(raw)
+    raw = apply_lavis_run_block(raw)
+    raw = _apply_model_preset(raw)
+    without_effect = {key: _convert(value, ACCEPTED_WITHOUT_EFFECT[key].type, key)
+                      for key, value in take_accepted_keys(raw).items()}
+    cfg = _build(Config, raw)
+    _resolve_package_paths(cfg)
+    if cfg.precision is None:
+        cfg.precision = "fp16" if cfg.dist.fp16 else "fp32"
+    _validate(cfg)
+    report_without_effect(list(without_effect))
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load ``path`` (with ``_base_``), apply ``key.sub=value`` overrides, return the validated Config."""
+    raw = load_yaml_with_bases(path) if path else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        set_path(raw, keys, value)
+    return config_from_dict(raw)

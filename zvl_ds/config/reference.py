@@ -1,0 +1,84 @@
+"""The README's reference tables, generated from the code so they cannot drift (tests/unit/test_config_docs.py
+compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping and the
+model presets. ``python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --presets`` prints them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, List, Tuple
+
+import yaml
+
+from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_NOTES, LAVIS_RUN_MAP
+from zvl_ds.config.schema import KEY_HELP, Config, to_plain
+from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
+
+MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> List[Tuple[str, Any]]:
+    """(dotted key, default) of every key of ``cls``, in declaration order, sections depth-first. A mapping of
+    sections (``data.datasets``) is listed itself, then its sections' keys under ``<name>``."""
+    hints = typing.get_type_hints(cls)
+    rows: List[Tuple[str, Any]] = []
+    for item in dataclasses.fields(cls):
+        key, tp = prefix + item.name, hints[item.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_keys(tp, key + "."))
+            continue
+        has_factory = item.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        rows.append((key, item.default_factory() if has_factory else item.default))  # type: ignore[misc]
+        if typing.get_origin(tp) in (dict, Dict) and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            rows.extend(config_keys(typing.get_args(tp)[1], f"{key}.{MAPPING_ENTRY}."))
+    return rows
+
+
+def _flow_yaml(value: Any) -> str:
+    """A default as one YAML flow value: ``[0.9, 0.98]``, ``null``, ``{}``, ``''``."""
+    text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=10 ** 9).strip()
+    return text[:-len("\n...")] if text.endswith("\n...") else text  # a lone scalar ends the document with ...
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """``| key | default | meaning |`` for every key of the schema; meanings from ``schema.KEY_HELP``."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default in config_keys():
+        lines.append(f"| `{key}` | `{_cell(_flow_yaml(default))}` | {_cell(KEY_HELP.get(key, '**undocumented**'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def lavis_mapping_markdown() -> str:
+    """``| run.<key> | zvl_ds key |`` for every LAVIS ``run:`` option that ``LAVIS_RUN_MAP`` accepts."""
+    lines = ["| `run.<key>` | zvl_ds key |", "| --- | --- |"]
+    for key, (target, convert) in LAVIS_RUN_MAP.items():
+        note = LAVIS_NOTES.get(key, "converted" if convert is not None else "")
+        lines.append(f"| `run.{key}` | `{target}`{_cell(f' ({note})' if note else '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def presets_markdown() -> str:
+    """``| model.arch | model |`` for every preset in ``MODEL_PRESETS``."""
+    lines = ["| `model.arch` | model |", "| --- | --- |"]
+    for name in MODEL_PRESETS:
+        lines.append(f"| `{name}` | {_cell(PRESET_HELP.get(name, '**undocumented**'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def accepted_keys_markdown() -> str:
+    """``| key | default | why it has no effect |`` for every key of ``ACCEPTED_WITHOUT_EFFECT``."""
+    lines = ["| key | default | why it has no effect |", "| --- | --- | --- |"]
+    for key, accepted in ACCEPTED_WITHOUT_EFFECT.items():
+        lines.append(f"| `{key}` | `{_cell(_flow_yaml(accepted.default))}` | {_cell(accepted.why)} |")
+    return "\n".join(lines) + "\n"
+
+
+# README marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each
+README_TABLES = {"config-reference": reference_markdown, "accepted-keys": accepted_keys_markdown,
+                 "lavis-mapping": lavis_mapping_markdown, "presets": presets_markdown}
+README_TABLE_FLAGS = {"--reference": "config-reference", "--accepted": "accepted-keys",
+                      "--lavis-mapping": "lavis-mapping", "--presets": "presets"}

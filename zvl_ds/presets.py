@@ -1,0 +1,43 @@
+"""Model presets: ``model.arch: NAME`` fills the ``model:`` section with one of these, explicit keys winning.
+
+Plain mappings (no code), merged into the raw config before it is typed, so a preset can only set keys that
+``zvl_ds.config.schema.ModelConfig`` has.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
+    # The paper's model: ViT-B/16 (ImageNet-21k) + BERT-base, [CLS] pooling, 512-d projections.
+    "vit_b16_bert_base": {
+        "max_length": 25,
+        # timm's current name for ZeroVL's vit_base_patch16_224_in21k (the same weights; the old name warns)
+        "image_encoder": {"tag": "vit_base_patch16_224.augreg_in21k", "embedding_dim": 768, "img_size": 224},
+        "text_encoder": {"tag": "bert-base-uncased", "embedding_dim": 768, "pooling": "cls"},
+        "projection": {"name": "simple", "dim": 512},
+    },
+    # A CPU-sized model built from configs (no weights): a 2-block ViT at 32 px and a 2-layer BERT.
+    "tiny": {
+        "max_length": 16,
+        "image_encoder": {
+            "tag": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32, "embedding_dim": 64,
+            "kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+        },
+        "text_encoder": {
+            "tag": "bert", "pretrained": False, "embedding_dim": 64, "pooling": "cls",
+            "tokenizer": "zvl_ds:demo_tokenizer",
+            # vocab_size = the lines of zvl_ds/assets/demo_tokenizer/vocab.txt (a test checks they agree)
+            "config": {"model_type": "bert", "vocab_size": 288, "hidden_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64},
+        },
+        "projection": {"name": "simple", "dim": 64},
+    },
+}
+
+# model.arch preset -> one line for the generated presets table (python -m zvl_ds.config --presets)
+PRESET_HELP: Dict[str, str] = {
+    "vit_b16_bert_base": "The paper's model: ViT-B/16 (ImageNet-21k, 224 px) + BERT-base, [CLS] pooling, 512-d "
+                         "simple projections, 25 tokens. Needs both models in the local caches.",
+    "tiny": "A CPU-sized model built from configs, no weights: a 2-block ViT at 32 px (patch 8, width 64) and a "
+            "2-layer BERT (width 64) with the packaged demo tokenizer, 64-d projections, 16 tokens.",
+}
