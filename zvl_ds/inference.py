@@ -88,6 +88,7 @@ def offline_model_config(cfg: Config):
 @dataclass
 class Preprocessing:
     """What turns an image and a caption into model inputs, as the validation pipeline does."""
+
     valid_transforms: List[str]
     resize: int
     center_crop: int
@@ -178,6 +179,7 @@ class ZvlModel:
     """An exported dual encoder for inference: ``preprocess`` / ``tokenize`` and ``encode_image`` /
     ``encode_text`` (L2-normalised embeddings; similarity is their dot product). ``model`` is the
     DualEncoder in eval mode."""
+
     def __init__(self, model: DualEncoder, tokenizer, preprocessing: Preprocessing, config: Config,
                  device: Union[str, torch.device] = "cpu"):
         self.model = model.eval()

@@ -18,10 +18,12 @@ from zvl_ds import dist
 from zvl_ds.data import normalize_images
 from zvl_ds.retrieval.metrics import retrieval_metrics
 
+
 @dataclass
 class EmbeddedSet:
     """A validation set's embeddings gathered from all ranks (each sample once), plus what the examples grid
     needs: caption tokens and the first few images (uint8)."""
+
     image_embeds: Tensor  # float32 [N, d]
     image_ids: Tensor  # long [N]
     text_embeds: Tensor  # float32 [M, d]
@@ -54,6 +56,7 @@ def _gather_rows(x: Tensor) -> Tensor:
 @dataclass
 class _Step:
     """What all ranks agree on before each forward of ``embed_validation``."""
+
     active: bool  # some rank still has a batch
     height: int
     width: int
