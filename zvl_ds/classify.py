@@ -87,7 +87,6 @@ def classify(args) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     try:
         result = classify(args)
     except (UserError, FileNotFoundError, ValueError) as error:
@@ -103,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cli() -> int:
     """``python -m zvl_ds.classify`` and the console script ``zvl-classify``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 
 

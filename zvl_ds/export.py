@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     try:
         out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint)
     except (ExportError, FileNotFoundError, OSError, ValueError) as error:
@@ -46,6 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cli() -> int:
     """``python -m zvl_ds.export`` and the console script ``zvl-export``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 
 

@@ -33,7 +33,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--classify-size", type=int, default=100,
                         help="images in demo_classify (zero-shot classification by shape, one folder per shape); 0: none")
     args = parser.parse_args(argv)
-    setup_logging()
     start = time.perf_counter()
     try:
         written = make_demo_data(args.out, seed=args.seed, train_size=args.train_size, valid_size=args.valid_size,
@@ -52,6 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cli() -> int:
     """``python -m zvl_ds.make_demo_data`` and the console script ``zvl-make-demo-data``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 
 

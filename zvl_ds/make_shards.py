@@ -84,7 +84,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     if args.benchmark:
         return run_benchmark(args)
     policy = "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
@@ -119,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cli() -> int:
     """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 
 
