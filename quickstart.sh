@@ -15,11 +15,11 @@ step() { printf '\n== [%3ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 step "install (tools/install.sh: .venv, CPU torch pinned where there is no GPU)"
 bash tools/install.sh
 
-step "demo data: two training styles of the same concepts, a validation set, a classification set (tools/make_demo_data.py)"
-$py tools/make_demo_data.py --out "$work/data"
+step "demo data: two training styles of the same concepts, a validation set, a classification set (python -m zvl_ds.make_demo_data)"
+$py -m zvl_ds.make_demo_data --out "$work/data"
 
-step "shards (tools/make_shards.py)"
-$py tools/make_shards.py --data-root "$work/data" --dataset demo_flat --dataset demo_sketch --dataset demo_val \
+step "shards (python -m zvl_ds.make_shards)"
+$py -m zvl_ds.make_shards --data-root "$work/data" --dataset demo_flat --dataset demo_sketch --dataset demo_val \
     --split all --out "$work/shards" --overwrite --quiet
 
 step "train configs/demo.yaml on 2 ranks with the deepspeed launcher (ZeRO-2, DGA, MixUpNCE, debias)"
@@ -29,12 +29,12 @@ step "train configs/demo.yaml on 2 ranks with the deepspeed launcher (ZeRO-2, DG
     2>&1 \
     | grep --line-buffered -v -E "^\[20[0-9-]+ |Warning|warnings.warn|return func|^\s*$"
 
-step "zero-shot retrieval of the trained model (tools/evaluate.py)"
-$py tools/evaluate.py --model "$work/output/demo" --cfg configs/demo.yaml data.data_path="$work/shards" \
+step "zero-shot retrieval of the trained model (python -m zvl_ds.eval_retrieval)"
+$py -m zvl_ds.eval_retrieval --model "$work/output/demo" --cfg configs/demo.yaml data.data_path="$work/shards" \
     --out "$work/metrics.json" --no-progress
 
-step "export a model folder that loads without DeepSpeed (tools/export.py)"
-$py tools/export.py "$work/output/demo" --out "$work/model"
+step "export a model folder that loads without DeepSpeed (python -m zvl_ds.export)"
+$py -m zvl_ds.export "$work/output/demo" --out "$work/model"
 
 step "zero-shot classification by shape (python -m zvl_ds.classify)"
 $py -m zvl_ds.classify --model "$work/model" --images "$work/data/demo_classify" --out "$work/classify.json"

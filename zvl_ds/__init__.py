@@ -5,9 +5,14 @@ install_torchvision_shim()
 
 __version__ = "0.1.0"
 
+# ``zvl_ds.load_model`` / ``zvl_ds.ZvlModel`` are ``zvl_ds.inference``'s, resolved on first use: importing the
+# package (every tool does) must not pay for torch, timm and transformers when it only needs the config.
+_INFERENCE_NAMES = ("load_model", "ZvlModel")
 
-def load_model(model_dir):
-    """Load an exported model folder (see ``tools/export.py``); DeepSpeed is not needed."""
-    from zvl_ds.export import load_model as _load_model
 
-    return _load_model(model_dir)
+def __getattr__(name: str):
+    if name in _INFERENCE_NAMES:
+        from zvl_ds import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'zvl_ds' has no attribute {name!r}")

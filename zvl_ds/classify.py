@@ -4,7 +4,7 @@ Examples:
   python -m zvl_ds.classify --model exported/demo --images demo_data/classify
   python -m zvl_ds.classify --model output/demo --csv labels.csv --templates my_prompts.txt --out top1.json
 
---model is an exported model folder (tools/export.py) or a training run folder (its latest checkpoint, or
+--model is an exported model folder (python -m zvl_ds.export) or a training run folder (its latest checkpoint, or
 --tag). The images are either a folder laid out by class (FOLDER/<class>/<image>; class c = the c-th sorted
 sub-folder) or a CSV of image,label rows (paths relative to the CSV). --classes gives the names used in the
 prompts, one per line in class order (default: the folder names / labels, with _ read as a space). --templates
@@ -17,28 +17,18 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds.atomic_write import write_text_atomic
+from zvl_ds.cli import run
+from zvl_ds.consolidate import load_run
+from zvl_ds.data import load_tokenizer
 from zvl_ds.errors import USER_ERROR_EXIT_CODE, UserError
-
-# A short ensemble of CLIP-style photo prompts; a task of its own is better served by its own file (--templates).
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a bad photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a cropped photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "itap of a {}.",
-    "a picture of a {}.",
-)
-
-
-class ClassifyInputError(UserError, ValueError):
-    """A class-name or template file the user must fix; the message names the file and line."""
+from zvl_ds.inference import Preprocessing, ZvlModel, is_model_folder, load_model
+from zvl_ds.logs import setup_logging
+from zvl_ds.zero_shot import (ClassifyInputError, build_zero_shot_classifier, chance_accuracy, classify_samples,
+                              list_class_folder_images, prompt_names, read_labelled_csv, read_templates)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,43 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_lines(path: str, what: str) -> List[str]:
-    """Non-empty, stripped lines of a text file; lines starting with # are comments."""
-    if not os.path.isfile(path):
-        raise ClassifyInputError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        lines = [line.strip() for line in handle]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise ClassifyInputError(f"{path}: no {what} in it (one per line)")
-    return lines
-
-
-def read_templates(path: Optional[str]) -> List[str]:
-    if path is None:
-        return list(DEFAULT_TEMPLATES)
-    templates = read_lines(path, "template")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ClassifyInputError(f"{path}: every template needs a '{{}}' for the class name; these have none: "
-                                 f"{bad[:5]}")
-    return templates
-
-
-def prompt_names(classes: Sequence[str], names_file: Optional[str]) -> List[str]:
-    """The class names the prompts use: the file's lines, else the folder names / labels with _ as a space."""
-    if names_file is None:
-        return [name.replace("_", " ") for name in classes]
-    names = read_lines(names_file, "class name")
-    if len(names) != len(classes):
-        raise ClassifyInputError(f"{names_file} has {len(names)} class names but the images have {len(classes)} "
-                                 f"classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-    return names
-
-
 def load_labelled_images(args) -> Tuple[List[Tuple[str, int]], List[str]]:
-    from zvl_ds.evaluate import list_class_folder_images, read_labelled_csv
-
     if args.images is not None:
         return list_class_folder_images(args.images)
     return read_labelled_csv(args.csv)
@@ -103,9 +57,6 @@ def load_labelled_images(args) -> Tuple[List[Tuple[str, int]], List[str]]:
 
 def load_classifier_model(model_path: str, tag: Optional[str], trust_checkpoint: bool):
     """A ``ZvlModel`` (its preprocessing and tokenizer) from an exported folder or a run folder."""
-    from zvl_ds.data import load_tokenizer
-    from zvl_ds.export import Preprocessing, ZvlModel, is_model_folder, load_model, load_run
-
     if is_model_folder(model_path):
         return load_model(model_path)
     cfg, model, _ = load_run(model_path, tag, trust_checkpoint)
@@ -120,8 +71,6 @@ def format_result(result: Dict[str, float], chance: Dict[str, float]) -> str:
 
 
 def classify(args) -> Dict:
-    from zvl_ds.evaluate import build_zero_shot_classifier, chance_accuracy, classify_samples
-
     if args.batch_size < 1:
         raise ClassifyInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     templates = read_templates(args.templates)
@@ -137,8 +86,6 @@ def classify(args) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from zvl_ds.atomic_write import write_text_atomic
-
     args = build_parser().parse_args(argv)
     try:
         result = classify(args)
@@ -153,5 +100,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``python -m zvl_ds.classify`` and the console script ``zvl-classify``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

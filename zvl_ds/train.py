@@ -1,47 +1,47 @@
 """Train a dual encoder: ``deepspeed zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg CFG [k=v ...]``.
 
-Also runs under ``torchrun`` and as a plain ``python zvl_ds/train.py``. This module only wires the parts
-together: config, data, model, engine, the step (dga.py), checkpoints, evaluation and metrics.
+Also runs as ``deepspeed --module zvl_ds.train``, ``python -m zvl_ds.train``, ``zvl-train``, under ``torchrun``
+and as a plain ``python zvl_ds/train.py``. Run by its path, Python puts ``zvl_ds/`` first on ``sys.path``; that
+is harmless because no module of the package is named like an installed package (a unit test keeps it so).
+This module only wires the parts together: config, data, model, engine, the step (dga.py), checkpoints,
+evaluation and metrics.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import math
 import os
 import sys
+import time
+from typing import Dict, List, Optional
 
-# Run as a script, Python puts zvl_ds/ itself first on sys.path, where our evaluate.py would shadow the
-# Hugging Face `evaluate` package that transformers probes for. Only the installed package should be visible.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
-from zvl_ds import dist  # noqa: E402
-from zvl_ds.atomic_write import write_text_atomic  # noqa: E402
-from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,  # noqa: E402
+import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds import dist
+from zvl_ds.atomic_write import write_text_atomic
+from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,
                                find_resume_point, load_checkpoint, needs_universal_conversion, read_latest,
                                refuse_overwrite, restore_rng_state, save_checkpoint)
-from zvl_ds.cli import run  # noqa: E402
-from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
-from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images  # noqa: E402
-from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets  # noqa: E402
-from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed  # noqa: E402
-from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,  # noqa: E402
+from zvl_ds.cli import run
+from zvl_ds.config import Config, ConfigError, check_world_size, load_config
+from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
+from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
+from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
                            set_learning_rate, zero_stage)
-from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
-from zvl_ds.model import build_model, compile_towers  # noqa: E402
-from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes  # noqa: E402
-from zvl_ds.optim import build_optimizer  # noqa: E402
-from zvl_ds.records import drop_rows_after  # noqa: E402
-from zvl_ds.safe_load import check_checkpoint_folder  # noqa: E402
-from zvl_ds.schedule import learning_rate  # noqa: E402
+from zvl_ds.logs import setup_logging
+from zvl_ds.mixup import draw_mixup, partner_index
+from zvl_ds.model import build_model, compile_towers
+from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes
+from zvl_ds.optim import build_optimizer
+from zvl_ds.records import drop_rows_after
+from zvl_ds.retrieval.evaluation import evaluate_with_examples, log_retrieval_examples
+from zvl_ds.safe_load import check_checkpoint_folder
+from zvl_ds.schedule import learning_rate
+from zvl_ds.zero_shot import evaluate_zero_shot, labelled_images, prompt_names, read_templates
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -72,9 +72,6 @@ def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def check_zero_shot_sets(cfg: Config) -> None:
     """Fail at the start, not at the first evaluation, when a ``data.zeroshot`` set cannot be read."""
-    from zvl_ds.classify import prompt_names, read_templates
-    from zvl_ds.evaluate import labelled_images
-
     for name, zeroshot in cfg.data.zeroshot.items():
         try:
             _, classes = labelled_images(zeroshot.path)
@@ -190,8 +187,6 @@ class Trainer:
         return step % every == 0 or step == self.total_steps
 
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        from zvl_ds.evaluate import evaluate_with_examples, evaluate_zero_shot, log_retrieval_examples
-
         self.engine.eval()
         try:
             metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer,
@@ -314,6 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cfg.evaluate:
         refuse_overwrite(cfg.run_dir, cfg.ckpt.auto_resume or bool(cfg.resume_ckpt_path), cfg.ckpt.overwrite)
     dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))
+    setup_logging(dist.get_rank(), dist.get_world_size())
     # No `finally: dist.cleanup()`: its barrier would wait forever for a rank that failed. An error escapes to
     # zvl_ds.cli.run, which ends this rank at once (and with it, through the launcher, the job).
     world_size = dist.get_world_size()
@@ -337,5 +333,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``python -m zvl_ds.train`` and the console script ``zvl-train``: errors exit through ``zvl_ds.cli.run``."""
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(cli())

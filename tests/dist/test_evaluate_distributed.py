@@ -14,14 +14,14 @@ import torch
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import run_distributed
 from tests.unit.test_evaluate import _assert_metrics
-from zvl_ds.evaluate import retrieval_metrics
+from zvl_ds.retrieval.metrics import retrieval_metrics
 
 VALID_NAMES = ["demo_val", "demo_one"]  # 23 images x 3 captions in 5 shards; 1 image (other ranks get none)
 
 
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
-    """Demo validation data through the same code as tools/make_demo_data.py and tools/make_shards.py."""
+    """Demo validation data through the same code as zvl_ds.make_demo_data and zvl_ds.make_shards."""
     from zvl_ds.data import annotations, shards
     from zvl_ds.data.demo import make_demo_data
 
@@ -55,7 +55,8 @@ def build_tiny(overrides):
 
 def _eval_worker(rank, world_size, overrides, zero3):
     from zvl_ds.data import build_valid_loader
-    from zvl_ds.evaluate import embed_validation, evaluate_retrieval, evaluate_with_examples, log_retrieval_examples
+    from zvl_ds.retrieval.embed import embed_validation
+    from zvl_ds.retrieval.evaluation import evaluate_retrieval, evaluate_with_examples, log_retrieval_examples
 
     cfg, model, tokenizer = build_tiny(overrides)
     if zero3:  # parameters partitioned: every forward is collective, ranks must call the model in lockstep
@@ -157,20 +158,22 @@ def test_distributed_evaluation_is_identical_over_1_2_3_ranks(shard_root, refere
 
 
 def _run_cli(args, cwd, torchrun=False):
-    script = os.path.join(REPO_ROOT, "tools", "evaluate.py")
+    tool = ["-m", "zvl_ds.eval_retrieval"]
     if torchrun:
         from tests.helpers.dist_utils import free_port
 
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), script]
+                   str(free_port()), *tool]
     else:
-        command = [sys.executable, script]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
+        command = [sys.executable, *tool]
+    # run from another folder: this checkout's package must be the one imported
+    python_path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=python_path)
     return subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
 
 
 def test_evaluate_cli_on_an_exported_model_one_process_and_torchrun(shard_root, reference, tmp_path):
-    from zvl_ds.export import write_model_folder
+    from zvl_ds.inference import write_model_folder
 
     overrides = eval_overrides(shard_root)
     cfg, model, tokenizer = build_tiny(overrides)

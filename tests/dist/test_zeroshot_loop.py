@@ -29,7 +29,7 @@ def _worker(rank, world_size, folder, templates):
     import torch
 
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.evaluate import evaluate_zero_shot
+    from zvl_ds.zero_shot import evaluate_zero_shot
 
     cfg = _cfg(folder, templates)
     tokenizer = load_tokenizer(cfg.model.text_encoder)
@@ -51,10 +51,10 @@ def test_every_image_counted_once_over_the_ranks(colour_folder, tmp_path, world_
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data, out = root / "data", root / "shards"
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
                     "--train-size", "32", "--valid-size", "8", "--captions-per-image", "1", "--classify-size", "10"],
                    check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
                     "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
                     "--out", str(out), "--quiet"], check=True, capture_output=True, timeout=120)
     return data, out

@@ -41,10 +41,10 @@ def test_recipe_resolves_the_packages_and_loads_their_weights():
 
 def test_recipe_trains_a_few_steps_and_evaluates(tmp_path):
     data, shards = tmp_path / "data", tmp_path / "shards"
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
                     "--train-size", "16", "--valid-size", "8", "--captions-per-image", "1", "--classify-size", "10"],
                    check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
                     "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
                     "--out", str(shards), "--quiet"], check=True, capture_output=True, timeout=120)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")

@@ -53,13 +53,13 @@ if FAULT == "step" and RANK == 1:
     train.Trainer._to_step_batch = to_step_batch
 
 if FAULT == "eval" and RANK == 0:
-    from zvl_ds import evaluate
+    from zvl_ds.retrieval import embed
 
     def metrics(self, *args, **kwargs):
         mark()
         raise ValueError("planted fault in rank 0's ranking")
 
-    evaluate.EmbeddedSet.metrics = metrics
+    embed.EmbeddedSet.metrics = metrics
 
 if FAULT == "enospc" and RANK == 1:
     original_save = torch.save
@@ -276,13 +276,9 @@ def test_img2dataset_folder_names_the_key_that_selects_it(tmp_path):
 # ------------------------------------------------------------------------------------------------ make_shards
 
 def _make_shards_cli():
-    import importlib.util
+    from zvl_ds import make_shards
 
-    spec = importlib.util.spec_from_file_location("make_shards_cli", os.path.join(REPO_ROOT, "tools",
-                                                                                 "make_shards.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return make_shards
 
 
 def test_make_shards_out_is_a_file_exits_2(tmp_path):
@@ -290,7 +286,7 @@ def test_make_shards_out_is_a_file_exits_2(tmp_path):
 
     make_dataset(tmp_path / "data", images=2)
     (tmp_path / "out").write_text("not a folder")
-    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root",
+    done = subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root",
                            str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "out"), "--quiet"],
                           env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr

@@ -23,10 +23,10 @@ SMALL = ["data.batch_size=16", "data.batch_size_train=4", "data.batch_size_val=1
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data, out = root / "data", root / "shards"
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
                     "--train-size", "96", "--valid-size", "24", "--captions-per-image", "2"],
                    check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_shards.py"), "--data-root", str(data),
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
                     "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
                     "--samples-per-shard", "40", "--out", str(out), "--quiet"],
                    check=True, capture_output=True, timeout=120)

@@ -9,7 +9,7 @@ from zvl_ds.dist import free_port
 
 def test_verify_exactness_tool_passes_under_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(REPO_ROOT, "tools", "verify_exactness.py"), "--synthetic",
+               str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
                "--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
                "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"),
                "data.batch_size=16", "data.batch_size_train=4", "model.image_encoder.kwargs.drop_path_rate=0.1"]
@@ -22,7 +22,7 @@ def test_verify_exactness_tool_passes_under_torchrun():
 
 def test_verify_exactness_tool_accepts_siglip():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(REPO_ROOT, "tools", "verify_exactness.py"), "--synthetic",
+               str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
                "--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
                "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.batch_size=8",
                "data.batch_size_train=4", "loss.name=SigLIP", "loss.temperature.name=constant", "loss.chunk_rows=3",

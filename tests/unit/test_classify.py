@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zvl_ds.evaluate import build_zero_shot_classifier, classify_folder, list_class_folders
+from zvl_ds.zero_shot import build_zero_shot_classifier, classify_folder, list_class_folders
 
 # Colours as cube corners centred at the origin: the "image tower" below maps a solid image to exactly this.
 COLOURS = {"black": (0, 0, 0), "blue": (0, 0, 1), "cyan": (0, 1, 1), "green": (0, 1, 0),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 from collections import deque
@@ -207,10 +206,8 @@ def test_demo_data_round_trips_through_the_shard_writer(demo, tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_demo_data_cli",
-                                                  os.path.join(REPO_ROOT, "tools", "make_demo_data.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from zvl_ds import make_demo_data as cli
+
     assert cli.main(["--out", str(tmp_path), "--train-size", "3", "--valid-size", "2", "--seed", "5"]) == 0
     assert len(read_rows(tmp_path / "demo_flat" / "train_anno.csv")) == 3
     assert len(read_rows(tmp_path / "demo_val" / "valid_anno.csv")) == 10

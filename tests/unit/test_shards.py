@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -20,21 +19,13 @@ import webdataset as wds
 from PIL import Image
 
 from tests.helpers.paths import REPO_ROOT
+from zvl_ds import make_shards
 from zvl_ds.data import annotations, bench, shards
 from zvl_ds.data.images import scaled_size
 
-MAKE_SHARDS = os.path.join(REPO_ROOT, "tools", "make_shards.py")
+MAKE_SHARDS = ["-m", "zvl_ds.make_shards"]
 PYTHON = sys.executable
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_cli", MAKE_SHARDS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = load_cli()
+CLI = make_shards
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +82,7 @@ def tar_bytes(out_dir, split="train"):
 
 
 def run_cli(*args, timeout=120):
-    return subprocess.run([PYTHON, MAKE_SHARDS, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([PYTHON, *MAKE_SHARDS, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO_ROOT)
 
 
@@ -449,7 +440,7 @@ def test_resume_after_real_sigkill_matches_uninterrupted_run(tmp_path):
     reference = tar_bytes(tmp_path / "ref" / "ds")
     os.remove(images / "img_7.jpg")
     os.mkfifo(images / "img_7.jpg")  # shard 3 blocks here until killed
-    process = subprocess.Popen([PYTHON, MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
+    process = subprocess.Popen([PYTHON, *MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     out_dir = tmp_path / "out" / "ds"
     try:
@@ -574,7 +565,7 @@ def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
     reference = tar_bytes(tmp_path / "ref" / "ds")
     os.remove(images / "img_7.jpg")
     os.mkfifo(images / "img_7.jpg")  # the worker that takes shard 3 blocks here
-    process = subprocess.Popen([PYTHON, MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
+    process = subprocess.Popen([PYTHON, *MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     out_dir = tmp_path / "out" / "ds"
     try:

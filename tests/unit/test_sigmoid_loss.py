@@ -150,7 +150,7 @@ def test_siglip_recipe_loads():
 
 def test_exported_siglip_model_keeps_scale_and_bias(tmp_path):
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.export import load_model, write_model_folder
+    from zvl_ds.inference import load_model, write_model_folder
     from zvl_ds.model import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.bias_init=-4.0"])

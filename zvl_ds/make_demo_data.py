@@ -1,26 +1,25 @@
-#!/usr/bin/env python
 """Write the procedural demo datasets (demo_flat, demo_sketch, demo_val) in the ZeroVL layout, and
 demo_classify (class folders by shape) for zero-shot classification.
 
-  python tools/make_demo_data.py --out data [--seed 0] [--train-size 2000] [--valid-size 200]
+  python -m zvl_ds.make_demo_data --out data [--seed 0] [--train-size 2000] [--valid-size 200]
 then
-  python tools/make_shards.py --data-root data --dataset demo_flat demo_sketch demo_val --out shards
+  python -m zvl_ds.make_shards --data-root data --dataset demo_flat demo_sketch demo_val --out shards
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zvl_ds.data.demo import TEMPLATES, make_demo_data  # noqa: E402
+from zvl_ds.cli import run
+from zvl_ds.data.demo import TEMPLATES, make_demo_data
+from zvl_ds.logs import setup_logging
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m zvl_ds.make_demo_data",
         description="Procedurally drawn image-caption data (64x64 JPEG shapes; same concepts in a flat and a "
                     "sketch style, plus a validation set with several captions per image). Same seed -> "
                     "byte-identical files; existing files are overwritten.",
@@ -50,5 +49,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``python -m zvl_ds.make_demo_data`` and the console script ``zvl-make-demo-data``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

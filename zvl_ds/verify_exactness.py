@@ -2,7 +2,7 @@
 
 Run it exactly like training, with a smaller batch:
 
-    deepspeed tools/verify_exactness.py --deepspeed_config ds_configs/zero2.json --cfg configs/my.yaml \
+    deepspeed --module zvl_ds.verify_exactness --deepspeed_config ds_configs/zero2.json --cfg configs/my.yaml \
         data.batch_size=64 data.batch_size_train=16
 
 Each rank takes one batch (from your data, or random inputs with --synthetic) and runs one step of the
@@ -13,26 +13,26 @@ difference per parameter group. Exit code 1 when a group exceeds the tolerance.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import Dict, List, Optional
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import deepspeed
+import torch
 
-import argparse  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-import zvl_ds  # noqa: E402,F401
-from zvl_ds.cli import run  # noqa: E402
-from zvl_ds import dist  # noqa: E402
-from zvl_ds.config import Config, ConfigError, check_world_size, load_config  # noqa: E402
-from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed  # noqa: E402
-from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement  # noqa: E402
-from zvl_ds.exactness import GroupDifference, compare_by_group, reference_loss  # noqa: E402
-from zvl_ds.mixup import draw_mixup, partner_index  # noqa: E402
-from zvl_ds.model import build_model  # noqa: E402
-from zvl_ds.optim import build_optimizer  # noqa: E402
+import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds import dist
+from zvl_ds.cli import run
+from zvl_ds.config import Config, ConfigError, check_world_size, load_config
+from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed
+from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement
+from zvl_ds.exactness import GroupDifference, compare_by_group, reference_loss
+from zvl_ds.logs import setup_logging
+from zvl_ds.mixup import draw_mixup, partner_index
+from zvl_ds.model import build_model
+from zvl_ds.optim import build_optimizer
 
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
                  "optim.grad_clip=0.0"]
@@ -41,7 +41,8 @@ MAX_OVERFLOW_RETRIES = 20
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m zvl_ds.verify_exactness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True)
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
@@ -62,8 +63,6 @@ def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokeni
         vocab = max(8, getattr(tokenizer, "vocab_size", 1000))
         input_ids = torch.randint(5, vocab, (per_rank, cfg.model.max_length), generator=generator)
         return StepBatch(images, input_ids, torch.ones_like(input_ids))
-    from zvl_ds.data import build_train_loader
-
     loader = build_train_loader(cfg, rank, world_size, tokenizer)
     try:
         batch = next(iter(loader))
@@ -82,8 +81,6 @@ def gather_to_all(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def full_parameters(engine, stage: int) -> Dict[str, torch.Tensor]:
-    import deepspeed
-
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
         return {name: p.detach().float().cpu().clone() for name, p in engine.module.named_parameters()
@@ -130,14 +127,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     dist.init_distributed()
+    setup_logging(dist.get_rank(), dist.get_world_size())
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         check_world_size(cfg, world_size)
         placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", 0)))
         ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
         stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        from zvl_ds.data import load_tokenizer, normalize_images
-
         tokenizer = load_tokenizer(cfg.model.text_encoder)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.loss)
@@ -190,5 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         dist.cleanup()
 
 
+def cli() -> int:
+    """``python -m zvl_ds.verify_exactness`` and the console script ``zvl-verify-exactness``: errors exit through ``zvl_ds.cli.run``."""
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(cli())

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Turn ZeroVL annotation CSVs and image folders into WebDataset shards (output format: zvl_ds/data/shards.py;
 input layout: zvl_ds/data/annotations.py).
 
 Examples:
-  python tools/make_shards.py --data-root data --dataset demo_flat demo_sketch demo_val --out shards
-  python tools/make_shards.py --csv data/coco/valid_anno.csv --images data/coco/valid --dataset coco --out shards
-  python tools/make_shards.py --benchmark --bench-images 512
+  python -m zvl_ds.make_shards --data-root data --dataset demo_flat demo_sketch demo_val --out shards
+  python -m zvl_ds.make_shards --csv data/coco/valid_anno.csv --images data/coco/valid --dataset coco --out shards
+  python -m zvl_ds.make_shards --benchmark --bench-images 512
 
 Exit codes: 0 done; 1 nothing written, or anything skipped under --strict; 2 bad input (message, no traceback).
 """
@@ -17,15 +16,15 @@ import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zvl_ds.cli import run  # noqa: E402
-from zvl_ds.data import annotations, bench, shards  # noqa: E402
-from zvl_ds.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
+from zvl_ds.cli import run
+from zvl_ds.data import annotations, bench, shards
+from zvl_ds.data.images import DEFAULT_MAX_PIXELS
+from zvl_ds.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m zvl_ds.make_shards",
         description="Write WebDataset shards (OUT/<name>/<split>-NNNNNN.tar, one sample per image with all its "
                     "captions: KEY.jpg, KEY.json, KEY.txt) from DATA_ROOT/<name>/<split>_anno.csv and the image "
                     "folder DATA_ROOT/<name>/<split>/. Also writes <split>-NNNNNN_stats.json per shard, "
@@ -117,5 +116,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     return status
 
 
+def cli() -> int:
+    """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.cli.run``."""
+    setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(cli())

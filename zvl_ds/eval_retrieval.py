@@ -1,44 +1,41 @@
-#!/usr/bin/env python
 """Zero-shot image-text retrieval of a trained model on the validation sets of a config.
 
 Examples:
-  python tools/evaluate.py --model output/demo --cfg configs/demo.yaml
-  python tools/evaluate.py --model exported/demo --cfg configs/demo.yaml --valid-name demo_val --out m.json
-  torchrun --nproc_per_node 2 tools/evaluate.py --model output/demo --cfg configs/demo.yaml
+  python -m zvl_ds.eval_retrieval --model output/demo --cfg configs/demo.yaml
+  python -m zvl_ds.eval_retrieval --model exported/demo --cfg configs/demo.yaml --valid-name demo_val --out m.json
+  torchrun --nproc_per_node 2 -m zvl_ds.eval_retrieval --model output/demo --cfg configs/demo.yaml
 
---model is a training run folder (its latest checkpoint, or --tag) or a folder written by tools/export.py. The
+--model is a training run folder (its latest checkpoint, or --tag) or a folder written by zvl_ds.export. The
 model, its validation preprocessing and caption length come from the model; the data (data.data_path,
 data.valid_name, batch size, workers) from --cfg and the key=value overrides. Prints a table and writes
 {"<dataset>": {"i2t_r1": ..., "rsum": ...}} as JSON. Exit codes: 0 done; 2 bad input (message, no traceback).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+from typing import Dict, List, Optional, Tuple
 
-# Run as a script, Python puts tools/ first on sys.path, where this file would shadow the Hugging Face
-# `evaluate` package that transformers probes for.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import Dict, List, Optional, Tuple  # noqa: E402
-
-import zvl_ds  # noqa: E402,F401  (torchvision shim before timm/transformers)
-from zvl_ds.cli import run  # noqa: E402
-from zvl_ds import dist  # noqa: E402
-from zvl_ds.atomic_write import write_text_atomic  # noqa: E402
-from zvl_ds.config import Config, ConfigError, load_config  # noqa: E402
-from zvl_ds.evaluate import chance_metrics  # noqa: E402
-from zvl_ds.export import ExportError  # noqa: E402
+import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds import dist
+from zvl_ds.atomic_write import write_text_atomic
+from zvl_ds.cli import run
+from zvl_ds.config import Config, ConfigError, load_config
+from zvl_ds.consolidate import load_run
+from zvl_ds.data import DataSourceError, load_tokenizer
+from zvl_ds.engine import resolve_placement
+from zvl_ds.inference import ExportError, Preprocessing, is_model_folder, load_model
+from zvl_ds.logs import setup_logging
+from zvl_ds.retrieval.evaluation import evaluate_with_examples
+from zvl_ds.retrieval.metrics import chance_metrics
 
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m zvl_ds.eval_retrieval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", required=True, help="run folder (ckpt.dir/exp_name) or exported model folder")
@@ -55,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_for_evaluation(args) -> Tuple[Config, object, object]:
     """(config for the data with the model's own sections, DualEncoder in fp32 on CPU, tokenizer)."""
-    from zvl_ds.data import load_tokenizer
-    from zvl_ds.export import Preprocessing, is_model_folder, load_model, load_run
-
     if is_model_folder(args.model):
         if not args.cfg:
             raise ConfigError("--cfg is needed with an exported model folder (it says where the data is)")
@@ -91,10 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: join the group (no DeepSpeed needed here)
         dist.init_distributed(use_deepspeed=False)
-    from zvl_ds.data import DataSourceError
-    from zvl_ds.engine import resolve_placement
-    from zvl_ds.evaluate import evaluate_with_examples
-
+    setup_logging(dist.get_rank(), dist.get_world_size())
     try:
         cfg, model, tokenizer = load_for_evaluation(args)
         placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", "0")))
@@ -116,5 +107,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.cleanup()
     return 0
 
+
+def cli() -> int:
+    """``python -m zvl_ds.eval_retrieval`` and the console script ``zvl-eval-retrieval``: errors exit through ``zvl_ds.cli.run``."""
+    return run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(cli())

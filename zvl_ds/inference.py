@@ -1,0 +1,294 @@
+"""The model folder and inference: write a model with its preprocessing, load it back with ``load_model``.
+
+This module imports no DeepSpeed and no training code (the step, engine, checkpoints); reading a
+DeepSpeed checkpoint is ``zvl_ds.consolidate``'s job.
+
+``python -m zvl_ds.export RUN_DIR [--tag TAG] --out MODEL_DIR`` writes::
+
+    MODEL_DIR/model.safetensors   fp32 weights of the whole DualEncoder (consolidated from any ZeRO stage)
+    MODEL_DIR/model_config.json   the model section and temperature, with the text tower's full Hugging Face
+                                  config embedded: rebuilding needs no hub access and no pretrained weights
+    MODEL_DIR/preprocess.json     the validation image transform (resize, center crop, normalisation) and the
+                                  caption length
+    MODEL_DIR/tokenizer/          the tokenizer files (``save_pretrained``)
+
+Loading needs neither DeepSpeed nor the run folder::
+
+    import zvl_ds
+    from PIL import Image
+    model = zvl_ds.load_model("MODEL_DIR")
+    captions = ["a red circle", "a blue square", "two green triangles"]
+    image = model.encode_image(model.preprocess(Image.open("photo.jpg")).unsqueeze(0))
+    scores = (image @ model.encode_text(captions).T).squeeze(0)
+    print(captions[int(scores.argmax())])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+import zvl_ds
+from zvl_ds.atomic_write import atomic_folder, atomic_path
+from zvl_ds.config import Config, ConfigError, config_from_dict
+from zvl_ds.data.transforms import ImageTransform, load_rgb, load_tokenizer, normalize_images, to_uint8_chw, tokenize
+from zvl_ds.errors import UserError
+from zvl_ds.model import DualEncoder, build_model
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+PREPROCESS_FILE = "preprocess.json"
+TOKENIZER_DIR = "tokenizer"
+EXPORT_FORMAT = "zvl_ds.exported_model"
+EXPORT_FORMAT_VERSION = 1
+
+
+class ExportError(UserError, RuntimeError):
+    """A run folder or model folder that cannot be exported or loaded; the message names what is missing."""
+
+
+def load_state_strict(model: nn.Module, state: Dict[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ExportError(f"{source} does not match the model its config describes: {len(missing)} missing "
+                          f"tensor(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ExportError(f"{source}: tensor shapes differ from the model: {'; '.join(wrong[:5])}")
+    model.load_state_dict(state, strict=True)
+
+
+def offline_model_config(cfg: Config):
+    """The model section with both towers built from configs only (no weights loaded, nothing downloaded)."""
+    model_cfg = dataclasses.replace(cfg.model)
+    model_cfg.image_encoder = dataclasses.replace(cfg.model.image_encoder, pretrained=False)
+    text = cfg.model.text_encoder
+    # a text tower loaded from a local folder takes its architecture from that folder, not from the tag
+    tag = text.pretrained if isinstance(text.pretrained, str) and text.pretrained else text.tag
+    model_cfg.text_encoder = dataclasses.replace(text, pretrained=False, tag=tag)
+    return model_cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a model folder
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preprocessing:
+    """What turns an image and a caption into model inputs, as the validation pipeline does."""
+
+    valid_transforms: List[str]
+    resize: int
+    center_crop: int
+    input_size: int
+    mean: List[float]
+    std: List[float]
+    max_length: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Preprocessing":
+        t = cfg.transforms
+        return cls(valid_transforms=list(t.valid_transforms), resize=t.resize.size, center_crop=t.center_crop.size,
+                   input_size=t.input_size, mean=list(t.normalize.mean), std=list(t.normalize.std),
+                   max_length=cfg.model.max_length)
+
+    def apply_to(self, cfg: Config) -> None:
+        """Make ``cfg``'s validation transforms and caption length those of this model."""
+        t = cfg.transforms
+        t.valid_transforms = list(self.valid_transforms)
+        t.resize.size, t.center_crop.size, t.input_size = self.resize, self.center_crop, self.input_size
+        t.normalize.mean, t.normalize.std = list(self.mean), list(self.std)
+        cfg.model.max_length = self.max_length
+
+
+def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
+    """The model section for a model folder: towers from configs only, the text tower's config embedded."""
+    model_cfg = offline_model_config(cfg)
+    model_cfg.arch = None  # the preset is already merged into the explicit keys
+    model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, tokenizer=None,
+                                                 config=model.text_tower.config.to_dict())
+    model_cfg.image_encoder = dataclasses.replace(model_cfg.image_encoder, grad_checkpointing=False)
+    model_cfg.text_encoder.grad_checkpointing = False
+    return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "zvl_ds_version": zvl_ds.__version__,
+            "model": dataclasses.asdict(model_cfg),
+            "loss": _exported_loss_config(cfg)}
+
+
+def _exported_loss_config(cfg: Config) -> Dict:
+    """The loss keys that shape the model: the temperature, and SigLIP's scale and bias (weights in the folder)."""
+    loss = {"temperature": dataclasses.asdict(cfg.loss.temperature)}
+    if cfg.loss.name == "SigLIP":
+        loss.update(name="SigLIP", sigmoid=dataclasses.asdict(cfg.loss.sigmoid))
+    return loss
+
+
+def write_model_folder(out_dir: str, cfg: Config, model: DualEncoder, tokenizer, source: Dict[str, str]) -> str:
+    """Write weights, model config, preprocessing and tokenizer; files appear complete or not at all."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in model.state_dict().items()}
+    with atomic_path(os.path.join(out_dir, WEIGHTS_FILE)) as path:
+        save_file(state, path, metadata={"format": EXPORT_FORMAT, **source})
+    config = {**exported_model_config(cfg, model), "source": source}
+    with atomic_path(os.path.join(out_dir, MODEL_CONFIG_FILE)) as path:
+        _write_json(path, config)
+    preprocess = dataclasses.asdict(Preprocessing.from_config(cfg))
+    with atomic_path(os.path.join(out_dir, PREPROCESS_FILE)) as path:
+        _write_json(path, preprocess)
+    with atomic_folder(os.path.join(out_dir, TOKENIZER_DIR)) as folder:
+        tokenizer.save_pretrained(folder)
+    return out_dir
+
+
+def _write_json(path: str, payload: Dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a model folder
+# --------------------------------------------------------------------------------------------------
+
+
+def is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+
+
+def _read_json(path: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path} is not valid JSON: {error}") from None
+
+
+class ZvlModel:
+    """An exported dual encoder for inference: ``preprocess`` / ``tokenize`` and ``encode_image`` /
+    ``encode_text`` (L2-normalised embeddings; similarity is their dot product). ``model`` is the
+    DualEncoder in eval mode."""
+
+    def __init__(self, model: DualEncoder, tokenizer, preprocessing: Preprocessing, config: Config,
+                 device: Union[str, torch.device] = "cpu"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocessing = preprocessing
+        self.config = config
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._transform = ImageTransform(preprocessing.valid_transforms, config.transforms)
+
+    def to(self, device: Union[str, torch.device]) -> "ZvlModel":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return self._transform.size
+
+    def preprocess_uint8(self, image) -> Tensor:
+        """The validation transform: a PIL image, encoded image bytes or a file path -> uint8 [3, S, S].
+
+        Bytes and paths go through exactly the evaluation loader's code; a PIL image skips only its
+        reduced-scale JPEG decoding (which changes pixels slightly for large JPEGs).
+        """
+        rng = random.Random(0)  # validation transforms draw nothing; the ops take a generator anyway
+        if isinstance(image, (str, os.PathLike)):
+            with open(image, "rb") as handle:
+                image = handle.read()
+        if isinstance(image, (bytes, bytearray)):
+            return to_uint8_chw(self._transform(bytes(image), rng))
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"preprocess takes a PIL image, image bytes or a path, got {type(image).__name__}")
+        image = load_rgb(image.copy())
+        for op in self._transform.ops:
+            image = op(image, rng)
+        return to_uint8_chw(image.convert("RGB"))
+
+    def preprocess(self, image) -> Tensor:
+        """A PIL image (or bytes, or a path) -> the normalised float32 [3, S, S] tensor ``encode_image`` takes."""
+        return self.normalize(self.preprocess_uint8(image).unsqueeze(0))[0].cpu()
+
+    def normalize(self, images_uint8: Tensor) -> Tensor:
+        return normalize_images(images_uint8, self.config.transforms.normalize, self.device, torch.float32)
+
+    def tokenize(self, texts: Union[str, Sequence[str]]) -> Dict[str, Tensor]:
+        """Captions -> ``{"input_ids", "attention_mask"}``, long [n, max_length], as in training."""
+        if isinstance(texts, str):
+            texts = [texts]
+        input_ids, attention_mask = tokenize(self.tokenizer, list(texts), self.preprocessing.max_length)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @torch.no_grad()
+    def encode_image(self, images) -> Tensor:
+        """[n, dim] embeddings of: a float [n, 3, S, S] tensor already normalised (``preprocess``), a uint8
+        [n, 3, S, S] tensor (normalised here), or a list of PIL images / bytes / paths."""
+        if isinstance(images, (list, tuple)):
+            images = torch.stack([self.preprocess_uint8(image) for image in images])
+        if not isinstance(images, Tensor):
+            images = torch.stack([self.preprocess_uint8(images)])
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        param = next(self.model.parameters())
+        return self.model.encode_image(images.to(self.device, param.dtype)).float()
+
+    @torch.no_grad()
+    def encode_text(self, texts, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """[n, dim] embeddings of: a caption or list of captions, a ``tokenize`` dict, or input ids (+ mask)."""
+        if isinstance(texts, (str, list, tuple)):
+            texts = self.tokenize(texts)
+        if isinstance(texts, dict):
+            texts, attention_mask = texts["input_ids"], texts.get("attention_mask")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        return self.model.encode_text(texts.to(self.device), attention_mask).float()
+
+    def temperature(self) -> float:
+        with torch.no_grad():
+            return float(self.model.temperature())
+
+
+def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlModel:
+    """Load a folder written by ``write_model_folder`` (``python -m zvl_ds.export``); no DeepSpeed, hub access
+    or pretrained weights needed."""
+    if not os.path.isdir(model_dir):
+        raise ExportError(f"model folder not found: {model_dir}")
+    needed = [WEIGHTS_FILE, MODEL_CONFIG_FILE, PREPROCESS_FILE, TOKENIZER_DIR]
+    missing = [name for name in needed if not os.path.exists(os.path.join(model_dir, name))]
+    if missing:
+        hint = (" (it looks like a training run folder: export it first with python -m zvl_ds.export)"
+                if os.path.isfile(os.path.join(model_dir, "latest")) else "")
+        raise ExportError(f"{model_dir} is not a complete exported model: missing {', '.join(missing)}{hint}")
+    meta = _read_json(os.path.join(model_dir, MODEL_CONFIG_FILE))
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)} is not a zvl_ds model config "
+                          f"(format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
+        raise ExportError(f"{model_dir} was written by a newer zvl_ds (format {meta['format_version']}); "
+                          f"this one reads up to {EXPORT_FORMAT_VERSION}")
+    preprocessing = Preprocessing(**_read_json(os.path.join(model_dir, PREPROCESS_FILE)))
+    try:
+        cfg = config_from_dict({"model": meta["model"], "loss": meta["loss"]})
+    except (ConfigError, KeyError) as error:
+        raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)}: {error}") from None
+    preprocessing.apply_to(cfg)
+    model = build_model(cfg.model, cfg.loss)
+    load_state_strict(model, load_file(os.path.join(model_dir, WEIGHTS_FILE)), model_dir)
+    cfg.model.text_encoder.tokenizer = os.path.abspath(os.path.join(model_dir, TOKENIZER_DIR))
+    tokenizer = load_tokenizer(cfg.model.text_encoder)
+    return ZvlModel(model, tokenizer, preprocessing, cfg, device)
