@@ -4,7 +4,7 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
-from zvl_ds.exactness import dense_contrastive_loss
+from zvl_ds.dense_loss import dense_contrastive_loss
 
 
 def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():

@@ -124,7 +124,8 @@ def convert_image(data: bytes, settings: ImageSettings) -> ConvertedImage:
     image = _open_image(data)
     width, height = image.size
     if width * height > settings.max_pixels:
-        raise SampleSkipped(TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {settings.max_pixels}")
+        raise SampleSkipped(TOO_MANY_PIXELS,
+                            f"{width}x{height} = {width * height} pixels > limit {settings.max_pixels}")
     orientation = _exif_orientation(image)
     turned = orientation in (5, 6, 7, 8)  # EXIF transposes: width and height swap
     stored_target = scaled_size(width, height, settings.max_size)

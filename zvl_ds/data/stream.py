@@ -544,7 +544,8 @@ class _ValidStream(IterableDataset):
         image_id = meta.get("image_id", index) if meta is not None else index
         caption_ids = meta.get("caption_ids") if meta is not None else None
         if not _is_int64(image_id):
-            raise SampleSkipped(failures.BAD_JSON, f"{where}: json 'image_id' is not a 64-bit integer: {image_id!r:.40}")
+            raise SampleSkipped(failures.BAD_JSON,
+                                f"{where}: json 'image_id' is not a 64-bit integer: {image_id!r:.40}")
         if caption_ids is None:
             caption_ids = [image_id] if len(captions) == 1 else [-1] * len(captions)
         elif (not isinstance(caption_ids, list) or len(caption_ids) != len(captions)
@@ -593,10 +594,11 @@ def dataset_has_json_image_ids(dataset: ResolvedDataset) -> bool:
     and merge the two in retrieval metrics; so a dataset must be all one kind. Every rank judges from the same
     first sample, so all ranks agree without communicating."""
     fields = FieldLoader()
+    faults = _Quiet(FailureCounter(_PROBE_MAX_WARNINGS))
     seen = 0
     try:
         for shard_index, path in enumerate(dataset.shards):
-            for raw in read_segment(path, shard_index, 0, 1 << 62, _Quiet(FailureCounter(_PROBE_MAX_WARNINGS))):  # type: ignore[arg-type]
+            for raw in read_segment(path, shard_index, 0, 1 << 62, faults):  # type: ignore[arg-type]
                 seen += 1
                 try:
                     meta = _json_meta(_load_fields(fields, raw), _describe(raw))
