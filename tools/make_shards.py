@@ -20,7 +20,8 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from zvl_ds.cli import run  # noqa: E402
-from zvl_ds.data import annotations, bench, shards  # noqa: E402
+from zvl_ds.bench import data as bench  # noqa: E402
+from zvl_ds.data import annotations, shards  # noqa: E402
 from zvl_ds.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
 

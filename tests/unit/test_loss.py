@@ -295,7 +295,7 @@ def test_mix_images_hand_checked():
 
 @pytest.mark.slow
 def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fit():
-    from zvl_ds.loss_bench import benchmark_loss
+    from zvl_ds.bench.loss import benchmark_loss
 
     results = benchmark_loss(batch_sizes=(512,), dim=16, chunk_rows=100, verbose=False)
     chunked, naive = results["chunked@512"], results["naive@512"]
@@ -307,7 +307,7 @@ def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fi
 
 
 def test_benchmark_kernels_agree_and_tiles_need_less_working_memory():
-    from zvl_ds.loss_bench import benchmark_loss
+    from zvl_ds.bench.loss import benchmark_loss
 
     results = benchmark_loss(batch_sizes=(1024,), dim=32, chunk_rows=512, chunk_cols=64,
                              methods=("rows", "tiled", "siglip"), verbose=False)

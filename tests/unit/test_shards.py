@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds.data import annotations, bench, shards
+from zvl_ds.bench import data as bench
+from zvl_ds.data import annotations, shards
 from zvl_ds.data.images import scaled_size
 
 MAKE_SHARDS = os.path.join(REPO_ROOT, "tools", "make_shards.py")
