@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, Iterable, List, Mapping, Optional
 
-LOG = logging.getLogger("zvl_ds.data")
+LOG = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # examples kept per reason
 

@@ -26,7 +26,7 @@ import webdataset as wds
 from zvl_ds.data.failures import SHORT_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, FailureCounter
 from zvl_ds.data.sources import is_seekable_local_tar
 
-LOG = logging.getLogger("zvl_ds.data")
+LOG = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
