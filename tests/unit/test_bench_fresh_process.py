@@ -1,7 +1,11 @@
 """The benchmarks' one fresh-process helper: a result comes back as JSON, a failure as the child's stderr."""
 import os
 
+import pytest
+
 from zvl_ds.bench.fresh_process import call_in_fresh_process
+
+pytestmark = pytest.mark.slow  # each test starts an interpreter that imports torch
 
 
 def test_result_and_environment_reach_the_caller():
