@@ -286,7 +286,7 @@ def _make_shards_cli():
 
 
 def test_make_shards_out_is_a_file_exits_2(tmp_path):
-    from test_shards import make_dataset
+    from tests.unit.test_shards import make_dataset
 
     make_dataset(tmp_path / "data", images=2)
     (tmp_path / "out").write_text("not a folder")
@@ -300,7 +300,7 @@ def test_make_shards_out_is_a_file_exits_2(tmp_path):
 def test_make_shards_full_disk_exits_2_and_keeps_finished_shards(tmp_path, monkeypatch):
     import tarfile
 
-    from test_shards import make_dataset
+    from tests.unit.test_shards import make_dataset
 
     make_dataset(tmp_path / "data", images=6)
     cli = _make_shards_cli()
