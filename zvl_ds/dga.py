@@ -12,14 +12,15 @@ DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch indep
 
 No host synchronisation happens inside the chunk loops: per-chunk results stay on the device and the few values
 the host needs (finite loss, temperature, accuracies) are read once per step. Named ``torch.profiler`` ranges
-(``zvl.*``, see ``profile_range``) let ``tools/bench.py profile`` split a step into its parts.
+(``zvl.*``, see ``profile_range``) let ``python -m zvl_ds.bench profile`` split a step into its parts.
 
 Gradient bookkeeping: ``loss_and_grads`` returns gradients whose SUM over ranks is the full-batch gradient,
 while DeepSpeed AVERAGES gradients over ranks, so pass 2 back-propagates ``world_size`` times them.
 
-DeepSpeed reduces gradients at every backward unless told otherwise, and ZeRO-1/2 then keep only the last
-backward's gradient (deepspeed-on-cpu.md section 3). ZeRO 1-3 therefore run pass 2 inside
-``engine.coalesce_grad_reduction()``; ZeRO 0 marks only the last backward as the accumulation boundary.
+DeepSpeed treats every backward as a gradient accumulation boundary unless told otherwise: ZeRO-1/2 then keep
+only the last backward's gradient, and ZeRO-3 adds the previous step's gradient to parameters the first backward
+did not touch (docs/deepspeed.md). ZeRO 1-3 therefore run pass 2 inside ``engine.coalesce_grad_reduction()``
+(one reduction when the block ends); ZeRO 0 marks only the last backward as the accumulation boundary.
 """
 from __future__ import annotations
 

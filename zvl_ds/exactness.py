@@ -1,8 +1,8 @@
 """A plain-PyTorch full-batch reference for the distributed step, and the comparison against it.
 
 The reference shares nothing with ``dga.py`` or ``loss.py``: one process holds the whole global batch, one
-autograd graph spans every chunk of every rank, and the loss is the textbook dense symmetric InfoNCE with soft
-targets (or the dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
+autograd graph spans every chunk of every rank, and the loss is ``dense_loss``'s textbook symmetric InfoNCE with
+soft targets (or its dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
 chunks as the trainer does (``runner.stable_random: step``), so masks are identical and the two computations
 must agree to rounding.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zvl_ds.dense_loss import dense_contrastive_loss, dense_sigmoid_loss
 from zvl_ds.dga import step_seed
 from zvl_ds.mixup import MixupDraw
 
@@ -28,27 +28,6 @@ def reference_partner(global_batch: int, world_size: int, chunk: int) -> torch.T
             for offset in range(chunk):
                 partner[rank * per_rank + chunk_start + offset] = rank * per_rank + chunk_start + chunk - 1 - offset
     return partner
-
-
-def dense_contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor,
-                           mixup: Optional[MixupDraw] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """0.5 * (image->text + text->image) cross-entropy over the full B x B logits, soft targets under mixup."""
-    logits = image @ text.t() / temperature
-    batch = logits.shape[0]
-    targets = torch.eye(batch, dtype=logits.dtype, device=logits.device)
-    if mixup is not None:
-        mixed = torch.zeros_like(targets)
-        mixed[torch.arange(batch), partner.to(logits.device)] = 1.0
-        targets = mixup.lam * targets + (1.0 - mixup.lam) * mixed
-    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    text_to_image = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
-    return 0.5 * (image_to_text + text_to_image)
-
-
-def dense_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
-    """Mean over all B x B pairs of -log sigmoid(z_ij (t <x_i, y_j> + b)), z = +1 on the diagonal, -1 elsewhere."""
-    signs = 2 * torch.eye(image.shape[0], dtype=image.dtype, device=image.device) - 1
-    return -F.logsigmoid(signs * (scale_bias[0] * image @ text.t() + scale_bias[1])).mean()
 
 
 def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -71,9 +50,10 @@ def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tens
             if scale_bias is None and out.get("logit_scale_bias") is not None:
                 scale_bias = out["logit_scale_bias"].float()
     if scale_bias is not None:  # a model built for SigLIP
-        return dense_sigmoid_loss(torch.cat(image_parts), torch.cat(text_parts), scale_bias)
+        return dense_sigmoid_loss(torch.cat(image_parts), torch.cat(text_parts), scale_bias[0], scale_bias[1])
     partner = reference_partner(images.shape[0], world_size, chunk) if mixup is not None else None
-    return dense_contrastive_loss(torch.cat(image_parts), torch.cat(text_parts), temperature, mixup, partner)
+    return dense_contrastive_loss(torch.cat(image_parts), torch.cat(text_parts), temperature,
+                                  None if mixup is None else mixup.lam, partner)
 
 
 @dataclass

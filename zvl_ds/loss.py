@@ -1,7 +1,7 @@
 """Symmetric InfoNCE (``NCE``) and coin-flipping ``MixUpNCE``, exact and memory-lean.
 
-Definitions (zerovl-method.md sections 2, 4, 5). With B = global batch, L2-normalised image rows I and text
-rows T, temperature tau (dividing), and targets Y:
+Definitions (ZeroVL's loss, mixup and gather; see docs/method.md). With B = global batch, L2-normalised image
+rows I and text rows T, temperature tau (dividing), and targets Y:
 
     i2t_i = logsumexp_j(I_i . T_j / tau) - sum_j Y_ij I_i . T_j / tau       (image i against every text)
     t2i_j = logsumexp_i(T_j . I_i / tau) - sum_i Y_ji T_j . I_i / tau       (text j against every image)

@@ -16,8 +16,9 @@ import os
 import sys
 from typing import List, Optional
 
+from zvl_ds.bench import data as bench
 from zvl_ds.cli import run
-from zvl_ds.data import annotations, bench, shards
+from zvl_ds.data import annotations, shards
 from zvl_ds.data.images import DEFAULT_MAX_PIXELS
 from zvl_ds.logs import setup_logging
 

@@ -15,7 +15,7 @@ def warmup_steps(lr_cfg: LRConfig, total_steps: int) -> int:
 
 def cosine_schedule_with_warmup_min_lr_scale(step: int, total_steps: int, warmup: int, num_cycles: float,
                                              min_lr_scale: float) -> float:
-    """ZeroVL's multiplier: linear ramp from 0, then cosine from 1 down to ``min_lr_scale`` (zerovl-method.md 7)."""
+    """ZeroVL's multiplier: linear ramp from 0, then cosine from 1 down to ``min_lr_scale`` (docs/method.md)."""
     if step < warmup:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total_steps - warmup)

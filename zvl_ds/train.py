@@ -28,6 +28,7 @@ from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_un
 from zvl_ds.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
 from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.data.failures import sum_counts
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
@@ -214,11 +215,7 @@ class Trainer:
             return dict(counts)
         gathered: List[Dict[str, int]] = [None] * self.world_size  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, dict(counts))
-        total: Dict[str, int] = {}
-        for part in gathered:
-            for reason, count in part.items():
-                total[reason] = total.get(reason, 0) + count
-        return total
+        return sum_counts(gathered)
 
     def _log_step(self, step: int, result: StepResult, lr: float, seconds: float, phases: Dict[str, float]) -> None:
         samples_per_sec = self.cfg.data.batch_size / max(seconds, 1e-9)

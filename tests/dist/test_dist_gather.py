@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.loss_reference import reference_loss, reference_sigmoid_loss
+from zvl_ds.dense_loss import dense_contrastive_loss, dense_sigmoid_loss
 
 PER_RANK = 4  # samples per rank in the model check
 TOLERANCE = 1e-5  # of each tensor's largest magnitude
@@ -133,7 +133,7 @@ def _model_checks(rank, world_size):
         model.zero_grad(set_to_none=True)
         image, text = _reference_embeddings(model, images, input_ids, attention_mask, mixup, partner)
         lam = None if mixup is None else mixup.lam
-        ref = reference_loss(image, text, model.temperature(), lam, partner, detach_keys=not gather_backward)
+        ref = dense_contrastive_loss(image, text, model.temperature(), lam, partner, detach_keys=not gather_backward)
         ref.backward()
         reference = _grads(model)
         # Per-tensor relative error. A few gradients are mathematically zero and only float noise (~1e-11
@@ -151,7 +151,7 @@ def _model_checks(rank, world_size):
             # how far the documented "detached keys" gradient is from the full one (must be far)
             model.zero_grad(set_to_none=True)
             image, text = _reference_embeddings(model, images, input_ids, attention_mask, mixup, partner)
-            reference_loss(image, text, model.temperature(), lam, partner).backward()
+            dense_contrastive_loss(image, text, model.temperature(), lam, partner).backward()
             full = _grads(model)
             case["distance_from_full"] = _rel_error(averaged["image_projection.weight"],
                                                     full["image_projection.weight"])
@@ -188,7 +188,7 @@ def _cached_grad_checks(rank, world_size):
             ref_image = image.clone().requires_grad_(True)
             ref_text = text.clone().requires_grad_(True)
             ref_tau = tau.clone().requires_grad_(True)
-            ref = reference_loss(ref_image, ref_text, ref_tau, None if mixup is None else mixup.lam, partner)
+            ref = dense_contrastive_loss(ref_image, ref_text, ref_tau, None if mixup is None else mixup.lam, partner)
             grads = torch.autograd.grad(ref, [ref_image, ref_text, ref_tau])
             logits = image @ text.t()
             hard = torch.arange(batch)
@@ -204,7 +204,7 @@ def _cached_grad_checks(rank, world_size):
         # the single-pass form with a default partner (reversal of each rank's whole batch)
         _, logged = contrastive_loss(image[local], text[local], torch.tensor([0.05], dtype=torch.float64),
                                      mixup=mixup, partner=None, gather_backward=True, chunk_rows=5)
-        expected = reference_loss(image, text, 0.05, None if mixup is None else mixup.lam,
+        expected = dense_contrastive_loss(image, text, 0.05, None if mixup is None else mixup.lam,
                                    _reversed_blocks(batch, per_rank))
         report[f"{name}_default_partner_loss"] = abs(logged.loss.item() - expected.item())
     return report
@@ -238,7 +238,7 @@ def _sigmoid_model_checks(rank, world_size):
     model.zero_grad(set_to_none=True)
     image, text = _reference_embeddings(model, images, input_ids, attention_mask, None, None)
     scale_bias = model.logit_scale_bias()
-    ref = reference_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
+    ref = dense_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
     ref.backward()
     reference = _grads(model)
     largest = max(float(g.abs().max()) for g in reference.values())
@@ -266,7 +266,7 @@ def _sigmoid_cached_checks(rank, world_size):
     summed_params = cached.temperature.clone()
     dist.all_reduce(summed_params)
     ref_image, ref_text, ref_params = (x.clone().requires_grad_(True) for x in (image, text, params))
-    ref = reference_sigmoid_loss(ref_image, ref_text, ref_params[0], ref_params[1])
+    ref = dense_sigmoid_loss(ref_image, ref_text, ref_params[0], ref_params[1])
     grads = torch.autograd.grad(ref, [ref_image, ref_text, ref_params])
     sims, hard = image @ text.t(), torch.arange(batch)
     return {"image": _rel_error(gather_no_grad(cached.image), grads[0]),

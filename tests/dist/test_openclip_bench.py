@@ -4,11 +4,11 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
-from zvl_ds.exactness import dense_contrastive_loss
+from zvl_ds.dense_loss import dense_contrastive_loss
 
 
 def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():
-    from zvl_ds.openclip_step import clip_loss_copy
+    from zvl_ds.bench.openclip_step import clip_loss_copy
 
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator, dtype=torch.float64), dim=-1)
@@ -20,7 +20,7 @@ def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():
 
 def test_accum_freq_step_applies_the_full_batch_gradient():
     from zvl_ds.model import build_model
-    from zvl_ds.openclip_step import accum_freq_step, clip_loss_copy
+    from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss_copy
 
     cfg = load_config(None, ["model.arch=tiny", "loss.temperature.name=parameter", "loss.temperature.value=0.1",
                              "model.text_encoder.config.hidden_dropout_prob=0.0",
@@ -53,7 +53,7 @@ def test_accum_freq_step_applies_the_full_batch_gradient():
 
 
 def _bench_worker(rank, world_size):
-    from zvl_ds.bench import TINY, bench_openclip
+    from zvl_ds.bench.step import TINY, bench_openclip
 
     return bench_openclip(TINY, chunk=4, chunks=3, steps=1, warmup=1)
 

@@ -26,7 +26,7 @@ class CountSyncs(TorchFunctionMode):
 
 
 def _sync_worker(rank, world_size, stage, chunks_list):
-    from zvl_ds.bench import TINY, _setup_engine, _synthetic_batch
+    from zvl_ds.bench.step import TINY, _setup_engine, _synthetic_batch
     from zvl_ds.dga import StepOptions, dga_step
     from zvl_ds.mixup import draw_mixup, partner_index
 
@@ -75,7 +75,7 @@ def _event(name, total_us, parent=None):
 
 
 def test_split_events_hand_computed():
-    from zvl_ds.step_profile import split_events
+    from zvl_ds.bench.step_profile import split_events
 
     pass1, pass2 = _event("zvl.pass1", 4000), _event("zvl.pass2", 9000)
     forward1 = _event("zvl.forward", 3000, pass1)
@@ -101,7 +101,7 @@ def test_split_events_hand_computed():
 
 
 def _profile_worker(rank, world_size):
-    from zvl_ds.bench import TINY, bench_profile
+    from zvl_ds.bench.step import TINY, bench_profile
 
     return bench_profile(TINY, chunk=4, chunks=3, steps=1, warmup=1)
 

@@ -1,7 +1,7 @@
 """The largest-chunk search: stops at the first out-of-memory, raises on anything else, and really runs on CPU."""
 import pytest
 
-from zvl_ds import bench
+from zvl_ds.bench import step as bench
 
 
 def _planted(limit, other_error_at=None):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.loss_reference import reference_loss
+from zvl_ds.dense_loss import dense_contrastive_loss
 from zvl_ds.loss import contrastive_loss, loss_and_grads
 from zvl_ds.mixup import MixupDraw, draw_mixup, mix_images, partner_index
 
@@ -76,7 +76,7 @@ def test_chunked_equals_full_batch_reference(mixup, chunk_rows):
     loss, out = contrastive_loss(image, text, tau, mixup=mixup, partner=partner, gather_backward=True,
                                  chunk_rows=chunk_rows)
     grads = torch.autograd.grad(loss, [image, text, tau])
-    ref = reference_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
+    ref = dense_contrastive_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
     ref_grads = torch.autograd.grad(ref, [image, text, tau])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -103,7 +103,7 @@ def test_cached_gradients_equal_autograd(mixup):
     image, text, tau = leaves(batch=12, seed=5)
     partner = partner_index(12, 1, 4) if mixup else None
     cached = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=5)
-    ref = reference_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
+    ref = dense_contrastive_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
     ref_image, ref_text, ref_tau = torch.autograd.grad(ref, [image, text, tau])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert_close_rel(cached.image, ref_image, rel=1e-10)
@@ -118,7 +118,7 @@ def test_cached_gradients_equal_autograd(mixup):
 def test_column_tiles_equal_full_batch_reference_in_fp64(mixup):
     image, text, tau = leaves(batch=13, seed=21)
     partner = partner_index(13, 1, 13) if mixup else None
-    ref = reference_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
+    ref = dense_contrastive_loss(image, text, tau, None if mixup is None else mixup.lam, partner)
     ref_grads = torch.autograd.grad(ref, [image, text, tau])
     for chunk_rows, chunk_cols in ((1, 1), (4, 3), (5, 7), (13, 13), (6, 100)):
         cached = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=chunk_rows,
@@ -146,7 +146,7 @@ def test_column_tiles_stable_at_smallest_temperature():
     image, text, tau = leaves(batch=16, dim=8, tau=0.001, dtype=torch.float32, seed=7)
     cached = loss_and_grads(image, text, tau, chunk_rows=3, chunk_cols=5)
     image64, text64, tau64 = (x.detach().double().requires_grad_(True) for x in (image, text, tau))
-    ref = reference_loss(image64, text64, tau64)
+    ref = dense_contrastive_loss(image64, text64, tau64)
     ref_grads = torch.autograd.grad(ref, [image64, text64, tau64])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
     for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
@@ -172,7 +172,7 @@ def test_stable_at_smallest_temperature():
         for tensor in (cached.output.loss, cached.image, cached.text, cached.temperature):
             assert torch.isfinite(tensor).all()
         image64, text64, tau64 = (x.detach().double().requires_grad_(True) for x in (image, text, tau))
-        ref = reference_loss(image64, text64, tau64, None if mixup is None else mixup.lam, partner)
+        ref = dense_contrastive_loss(image64, text64, tau64, None if mixup is None else mixup.lam, partner)
         ref_grads = torch.autograd.grad(ref, [image64, text64, tau64])
         assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
         for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
@@ -184,9 +184,9 @@ def test_gather_backward_off_equals_detached_keys():
     image, text, tau = leaves(batch=9, seed=11)
     loss, _ = contrastive_loss(image, text, tau, mixup=None, partner=None, gather_backward=False, chunk_rows=4)
     grads = torch.autograd.grad(loss, [image, text, tau])
-    ref = reference_loss(image, text, tau, detach_keys=True)
+    ref = dense_contrastive_loss(image, text, tau, detach_keys=True)
     ref_grads = torch.autograd.grad(ref, [image, text, tau])
-    full_grads = torch.autograd.grad(reference_loss(image, text, tau), [image, text])
+    full_grads = torch.autograd.grad(dense_contrastive_loss(image, text, tau), [image, text])
     for got, want in zip(grads, ref_grads):
         assert_close_rel(got, want, rel=1e-10)
     # and it is NOT the full gradient: the key-side terms are missing
@@ -228,7 +228,7 @@ def test_default_partner_is_reversal_of_the_local_batch():
     image, text, tau = leaves(batch=6, seed=2)
     mixup = MixupDraw(0.2, "image")
     loss, _ = contrastive_loss(image, text, tau, mixup=mixup, partner=None, gather_backward=True, chunk_rows=4)
-    ref = reference_loss(image, text, tau, 0.2, torch.tensor([5, 4, 3, 2, 1, 0]))
+    ref = dense_contrastive_loss(image, text, tau, 0.2, torch.tensor([5, 4, 3, 2, 1, 0]))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
@@ -295,7 +295,7 @@ def test_mix_images_hand_checked():
 
 @pytest.mark.slow
 def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fit():
-    from zvl_ds.loss_bench import benchmark_loss
+    from zvl_ds.bench.loss import benchmark_loss
 
     results = benchmark_loss(batch_sizes=(512,), dim=16, chunk_rows=100, verbose=False)
     chunked, naive = results["chunked@512"], results["naive@512"]
@@ -307,7 +307,7 @@ def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fi
 
 
 def test_benchmark_kernels_agree_and_tiles_need_less_working_memory():
-    from zvl_ds.loss_bench import benchmark_loss
+    from zvl_ds.bench.loss import benchmark_loss
 
     results = benchmark_loss(batch_sizes=(1024,), dim=32, chunk_rows=512, chunk_cols=64,
                              methods=("rows", "tiled", "siglip"), verbose=False)

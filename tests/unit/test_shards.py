@@ -20,7 +20,8 @@ from PIL import Image
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds import make_shards
-from zvl_ds.data import annotations, bench, shards
+from zvl_ds.bench import data as bench
+from zvl_ds.data import annotations, shards
 from zvl_ds.data.images import scaled_size
 
 MAKE_SHARDS = ["-m", "zvl_ds.make_shards"]

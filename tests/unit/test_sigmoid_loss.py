@@ -1,4 +1,4 @@
-"""Single-process checks of the tiled sigmoid (SigLIP) loss against the dense fp64 reference in loss_reference.
+"""Single-process checks of the tiled sigmoid (SigLIP) loss against the dense fp64 reference in zvl_ds.dense_loss.
 
 Multi-process (gather-backward) checks live in tests/test_dist_gather.py, DGA ones in tests/test_dga_exactness.py.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.loss_reference import reference_sigmoid_loss
+from zvl_ds.dense_loss import dense_sigmoid_loss
 from zvl_ds.config import ConfigError, load_config
 from zvl_ds.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 
@@ -51,7 +51,7 @@ def test_loss_and_all_gradients_equal_dense_fp64_reference(chunk_rows, chunk_col
     loss, _ = sigmoid_loss(image, text, torch.cat([log_scale.exp(), bias]), chunk_rows=chunk_rows,
                            chunk_cols=chunk_cols)
     grads = torch.autograd.grad(loss, [image, text, log_scale, bias])
-    ref = reference_sigmoid_loss(image, text, log_scale.exp(), bias)
+    ref = dense_sigmoid_loss(image, text, log_scale.exp(), bias)
     ref_grads = torch.autograd.grad(ref, [image, text, log_scale, bias])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     for got, want in zip(grads, ref_grads):
@@ -62,7 +62,7 @@ def test_cached_gradients_equal_autograd_and_detach():
     image, text, log_scale, bias = leaves(batch=12, scale=5.0, bias=-2.0, seed=5)
     scale_bias = torch.cat([log_scale.exp(), bias])
     cached = sigmoid_loss_and_grads(image, text, scale_bias, chunk_rows=5, chunk_cols=4)
-    ref = reference_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
+    ref = dense_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
     ref_image, ref_text, ref_params = torch.autograd.grad(ref, [image, text, scale_bias])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert relative_error(cached.image, ref_image) <= 1e-10
@@ -81,7 +81,7 @@ def test_stable_at_large_logits_in_fp32():
         assert torch.isfinite(tensor).all()
     image64, text64 = image.detach().double().requires_grad_(True), text.detach().double().requires_grad_(True)
     params64 = scale_bias.double().requires_grad_(True)
-    ref = reference_sigmoid_loss(image64, text64, params64[0], params64[1])
+    ref = dense_sigmoid_loss(image64, text64, params64[0], params64[1])
     ref_grads = torch.autograd.grad(ref, [image64, text64, params64])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
     for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):

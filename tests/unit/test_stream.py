@@ -420,7 +420,8 @@ def test_validation_sees_every_sample_exactly_once(tmp_path, tokenizer, world_si
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_truncated_shard_keeps_its_complete_samples(tmp_path, streamed):
-    from zvl_ds.data.reader import FaultCounter, read_segment
+    from zvl_ds.data.failures import FailureCounter
+    from zvl_ds.data.reader import read_segment
 
     keys = write_dataset(str(tmp_path), "flat", "train", [6])
     path = os.path.join(str(tmp_path), "flat", "train-000000.tar")
@@ -428,10 +429,10 @@ def test_truncated_shard_keeps_its_complete_samples(tmp_path, streamed):
         cut = archive.getmember(f"{keys[3]}.jpg").offset_data + 5  # inside the fourth sample's image
     os.truncate(path, cut)
     spec = f"pipe:cat {path}" if streamed else path
-    faults = FaultCounter()
+    faults = FailureCounter()
     assert [raw.key for raw in read_segment(spec, 0, 0, 6, faults)] == keys[:3]
     assert faults.counts == {"truncated_shard": 3}
-    faults = FaultCounter()
+    faults = FailureCounter()
     assert [raw.key for raw in read_segment(spec, 0, 1, 3, faults)] == keys[1:3]  # ends before the cut
     assert faults.counts == {}
 

@@ -20,20 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from zvl_ds.data.failures import (EMPTY_CAPTION, INVALID_ID, INVALID_UTF8, MALFORMED_ROW, PATH_OUTSIDE_IMAGES,
+                                  FailureCounter)
 from zvl_ds.errors import UserError
 
 SPLITS = ("train", "valid")
 REQUIRED_COLUMNS = ("image", "caption")
-MAX_EXAMPLES = 5  # examples kept per failure reason
-
-# Per-row skip reasons (counted in caption rows).
-EMPTY_CAPTION = "empty_caption"
-INVALID_ID = "invalid_id"
-MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
-INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
-PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` image path (unless allowed explicitly)
-# Per-image reason (counted in images): every caption row of the image was skipped.
-NO_VALID_CAPTION = "no_valid_caption"
 
 
 class InputError(UserError):
@@ -62,40 +54,12 @@ class ImageEntry:
 
 
 @dataclass
-class FailureLog:
-    """Counts by reason plus the first few examples of each."""
-
-    counts: Dict[str, int] = field(default_factory=dict)
-    examples: Dict[str, List[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, example: str, count: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + count
-        kept = self.examples.setdefault(reason, [])
-        if len(kept) < MAX_EXAMPLES:
-            kept.append(example)
-
-    def merge(self, other: "FailureLog") -> None:
-        for reason, count in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + count
-            kept = self.examples.setdefault(reason, [])
-            kept.extend(other.examples.get(reason, [])[: MAX_EXAMPLES - len(kept)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def to_json(self) -> Dict[str, Dict[str, object]]:
-        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
-                for reason in sorted(self.counts)}
-
-
-@dataclass
 class Annotations:
     """A CSV read and grouped by image."""
 
     entries: List[ImageEntry]
     rows_read: int
-    row_failures: FailureLog
+    row_failures: FailureCounter
     derived_ids: List[str]  # id columns that were missing and derived
     image_id_conflicts: int  # rows whose image_id differs from the image's first row (the first one is kept)
 
@@ -186,10 +150,10 @@ def _checked_source(name: str, split: str, csv_path: str, images_dir: str) -> Sp
 # --------------------------------------------------------------------------------------------------
 
 
-def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureLog]:
+def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
     """All columns as text. Undecodable bytes become lone surrogates (surrogateescape) so that one bad row is
     detected and skipped rather than killing the read; lines with the wrong field count are skipped and counted."""
-    malformed = FailureLog()
+    malformed = FailureCounter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)
@@ -277,7 +241,7 @@ def stays_inside_folder(image_name: str) -> bool:
     return not os.path.isabs(image_name) and ".." not in parts
 
 
-def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = None,
+def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureCounter] = None,
                    allow_outside_images: bool = False) -> Annotations:
     """One entry per unique image name in order of first appearance, each with its valid captions in row order.
 
@@ -285,7 +249,7 @@ def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureLog] = Non
     rows with an unparsable or out-of-int64 id and (unless ``allow_outside_images``) rows whose image path
     leaves the image folder are dropped and counted; an image left without captions stays in the list
     (it keeps its shard position) and is skipped by the writer as ``no_valid_caption``."""
-    failures = row_failures if row_failures is not None else FailureLog()
+    failures = row_failures if row_failures is not None else FailureCounter()
     images = _column(frame, "image")
     captions = _column(frame, "caption")
     image_ids = _column(frame, "image_id")

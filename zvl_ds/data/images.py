@@ -1,6 +1,6 @@
 """Decoding one image file and converting it to the JPEG stored in a shard (upright RGB, shorter side limited).
 
-Images that cannot be used (missing, empty, not an image, truncated, over the pixel limit) raise ``SkipImage``
+Images that cannot be used (missing, empty, not an image, truncated, over the pixel limit) raise ``SampleSkipped``
 with the reason they are counted under. ``original_width``/``original_height`` are the size after EXIF orientation.
 """
 from __future__ import annotations
@@ -16,26 +16,14 @@ from typing import Iterator, Protocol, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, MISSING_FILE, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS,
+                                  SampleSkipped)
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS
 
-# Per-image skip reasons (counted in images).
-MISSING_FILE = "missing_file"
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-CORRUPT_IMAGE = "corrupt_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-OTHER_ERROR = "other_error"
 
 RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-class SkipImage(Exception):
-    """One image cannot be written; ``reason`` is its counter name."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -68,11 +56,11 @@ def read_image_file(path: str) -> bytes:
         with open(path, "rb") as handle:
             data = handle.read()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise SkipImage(MISSING_FILE, "no such file") from None
+        raise SampleSkipped(MISSING_FILE, "no such file") from None
     except OSError as error:
-        raise SkipImage(OTHER_ERROR, f"cannot read: {error}") from None
+        raise SampleSkipped(OTHER_ERROR, f"cannot read: {error}") from None
     if not data:
-        raise SkipImage(EMPTY_FILE, "zero bytes")
+        raise SampleSkipped(EMPTY_FILE, "zero bytes")
     return data
 
 
@@ -122,11 +110,11 @@ def _open_image(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise SkipImage(NOT_AN_IMAGE, "not a recognised image format") from None
+        raise SampleSkipped(NOT_AN_IMAGE, "not a recognised image format") from None
     except Image.DecompressionBombError as error:
-        raise SkipImage(TOO_MANY_PIXELS, str(error)) from None
+        raise SampleSkipped(TOO_MANY_PIXELS, str(error)) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
-        raise SkipImage(CORRUPT_IMAGE, f"unreadable header: {error}") from None
+        raise SampleSkipped(CORRUPT_IMAGE, f"unreadable header: {error}") from None
 
 
 def convert_image(data: bytes, settings: ImageSettings) -> ConvertedImage:
@@ -136,7 +124,8 @@ def convert_image(data: bytes, settings: ImageSettings) -> ConvertedImage:
     image = _open_image(data)
     width, height = image.size
     if width * height > settings.max_pixels:
-        raise SkipImage(TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {settings.max_pixels}")
+        raise SampleSkipped(TOO_MANY_PIXELS,
+                            f"{width}x{height} = {width * height} pixels > limit {settings.max_pixels}")
     orientation = _exif_orientation(image)
     turned = orientation in (5, 6, 7, 8)  # EXIF transposes: width and height swap
     stored_target = scaled_size(width, height, settings.max_size)
@@ -157,14 +146,14 @@ def convert_image(data: bytes, settings: ImageSettings) -> ConvertedImage:
             rgb = rgb.resize(target, RESAMPLING[settings.resample], reducing_gap=3.0)
         buffer = io.BytesIO()
         rgb.save(buffer, format="JPEG", quality=settings.jpeg_quality)
-    except SkipImage:
+    except SampleSkipped:
         raise
     except Image.DecompressionBombError as error:
-        raise SkipImage(TOO_MANY_PIXELS, str(error)) from None
+        raise SampleSkipped(TOO_MANY_PIXELS, str(error)) from None
     except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as error:
-        raise SkipImage(CORRUPT_IMAGE, f"truncated or corrupt: {error}") from None
+        raise SampleSkipped(CORRUPT_IMAGE, f"truncated or corrupt: {error}") from None
     except Exception as error:  # any other decoder failure costs this image only
-        raise SkipImage(OTHER_ERROR, f"{type(error).__name__}: {error}") from None
+        raise SampleSkipped(OTHER_ERROR, f"{type(error).__name__}: {error}") from None
     return ConvertedImage(buffer.getvalue(), rgb.width, rgb.height, *upright_size)
 
 

@@ -1,4 +1,4 @@
-"""Raw samples out of tar shards, and the counters of what had to be skipped.
+"""Raw samples out of tar shards; what cannot be read is counted in a ``FailureCounter``.
 
 A sample is a run of consecutive tar members sharing a key (``dir/KEY.ext``: the key is the path up to the first
 dot of the file name, as webdataset groups them). Its *position* is its index among the samples of the tar; the
@@ -23,48 +23,16 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import webdataset as wds
 
+from zvl_ds.data.failures import SHORT_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, FailureCounter
 from zvl_ds.data.sources import is_seekable_local_tar
 
-LOG = logging.getLogger("zvl_ds.data")
+LOG = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
 
-# Skip reasons; every counter counts samples.
-CORRUPT_IMAGE = "corrupt_image"  # image bytes Pillow cannot decode
-TOO_MANY_PIXELS = "too_many_pixels"  # image over the shard writer's pixel limit (a decompression bomb)
-MISSING_IMAGE = "missing_image"  # no jpg/jpeg/png/webp member
-MISSING_CAPTION = "missing_caption"  # no usable caption in .json or .txt
-BAD_JSON = "bad_json"  # .json member that is not valid UTF-8 JSON of the expected shape
-TRUNCATED_SHARD = "truncated_shard"  # planned samples lost because the tar ends early (cut mid-way)
-UNREADABLE_SHARD = "unreadable_shard"  # planned samples lost because the shard cannot be opened at all
-SHORT_SHARD = "short_shard"  # planned samples absent from a complete tar (its size entry overstates it)
-
 _BLOCK = tarfile.BLOCKSIZE
 FieldData = Union[bytes, Tuple[int, int]]  # the bytes, or (offset, size) inside the local tar
-
-
-class FaultCounter:
-    """Counts skipped samples by reason and logs the first ``max_warnings`` of each reason."""
-
-    def __init__(self, max_warnings: int = 20):
-        self.max_warnings = max_warnings
-        self.counts: Dict[str, int] = {}
-        self._warned: Dict[str, int] = {}
-
-    def add(self, reason: str, message: str, count: int = 1) -> None:
-        if count <= 0:
-            return
-        self.counts[reason] = self.counts.get(reason, 0) + count
-        warned = self._warned.get(reason, 0)
-        if warned < self.max_warnings:
-            LOG.warning("data: skipped %d sample(s) [%s]: %s", count, reason, message)
-        elif warned == self.max_warnings:
-            LOG.warning("data: further [%s] warnings are not shown (still counted)", reason)
-        self._warned[reason] = warned + 1
-
-    def snapshot(self) -> Dict[str, int]:
-        return dict(self.counts)
 
 
 class RawSample:
@@ -90,7 +58,7 @@ class _Truncated(Exception):
     pass
 
 
-def read_segment(path: str, shard: int, start: int, stop: int, faults: FaultCounter) -> Iterator[RawSample]:
+def read_segment(path: str, shard: int, start: int, stop: int, faults: FailureCounter) -> Iterator[RawSample]:
     """Samples at positions ``[start, stop)`` of one shard; what cannot be read is counted in ``faults``."""
     if stop <= start:
         return

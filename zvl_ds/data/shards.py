@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from zvl_ds.atomic_write import atomic_path, write_text_atomic
-from zvl_ds.data.annotations import (INVALID_UTF8, MALFORMED_ROW, MAX_EXAMPLES, NO_VALID_CAPTION, FailureLog,
-                                     ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
+from zvl_ds.data.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
-from zvl_ds.data.images import (CORRUPT_IMAGE, DEFAULT_MAX_PIXELS, EMPTY_FILE, MISSING_FILE, NOT_AN_IMAGE,
-                                OTHER_ERROR, RESAMPLING, TOO_MANY_PIXELS, ConvertedImage, SkipImage, convert_image,
-                                pixel_limit, read_image_file)
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MALFORMED_ROW, MISSING_FILE,
+                                  NO_VALID_CAPTION, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter,
+                                  SampleSkipped)
+from zvl_ds.data.images import (DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage, convert_image, pixel_limit,
+                                read_image_file)
 
 TAR_SUFFIXES = ("jpg", "json", "txt")  # fixed member order inside a sample
 FORMAT_VERSION = 1  # bump when the bytes written for the same input change; old shards then fail --resume checks
@@ -115,7 +116,7 @@ class ShardResult:
     count: int  # images assigned to the shard
     successes: int
     captions: int
-    failures: FailureLog
+    failures: FailureCounter
     duration: float
     reused: bool = False  # kept from an earlier run under --resume
 
@@ -130,8 +131,8 @@ class SplitReport:
     captions_written: int
     shards: int
     shards_reused: int
-    image_failures: FailureLog
-    row_failures: FailureLog
+    image_failures: FailureCounter
+    row_failures: FailureCounter
     derived_ids: List[str]
     image_id_conflicts: int
     duration: float
@@ -258,11 +259,11 @@ def write_json_atomic(path: str, payload: object) -> None:
 
 def _convert_entry(task: ShardTask, entry: ImageEntry) -> ConvertedImage:
     if has_undecodable_bytes(entry.image):
-        raise SkipImage(INVALID_UTF8, "file name is not valid UTF-8")
+        raise SampleSkipped(INVALID_UTF8, "file name is not valid UTF-8")
     if not entry.captions:
-        raise SkipImage(NO_VALID_CAPTION, "no valid caption left")
+        raise SampleSkipped(NO_VALID_CAPTION, "no valid caption left")
     if not entry.image:
-        raise SkipImage(MISSING_FILE, "empty file name")
+        raise SampleSkipped(MISSING_FILE, "empty file name")
     data = read_image_file(os.path.join(task.source.images_dir, entry.image))
     return convert_image(data, task.settings)
 
@@ -271,7 +272,7 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
     """Write ``task.tar_path`` (via a temporary name, then rename) and its stats json; returns the counts."""
     start = time.time()
     input_hash = shard_input_hash(task)
-    failures = FailureLog()
+    failures = FailureCounter()
     successes = captions = 0
     with atomic_path(task.tar_path, TEMP_SUFFIX) as temp_path, pixel_limit(task.settings.max_pixels), \
             open(temp_path, "wb") as handle:
@@ -279,7 +280,7 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
             for position, entry in enumerate(task.entries):
                 try:
                     converted = _convert_entry(task, entry)
-                except SkipImage as skip:
+                except SampleSkipped as skip:
                     failures.add(skip.reason, f"{entry.image} (data row {entry.row}): {skip}")
                 else:
                     key = sample_key(task.index, position, task.settings)
@@ -295,7 +296,7 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
     return ShardResult(task.index, len(task.entries), successes, captions, failures, end - start)
 
 
-def _shard_stats(task: ShardTask, successes: int, captions: int, failures: FailureLog, start: float, end: float,
+def _shard_stats(task: ShardTask, successes: int, captions: int, failures: FailureCounter, start: float, end: float,
                  input_hash: str) -> Dict[str, object]:
     counts = failures.counts
     return {
@@ -319,14 +320,6 @@ def _shard_stats(task: ShardTask, successes: int, captions: int, failures: Failu
     }
 
 
-def _failure_log_from_json(payload: Dict[str, Dict[str, object]]) -> FailureLog:
-    log = FailureLog()
-    for reason, item in payload.items():
-        log.counts[reason] = int(item["count"])  # type: ignore[arg-type]
-        log.examples[reason] = list(item.get("examples", []))[:MAX_EXAMPLES]  # type: ignore[arg-type]
-    return log
-
-
 def completed_shard(task: ShardTask) -> Optional[ShardResult]:
     """The result recorded for an existing shard when it is complete and made from the same input; else None.
     Complete means: stats json readable, input hash matches, tar size matches the stats, and the tar's headers
@@ -346,7 +339,7 @@ def completed_shard(task: ShardTask) -> Optional[ShardResult]:
         if members != tar_stats["members"] or members != stats["successes"] * len(TAR_SUFFIXES):
             return None
         return ShardResult(task.index, int(stats["count"]), int(stats["successes"]), int(stats["captions"]),
-                           _failure_log_from_json(stats["failures"]), float(stats["duration"]), reused=True)
+                           FailureCounter.from_json(stats["failures"]), float(stats["duration"]), reused=True)
     except (OSError, ValueError, KeyError, TypeError, tarfile.TarError):
         return None
 
@@ -470,7 +463,7 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
             results[result.index] = result
     end = time.time()
     ordered = [results[task.index] for task in tasks]
-    image_failures = FailureLog()
+    image_failures = FailureCounter()
     for result in ordered:
         image_failures.merge(result.failures)
     update_sizes(out_dir, source.split, {task.name + ".tar": results[task.index].successes for task in tasks})
@@ -515,7 +508,7 @@ def exit_status(reports: Sequence[SplitReport], strict: bool) -> int:
     return 0
 
 
-def _failure_lines(title: str, log: FailureLog) -> List[str]:
+def _failure_lines(title: str, log: FailureCounter) -> List[str]:
     lines = []
     for reason in sorted(log.counts):
         example = log.examples.get(reason, [""])[0] if log.examples.get(reason) else ""

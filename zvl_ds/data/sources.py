@@ -28,7 +28,7 @@ from braceexpand import braceexpand
 from zvl_ds.config import DataConfig
 from zvl_ds.errors import UserError
 
-LOG = logging.getLogger("zvl_ds.data")
+LOG = logging.getLogger(__name__)
 
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zvl_ds.config import Config
-from zvl_ds.data import reader
-from zvl_ds.data.reader import FaultCounter, FieldLoader, RawSample, read_segment
+from zvl_ds.data import failures, reader
+from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
+from zvl_ds.data.reader import FieldLoader, RawSample, read_segment
 from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, SamplingPlan, build_plan,
                                   derive_seed, name_key, validation_part)
 from zvl_ds.data.sources import (DataSourceError, ResolvedDataset, require_sizes, resolve_dataset,
@@ -95,20 +96,14 @@ def _keep(item):
 # --------------------------------------------------------------------------------------------------
 
 
-class SampleSkipped(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def _load_fields(loader: FieldLoader, raw: RawSample) -> Dict[str, bytes]:
     try:
         return loader.load(raw)
     except OSError as error:
-        raise SampleSkipped(reader.UNREADABLE_SHARD, f"{raw.path}: {error}") from None
+        raise SampleSkipped(failures.UNREADABLE_SHARD, f"{raw.path}: {error}") from None
     except Exception as error:
         if reader.is_truncation(error):
-            raise SampleSkipped(reader.TRUNCATED_SHARD, str(error)) from None
+            raise SampleSkipped(failures.TRUNCATED_SHARD, str(error)) from None
         raise
 
 
@@ -116,7 +111,7 @@ def _image_bytes(fields: Dict[str, bytes], where: str) -> bytes:
     for ext in reader.IMAGE_EXTENSIONS:
         if ext in fields:
             return fields[ext]
-    raise SampleSkipped(reader.MISSING_IMAGE, f"{where}: no {'/'.join(reader.IMAGE_EXTENSIONS)} member")
+    raise SampleSkipped(failures.MISSING_IMAGE, f"{where}: no {'/'.join(reader.IMAGE_EXTENSIONS)} member")
 
 
 def _json_meta(fields: Dict[str, bytes], where: str) -> Optional[dict]:
@@ -125,11 +120,11 @@ def _json_meta(fields: Dict[str, bytes], where: str) -> Optional[dict]:
     try:
         meta = json.loads(fields["json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
-        raise SampleSkipped(reader.BAD_JSON, f"{where}: {error}") from None
+        raise SampleSkipped(failures.BAD_JSON, f"{where}: {error}") from None
     except RecursionError:  # nesting deeper than the parser's stack
-        raise SampleSkipped(reader.BAD_JSON, f"{where}: json nested too deeply") from None
+        raise SampleSkipped(failures.BAD_JSON, f"{where}: json nested too deeply") from None
     if not isinstance(meta, dict):
-        raise SampleSkipped(reader.BAD_JSON, f"{where}: json is a {type(meta).__name__}, not an object")
+        raise SampleSkipped(failures.BAD_JSON, f"{where}: json is a {type(meta).__name__}, not an object")
     return meta
 
 
@@ -139,7 +134,7 @@ def _captions(meta: Optional[dict], fields: Dict[str, bytes], where: str) -> Lis
     if meta is not None:
         value = meta.get("captions")
         if value is not None and not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
-            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'captions' is not a list of strings")
+            raise SampleSkipped(failures.BAD_JSON, f"{where}: json 'captions' is not a list of strings")
         captions = [c for c in (value or []) if c.strip()]
         if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
             captions = [meta["caption"]]
@@ -151,7 +146,7 @@ def _captions(meta: Optional[dict], fields: Dict[str, bytes], where: str) -> Lis
         if text:
             captions = [text]
     if not captions:
-        raise SampleSkipped(reader.MISSING_CAPTION, f"{where}: no caption in .json or .txt")
+        raise SampleSkipped(failures.MISSING_CAPTION, f"{where}: no caption in .json or .txt")
     return captions
 
 
@@ -159,9 +154,9 @@ def _decode_image(transform: ImageTransform, data: bytes, rng: random.Random, wh
     try:
         return to_uint8_chw(transform(data, rng))
     except TooManyPixels as error:
-        raise SampleSkipped(reader.TOO_MANY_PIXELS, f"{where}: {error}") from None
+        raise SampleSkipped(failures.TOO_MANY_PIXELS, f"{where}: {error}") from None
     except Exception as error:  # Pillow raises many types on bad bytes; every one means "skip this sample"
-        raise SampleSkipped(reader.CORRUPT_IMAGE, f"{where}: {type(error).__name__}: {error}") from None
+        raise SampleSkipped(failures.CORRUPT_IMAGE, f"{where}: {type(error).__name__}: {error}") from None
 
 
 def _is_int64(value: object) -> bool:
@@ -192,7 +187,7 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from held
 
 
-def _read_part(part: Part, dataset: ResolvedDataset, faults: FaultCounter) -> Iterator[RawSample]:
+def _read_part(part: Part, dataset: ResolvedDataset, faults: FailureCounter) -> Iterator[RawSample]:
     for segment in part.segments:
         for raw in read_segment(dataset.shards[segment.shard], segment.shard, segment.start, segment.stop, faults):
             raw.dataset, raw.pass_index = part.dataset, part.pass_index
@@ -200,7 +195,7 @@ def _read_part(part: Part, dataset: ResolvedDataset, faults: FaultCounter) -> It
 
 
 def read_piece(piece: Piece, datasets: Sequence[ResolvedDataset], buffer_size: int,
-               faults: FaultCounter) -> Iterator[RawSample]:
+               faults: FailureCounter) -> Iterator[RawSample]:
     """A piece's raw samples: its parts read in order (or interleaved by its pattern), then buffer-shuffled."""
     streams = [_read_part(part, datasets[part.dataset], faults) for part in piece.parts]
     if piece.pattern is None:
@@ -214,7 +209,7 @@ class SourceStream:
     """One role's endless stream of raw samples from one source, with its resumable cursor."""
 
     def __init__(self, plan: SamplingPlan, source: int, role: int, cursor: Sequence[int],
-                 datasets: Sequence[ResolvedDataset], buffer_size: int, faults: FaultCounter):
+                 datasets: Sequence[ResolvedDataset], buffer_size: int, faults: FailureCounter):
         self.plan, self.source, self.role = plan, source, role
         self.piece_index, self.offset = int(cursor[0]), int(cursor[1])
         self.datasets, self.buffer_size, self.faults = datasets, buffer_size, faults
@@ -286,7 +281,7 @@ class _TrainStream(IterableDataset):
         worker = info.id if info is not None else 0
         step = self.start_step + worker
         role = step % plan.roles
-        faults = FaultCounter(spec.max_warnings)
+        faults = FailureCounter(spec.max_warnings)
         fields = FieldLoader()
         streams = [SourceStream(plan, source, role, self.cursors[role][source], spec.datasets, spec.buffer_size,
                                 faults) for source in range(len(plan.source_names))]
@@ -300,7 +295,7 @@ class _TrainStream(IterableDataset):
         finally:
             fields.close()
 
-    def _make_batch(self, stream: SourceStream, step: int, fields: FieldLoader, faults: FaultCounter) -> TrainBatch:
+    def _make_batch(self, stream: SourceStream, step: int, fields: FieldLoader, faults: FailureCounter) -> TrainBatch:
         spec = self.spec
         size = spec.transform.size
         count = spec.plan.batch_size
@@ -408,11 +403,7 @@ class TrainLoader:
         self._cursors = [[[int(c[0]), int(c[1])] for c in role] for role in cursors]
 
     def error_counts(self) -> Dict[str, int]:
-        total = dict(self._faults_before)
-        for counts in self._faults_by_worker.values():
-            for reason, count in counts.items():
-                total[reason] = total.get(reason, 0) + count
-        return total
+        return sum_counts([self._faults_before, *self._faults_by_worker.values()])
 
     def __iter__(self) -> Iterator[TrainBatch]:
         self._close_iterator()
@@ -501,7 +492,7 @@ class _ValidStream(IterableDataset):
         spec = self.spec
         info = get_worker_info()
         role = info.id if info is not None else 0
-        faults = FaultCounter(spec.max_warnings)
+        faults = FailureCounter(spec.max_warnings)
         fields = FieldLoader()
         pending: List[_ValidSample] = []
         try:
@@ -522,7 +513,7 @@ class _ValidStream(IterableDataset):
         finally:
             fields.close()
 
-    def _raw_samples(self, role: int, faults: FaultCounter) -> Iterator[Tuple[int, RawSample]]:
+    def _raw_samples(self, role: int, faults: FailureCounter) -> Iterator[Tuple[int, RawSample]]:
         """(dataset-wide sample index, raw sample) of this role's share: contiguous when sizes are known, else
         every ``world_size * roles``-th sample of a full read."""
         spec = self.spec
@@ -553,12 +544,13 @@ class _ValidStream(IterableDataset):
         image_id = meta.get("image_id", index) if meta is not None else index
         caption_ids = meta.get("caption_ids") if meta is not None else None
         if not _is_int64(image_id):
-            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'image_id' is not a 64-bit integer: {image_id!r:.40}")
+            raise SampleSkipped(failures.BAD_JSON,
+                                f"{where}: json 'image_id' is not a 64-bit integer: {image_id!r:.40}")
         if caption_ids is None:
             caption_ids = [image_id] if len(captions) == 1 else [-1] * len(captions)
         elif (not isinstance(caption_ids, list) or len(caption_ids) != len(captions)
               or not all(_is_int64(c) for c in caption_ids)):
-            raise SampleSkipped(reader.BAD_JSON, f"{where}: json 'caption_ids' does not match 'captions' or holds "
+            raise SampleSkipped(failures.BAD_JSON, f"{where}: json 'caption_ids' does not match 'captions' or holds "
                                 "an id that is not a 64-bit integer")
         rng = random.Random(derive_seed(spec.seed, _VALID_TAG, index))
         image = _decode_image(spec.transform, image_bytes, rng, where)
@@ -580,18 +572,19 @@ class _Quiet:
     """With sizes unknown a shard is read to its end: its 'missing' samples are not a fault, and a bad shard
     counts once (how many samples it held is unknown)."""
 
-    def __init__(self, inner: FaultCounter):
+    def __init__(self, inner: FailureCounter):
         self.inner = inner
 
     def add(self, reason: str, message: str, count: int = 1) -> None:
-        if reason == reader.SHORT_SHARD:
+        if reason == failures.SHORT_SHARD:
             return
-        if reason in (reader.UNREADABLE_SHARD, reader.TRUNCATED_SHARD):
+        if reason in (failures.UNREADABLE_SHARD, failures.TRUNCATED_SHARD):
             count = 1
         self.inner.add(reason, message, count)
 
 
 _ID_PROBE_SAMPLES = 100  # samples read at most to find one with readable metadata
+_PROBE_MAX_WARNINGS = 20  # the probe runs before the loader, with the default warning limit
 
 
 def dataset_has_json_image_ids(dataset: ResolvedDataset) -> bool:
@@ -601,10 +594,11 @@ def dataset_has_json_image_ids(dataset: ResolvedDataset) -> bool:
     and merge the two in retrieval metrics; so a dataset must be all one kind. Every rank judges from the same
     first sample, so all ranks agree without communicating."""
     fields = FieldLoader()
+    faults = _Quiet(FailureCounter(_PROBE_MAX_WARNINGS))
     seen = 0
     try:
         for shard_index, path in enumerate(dataset.shards):
-            for raw in read_segment(path, shard_index, 0, 1 << 62, _Quiet(FaultCounter())):  # type: ignore[arg-type]
+            for raw in read_segment(path, shard_index, 0, 1 << 62, faults):  # type: ignore[arg-type]
                 seen += 1
                 try:
                     meta = _json_meta(_load_fields(fields, raw), _describe(raw))
@@ -659,17 +653,9 @@ class ValidLoader:
         before = dict(self._faults)
         for batch, faults, role in loader:
             latest[role] = faults
-            self._faults = _sum_counts([before, *latest.values()])
+            self._faults = sum_counts([before, *latest.values()])
             if batch is not None:
                 yield batch
-
-
-def _sum_counts(parts: Sequence[Dict[str, int]]) -> Dict[str, int]:
-    total: Dict[str, int] = {}
-    for part in parts:
-        for reason, count in part.items():
-            total[reason] = total.get(reason, 0) + count
-    return total
 
 
 def build_valid_loader(cfg: Config, name: str, rank: int, world_size: int, tokenizer) -> ValidLoader:

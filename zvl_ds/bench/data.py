@@ -1,4 +1,5 @@
-"""Data-side benchmarks: shard-writer images/s (``benchmark_shards``) and training-loader samples/s.
+"""Data-side benchmarks: shard-writer images/s (``benchmark_shards``) and training-loader samples/s
+(``python -m zvl_ds.bench shards`` / ``data``).
 
 ``benchmark_shards()`` converts generated 640x480 photo-like JPEGs with the real shard writer at each worker count.
 ``benchmark_loader()`` writes a few shards of photo-like JPEGs (smooth colour fields with fine noise, ~20 KB at
@@ -171,9 +172,9 @@ def benchmark_shards(num_images: int = 512, workers: Sequence[int] = (1, 2), max
             seconds = time.perf_counter() - start
             if report.images_written != num_images:
                 raise RuntimeError(f"benchmark wrote {report.images_written} of {num_images} images")
-            runs.append({"workers": count, "seconds": round(seconds, 3),
-                         "images_per_sec": round(num_images / seconds, 1),
-                         "images_per_sec_per_worker": round(num_images / seconds / count, 1)})
+            # unrounded: on a slow machine a rate rounded to 0.1 before the division is off by far more than 1%
+            runs.append({"workers": count, "seconds": round(seconds, 3), "images_per_sec": num_images / seconds,
+                         "images_per_sec_per_worker": num_images / seconds / count})
     base = runs[0]["images_per_sec"]
     return {"images": num_images, "image_size": [640, 480], "max_size": max_size, "resample": resample,
             "cpu_count": os.cpu_count(),
@@ -190,9 +191,3 @@ def format_benchmark(result: Dict[str, object]) -> str:
                      f"{run['images_per_sec_per_worker']:.1f} img/s per worker ({run['seconds']:.2f}s), "
                      f"speed-up x{result['speedup'][str(run['workers'])]:.2f}")  # type: ignore[index]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import zvl_ds  # noqa: F401  (torchvision shim before AutoAugment)
-
-    benchmark_loader()

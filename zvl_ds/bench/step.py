@@ -6,17 +6,17 @@ Inputs are synthetic (uint8 images, random tokens) so that the step, not the loa
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.config import Config, load_config
+from zvl_ds.dist import free_port
 from zvl_ds.engine import DTYPES, Placement
+
+_STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
 
 TINY = ["model.arch=tiny", "model.image_encoder.kwargs.patch_size=4"]
 # The paper's model with random weights: no download, but the real shapes and FLOPs.
@@ -94,10 +94,10 @@ def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8,
 def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 1,
                   warmup: int = 1, stage: int = 0, trace_path: Optional[str] = None,
                   offload_inputs: bool = False) -> Dict[str, object]:
-    """Where one DGA step's time goes (see ``zvl_ds.step_profile``), ms per step."""
+    """Where one DGA step's time goes (see ``zvl_ds.bench.step_profile``), ms per step."""
+    from zvl_ds.bench.step_profile import profile_steps
     from zvl_ds.dga import RUNNERS, StepOptions
     from zvl_ds.mixup import draw_mixup, partner_index
-    from zvl_ds.step_profile import profile_steps
 
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
@@ -119,15 +119,15 @@ def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int 
 
 def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 2,
                    warmup: int = 1, precision: str = "fp32") -> Dict[str, object]:
-    """samples/s of OpenCLIP's ``--accum-freq`` step (``zvl_ds.openclip_step``) and of zvl_ds's DGA step, same
+    """samples/s of OpenCLIP's ``--accum-freq`` step (``zvl_ds.bench.openclip_step``) and of zvl_ds's DGA step, same
     towers, batch (``chunks`` micro-batches of ``chunk``) and loss (symmetric InfoNCE), in this one process.
 
     OpenCLIP's side runs as open_clip_train does: fp32 weights, a plain torch AdamW, ``torch.autocast`` for
     bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
     """
+    from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
     from zvl_ds.dga import RUNNERS, StepOptions
     from zvl_ds.model import build_model, compile_towers
-    from zvl_ds.openclip_step import accum_freq_step, clip_loss
     from zvl_ds.optim import build_optimizer
 
     global_batch = chunk * chunks
@@ -216,17 +216,11 @@ def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] 
 
 def _step_in_fresh_process(overrides: Sequence[str], global_batch: int, chunk: int, stage: int):
     """(``_peak_memory_child``'s row, None) from a fresh process, or (None, the end of its stderr)."""
-    code = ("import json,sys; from zvl_ds.bench import _peak_memory_child as f; "
-            f"print('RESULT ' + json.dumps(f({list(overrides)!r}, {global_batch}, {chunk}, {stage})))")
-    from zvl_ds.dist import free_port
-
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        return None, done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):]), None
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    return call_in_fresh_process(f"{__name__}:_peak_memory_child",
+                                 {"overrides": list(overrides), "global_batch": global_batch, "chunk": chunk,
+                                  "stage": stage}, timeout_s=_STEP_TIMEOUT_S, env=env)
 
 
 def _out_of_memory(error: str) -> bool:

@@ -1,24 +1,25 @@
-"""Benchmarks: ``python tools/bench.py {shards,data,loss,dga,memory,gpu,profile,openclip,max-chunk,all} [--out bench_results]``.
+"""``python -m zvl_ds.bench {shards,data,loss,dga,memory,gpu,profile,openclip,max-chunk,all} [--out bench_results]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import sys
+from typing import Callable, Dict, List, Optional
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-from typing import Callable, Dict, List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-import zvl_ds  # noqa: E402,F401
-from zvl_ds.cli import run  # noqa: E402
+from zvl_ds.atomic_write import write_text_atomic
+from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
+from zvl_ds.bench.loss import benchmark_loss
+from zvl_ds.bench.step import (TINY, VIT_B16_BERT_BASE, bench_dga, bench_gpu, bench_max_chunk, bench_memory,
+                               bench_openclip, bench_profile)
+from zvl_ds.cli import run
 
 
 def machine() -> str:
@@ -27,22 +28,16 @@ def machine() -> str:
 
 
 def run_shards(args) -> Dict:
-    from zvl_ds.data.bench import benchmark_shards, format_benchmark
-
     result = benchmark_shards(num_images=args.images)
     print(format_benchmark(result))
     return result
 
 
 def run_data(args) -> Dict:
-    from zvl_ds.data.bench import benchmark_loader
-
     return benchmark_loader(verbose=True)
 
 
 def run_loss(args) -> Dict:
-    from zvl_ds.loss_bench import benchmark_loss
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # 262,144 only where a GPU makes it take minutes rather than hours
     batches = [b for b in args.loss_batches if b <= 65536 or device == "cuda"]
@@ -51,25 +46,20 @@ def run_loss(args) -> Dict:
 
 
 def model_overrides(args) -> List[str]:
-    from zvl_ds.bench import TINY, VIT_B16_BERT_BASE
-
     base = TINY if args.arch == "tiny" else VIT_B16_BERT_BASE
     return base + [f"precision={args.precision}", f"model.compile={args.compile}"]
 
 
 def run_dga(args) -> Dict:
-    from zvl_ds.bench import bench_dga
-
     result = bench_dga(model_overrides(args), chunk=args.chunk, chunks=args.chunks, stage=args.stage)
-    print(f"DGA vs single pass ({args.arch}, {args.precision}, chunk {result['chunk']}, global batch {result['global_batch']}): "
+    print(f"DGA vs single pass ({args.arch}, {args.precision}, chunk {result['chunk']}, "
+          f"global batch {result['global_batch']}): "
           f"{result['dga_ms_per_sample']:.3f} vs {result['single_pass_ms_per_sample']:.3f} ms/sample, "
           f"ratio {result['ratio']:.2f}x (target <= 1.4x; one extra forward ~ 1.33x)")
     return result
 
 
 def run_memory(args) -> Dict:
-    from zvl_ds.bench import bench_memory
-
     batches = [256, 1024, 4096] + ([16384] if torch.cuda.is_available() else [])
     result = bench_memory(model_overrides(args), global_batches=batches, chunk=args.chunk, stage=args.stage)
     print(f"peak memory of one DGA step at a fixed chunk of {args.chunk} ({args.arch}, {args.precision}):")
@@ -81,18 +71,15 @@ def run_memory(args) -> Dict:
 
 
 def run_gpu(args) -> Dict:
-    from zvl_ds.bench import bench_gpu
-
     result = bench_gpu(global_batch=args.gpu_batch, chunk=args.gpu_chunk, peak_tflops=args.peak_tflops)
     print(f"vit_b16_bert_base DGA on {result['gpu']} ({result['precision']}, global batch {result['global_batch']}, "
           f"chunk {result['chunk']}): {result['samples_per_sec']:.0f} samples/s/GPU, MFU {100 * result['mfu']:.1f}% "
-          f"(with recompute {100 * result['hardware_flops_utilisation']:.1f}%), peak {result['peak_memory_gib']:.1f} GiB")
+          f"(with recompute {100 * result['hardware_flops_utilisation']:.1f}%), "
+          f"peak {result['peak_memory_gib']:.1f} GiB")
     return result
 
 
 def run_profile(args) -> Dict:
-    from zvl_ds.bench import bench_profile
-
     trace = os.path.join(args.out, "profile_trace.json") if args.trace else None
     result = bench_profile(model_overrides(args), chunk=args.chunk, chunks=args.chunks, stage=args.stage,
                            trace_path=trace, offload_inputs=args.offload_inputs)
@@ -107,8 +94,6 @@ def run_profile(args) -> Dict:
 
 
 def run_openclip(args) -> Dict:
-    from zvl_ds.bench import bench_openclip
-
     result = bench_openclip(model_overrides(args), chunk=args.chunk, chunks=args.chunks, precision=args.precision)
     print(f"OpenCLIP accum-freq step vs zvl_ds DGA ({args.arch}, {args.precision}, {result['device']}, batch "
           f"{result['global_batch']} in chunks of {result['chunk']}; loss: {result['openclip_loss']}): "
@@ -118,8 +103,6 @@ def run_openclip(args) -> Dict:
 
 
 def run_max_chunk(args) -> Dict:
-    from zvl_ds.bench import bench_max_chunk
-
     result = bench_max_chunk(model_overrides(args), chunks=args.try_chunks, stage=args.stage)
     print(f"largest chunk that fits ({args.arch}, {args.precision}, ZeRO {args.stage}), one DGA step of two chunks:")
     for row in result["rows"]:
@@ -138,7 +121,8 @@ BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m zvl_ds.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=list(BENCHES) + ["all"])
     parser.add_argument("--out", default="bench_results", help="folder for the JSON results")
     parser.add_argument("--images", type=int, default=512, help="shards: JPEGs to convert")
@@ -174,8 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in names:
         print(f"\n== {name}")
         result = BENCHES[name](args)
-        with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine(), "result": result}, handle, indent=1, default=str)
+        write_text_atomic(os.path.join(args.out, f"{name}.json"),
+                          json.dumps({"machine": machine(), "result": result}, indent=1, default=str))
     return 0
 
 

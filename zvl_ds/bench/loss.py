@@ -2,10 +2,11 @@
 and the loss kernels side by side: row-chunked NCE, column-tiled NCE and SigLIP (``--methods rows tiled siglip``,
 which also report working memory; see KERNEL_METHODS).
 
-``python -m zvl_ds.loss_bench [--batch-sizes 8192 32768] [--dim 512] [--chunk-rows 1024] [--device cpu]``
+``python -m zvl_ds.bench loss [--loss-batches 8192 32768] [--loss-dim 512] [--loss-chunk-rows 1024]
+[--loss-methods chunked naive]`` (on CUDA when there is a GPU).
 
-How memory is measured, and why it is honest: every case runs in a FRESH Python process, so no allocator
-cache or earlier case inflates it. Inputs (two [B, dim] fp32 embedding matrices and tau) are created and a
+How memory is measured, and why it is honest: every case runs in a FRESH Python process (``fresh_process``), so
+no allocator cache or earlier case inflates it. Inputs (two [B, dim] fp32 embedding matrices and tau) are created and a
 small warm-up runs first; then the baseline is taken and the loss and its backward run once.
 - CPU: the kernel's resident-set high-water mark (VmHWM) is reset (``/proc/self/clear_refs`` = 5) at the
   baseline, and the figure is VmHWM after the backward minus the resident set at the baseline: the extra
@@ -32,14 +33,11 @@ gradients of queries and keys (4 x B x dim) and the inputs' gradients (2 x B x d
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from typing import Dict, Optional, Sequence
+
+from zvl_ds.bench.fresh_process import call_in_fresh_process
 
 NAIVE_BXB_MATRICES = 7  # estimate used only to decide whether a naive case can run at all
 
@@ -72,17 +70,8 @@ def kernel_loss_and_gradients(method: str, image, text, chunk_rows: int, chunk_c
     return loss, (i2t.grad_queries, i2t.grad_keys, t2i.grad_queries, t2i.grad_keys)
 
 
-def naive_loss(image, text, tau):
-    """The textbook CLIP loss: full B x B logits, cross-entropy both ways, autograd keeps everything."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = image @ text.t() / tau
-    labels = torch.arange(image.shape[0], device=image.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-
-
-def _rss_bytes(field: str) -> Optional[int]:
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A size field of this process (``VmRSS``, ``VmHWM``) from /proc/self/status, in bytes."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -108,6 +97,7 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
     import torch
     import torch.nn.functional as F
 
+    from zvl_ds.dense_loss import dense_contrastive_loss
     from zvl_ds.loss import contrastive_loss
 
     torch.manual_seed(0)
@@ -119,8 +109,8 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
                                                           chunk_cols)
             del buffers
             return loss
-        if method == "naive":
-            loss = naive_loss(image, text, tau)
+        if method == "naive":  # the textbook loss: full B x B logits, autograd keeps everything
+            loss = dense_contrastive_loss(image, text, tau)
         else:
             loss, _ = contrastive_loss(image, text, tau, mixup=None, partner=None, gather_backward=True,
                                        chunk_rows=chunk_rows)
@@ -142,7 +132,7 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
         peak_source = "torch.cuda.max_memory_allocated"
     else:
         reset = _reset_peak_rss()
-        baseline = _rss_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        baseline = _proc_status_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_source = "VmHWM after /proc/self/clear_refs" if reset else "ru_maxrss (peak not reset)"
     start = time.perf_counter()
     loss = loss_and_backward(image, text, tau)
@@ -152,7 +142,7 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss_bytes("VmHWM") if peak_source.startswith("VmHWM") else \
+        peak = _proc_status_bytes("VmHWM") if peak_source.startswith("VmHWM") else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows if method != "naive" else None,
               "device": device, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
@@ -171,11 +161,12 @@ def _available_bytes(device: str) -> int:
 
         free, _ = torch.cuda.mem_get_info()
         return int(free)
-    available = _rss_bytes_meminfo("MemAvailable")
+    available = _meminfo_bytes("MemAvailable")
     return available if available is not None else 0
 
 
-def _rss_bytes_meminfo(field: str) -> Optional[int]:
+def _meminfo_bytes(field: str) -> Optional[int]:
+    """A machine-wide memory field (``MemAvailable``) from /proc/meminfo, in bytes."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -208,18 +199,15 @@ def benchmark_loss(batch_sizes: Sequence[int] = (8192, 32768), dim: int = 512, c
                     if verbose:
                         print(f"{key:>16}: skipped, {results[key]['skipped']}", flush=True)
                     continue
-            case = json.dumps({"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows,
-                               "device": device, "chunk_cols": chunk_cols})
-            proc = subprocess.run([sys.executable, "-m", "zvl_ds.loss_bench", "--case", case],
-                                  capture_output=True, text=True, timeout=timeout_s,
-                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
-            if proc.returncode != 0:
-                results[key] = {"batch": batch, "method": method, "device": device,
-                                "failed": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
-            else:
-                results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+            case = {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows, "device": device,
+                    "chunk_cols": chunk_cols}
+            result, error = call_in_fresh_process(f"{__name__}:run_case", case, timeout_s=timeout_s,
+                                                  env={"PYTHONWARNINGS": "ignore"})
+            if result is None:
+                last_line = (error or "").strip().splitlines()[-1:] or ["no output"]
+                result = {"batch": batch, "method": method, "device": device, "failed": last_line[0]}
+            results[key] = result
             if verbose:
-                result = results[key]
                 if "failed" in result:
                     print(f"{key:>16}: FAILED {result['failed']}", flush=True)
                 else:
@@ -228,30 +216,3 @@ def benchmark_loss(batch_sizes: Sequence[int] = (8192, 32768), dim: int = 512, c
                           f"({result['device']}, {result['threads']} threads, loss {result['loss']:.4f})",
                           flush=True)
     return results
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--chunk-rows", type=int, default=1024)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--chunk-cols", type=int, default=1024, help="tiled and siglip: columns per tile")
-    parser.add_argument("--methods", nargs="+", choices=["chunked", "naive", *KERNEL_METHODS],
-                        default=["chunked", "naive"])
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(**json.loads(args.case))))
-        return 0
-    results = benchmark_loss(args.batch_sizes, args.dim, args.chunk_rows, args.device, args.methods,
-                             chunk_cols=args.chunk_cols)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

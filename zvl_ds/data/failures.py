@@ -1,0 +1,117 @@
+"""Why samples are skipped, and how skips are counted: one vocabulary for the shard writer and the loaders.
+
+A reason is a short snake_case name; it appears as a key in the writer's stats json, in ``data/skipped_<reason>``
+monitor values and in messages, so the strings here are part of the on-disk format and must not change.
+Code that cannot use a sample raises ``SampleSkipped(reason, message)``; the loop around it catches that, adds
+it to a ``FailureCounter`` and carries on. Counts from several workers or ranks are added with ``sum_counts``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Mapping, Optional
+
+LOG = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5  # examples kept per reason
+
+# Shard writer, per caption row of an annotation CSV.
+EMPTY_CAPTION = "empty_caption"
+INVALID_ID = "invalid_id"
+MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
+INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` image path (unless allowed explicitly)
+
+# Shard writer, per image.
+NO_VALID_CAPTION = "no_valid_caption"  # every caption row of the image was skipped
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+OTHER_ERROR = "other_error"
+
+# Both: image bytes that cannot be decoded, or that exceed the pixel limit (a decompression bomb).
+CORRUPT_IMAGE = "corrupt_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+
+# Loaders, per sample of a shard.
+MISSING_IMAGE = "missing_image"  # no jpg/jpeg/png/webp member
+MISSING_CAPTION = "missing_caption"  # no usable caption in .json or .txt
+BAD_JSON = "bad_json"  # .json member that is not valid UTF-8 JSON of the expected shape
+TRUNCATED_SHARD = "truncated_shard"  # planned samples lost because the tar ends early (cut mid-way)
+UNREADABLE_SHARD = "unreadable_shard"  # planned samples lost because the shard cannot be opened at all
+SHORT_SHARD = "short_shard"  # planned samples absent from a complete tar (its size entry overstates it)
+
+
+class SampleSkipped(Exception):
+    """One sample (or image to be written) cannot be used; ``reason`` is the name it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class FailureCounter:
+    """Counts by reason plus the first ``MAX_EXAMPLES`` examples of each.
+
+    With ``max_warnings`` set (the loaders) the first ``max_warnings`` skips of each reason are also logged as
+    warnings, then one line saying further ones are only counted; the writer leaves it unset and reports at the
+    end instead."""
+
+    def __init__(self, max_warnings: Optional[int] = None):
+        self.max_warnings = max_warnings
+        self.counts: Dict[str, int] = {}
+        self.examples: Dict[str, List[str]] = {}
+        self._warned: Dict[str, int] = {}
+
+    def add(self, reason: str, example: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + count
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(example)
+        if self.max_warnings is not None:
+            self._warn(reason, example, count, self.max_warnings)
+
+    def _warn(self, reason: str, example: str, count: int, max_warnings: int) -> None:
+        warned = self._warned.get(reason, 0)
+        if warned < max_warnings:
+            LOG.warning("data: skipped %d sample(s) [%s]: %s", count, reason, example)
+        elif warned == max_warnings:
+            LOG.warning("data: further [%s] warnings are not shown (still counted)", reason)
+        self._warned[reason] = warned + 1
+
+    def merge(self, other: "FailureCounter") -> None:
+        """Add ``other``'s counts and as many of its examples as there is room for."""
+        self.counts = sum_counts([self.counts, other.counts])
+        for reason, examples in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(examples[: MAX_EXAMPLES - len(kept)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def snapshot(self) -> Dict[str, int]:
+        """A copy of the counts (what crosses process boundaries: small and picklable by value)."""
+        return dict(self.counts)
+
+    def to_json(self) -> Dict[str, Dict[str, object]]:
+        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
+                for reason in sorted(self.counts)}
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Mapping[str, object]]) -> "FailureCounter":
+        counter = cls()
+        for reason, item in payload.items():
+            counter.counts[reason] = int(item["count"])  # type: ignore[call-overload]
+            counter.examples[reason] = list(item.get("examples", []))[:MAX_EXAMPLES]  # type: ignore[call-overload]
+        return counter
+
+
+def sum_counts(parts: Iterable[Optional[Mapping[str, int]]]) -> Dict[str, int]:
+    """Reason-wise sum of count dicts (per worker, per rank, before and after a loader restart)."""
+    total: Dict[str, int] = {}
+    for part in parts:
+        for reason, count in (part or {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return total
