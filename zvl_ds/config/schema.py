@@ -52,7 +52,7 @@ class DataConfig:
     train_steps: int = -1  # ZeroVL's key; > 0 fixes the run length (runner.train_steps wins if both are set)
     train_name: List[str] = field(default_factory=lambda: ["sbu", "cc3m"])
     valid_name: List[str] = field(default_factory=lambda: ["f30k", "coco"])
-    # ZeroVL reads CSVs under ./data/; zvl_ds streams shards, made by tools/make_shards.py --out shards.
+    # ZeroVL reads CSVs under ./data/; zvl_ds streams shards, made by python -m zvl_ds.make_shards --out shards.
     data_path: str = "./shards/"
     datasets: Dict[str, DatasetSource] = field(default_factory=dict)  # explicit sources, by dataset name
     zeroshot: Dict[str, ZeroShotSetConfig] = field(default_factory=dict)  # classification sets, by name
@@ -416,7 +416,7 @@ KEY_HELP: Dict[str, str] = {
                         "when both are > 0).",
     "data.train_name": "Names of the training datasets (each found via `data.datasets.<name>` or "
                        "`data_path/<name>/`); no name twice.",
-    "data.valid_name": "Names of the validation datasets evaluated during training and by tools/evaluate.py.",
+    "data.valid_name": "Names of the validation datasets evaluated during training and by python -m zvl_ds.eval_retrieval.",
     "data.data_path": "Root of the shard writer's layout `data_path/<name>/<split>-NNNNNN.tar`; relative paths in "
                       "`data.datasets.<name>.shards` are looked up here first, then in the working folder.",
     "data.datasets": "Explicit sources by dataset name (a mapping `name -> {shards, size}`); a dataset not listed "
@@ -467,7 +467,7 @@ KEY_HELP: Dict[str, str] = {
     "transforms.valid_transforms": "Image transforms for validation and exported models; same names as "
                                    "`train_transforms` (`random_resize_crop`, `autoaug`, `resize`, `center_crop`, "
                                    "`normalize`).",
-    "transforms.input_size": "Image side of synthetic inputs (tools/bench.py, tools/verify_exactness.py "
+    "transforms.input_size": "Image side of synthetic inputs (python -m zvl_ds.bench, python -m zvl_ds.verify_exactness "
                              "--synthetic), recorded in exported models. The loaders take their size from the "
                              "crop/resize sizes instead.",
     "transforms.resize.size": "Side of the square `resize` transform, in pixels.",

@@ -1,6 +1,6 @@
 """Writing WebDataset shards from grouped annotations: one shard, ``--resume``, a whole split, the summary.
 
-The writer behind ``tools/make_shards.py``; inputs come from ``annotations.py``, image bytes from ``images.py``.
+The writer behind ``python -m zvl_ds.make_shards``; inputs come from ``annotations.py``, image bytes from ``images.py``.
 Output, per dataset folder ``OUT/<name>/`` (readers depend on exactly this):
 
 - ``<split>-000000.tar``, ``<split>-000001.tar``, ...: one sample per unique image, members in the fixed order
