@@ -2,12 +2,13 @@ import os
 
 import pytest
 
+import zvl_ds  # noqa: F401  (applies the torchvision shim before any test imports timm or transformers)
+
+# zvl_ds itself imports only torch; these must be set before a test imports transformers or DeepSpeed
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import zvl_ds  # noqa: E402,F401  (applies the torchvision shim before timm/transformers are imported)
 
 # A test's kind is the folder it lives in, so a new file is marked by where it is put.
 KIND_BY_FOLDER = {"unit": pytest.mark.unit, "dist": pytest.mark.dist, "e2e": pytest.mark.e2e}

@@ -16,6 +16,7 @@ the checkpoint it names) untouched. Resume checks the files against the manifest
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +32,8 @@ import torch
 from zvl_ds import dist
 from zvl_ds.atomic_write import atomic_path, write_text_atomic
 from zvl_ds.errors import UserError
+
+LOG = logging.getLogger(__name__)
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 LATEST_FILE = "latest"
@@ -290,8 +293,8 @@ def _run_universal_conversion(source: str, target: str) -> Optional[str]:
     """ds_to_universal into ``target``; returns an error text, or None on success."""
     partial = target + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"[zvl_ds] converting {os.path.basename(source)} to DeepSpeed's universal checkpoint format for a new "
-          "world size", flush=True)
+    LOG.info(f"converting {os.path.basename(source)} to DeepSpeed's universal checkpoint format for a new "
+             "world size")
     # plain DeepSpeed (not Megatron) checkpoints lack Megatron's layout metadata: --inject_missing_state
     try:
         done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
@@ -318,17 +321,17 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the converted checkpoint {point.tag} from {point.run_dir}")
         if dist.is_main_process():
-            print(f"[zvl_ds] checkpoint {point.tag} was written by another number of ranks: weights and optimizer "
-                  "state re-split for this world size; the data stream starts over from its beginning", flush=True)
+            LOG.warning(f"checkpoint {point.tag} was written by another number of ranks: weights and optimizer "
+                        "state re-split for this world size; the data stream starts over from its beginning")
         return client_state or {}, None
     world_size = dist.get_world_size()
     before = saved_world_size(point)
     same_world = before == world_size
     if not same_world and zero_stage > 0:
         if dist.is_main_process():
-            print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: ZeRO-{zero_stage} "
-                  "optimizer partitions are not re-split, so only the weights are loaded (the optimizer state "
-                  "restarts)", flush=True)
+            LOG.warning(f"checkpoint {point.tag} was written by {before} ranks, now {world_size}: ZeRO-{zero_stage} "
+                        "optimizer partitions are not re-split, so only the weights are loaded (the optimizer state "
+                        "restarts)")
         path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_optimizer_states=False,
                                                     load_lr_scheduler_states=False, load_module_only=True)
     else:
@@ -340,6 +343,6 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
         path = os.path.join(point.run_dir, point.tag, rank_file(dist.get_rank()))
         rank_state = torch.load(path, map_location="cpu", weights_only=True)
     elif dist.is_main_process():
-        print(f"[zvl_ds] checkpoint {point.tag} was written by {before} ranks, now {world_size}: the data stream "
-              "starts over from its beginning instead of the exact sample position", flush=True)
+        LOG.warning(f"checkpoint {point.tag} was written by {before} ranks, now {world_size}: the data stream "
+                    "starts over from its beginning instead of the exact sample position")
     return client_state or {}, rank_state

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections import defaultdict
 from typing import Dict, Iterator, Optional
 
 import torch
+
+LOG = logging.getLogger(__name__)
 
 
 class PhaseTimer:
@@ -98,7 +101,7 @@ class Monitor:
 
     def console(self, message: str) -> None:
         if self.enabled:
-            print(message, flush=True)
+            LOG.info(message)
 
     def train_line(self, step: int, loss: float, lr: float, samples_per_sec: float, temperature: float) -> None:
         self.console(f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3e}  tau {temperature:.4f}  "
