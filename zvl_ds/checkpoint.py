@@ -321,8 +321,8 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the converted checkpoint {point.tag} from {point.run_dir}")
         if dist.is_main_process():
-            LOG.warning(f"checkpoint {point.tag} was written by another number of ranks: weights and optimizer "
-                        "state re-split for this world size; the data stream starts over from its beginning")
+            LOG.info(f"checkpoint {point.tag} was written by another number of ranks: weights and optimizer "
+                     "state re-split for this world size; the data stream starts over from its beginning")
         return client_state or {}, None
     world_size = dist.get_world_size()
     before = saved_world_size(point)
