@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.helpers.data_fixtures import make_demo_shards
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import run_distributed
 from tests.unit.test_classify import ColourModel, colour_folder  # noqa: F401  (fixture)
@@ -49,15 +50,8 @@ def test_every_image_counted_once_over_the_ranks(colour_folder, tmp_path, world_
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    data, out = root / "data", root / "shards"
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
-                    "--train-size", "32", "--valid-size", "8", "--captions-per-image", "1", "--classify-size", "10"],
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
-                    "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
-                    "--out", str(out), "--quiet"], check=True, capture_output=True, timeout=120)
-    return data, out
+    return make_demo_shards(tmp_path_factory.mktemp("demo"), train_size=32, valid_size=8, captions_per_image=1,
+                            classify_size=10)
 
 
 def _train(demo, tmp_path, extra):

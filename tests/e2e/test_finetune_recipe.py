@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.data_fixtures import make_demo_shards
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import ConfigError, config_from_dict, load_config
 
@@ -40,13 +41,7 @@ def test_recipe_resolves_the_packages_and_loads_their_weights():
 
 
 def test_recipe_trains_a_few_steps_and_evaluates(tmp_path):
-    data, shards = tmp_path / "data", tmp_path / "shards"
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
-                    "--train-size", "16", "--valid-size", "8", "--captions-per-image", "1", "--classify-size", "10"],
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
-                    "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
-                    "--out", str(shards), "--quiet"], check=True, capture_output=True, timeout=120)
+    data, shards = make_demo_shards(tmp_path, train_size=16, valid_size=8, captions_per_image=1, classify_size=10)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)

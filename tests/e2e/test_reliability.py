@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import free_port
-from tests.e2e.test_train import BIN, TRAIN, common_args, env, shards  # noqa: F401  (shards: the module's demo data)
+from tests.e2e.test_train import BIN, TRAIN, common_args, env
 from zvl_ds.atomic_write import atomic_folder, atomic_path
 from zvl_ds.checkpoint import CheckpointError, find_resume_point, refuse_overwrite
 from zvl_ds.cli import run
@@ -103,7 +103,7 @@ def run_with_fault(tmp_path, launcher, fault, args):
     ("deepspeed", "step", "planted fault on rank 1 at step 3"),
     ("torchrun", "eval", "planted fault in rank 0's ranking"),
 ])
-def test_a_failing_rank_ends_every_rank_within_a_minute(shards, tmp_path, launcher, fault, message):  # noqa: F811
+def test_a_failing_rank_ends_every_rank_within_a_minute(shards, tmp_path, launcher, fault, message):
     extra = ["data.enable_valid=true", "runner.val_interval_steps=2"] if fault == "eval" else QUIET
     done, fired, ended = run_with_fault(tmp_path, launcher, fault, common_args(shards, tmp_path, "run", 6, extra))
     output = done.stdout + done.stderr
@@ -117,7 +117,7 @@ def test_a_failing_rank_ends_every_rank_within_a_minute(shards, tmp_path, launch
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def test_full_disk_on_one_rank_keeps_latest_and_resume_refuses_a_damaged_checkpoint(shards, tmp_path):  # noqa: F811
+def test_full_disk_on_one_rank_keeps_latest_and_resume_refuses_a_damaged_checkpoint(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = common_args(shards, tmp_path, "run", 4, [*QUIET, "ckpt.step_interval=2", "ckpt.keep_last=1",
                                                     "log.record_sample_keys=true"])
@@ -156,7 +156,7 @@ def test_full_disk_on_one_rank_keeps_latest_and_resume_refuses_a_damaged_checkpo
         find_resume_point(str(run_dir), str(run_dir / "step_00000004"), False)
 
 
-def test_starting_over_in_a_folder_with_checkpoints_needs_overwrite(shards, tmp_path):  # noqa: F811
+def test_starting_over_in_a_folder_with_checkpoints_needs_overwrite(shards, tmp_path):
     run_dir = tmp_path / "demo"
     (run_dir / "step_00000010").mkdir(parents=True)
     refuse_overwrite(str(run_dir), resumes=True, overwrite=False)  # resuming is fine

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from tests.e2e.test_train import shards  # noqa: F401  (the demo shards the training runs read)
 from tests.helpers.paths import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
@@ -59,7 +58,7 @@ def test_check_refuses_a_crafted_file_by_name_without_running_it(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["resume_ckpt_path", "auto_resume_evaluate"])
-def test_training_refuses_to_resume_from_a_crafted_checkpoint(shards, tmp_path, how):  # noqa: F811
+def test_training_refuses_to_resume_from_a_crafted_checkpoint(shards, tmp_path, how):
     marker = tmp_path / "pwned"
     tag_dir = crafted_run(tmp_path, marker)
     args = [f"ckpt.dir={tmp_path}", "data.exp_name=run", "device=cpu", "evaluate=true", f"data.data_path={shards}"]

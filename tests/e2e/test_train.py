@@ -19,20 +19,6 @@ SMALL = ["data.batch_size=16", "data.batch_size_train=4", "data.batch_size_val=1
          "data.shuffle_buffer=50", "log.interval_train=1", "log.num_image_samples=4"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    data, out = root / "data", root / "shards"
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data),
-                    "--train-size", "96", "--valid-size", "24", "--captions-per-image", "2"],
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data),
-                    "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all",
-                    "--samples-per-shard", "40", "--out", str(out), "--quiet"],
-                   check=True, capture_output=True, timeout=120)
-    return str(out)
-
-
 def env():
     variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                      DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")

@@ -4,8 +4,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import zlib
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -112,3 +115,20 @@ def make_config(root: str, train: Sequence[str] = ("flat",), valid: Sequence[str
             node = node.setdefault(key, {})
         node[last] = value
     return config_from_dict(raw)
+
+
+def make_demo_shards(root: Path, train_size: int, valid_size: int, captions_per_image: int,
+                     classify_size: Optional[int] = None, samples_per_shard: Optional[int] = None) -> Tuple[Path, Path]:
+    """Demo data under ``root/data`` sharded into ``root/shards`` with the user's two commands; returns both folders."""
+    data, out = root / "data", root / "shards"
+    demo = [sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data), "--train-size", str(train_size),
+            "--valid-size", str(valid_size), "--captions-per-image", str(captions_per_image)]
+    if classify_size is not None:
+        demo += ["--classify-size", str(classify_size)]
+    subprocess.run(demo, check=True, capture_output=True, timeout=120)
+    shard = [sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data), "--dataset", "demo_flat",
+             "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all", "--out", str(out), "--quiet"]
+    if samples_per_shard is not None:
+        shard += ["--samples-per-shard", str(samples_per_shard)]
+    subprocess.run(shard, check=True, capture_output=True, timeout=120)
+    return data, out
