@@ -22,6 +22,7 @@ unchunked computation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -70,11 +71,13 @@ class _RowBlockResult:
     grad_tau: Optional[torch.Tensor]
 
 
-def _targets_in_tile(cols: torch.Tensor, start: int, stop: int):
-    """(rows, columns relative to the tile) of the target columns ``cols`` that fall in [start, stop)."""
-    inside = (cols >= start) & (cols < stop)
-    rows = inside.nonzero(as_tuple=True)[0]
-    return rows, cols[rows] - start
+def _subtract_targets(residual: torch.Tensor, cols: torch.Tensor, start: int, weight: float) -> None:
+    """``residual[r, cols[r] - start] -= weight`` for the rows whose target column lies in this tile, in place.
+
+    Rows whose column lies elsewhere add 0 at a clamped index: no mask is read back to the host."""
+    inside = (cols >= start) & (cols < start + residual.shape[1])
+    index = (cols - start).clamp_(0, residual.shape[1] - 1)
+    residual.scatter_add_(1, index[:, None], (inside.to(residual.dtype) * -weight)[:, None])
 
 
 def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor,
@@ -85,7 +88,9 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
     Per row chunk, a first sweep over column tiles keeps an online log-sum-exp (running max and rescaled sum)
     and the running arg-max; a second sweep recomputes each tile, turns it into ``softmax - Y`` with the now
     known normaliser and accumulates the same closed-form gradients. The price is one extra (rows x cols x d)
-    matmul per tile (4 instead of 3).
+    matmul per tile (4 instead of 3). It serves the plain gather (``gather_backward=False``), where each
+    direction has its own constant keys; with gather-backward, ``_symmetric_tiles`` does both directions in
+    fewer matmuls than row chunks.
     """
     need_key_grads = need_grads and need_key_grads
     n, num_keys = queries.shape[0], keys.shape[0]
@@ -94,6 +99,7 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
     correct = torch.zeros((), dtype=torch.long, device=queries.device)
     grad_queries = torch.empty_like(queries) if need_grads else None
     grad_keys = torch.zeros_like(keys) if need_key_grads else None
+    tau_sum = queries.new_zeros(())
     inv_tau = 1.0 / tau
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
@@ -128,21 +134,169 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
             key_tile = keys[col:col + chunk_cols]
             # the normaliser enters as the matmul's additive term: one pass over the tile, the exp
             residual = torch.addmm(-log_norm[:, None], scaled, key_tile.t()).exp_()
-            rows, tile_cols = _targets_in_tile(self_cols, col, col + key_tile.shape[0])
-            residual.index_put_((rows, tile_cols), residual.new_full((rows.numel(),), -lam), accumulate=True)
+            _subtract_targets(residual, self_cols, col, lam)
             if partner_cols is not None:
-                rows, tile_cols = _targets_in_tile(partner_cols, col, col + key_tile.shape[0])
-                residual.index_put_((rows, tile_cols), residual.new_full((rows.numel(),), lam - 1.0),
-                                    accumulate=True)
+                _subtract_targets(residual, partner_cols, col, 1.0 - lam)
             grad_rows.addmm_(residual, key_tile)
             if need_key_grads:
                 grad_keys[col:col + chunk_cols].addmm_(residual.t(), q)
             del residual
+        tau_sum = tau_sum + (q * grad_rows).sum()  # per chunk: no [n, d] temporary (see _symmetric_tiles)
         grad_queries[start:stop] = grad_rows.mul_(inv_tau)
     if need_key_grads:
         grad_keys.mul_(inv_tau)
-    grad_tau = -(queries * grad_queries).sum().reshape(1) * inv_tau if need_grads else None
+    grad_tau = (-tau_sum * inv_tau * inv_tau).reshape(1) if need_grads else None
     return _RowBlockResult(loss_sum, correct, grad_queries, grad_keys, grad_tau)
+
+
+@dataclass
+class _StripResult:
+    """One rank's strip of the logits (its image rows against every text column) under the symmetric loss."""
+
+    loss_sum: torch.Tensor  # scalar: this rank's share of B * L (sums over ranks to B * L)
+    i2t_correct: torch.Tensor  # scalar long: this rank's image rows whose arg-max is their own text
+    t2i_correct: torch.Tensor  # scalar long: this rank's texts whose arg-max over ALL images is their own image
+    grad_images: Optional[torch.Tensor]  # [n, d]: d(B * L)/d(this rank's images), complete
+    grad_texts: Optional[torch.Tensor]  # [B, d]: this strip's part of d(B * L)/d(every text); sums over ranks
+    grad_tau: Optional[torch.Tensor]  # [1]: this strip's part of d(B * L)/dtau; sums over ranks
+
+
+def _across_ranks(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce in place over the ranks (SUM unless ``op``); a no-op in a single process."""
+    if is_distributed() and get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=op if op is not None else torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def _online_logsumexp(running_max: torch.Tensor, running_sum: torch.Tensor, shifted_exp_sum: torch.Tensor,
+                      new_max: torch.Tensor) -> torch.Tensor:
+    """The running sum of exp(z - max) after a tile: the old sum rescaled to ``new_max``, plus the tile's."""
+    return running_sum * torch.exp(running_max - new_max) + shifted_exp_sum
+
+
+def _earlier_than_own(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[rows x cols] mask of the pairs whose column index is smaller than the row index (global indices)."""
+    return cols[None, :] < rows[:, None]
+
+
+def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tensor, targets: _Targets,
+                     row_offset: int, chunk_rows: int, chunk_cols: int, need_grads: bool) -> _StripResult:
+    """Both directions of the loss from one strip of logits, z = images @ texts.T / tau, tile by tile.
+
+    ``images`` are the global rows ``row_offset + i``; ``texts`` every column. i2t needs each row's log-sum-exp
+    and t2i each column's: both come from the same tiles. A first sweep keeps online statistics (running max
+    and rescaled sum of exp) of the rows and of the columns, and the own pairs' logits; the column ones are
+    then combined over ranks, since every rank holds a strip of rows. With both normalisers known, a second
+    sweep recomputes each tile and turns it into dL/dz, for symmetric targets Y
+
+        G = 0.5 softmax_rows(z) + 0.5 softmax_columns(z) - Y,
+
+    which gives the gradients of the images (complete: every column of their rows is here), of the texts (this
+    strip's part) and of tau. Per tile: 3 matmuls of (rows x cols x d) for both directions together, where
+    two row-wise passes need 6 for the same logits. Only chunk_rows x chunk_cols logits exist at a time.
+
+    Accuracy is argmax's: a sample is a hit when its own pair reaches the maximum and no earlier index does.
+    The second sweep looks for such earlier ties (a cheap compare on the tiles that hold earlier indices).
+    """
+    n, global_batch = images.shape[0], texts.shape[0]
+    device = images.device
+    lam = targets.lam
+    inv_tau = 1.0 / tau
+    column_ids = torch.arange(global_batch, device=device)
+    row_ids = column_ids[row_offset:row_offset + n]
+    # Pass 1: online statistics of the rows (per row chunk) and of the columns (whole strip)
+    row_max = images.new_full((n,), -float("inf"))
+    row_sum = images.new_zeros(n)
+    own_logit = images.new_empty(n)  # z_ii from the tiles themselves, to compare with maxima taken from tiles
+    column_max = images.new_full((global_batch,), -float("inf"))
+    column_sum = images.new_zeros(global_batch)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        scaled = images[start:stop] * inv_tau
+        for col in range(0, global_batch, chunk_cols):
+            end = min(col + chunk_cols, global_batch)
+            logits = torch.mm(scaled, texts[col:end].t())
+            first, last = max(start, col - row_offset), min(stop, end - row_offset)  # own pairs in this tile
+            if first < last:
+                own_logit[first:last] = logits[torch.arange(first - start, last - start, device=device),
+                                               torch.arange(first + row_offset - col, last + row_offset - col,
+                                                            device=device)]
+            tile_max = torch.maximum(row_max[start:stop], logits.amax(dim=1))
+            row_sum[start:stop] = _online_logsumexp(row_max[start:stop], row_sum[start:stop],
+                                                    torch.exp(logits - tile_max[:, None]).sum(1), tile_max)
+            row_max[start:stop] = tile_max
+            tile_max = torch.maximum(column_max[col:end], logits.amax(dim=0))
+            column_sum[col:end] = _online_logsumexp(column_max[col:end], column_sum[col:end],
+                                                    logits.sub_(tile_max[None, :]).exp_().sum(0), tile_max)
+            column_max[col:end] = tile_max
+            del logits
+    # every rank's columns: rescale each rank's sums to the global maximum, then add them up
+    local_column_max = column_max.clone()
+    _across_ranks(column_max, torch.distributed.ReduceOp.MAX if is_distributed() else None)
+    _across_ranks(column_sum.mul_(torch.exp(local_column_max - column_max)))
+    del local_column_max
+    row_lse, column_lse = row_max + row_sum.log(), column_max + column_sum.log()
+    # Loss: half the row and half the column normalisers of this rank's samples, minus the target logits of its
+    # rows, which Y's symmetry lets a rank count for both directions (every target pair lies in some strip)
+    target_sum = images.new_zeros(())
+    grad_images = torch.empty_like(images) if need_grads else None
+    grad_texts = torch.zeros_like(texts) if need_grads else None
+    tau_sum = images.new_zeros(())
+    row_tied = torch.zeros(n, dtype=torch.bool, device=device)  # an earlier column reaches the row's max
+    column_tied = torch.zeros(global_batch, dtype=torch.bool, device=device)  # an earlier row reaches the max
+    # exp(z - lse - log 2) = 0.5 softmax: the halves of G come out of the exps themselves
+    row_shift, column_shift = row_lse + math.log(2.0), column_lse + math.log(2.0)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        q = images[start:stop]
+        self_cols = targets.self_cols[start:stop]
+        partner_cols = targets.partner_cols[start:stop] if targets.partner_cols is not None else None
+        target = (q * texts[self_cols]).sum(1) * lam
+        if partner_cols is not None:
+            target = target + (q * texts[partner_cols]).sum(1) * (1.0 - lam)
+        target_sum = target_sum + (target * inv_tau).sum()
+        scaled = q * inv_tau  # as in pass 1, so each tile's logits are the same numbers as there
+        grad_rows = torch.zeros_like(q) if need_grads else None
+        first_row, end_row = row_offset + start, row_offset + stop
+        for col in range(0, global_batch, chunk_cols):
+            end = min(col + chunk_cols, global_batch)
+            text_tile = texts[col:end]
+            logits = torch.mm(scaled, text_tile.t())
+            if col < end_row - 1:  # some column here comes before some row's own column
+                ties = logits >= row_max[start:stop, None]
+                if end > first_row:
+                    ties &= _earlier_than_own(row_ids[start:stop], column_ids[col:end])
+                row_tied[start:stop] |= ties.any(dim=1)
+            if end > first_row + 1:  # some row here comes before some column's own row
+                ties = logits >= column_max[None, col:end]
+                if col < end_row:
+                    ties &= _earlier_than_own(column_ids[col:end], row_ids[start:stop]).t()
+                column_tied[col:end] |= ties.any(dim=0)
+            if not need_grads:
+                continue
+            residual = torch.sub(logits, column_shift[None, col:end]).exp_()
+            residual.add_(logits.sub_(row_shift[start:stop, None]).exp_())
+            del logits
+            _subtract_targets(residual, self_cols, col, lam)
+            if partner_cols is not None:
+                _subtract_targets(residual, partner_cols, col, 1.0 - lam)
+            grad_rows.addmm_(residual, text_tile)
+            grad_texts[col:end].addmm_(residual.t(), q)
+            del residual
+        if need_grads:
+            # dL/dtau = -(1 / tau^2) sum_i <x_i, (G T)_i>, per chunk so that no [n, d] temporary exists
+            tau_sum = tau_sum + (q * grad_rows).sum()
+            grad_images[start:stop] = grad_rows.mul_(inv_tau)
+    _across_ranks(column_tied, torch.distributed.ReduceOp.MAX if is_distributed() else None)
+    own_columns = slice(row_offset, row_offset + n)
+    loss_sum = 0.5 * (row_lse.sum() + column_lse[own_columns].sum()) - target_sum
+    i2t_correct = ((own_logit >= row_max) & ~row_tied).sum()
+    t2i_correct = ((own_logit >= column_max[own_columns]) & ~column_tied[own_columns]).sum()
+    if not need_grads:
+        return _StripResult(loss_sum, i2t_correct, t2i_correct, None, None, None)
+    grad_texts.mul_(inv_tau)
+    return _StripResult(loss_sum, i2t_correct, t2i_correct, grad_images, grad_texts,
+                        (-tau_sum * inv_tau * inv_tau).reshape(1))
 
 
 def _soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, targets: _Targets,
@@ -203,9 +357,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-class _ChunkedSoftCrossEntropy(torch.autograd.Function):
-    """Autograd face of ``_soft_cross_entropy_rows``: gradients are computed in the forward (one pass over
-    the logits) and only scaled in the backward. Double backward is not supported."""
+class _ClosedFormLoss(torch.autograd.Function):
+    """Shared backward of the loss kernels' autograd faces: their gradients are computed in the forward (one
+    pass over the logits), saved as (queries, keys, tau), and only scaled here. Double backward is not
+    supported."""
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grad_queries, grad_keys, grad_tau = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dtypes = ctx.dtypes
+        return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
+                (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
+                (grad_tau * grad_loss).to(dtypes[2]) if needs[2] else None,
+                *([None] * (len(needs) - 3)))  # the non-tensor arguments
+
+
+class _ChunkedSoftCrossEntropy(_ClosedFormLoss):
+    """Autograd face of ``_soft_cross_entropy_rows``: one direction, queries against keys."""
 
     @staticmethod
     def forward(ctx, queries, keys, tau, targets: _Targets, chunk_rows: int, chunk_cols: int = 0):
@@ -221,15 +390,24 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
         ctx.mark_non_differentiable(result.correct)
         return result.loss_sum, result.correct
 
+
+class _SymmetricTiledNCE(_ClosedFormLoss):
+    """Autograd face of ``_symmetric_tiles``: both directions from this rank's image rows against every text.
+
+    Its gradients are this strip's part of the gradient of the summed loss, not the gradient of the value it
+    returns; summed over ranks (the texts through ``gather_with_grad``'s backward) they are exact."""
+
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
-        grad_queries, grad_keys, grad_tau = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dtypes = ctx.dtypes
-        return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
-                (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
-                (grad_tau * grad_loss).to(dtypes[2]) if needs[2] else None,
-                None, None, None)
+    def forward(ctx, images, texts, tau, targets: _Targets, row_offset: int, chunk_rows: int, chunk_cols: int):
+        need_grads = any(ctx.needs_input_grad[:3])
+        with torch.no_grad():
+            result = _symmetric_tiles(_compute_dtype(images), _compute_dtype(texts), _compute_dtype(tau), targets,
+                                      row_offset, chunk_rows, chunk_cols, need_grads)
+        ctx.dtypes = (images.dtype, texts.dtype, tau.dtype)
+        if need_grads:
+            ctx.save_for_backward(result.grad_images, result.grad_texts, result.grad_tau)
+        ctx.mark_non_differentiable(result.i2t_correct, result.t2i_correct)
+        return result.loss_sum, result.i2t_correct, result.t2i_correct
 
 
 def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, chunk_rows: int,
@@ -314,11 +492,16 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
     image_local = _compute_dtype(image_embeds_local)
     text_local = _compute_dtype(text_embeds_local)
     tau = _compute_dtype(temperature).reshape(1)
+    partner = _resolve_partner(mixup, partner, global_batch, world_size, per_rank, device)
+    targets = _local_targets(rank, per_rank, partner, mixup, device)
+    if chunk_cols > 0 and gather_backward:
+        # both directions from one strip of tiles: this rank's images against every text (2/3 of the matmuls)
+        local_sum, i2t_correct, t2i_correct = _SymmetricTiledNCE.apply(
+            image_local, gather_with_grad(text_local), tau, targets, rank * per_rank, chunk_rows, chunk_cols)
+        return local_sum / per_rank, _global_output(local_sum, i2t_correct, t2i_correct, global_batch)
     gather = gather_with_grad if gather_backward else gather_no_grad
     image_all = gather(image_local)
     text_all = gather(text_local)
-    partner = _resolve_partner(mixup, partner, global_batch, world_size, per_rank, device)
-    targets = _local_targets(rank, per_rank, partner, mixup, device)
     i2t_sum, i2t_correct = _ChunkedSoftCrossEntropy.apply(image_local, text_all, tau, targets, chunk_rows,
                                                           chunk_cols)
     t2i_sum, t2i_correct = _ChunkedSoftCrossEntropy.apply(text_local, image_all, tau, targets, chunk_rows,

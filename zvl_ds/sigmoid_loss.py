@@ -57,6 +57,7 @@ def _sigmoid_pairs(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tenso
     grad_queries = torch.zeros_like(queries) if need_grads else None
     grad_keys = torch.zeros_like(keys) if need_grads else None
     bias_sum = queries.new_zeros(())
+    scale_sum = queries.new_zeros(())
     for r0 in range(0, n, chunk_rows):
         r1 = min(r0 + chunk_rows, n)
         q = queries[r0:r1]
@@ -81,10 +82,12 @@ def _sigmoid_pairs(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tenso
             grad_queries[r0:r1].addmm_(residual, keys[c0:c1])
             grad_keys[c0:c1].addmm_(residual.t(), q)
             del residual, logits, sims
+        if need_grads:
+            # sum_ij G_ij s_ij = sum_i <x_i, sum_j G_ij y_j>: no second pass over the similarities, and taken
+            # per row chunk so that no [n, d] temporary exists
+            scale_sum = scale_sum + (q * grad_queries[r0:r1]).sum()
     if not need_grads:
         return _TileResult(loss_sum, diagonal, row_max, column_max, None, None, None)
-    # sum_ij G_ij s_ij = sum_i <x_i, sum_j G_ij y_j>: no second pass over the similarities
-    scale_sum = (queries * grad_queries).sum()
     grad_queries.mul_(scale)
     grad_keys.mul_(scale)
     return _TileResult(loss_sum, diagonal, row_max, column_max, grad_queries, grad_keys,

@@ -110,20 +110,25 @@ def _model_checks(rank, world_size):
     local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     partner = partner_index(batch, world_size, PER_RANK)
     assert torch.equal(partner, _reversed_blocks(batch, PER_RANK))
-    cases = {
-        "nce": (None, True),
-        "mixup_image": (MixupDraw(0.35, "image"), True),
-        "mixup_text": (MixupDraw(0.6, "text"), True),
-        "nce_gather_backward_off": (None, False),
-        "mixup_image_gather_backward_off": (MixupDraw(0.35, "image"), False),
+    cases = {  # name: (mixup, gather_backward, chunk_cols)
+        "nce": (None, True, 0),
+        "mixup_image": (MixupDraw(0.35, "image"), True, 0),
+        "mixup_text": (MixupDraw(0.6, "text"), True, 0),
+        # column tiles: with gather-backward both directions come from one strip of tiles per rank
+        "nce_tiled": (None, True, 3),
+        "mixup_text_tiled": (MixupDraw(0.6, "text"), True, 2),
+        "nce_gather_backward_off": (None, False, 0),
+        "mixup_image_gather_backward_off": (MixupDraw(0.35, "image"), False, 0),
+        "nce_gather_backward_off_tiled": (None, False, 3),
     }
     report = {}
-    for name, (mixup, gather_backward) in cases.items():
+    for name, (mixup, gather_backward, chunk_cols) in cases.items():
         model.zero_grad(set_to_none=True)
         out = model(images=images[local], input_ids=input_ids[local], attention_mask=attention_mask[local],
                     mixup=mixup)
         loss, logged = contrastive_loss(out["image_embeds"], out["text_embeds"], out["temperature"], mixup=mixup,
-                                        partner=partner, gather_backward=gather_backward, chunk_rows=3)
+                                        partner=partner, gather_backward=gather_backward, chunk_rows=3,
+                                        chunk_cols=chunk_cols)
         loss.backward()
         averaged = _grads(model)
         for grad in averaged.values():  # what a data-parallel engine does
@@ -174,11 +179,20 @@ def _cached_grad_checks(rank, world_size):
     text = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     report = {}
-    for name, mixup in {"nce": None, "mixup": MixupDraw(0.7, "text")}.items():
-        partner = partner_index(batch, world_size, chunk)  # DGA: reversal within each per-rank chunk
+    cases = {  # name: (mixup, partner, chunk_cols)
+        "nce": (None, None, 0),
+        # DGA's partner: reversal within each per-rank chunk
+        "mixup": (MixupDraw(0.7, "text"), partner_index(batch, world_size, chunk), 0),
+        "nce_tiled": (None, None, 4),
+        "mixup_tiled": (MixupDraw(0.7, "text"), partner_index(batch, world_size, chunk), 5),
+        # a partner on another rank: its target pair lies in another rank's strip of tiles
+        "mixup_tiled_cross_rank": (MixupDraw(0.4, "image"), partner_index(batch, 1, batch), 5),
+    }
+    for name, (mixup, partner, chunk_cols) in cases.items():
         for tau_value in (0.05, 0.001):
             tau = torch.tensor([tau_value], dtype=torch.float64)
-            cached = loss_and_grads(image[local], text[local], tau, mixup=mixup, partner=partner, chunk_rows=4)
+            cached = loss_and_grads(image[local], text[local], tau, mixup=mixup, partner=partner, chunk_rows=4,
+                                    chunk_cols=chunk_cols)
             summed_tau = cached.temperature.clone()
             dist.all_reduce(summed_tau)
             # rank r's image/text gradients are the rows of r in the full gradient
@@ -203,11 +217,33 @@ def _cached_grad_checks(rank, world_size):
             }
         # the single-pass form with a default partner (reversal of each rank's whole batch)
         _, logged = contrastive_loss(image[local], text[local], torch.tensor([0.05], dtype=torch.float64),
-                                     mixup=mixup, partner=None, gather_backward=True, chunk_rows=5)
+                                     mixup=mixup, partner=None, gather_backward=True, chunk_rows=5,
+                                     chunk_cols=chunk_cols)
         expected = dense_contrastive_loss(image, text, 0.05, None if mixup is None else mixup.lam,
                                    _reversed_blocks(batch, per_rank))
         report[f"{name}_default_partner_loss"] = abs(logged.loss.item() - expected.item())
     return report
+
+
+def _tied_accuracy_checks(rank, world_size):
+    """Tiled accuracy with exact ties across ranks equals argmax over the full batch (the first maximum)."""
+    from zvl_ds.loss import contrastive_loss
+
+    per_rank = 5
+    batch = per_rank * world_size
+    gen = torch.Generator().manual_seed(3)
+    image = F.one_hot(torch.randint(0, 3, (batch,), generator=gen), 4).double()
+    text = F.one_hot(torch.randint(0, 3, (batch,), generator=gen), 4).double()
+    text[::3] = image[::3]
+    local = slice(rank * per_rank, (rank + 1) * per_rank)
+    logits, hard = image @ text.t(), torch.arange(batch)
+    want = ((logits.argmax(1) == hard).double().mean().item(), (logits.argmax(0) == hard).double().mean().item())
+    got = {}
+    for chunk_rows, chunk_cols in ((2, 3), (5, 1), (1, 100)):
+        _, output = contrastive_loss(image[local], text[local], torch.tensor([0.1], dtype=torch.float64),
+                                     chunk_rows=chunk_rows, chunk_cols=chunk_cols)
+        got[f"{chunk_rows}x{chunk_cols}"] = (output.i2t_acc, output.t2i_acc)
+    return {"want": want, "got": got}
 
 
 # ---------------------------------------------------------------------------------------------- sigmoid loss
@@ -282,7 +318,7 @@ def _sigmoid_cached_checks(rank, world_size):
 
 def _all_checks(rank, world_size):
     return {"gather": _gather_checks(rank, world_size), "model": _model_checks(rank, world_size),
-            "cached": _cached_grad_checks(rank, world_size),
+            "cached": _cached_grad_checks(rank, world_size), "ties": _tied_accuracy_checks(rank, world_size),
             "sigmoid_model": _sigmoid_model_checks(rank, world_size),
             "sigmoid_cached": _sigmoid_cached_checks(rank, world_size)}
 
@@ -301,7 +337,7 @@ def test_gather_with_grad_forward_backward_and_plain_gather(results):
         assert "same tensor shape on every rank" in checked["mismatch_message"]
 
 
-@pytest.mark.parametrize("case", ["nce", "mixup_image", "mixup_text"])
+@pytest.mark.parametrize("case", ["nce", "mixup_image", "mixup_text", "nce_tiled", "mixup_text_tiled"])
 def test_gather_backward_gradients_equal_full_batch(results, case):
     _, per_rank = results
     for report in per_rank:
@@ -313,7 +349,8 @@ def test_gather_backward_gradients_equal_full_batch(results, case):
         assert checked["loss_error"] <= 1e-5, checked
 
 
-@pytest.mark.parametrize("case", ["nce_gather_backward_off", "mixup_image_gather_backward_off"])
+@pytest.mark.parametrize("case", ["nce_gather_backward_off", "mixup_image_gather_backward_off",
+                                  "nce_gather_backward_off_tiled"])
 def test_gather_backward_off_equals_detached_key_reference(results, case):
     _, per_rank = results
     for report in per_rank:
@@ -339,6 +376,15 @@ def test_cached_gradients_sum_over_ranks_to_full_batch_gradient(results):
     # the temperature gradient is a share per rank, not a copy: the shares differ
     shares = {report["cached"]["nce_tau0.05"]["local_tau_share"] for report in per_rank}
     assert len(shares) == world_size
+
+
+def test_tiled_accuracy_with_ties_across_ranks_is_argmax(results):
+    _, per_rank = results
+    for report in per_rank:
+        want = report["ties"]["want"]
+        assert 0 < want[0] < 1 and 0 < want[1] < 1
+        for tiles, got in report["ties"]["got"].items():
+            assert got == pytest.approx(want, abs=1e-12), (tiles, got, want)
 
 
 def test_sigmoid_gather_backward_gradients_equal_full_batch(results):

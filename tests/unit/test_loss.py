@@ -163,6 +163,24 @@ def test_column_tile_accuracy_takes_the_first_maximum():
         assert (output.i2t_acc, output.t2i_acc) == (0.5, 0.5)
 
 
+def test_column_tile_accuracy_with_many_ties_equals_argmax():
+    # one-hot embeddings from 3 directions: every row and column ties with others, before and after its own
+    # index and across tiles; the tiled accuracy must be argmax's (first maximum) in both directions
+    gen = torch.Generator().manual_seed(5)
+    batch = 14
+    image = F.one_hot(torch.randint(0, 3, (batch,), generator=gen), 4).double()
+    text = F.one_hot(torch.randint(0, 3, (batch,), generator=gen), 4).double()
+    text[::4] = image[::4]  # some own pairs reach the maximum
+    logits = image @ text.t()
+    hard = torch.arange(batch)
+    want = ((logits.argmax(1) == hard).double().mean().item(), (logits.argmax(0) == hard).double().mean().item())
+    assert 0 < want[0] < 1 and 0 < want[1] < 1
+    tau = torch.tensor([0.1], dtype=torch.float64)
+    for chunk_rows, chunk_cols in ((1, 1), (2, 3), (5, 4), (14, 14), (3, 100), (4, 0)):
+        _, output = contrastive_loss(image, text, tau, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
+        assert (output.i2t_acc, output.t2i_acc) == pytest.approx(want, abs=1e-12), (chunk_rows, chunk_cols)
+
+
 def test_stable_at_smallest_temperature():
     # tau = 0.001: logits up to 1000 overflow a naive exp in fp32; log-sum-exp keeps everything finite
     image, text, tau = leaves(batch=16, dim=8, tau=0.001, dtype=torch.float32, seed=7)
