@@ -1,8 +1,8 @@
 """The distributed step equals a plain single-process full-batch computation (real processes, gloo).
 
 Two optimizer steps, because DeepSpeed's multi-backward bugs only show from the second step on; dropout and
-drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both sides of the coin; SigLIP with
-its learnable scale and bias and 5 x 3 logits tiles.
+drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both sides of the coin, in row
+chunks and in 5 x 3 logits tiles; SigLIP with its learnable scale and bias and 5 x 3 logits tiles.
 """
 import math
 
@@ -20,7 +20,7 @@ LR = 0.5
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4):
+def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4, chunk_cols=None):
     overrides = [
         "model.arch=tiny", "seed=3", f"data.batch_size={GLOBAL_BATCH}", f"data.batch_size_train={chunk}",
         f"loss.name={loss_name}", "loss.temperature.value=0.1", "loss.chunk_rows=5", "optim.name=SGD",
@@ -30,6 +30,8 @@ def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4):
     # SigLIP learns its own scale and bias (and refuses a learnable temperature); its tiles are 5 x 3
     overrides += (["loss.chunk_cols=3", "loss.sigmoid.scale_init=4.0", "loss.sigmoid.bias_init=-3.0"]
                   if loss_name == "SigLIP" else ["loss.temperature.name=parameter"])
+    if chunk_cols is not None:  # softmax losses in column tiles: both directions from one strip per rank
+        overrides.append(f"loss.chunk_cols={chunk_cols}")
     if dropout:
         overrides.append("model.image_encoder.kwargs.drop_path_rate=0.2")
     else:
@@ -60,7 +62,7 @@ def draws_for(loss_name, sides):
 
 
 def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision, optimizer, runner,
-            implementation="auto", compile_backend=None):
+            implementation="auto", compile_backend=None, chunk_cols=None):
     import deepspeed
 
     from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed
@@ -69,7 +71,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     from zvl_ds.model import build_model, compile_towers
     from zvl_ds.optim import build_optimizer
 
-    cfg = make_cfg(loss_name, dropout, chunk)
+    cfg = make_cfg(loss_name, dropout, chunk, chunk_cols)
     cfg.precision = precision
     cfg.optim.name = optimizer
     cfg.optim.implementation = implementation
@@ -125,9 +127,11 @@ def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", run
 
 
 def run(world_size, stage, loss_name="MixUpNCE", sides=("image", "text"), chunk=4, dropout=True,
-        precision="fp32", optimizer="SGD", runner="clip_bsgs", implementation="auto", compile_backend=None):
+        precision="fp32", optimizer="SGD", runner="clip_bsgs", implementation="auto", compile_backend=None,
+        chunk_cols=None):
     results = run_distributed(_worker, world_size, (stage, loss_name, sides, chunk, dropout, precision, optimizer,
-                                                    runner, implementation, compile_backend), timeout=300)
+                                                    runner, implementation, compile_backend, chunk_cols),
+                              timeout=300)
     return results[0]["params"], results[0]["losses"]
 
 
@@ -159,6 +163,16 @@ def test_dga_siglip_matches_full_batch_reference(world_size, stage):
     # scale and bias are learnable and really moved: their gradient entered once per step, and matched above
     for name, initial in (("logit_scale_log", math.log(4.0)), ("logit_bias", -3.0)):
         assert abs(float(params[name].reshape(-1)[0]) - initial) > 1e-4, name
+
+
+@pytest.mark.parametrize("world_size,stage,runner", [(1, 0, "clip_bsgs"), (2, 1, "clip_bsgs"), (2, 3, "clip_bsgs"),
+                                                     (2, 2, "clip")])
+def test_tiled_mixup_nce_matches_full_batch_reference(world_size, stage, runner):
+    # 5 x 3 logits tiles: the online log-sum-exp over columns, combined over ranks, under DGA and single pass
+    params, losses = run(world_size, stage, runner=runner, chunk_cols=3)
+    expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, runner=runner)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_close_to_reference(params, expected, 1e-5)
 
 
 def test_single_pass_siglip_matches_reference():
