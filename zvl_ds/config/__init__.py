@@ -13,7 +13,7 @@ from zvl_ds.config.schema import (CaptionAugConfig, CaptionTextConfig, Config, C
                                   ImageEncoderConfig, LossConfig, LRConfig, ModelConfig, NormalizeConfig,
                                   OptimConfig, SigmoidConfig, TemperatureConfig, TextEncoderConfig, TransformsConfig)
 
-__all__ = ["CaptionAugConfig", "CaptionTextConfig", "Config", "ConfigError", "DataConfig", "DatasetSource", "ImageEncoderConfig",
-           "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig", "OptimConfig", "README_TABLES",
-           "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig", "TransformsConfig", "check_world_size",
-           "config_from_dict", "load_config"]
+__all__ = ["CaptionAugConfig", "CaptionTextConfig", "Config", "ConfigError", "DataConfig", "DatasetSource",
+           "ImageEncoderConfig", "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig", "OptimConfig",
+           "README_TABLES", "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig", "TransformsConfig",
+           "check_world_size", "config_from_dict", "load_config"]

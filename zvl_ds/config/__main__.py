@@ -1,6 +1,6 @@
 """``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config a run would use (config errors exit
-with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--presets`` and ``--lavis-datasets`` print the README's
-tables."""
+with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--presets`` and ``--lavis-datasets`` print the
+README's tables."""
 from __future__ import annotations
 
 import sys

@@ -368,8 +368,8 @@ class TrainLoader:
         caption_aug = (CaptionAugmenter(cfg.transforms.caption_aug, tokenizer)
                        if cfg.transforms.caption_aug.enable else None)
         self._spec = _TrainSpec(self.plan, datasets, ImageTransform(cfg.transforms.train_transforms, cfg.transforms),
-                                caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer, cfg.model.max_length, cfg.seed, data.shuffle_buffer,
-                                data.max_bad_sample_warnings)
+                                caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer,
+                                cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings)
         self._fingerprint = _fingerprint(cfg, self.plan)
         self._step = 0
         self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]
