@@ -78,7 +78,8 @@ def classify(args) -> Dict:
     names = prompt_names(classes, args.classes)
     zvl = load_classifier_model(args.model, args.tag, args.trust_checkpoint)
     classifier = build_zero_shot_classifier(zvl.model, zvl.tokenizer, names, templates,
-                                            zvl.preprocessing.max_length, zvl.device)
+                                            zvl.preprocessing.max_length, zvl.device,
+                                            prepare_text=zvl.prepare_text)
     result = classify_samples(zvl.model, classifier, samples, zvl.preprocess, args.batch_size, zvl.device)
     return {**result, "chance_top1": chance_accuracy(len(classes))["top1"],
             "chance_top5": chance_accuracy(len(classes))["top5"], "classes": list(classes),

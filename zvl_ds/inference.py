@@ -8,8 +8,9 @@ DeepSpeed checkpoint is ``zvl_ds.consolidate``'s job.
     MODEL_DIR/model.safetensors   fp32 weights of the whole DualEncoder (consolidated from any ZeRO stage)
     MODEL_DIR/model_config.json   the model section and temperature, with the text tower's full Hugging Face
                                   config embedded: rebuilding needs no hub access and no pretrained weights
-    MODEL_DIR/preprocess.json     the validation image transform (resize, center crop, normalisation) and the
-                                  caption length
+    MODEL_DIR/preprocess.json     the validation image transform (resize, center crop, normalisation), the
+                                  caption length and the evaluation captions' preparation (cleaning, max_words,
+                                  prompt; absent in folders written before it existed: captions as written)
     MODEL_DIR/tokenizer/          the tokenizer files (``save_pretrained``)
 
 Loading needs neither DeepSpeed nor the run folder::
@@ -29,7 +30,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -38,8 +39,9 @@ from torch import Tensor, nn
 
 import zvl_ds
 from zvl_ds.atomic_write import atomic_folder, atomic_path
-from zvl_ds.config import Config, ConfigError, config_from_dict
-from zvl_ds.data.transforms import ImageTransform, load_rgb, load_tokenizer, normalize_images, to_uint8_chw, tokenize
+from zvl_ds.config import CaptionTextConfig, Config, ConfigError, config_from_dict
+from zvl_ds.data.transforms import (ImageTransform, caption_preparer, load_rgb, load_tokenizer, normalize_images,
+                                    to_uint8_chw, tokenize)
 from zvl_ds.errors import UserError
 from zvl_ds.model import DualEncoder, build_model
 
@@ -96,21 +98,31 @@ class Preprocessing:
     mean: List[float]
     std: List[float]
     max_length: int
+    # transforms.caption_eval: text is prepared as evaluation prepared it (defaults: as written)
+    caption_clean: bool = False
+    caption_max_words: Optional[int] = None
+    caption_prompt: str = ""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Preprocessing":
         t = cfg.transforms
         return cls(valid_transforms=list(t.valid_transforms), resize=t.resize.size, center_crop=t.center_crop.size,
                    input_size=t.input_size, mean=list(t.normalize.mean), std=list(t.normalize.std),
-                   max_length=cfg.model.max_length)
+                   max_length=cfg.model.max_length, caption_clean=t.caption_eval.clean,
+                   caption_max_words=t.caption_eval.max_words, caption_prompt=t.caption_eval.prompt)
 
     def apply_to(self, cfg: Config) -> None:
-        """Make ``cfg``'s validation transforms and caption length those of this model."""
+        """Make ``cfg``'s validation transforms, caption length and caption preparation those of this model."""
         t = cfg.transforms
         t.valid_transforms = list(self.valid_transforms)
         t.resize.size, t.center_crop.size, t.input_size = self.resize, self.center_crop, self.input_size
         t.normalize.mean, t.normalize.std = list(self.mean), list(self.std)
         cfg.model.max_length = self.max_length
+        t.caption_eval = self.caption_eval()
+
+    def caption_eval(self) -> CaptionTextConfig:
+        return CaptionTextConfig(clean=self.caption_clean, max_words=self.caption_max_words,
+                                 prompt=self.caption_prompt)
 
 
 def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
@@ -189,6 +201,8 @@ class ZvlModel:
         self.device = torch.device(device)
         self.model.to(self.device)
         self._transform = ImageTransform(preprocessing.valid_transforms, config.transforms)
+        # the text evaluation read (preprocess.json); None: captions as written
+        self.prepare_text: Optional[Callable[[str], str]] = caption_preparer(preprocessing.caption_eval())
 
     def to(self, device: Union[str, torch.device]) -> "ZvlModel":
         self.device = torch.device(device)
@@ -226,9 +240,12 @@ class ZvlModel:
         return normalize_images(images_uint8, self.config.transforms.normalize, self.device, torch.float32)
 
     def tokenize(self, texts: Union[str, Sequence[str]]) -> Dict[str, Tensor]:
-        """Captions -> ``{"input_ids", "attention_mask"}``, long [n, max_length], as in training."""
+        """Captions -> ``{"input_ids", "attention_mask"}``, long [n, max_length], prepared and tokenised as
+        evaluation did (``preprocess.json``'s caption cleaning, max_words and prompt, when the run set them)."""
         if isinstance(texts, str):
             texts = [texts]
+        if self.prepare_text is not None:
+            texts = [self.prepare_text(text) for text in texts]
         input_ids, attention_mask = tokenize(self.tokenizer, list(texts), self.preprocessing.max_length)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from zvl_ds import dist
 from zvl_ds.data import normalize_images, tokenize
-from zvl_ds.data.transforms import ImageTransform, load_rgb, to_uint8_chw
+from zvl_ds.data.transforms import ImageTransform, caption_preparer, load_rgb, to_uint8_chw
 from zvl_ds.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -99,11 +99,12 @@ def _list_images(folder: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
 @torch.no_grad()
 def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
                                max_length: int, device: Optional[torch.device] = None,
-                               batch_size: int = 256) -> Tensor:
+                               batch_size: int = 256, prepare_text: Optional[Callable[[str], str]] = None) -> Tensor:
     """A [d, C] matrix: column c is the normalised mean of the text embeddings of class c's prompts.
 
     ``templates`` mark the class name with ``{}`` (every occurrence is replaced: ``"a photo of a {}."``);
-    prompts are tokenised as in training (``max_length`` = the config's ``model.max_length``). ``model`` is a
+    prompts are tokenised as in training (``max_length`` = the config's ``model.max_length``), after
+    ``prepare_text`` (the evaluation captions' preparation, ``transforms.caption_eval``) when given. ``model`` is a
     DualEncoder (or anything with ``encode_text(input_ids, attention_mask)`` returning L2-normalised rows).
     """
     if not classnames or not templates:
@@ -115,6 +116,8 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
 
     device = device or _module_device(model)
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    if prepare_text is not None:
+        prompts = [prepare_text(prompt) for prompt in prompts]
     embeds = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = tokenize(tokenizer, prompts[start:start + batch_size], max_length)
@@ -299,7 +302,8 @@ def evaluate_zero_shot(cfg, model, tokenizer, device: torch.device, dtype: torch
             samples, classes = labelled_images(zs.path)
             names = prompt_names(classes, zs.classes)
             classifier = build_zero_shot_classifier(model, tokenizer, names, read_templates(zs.templates),
-                                                    cfg.model.max_length, device)
+                                                    cfg.model.max_length, device,
+                                                    prepare_text=caption_preparer(cfg.transforms.caption_eval))
             mine = samples[rank::world_size]
             num_batches = torch.tensor([-(-len(mine) // batch_size)], dtype=torch.long, device=device)
             if world_size > 1:

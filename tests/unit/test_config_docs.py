@@ -18,7 +18,7 @@ from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
 
 README = os.path.join(REPO_ROOT, "README.md")
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
-              "presets": "--presets"}
+              "presets": "--presets", "lavis-datasets": "--lavis-datasets"}
 
 
 def expected_keys(cls=Config, prefix=""):

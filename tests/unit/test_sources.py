@@ -124,3 +124,14 @@ def test_sizes_json_wins_over_stats_and_unknown_shards_are_named(tmp_path):
 
 def test_split_evenly():
     assert split_evenly(10, 3) == [4, 3, 3] and split_evenly(2, 4) == [1, 1, 0, 0]
+
+
+def test_a_dataset_folder_is_read_by_split(root, tmp_path):
+    data = make_config(str(tmp_path / "elsewhere"), train=("coco",), valid=("coco",)).data
+    data.datasets = {"coco": DatasetSource(folder=os.path.join(root, "flat"))}
+    train = resolve_dataset(data, "coco", ["train"])
+    assert list(train.shards) == [shard(root, "flat", "train", i) for i in range(3)] and train.size == 9
+    assert list(resolve_dataset(data, "coco", ["valid"]).shards) == [shard(root, "flat", "valid", 0)]
+    data.datasets = {"coco": DatasetSource(folder=os.path.join(root, "missing"))}
+    with pytest.raises(DataSourceError, match=r"data\.datasets\.coco\.folder .* is not a folder"):
+        resolve_dataset(data, "coco", ["train"])

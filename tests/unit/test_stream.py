@@ -556,3 +556,56 @@ def test_validation_refuses_a_mix_of_real_and_position_ids(tmp_path, tokenizer, 
         cfg = make_config(str(tmp_path / kind), valid=("mix",), batch_size=4, num_workers=0)
         ids = sorted(i for b in build_valid_loader(cfg, "mix", 0, 1, tokenizer) for i in b.image_ids.tolist())
         assert ids == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Caption preparation (transforms.caption_train / caption_eval)
+# --------------------------------------------------------------------------------------------------
+
+# raw caption -> what training (clean, max_words 4, prompt) and evaluation (clean only) must read, by hand
+RAW_CAPTIONS = ["A Dog!! (Running) on: the BEACH.", "Two   CATS; sleeping ~ together*", "#Red car parked \"here\"."]
+TRAIN_READS = ["a picture of a dog running on", "a picture of two cats sleeping together",
+               "a picture of red car parked here"]
+EVAL_READS = ["a dog running on the beach", "two cats sleeping together", "red car parked here"]
+
+
+def write_raw_caption_shard(root, name, split):
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    members = []
+    for index, caption in enumerate(RAW_CAPTIONS):
+        members += sample_members(f"{name}_{index}", index, [caption, caption.upper()], [index * 10, index * 10 + 1],
+                                  name, split, seed=index)
+    write_tar(os.path.join(folder, f"{split}-000000.tar"), members)
+    with open(os.path.join(folder, "sizes.json"), "w") as handle:
+        json.dump({f"{split}-000000.tar": len(RAW_CAPTIONS)}, handle)
+
+
+def test_training_captions_are_prepared_in_the_stream(tmp_path, tokenizer):
+    write_raw_caption_shard(str(tmp_path), "raw", "train")
+    caption_train = {"clean": True, "max_words": 4, "prompt": "a picture of "}
+    cfg = make_config(str(tmp_path), train=("raw",), batch_size=3, num_workers=1,
+                      extra={"transforms.caption_train": caption_train})
+    (batch,) = take(build_train_loader(cfg, 0, 1, tokenizer), 1)
+    expected = {f"raw_{i}": text for i, text in enumerate(TRAIN_READS)}
+    assert batch.input_ids.tolist() == tokenize(tokenizer, [expected[k] for k in batch.keys], 12)[0].tolist()
+    # and the captions as written would have read differently (so the check above can fail)
+    written = tokenize(tokenizer, [RAW_CAPTIONS[int(k.split("_")[1])] for k in batch.keys], 12)[0].tolist()
+    assert batch.input_ids.tolist() != written
+
+
+def test_validation_captions_are_prepared_in_the_stream(tmp_path, tokenizer):
+    write_raw_caption_shard(str(tmp_path), "raw", "valid")
+    cfg = make_config(str(tmp_path), valid=("raw",), batch_size=4,
+                      extra={"transforms.caption_eval": {"clean": True}})
+    batches = list(build_valid_loader(cfg, "raw", 0, 1, tokenizer))
+    read = [(cid, row) for b in batches for cid, row in zip(b.caption_ids.tolist(), b.input_ids.tolist())]
+    # both captions of an image (as written and upper-cased) clean to the same text
+    expected = {i * 10 + j: tokenize(tokenizer, [EVAL_READS[i]], 12)[0][0].tolist()
+                for i in range(len(RAW_CAPTIONS)) for j in range(2)}
+    assert sorted(cid for cid, _ in read) == sorted(expected)
+    for cid, row in read:
+        assert row == expected[cid], cid
+    plain = make_config(str(tmp_path), valid=("raw",), batch_size=4)
+    unchanged = [row for b in build_valid_loader(plain, "raw", 0, 1, tokenizer) for row in b.input_ids.tolist()]
+    assert unchanged != [row for _, row in read]  # off by default: the captions as written

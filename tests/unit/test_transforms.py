@@ -156,3 +156,48 @@ def test_caption_augmentation_rules(tokenizer):
     assert abs(masked / (50 * n) - 0.10) < 0.02
     with pytest.raises(ValueError, match="must be <= 1"):
         CaptionAugmenter(CaptionAugConfig(mask_prob=0.6, random_prob=0.3, delete_prob=0.4), tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Caption preparation (LAVIS's blip_caption)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("A Dog running on the BEACH.", "a dog running on the beach"),
+    ('He said "hi!" (twice)', "he said hi twice"),
+    ("one*two#three:four;five~six", "one two three four five six"),
+    ("keeps, commas - and 'quotes' & ?", "keeps, commas - and 'quotes' & ?"),
+    ("  spaced    out \t words\n", "spaced out words"),
+    ("...!!!", ""),
+])
+def test_caption_cleaning_cases(caption, expected):
+    from zvl_ds.config import CaptionTextConfig
+    from zvl_ds.data.transforms import prepare_caption
+
+    assert prepare_caption(caption, CaptionTextConfig(clean=True)) == expected
+
+
+def test_caption_max_words_and_prompt():
+    from zvl_ds.config import CaptionTextConfig
+    from zvl_ds.data.transforms import prepare_caption
+
+    caption = "A man, riding a Horse: on the beach at sunset."
+    assert prepare_caption(caption, CaptionTextConfig(clean=True, max_words=4)) == "a man, riding a"
+    assert (prepare_caption(caption, CaptionTextConfig(clean=True, max_words=3, prompt="a picture of "))
+            == "a picture of a man, riding")
+    assert prepare_caption("two words", CaptionTextConfig(clean=True, max_words=50)) == "two words"
+    # without cleaning: words are cut as written, case and punctuation kept
+    assert prepare_caption("Big. Red! Car", CaptionTextConfig(max_words=2)) == "Big. Red!"
+    assert prepare_caption("Big. Red! Car", CaptionTextConfig(prompt="photo: ")) == "photo: Big. Red! Car"
+
+
+def test_caption_preparer_is_none_by_default_and_pickles_when_on():
+    import pickle
+
+    from zvl_ds.config import CaptionTextConfig
+    from zvl_ds.data.transforms import caption_preparer
+
+    assert caption_preparer(CaptionTextConfig()) is None
+    prepare = pickle.loads(pickle.dumps(caption_preparer(CaptionTextConfig(clean=True, prompt="p "))))
+    assert prepare("A (B)") == "p a b"

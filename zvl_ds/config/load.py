@@ -14,6 +14,7 @@ import yaml
 
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
                                   report_without_effect, take_accepted_keys)
+from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
 from zvl_ds.presets import MODEL_PRESETS
@@ -230,6 +231,14 @@ def _validate(cfg: Config) -> None:
         if name in data.valid_name:
             raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
                               "would share eval/<name>/; rename one")
+    for name, source in data.datasets.items():
+        if source.shards and source.folder:
+            raise ConfigError(f"data.datasets.{name}: give its shards one way, `shards` (a shard spec) or "
+                              "`folder` (a shard writer's folder read by split), not both")
+    for role in ("caption_train", "caption_eval"):
+        max_words = getattr(cfg.transforms, role).max_words
+        if max_words is not None and max_words < 1:
+            raise ConfigError(f"transforms.{role}.max_words: must be >= 1 or null (all words), got {max_words}")
     temp = cfg.loss.temperature
     if not 0 < temp.min <= temp.value <= temp.max:
         raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "
@@ -337,6 +346,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (already merged) mapping."""
     raw = copy.deepcopy(raw)
     raw = apply_lavis_run_block(raw)
+    raw = apply_lavis_datasets_block(raw)  # after run:, whose valid_splits it reads
     raw = _apply_model_preset(raw)
     without_effect = {key: _convert(value, ACCEPTED_WITHOUT_EFFECT[key].type, key)
                       for key, value in take_accepted_keys(raw).items()}

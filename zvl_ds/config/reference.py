@@ -1,6 +1,7 @@
 """The README's reference tables, generated from the code so they cannot drift (tests/unit/test_config_docs.py
-compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping and the
-model presets. ``python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --presets`` prints them.
+compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping, the model
+presets and the LAVIS ``datasets:`` options. ``python -m zvl_ds.config --reference | --accepted | --lavis-mapping |
+--presets | --lavis-datasets`` prints them.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Dict, List, Tuple
 import yaml
 
 from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_NOTES, LAVIS_RUN_MAP
+from zvl_ds.config.lavis_datasets import DATASET_KEY_NOTES, PROCESSOR_KINDS
 from zvl_ds.config.schema import KEY_HELP, Config, to_plain
 from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
 
@@ -61,6 +63,20 @@ def lavis_mapping_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def lavis_datasets_markdown() -> str:
+    """``| datasets.<name>.<key> | zvl_ds |`` for the keys of a LAVIS dataset entry, then every accepted processor
+    with its options (LAVIS's defaults), what it sets here and how it differs from LAVIS's."""
+    lines = ["| LAVIS `datasets:` option | zvl_ds |", "| --- | --- |"]
+    for key, note in DATASET_KEY_NOTES.items():
+        lines.append(f"| `datasets.<name>.{key}` | {_cell(note)} |")
+    for kind, processors in PROCESSOR_KINDS.items():
+        for name, processor in processors.items():
+            options = ", ".join(f"`{key}: {_flow_yaml(value)}`" for key, value in processor.defaults.items())
+            differs = f"; differs from LAVIS: {processor.differs}" if processor.differs else ""
+            lines.append(f"| `{kind}: {{name: {name}}}` ({options}) | {_cell(processor.maps_to + differs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def presets_markdown() -> str:
     """``| model.arch | model |`` for every preset in ``MODEL_PRESETS``."""
     lines = ["| `model.arch` | model |", "| --- | --- |"]
@@ -79,6 +95,8 @@ def accepted_keys_markdown() -> str:
 
 # README marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each
 README_TABLES = {"config-reference": reference_markdown, "accepted-keys": accepted_keys_markdown,
-                 "lavis-mapping": lavis_mapping_markdown, "presets": presets_markdown}
+                 "lavis-mapping": lavis_mapping_markdown, "presets": presets_markdown,
+                 "lavis-datasets": lavis_datasets_markdown}
 README_TABLE_FLAGS = {"--reference": "config-reference", "--accepted": "accepted-keys",
-                      "--lavis-mapping": "lavis-mapping", "--presets": "presets"}
+                      "--lavis-mapping": "lavis-mapping", "--presets": "presets",
+                      "--lavis-datasets": "lavis-datasets"}

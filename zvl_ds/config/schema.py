@@ -34,6 +34,8 @@ class DatasetSource:
 
     shards: str = ""  # brace pattern, glob, folder, text file listing shards, or URLs (http(s)://, pipe:)
     size: Optional[int] = None  # samples; read from sizes.json / *_stats.json when not given
+    # a folder in the shard writer's layout (<split>-NNNNNN.tar): the run's splits pick its shards (LAVIS storage)
+    folder: str = ""
 
 
 @dataclass
@@ -107,6 +109,15 @@ class CaptionAugConfig:
     max_pieces_per_word: int = 3
 
 
+@dataclass
+class CaptionTextConfig:
+    """How captions are prepared before tokenisation (LAVIS's ``blip_caption`` text processor); off by default."""
+
+    clean: bool = False  # lower-case, punctuation .!"()*#:;~ to spaces, whitespace runs collapsed
+    max_words: Optional[int] = None  # keep the first this many words; None = all
+    prompt: str = ""  # put in front of every (cleaned, shortened) caption
+
+
 TRANSFORM_NAMES = ("random_resize_crop", "autoaug", "resize", "center_crop", "normalize")
 
 
@@ -121,6 +132,9 @@ class TransformsConfig:
     random_resize_crop: RandomResizeCropConfig = field(default_factory=RandomResizeCropConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     caption_aug: CaptionAugConfig = field(default_factory=CaptionAugConfig)
+    caption_train: CaptionTextConfig = field(default_factory=CaptionTextConfig)  # training captions
+    # validation captions, zero-shot prompts and an exported model's encode_text
+    caption_eval: CaptionTextConfig = field(default_factory=CaptionTextConfig)
 
 
 @dataclass
@@ -428,6 +442,10 @@ KEY_HELP: Dict[str, str] = {
     "data.datasets.<name>.size": "Total samples of dataset `<name>`; `null`: read from `sizes.json` or "
                                  "`*_stats.json` next to the shards. Training needs a size; when given it wins and "
                                  "is spread evenly over the shards unless the size files agree.",
+    "data.datasets.<name>.folder": "A folder in the shard writer's layout (`<split>-NNNNNN.tar`, as python -m "
+                                   "zvl_ds.make_shards writes `OUT/<name>/`) holding dataset `<name>`: the run's "
+                                   "`train_splits` / `valid_splits` pick its shards, as under `data_path`. LAVIS's "
+                                   "`datasets.<name>.build_info.images.storage` maps here. Not with `shards`.",
     "data.zeroshot": "Zero-shot classification sets by name, evaluated at the validation interval with "
                      "the validation transforms; logged as `eval/<name>/top1` and `top5`, every image counted once "
                      "over the ranks.",
@@ -487,6 +505,19 @@ KEY_HELP: Dict[str, str] = {
                                           "probabilities sum to at most 1; the rest keeps the piece).",
     "transforms.caption_aug.max_pieces_per_word": "Word-piece continuations beyond this many pieces of one word are "
                                                   "dropped when the caption is rebuilt.",
+    "transforms.caption_train.clean": "Clean training captions as LAVIS's `blip_caption` does: lower-case, the "
+                                      "characters `.!\"()*#:;~` become spaces, whitespace runs become one space, "
+                                      "ends stripped.",
+    "transforms.caption_train.max_words": "Keep the first this many (space-separated) words of a training caption; "
+                                          "`null`: all.",
+    "transforms.caption_train.prompt": "Text put in front of every training caption, after cleaning and "
+                                       "shortening, before `caption_aug` (LAVIS's `prompt`, e.g. `'a picture of '`).",
+    "transforms.caption_eval.clean": "The same cleaning for the text evaluation reads: validation captions, "
+                                     "zero-shot prompts and an exported model's `tokenize` / `encode_text` (recorded "
+                                     "in its `preprocess.json`).",
+    "transforms.caption_eval.max_words": "Keep the first this many words of evaluation text; `null`: all.",
+    "transforms.caption_eval.prompt": "Text put in front of every evaluation caption and zero-shot prompt, after "
+                                      "cleaning and shortening.",
     # ---------------------------------------------------------------- model
     "model.name": "Only `clip` is accepted (the dual encoder); no effect.",
     "model.arch": "A preset from the model presets table; its values fill `model.*`, and keys given explicitly in "

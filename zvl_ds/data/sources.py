@@ -1,7 +1,8 @@
 """Where a dataset's shards are and how many samples each holds.
 
 A dataset is named in the config. Its shards come from ``data.datasets[name].shards`` (a shard spec) when given,
-else from the shard writer's layout ``data.data_path/<name>/<split>-NNNNNN.tar`` for each requested split.
+else from the shard writer's layout ``<folder>/<split>-NNNNNN.tar`` for each requested split, where the folder is
+``data.datasets[name].folder`` when given, else ``data.data_path/<name>``.
 
 A shard spec is one or more entries joined by ``::``. Each entry is a brace pattern (``train-{000000..000009}.tar``),
 a glob, a folder (every ``*.tar`` in it), a text file listing shards (``.txt``/``.lst``/``.list``, one entry a line,
@@ -213,9 +214,11 @@ def resolve_dataset(data: DataConfig, name: str, splits: Sequence[str]) -> Resol
         except DataSourceError as error:
             raise DataSourceError(f"dataset {name!r} (data.datasets.{name}.shards): {error}") from None
     else:
-        folder = os.path.join(data.data_path, name)
+        folder = source.folder if source is not None and source.folder else os.path.join(data.data_path, name)
         patterns = [os.path.join(folder, f"{split}-*.tar") for split in splits]
         spec = " + ".join(patterns)
+        if not os.path.isdir(folder) and source is not None and source.folder:
+            raise DataSourceError(f"dataset {name!r}: data.datasets.{name}.folder {folder!r} is not a folder")
         if not os.path.isdir(folder):
             raise DataSourceError(f"dataset {name!r}: no folder {folder!r} under data.data_path and no "
                                   f"data.datasets.{name}.shards spec" + _unprefixed_hint(name, data.data_path))

@@ -23,7 +23,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -36,7 +36,8 @@ from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, Sa
                                   derive_seed, name_key, validation_part)
 from zvl_ds.data.sources import (DataSourceError, ResolvedDataset, require_sizes, resolve_dataset,
                                   resolve_train_datasets)
-from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, TooManyPixels, to_uint8_chw, tokenize
+from zvl_ds.data.transforms import (CaptionAugmenter, ImageTransform, TooManyPixels, caption_preparer, to_uint8_chw,
+                                    tokenize)
 
 STATE_FORMAT = 1
 _VISIT_TAG, _VALID_TAG = 0x7151, 0x7152
@@ -262,6 +263,7 @@ class _TrainSpec:
     plan: SamplingPlan
     datasets: List[ResolvedDataset]
     transform: ImageTransform
+    prepare_caption: Optional[Callable[[str], str]]  # transforms.caption_train; None: captions as written
     caption_aug: Optional[CaptionAugmenter]
     tokenizer: object
     max_length: int
@@ -326,6 +328,8 @@ class _TrainStream(IterableDataset):
         image_bytes = _image_bytes(data, where)
         captions = _captions(_json_meta(data, where), data, where)
         caption = captions[rng.randrange(len(captions))]
+        if spec.prepare_caption is not None:
+            caption = spec.prepare_caption(caption)
         if spec.caption_aug is not None:
             caption = spec.caption_aug(caption, rng)
         return _decode_image(spec.transform, image_bytes, rng, where), caption
@@ -364,8 +368,8 @@ class TrainLoader:
         caption_aug = (CaptionAugmenter(cfg.transforms.caption_aug, tokenizer)
                        if cfg.transforms.caption_aug.enable else None)
         self._spec = _TrainSpec(self.plan, datasets, ImageTransform(cfg.transforms.train_transforms, cfg.transforms),
-                                caption_aug, tokenizer, cfg.model.max_length, cfg.seed, data.shuffle_buffer,
-                                data.max_bad_sample_warnings)
+                                caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer,
+                                cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings)
         self._fingerprint = _fingerprint(cfg, self.plan)
         self._step = 0
         self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]
@@ -467,6 +471,7 @@ class _ValidSpec:
     roles: int
     batch_images: int
     transform: ImageTransform
+    prepare_caption: Optional[Callable[[str], str]]  # transforms.caption_eval; None: captions as written
     tokenizer: object
     max_length: int
     seed: int
@@ -539,6 +544,8 @@ class _ValidStream(IterableDataset):
         image_bytes = _image_bytes(data, where)
         meta = _json_meta(data, where)
         captions = _captions(meta, data, where)
+        if spec.prepare_caption is not None:
+            captions = [spec.prepare_caption(caption) for caption in captions]
         if (meta is not None and "image_id" in meta) != spec.json_image_ids:
             raise DataSourceError(_mixed_ids_message(spec.dataset.name, where, spec.json_image_ids))
         image_id = meta.get("image_id", index) if meta is not None else index
@@ -635,7 +642,8 @@ class ValidLoader:
         self.num_workers = cfg.data.num_workers
         transform = ImageTransform(cfg.transforms.valid_transforms, cfg.transforms)
         self._spec = _ValidSpec(self.dataset, rank, world_size, max(1, cfg.data.num_workers),
-                                max(1, cfg.data.batch_size_val // world_size), transform, tokenizer,
+                                max(1, cfg.data.batch_size_val // world_size), transform,
+                                caption_preparer(cfg.transforms.caption_eval), tokenizer,
                                 cfg.model.max_length, cfg.seed, cfg.data.max_bad_sample_warnings,
                                 dataset_has_json_image_ids(self.dataset))
         self._faults: Dict[str, int] = {}

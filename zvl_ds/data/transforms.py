@@ -1,4 +1,5 @@
-"""Image transforms by name, on-device normalisation, caption augmentation, tokeniser loading and tokenisation.
+"""Image transforms by name, on-device normalisation, caption preparation and augmentation, tokeniser loading and
+tokenisation.
 
 Image transforms run in the loader workers on Pillow images and end as uint8 tensors; normalisation happens on the
 device (``normalize_images``), so batches cross processes and the PCIe bus at a quarter of float32's size. Every
@@ -16,10 +17,12 @@ Names (``transforms.train_transforms`` / ``valid_transforms``):
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 import random
+import re
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zvl_ds.config import CaptionAugConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
+from zvl_ds.config import CaptionAugConfig, CaptionTextConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
 from zvl_ds.data.images import DEFAULT_MAX_PIXELS
 from zvl_ds.errors import UserError
 
@@ -240,6 +243,30 @@ def load_tokenizer(text_cfg: TextEncoderConfig):
         raise OSError(f"cannot load tokenizer {name!r} (model.text_encoder.tokenizer or .tag) from local files; "
                       f"nothing is downloaded: give a local folder, a name already in the Hugging Face cache, or "
                       f"'zvl_ds:demo_tokenizer' ({error})") from error
+
+
+# LAVIS's blip_caption removes these characters (replaced by spaces, so the words around them stay apart)
+_CAPTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+
+
+def prepare_caption(caption: str, cfg: CaptionTextConfig) -> str:
+    """``cfg.prompt`` + the caption, cleaned (``cfg.clean``) and cut to its first ``cfg.max_words`` words.
+
+    Cleaning lower-cases, turns ``.!"()*#:;~`` into spaces and collapses every whitespace run (tabs and newlines
+    too) into one space, without spaces at the ends. Words are what remains between single spaces. With the
+    defaults the caption is returned unchanged."""
+    if cfg.clean:
+        caption = " ".join(_CAPTION_PUNCTUATION.sub(" ", caption.lower()).split())
+    if cfg.max_words is not None:
+        caption = " ".join(caption.split(" ")[:cfg.max_words])
+    return cfg.prompt + caption if cfg.prompt else caption
+
+
+def caption_preparer(cfg: CaptionTextConfig) -> Optional[Callable[[str], str]]:
+    """``prepare_caption`` bound to ``cfg``, or None when it would change nothing (the default)."""
+    if not cfg.clean and cfg.max_words is None and not cfg.prompt:
+        return None
+    return functools.partial(prepare_caption, cfg=cfg)  # a partial, not a lambda: loader workers may be spawned
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
