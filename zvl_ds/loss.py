@@ -10,11 +10,11 @@ rows I and text rows T, temperature tau (dividing), and targets Y:
 NCE uses Y = I (hard targets). MixUpNCE uses Y = lam * I + (1 - lam) * P with P[i, partner(i)] = 1; the
 partner map is an involution, so Y is symmetric and serves both directions. Logged accuracies use hard targets.
 
-Memory: rows are processed ``chunk_rows`` at a time (and columns ``chunk_cols`` at a time when > 0, with an
-online log-sum-exp, so that only chunk_rows x chunk_cols logits exist whatever B is); per chunk the logits
-(chunk x B) are turned in place into ``softmax - Y``, which gives the gradients of the queries, the keys and tau
-at once (closed form, below). No (B x B) or autograd graph of logits is ever kept, and the result equals the
-unchunked computation.
+Memory: rows are processed ``chunk_rows`` at a time; per chunk the logits (chunk x B) are turned in place into
+``softmax - Y``, which gives the gradients of the queries, the keys and tau at once (closed form, below). With
+``chunk_cols`` > 0 columns are tiled too, with an online log-sum-exp, so that only chunk_rows x chunk_cols logits
+exist whatever B is; with gather-backward the two directions then share their tiles (``_symmetric_tiles``). No
+(B x B) or autograd graph of logits is ever kept, and the result equals the unchunked computation.
 
     dL/dq_i  = (1 / tau) sum_j G_ij k_j          G = softmax(z) - Y,  z = q k^T / tau
     dL/dk_j  = (1 / tau) sum_i G_ij q_i

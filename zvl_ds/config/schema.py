@@ -594,7 +594,8 @@ KEY_HELP: Dict[str, str] = {
     "loss.chunk_rows": "Rows of the logits matrix computed at once (memory knob); the result is exact whatever "
                        "the value.",
     "loss.chunk_cols": "Columns of a logits tile: > 0 holds chunk_rows x chunk_cols logits whatever the batch "
-                       "(online log-sum-exp, one extra matmul); 0: whole rows (chunk_rows x B).",
+                       "(online log-sum-exp; with gather-backward both softmax directions come from the same "
+                       "tiles, 4 matmuls per tile instead of 6 for two row passes); 0: whole rows (chunk_rows x B).",
     "loss.sigmoid.scale_init": "`SigLIP` only: initial scale t multiplying the similarities (learned as log t, "
                                "parameter `logit_scale_log`); must be > 0.",
     "loss.sigmoid.bias_init": "`SigLIP` only: initial bias b added to every logit (parameter `logit_bias`).",
