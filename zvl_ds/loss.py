@@ -232,7 +232,7 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
             del logits
     # every rank's columns: rescale each rank's sums to the global maximum, then add them up
     local_column_max = column_max.clone()
-    _across_ranks(column_max, torch.distributed.ReduceOp.MAX if is_distributed() else None)
+    _across_ranks(column_max, torch.distributed.ReduceOp.MAX)
     _across_ranks(column_sum.mul_(torch.exp(local_column_max - column_max)))
     del local_column_max
     row_lse, column_lse = row_max + row_sum.log(), column_max + column_sum.log()
@@ -287,7 +287,7 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
             # dL/dtau = -(1 / tau^2) sum_i <x_i, (G T)_i>, per chunk so that no [n, d] temporary exists
             tau_sum = tau_sum + (q * grad_rows).sum()
             grad_images[start:stop] = grad_rows.mul_(inv_tau)
-    _across_ranks(column_tied, torch.distributed.ReduceOp.MAX if is_distributed() else None)
+    _across_ranks(column_tied, torch.distributed.ReduceOp.MAX)
     own_columns = slice(row_offset, row_offset + n)
     loss_sum = 0.5 * (row_lse.sum() + column_lse[own_columns].sum()) - target_sum
     i2t_correct = ((own_logit >= row_max) & ~row_tied).sum()
