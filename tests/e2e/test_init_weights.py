@@ -26,9 +26,10 @@ def env():
     return variables
 
 
-def train(shards, out_dir, exp_name, extra):
-    """The real entry point, one process (ZeRO-0, as without --deepspeed_config)."""
-    command = [sys.executable, TRAIN, "--cfg", DEMO, *SMALL, f"data.data_path={shards}", f"ckpt.dir={out_dir}",
+def train(shards, out_dir, exp_name, extra, ds_config=None):
+    """The real entry point, one process (ZeRO-0 unless ``ds_config`` names one of ds_configs/)."""
+    options = ["--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", ds_config)] if ds_config else []
+    command = [sys.executable, TRAIN, *options, "--cfg", DEMO, *SMALL, f"data.data_path={shards}", f"ckpt.dir={out_dir}",
                f"data.exp_name={exp_name}", *extra]
     done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=out_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -75,6 +76,20 @@ def test_fine_tuning_starts_from_the_exported_weights_and_resume_keeps_its_own(s
                                             f"model.pretrained={out / 'no_such_export'}"])
     assert "resumed from" in again.stdout and "at step 1" in again.stdout
     assert "initialised the model" not in again.stdout
+
+
+def test_zero3_run_starts_from_the_exported_weights(shards, exported):
+    """Loaded before DeepSpeed partitions the parameters: ZeRO-3 gets every weight of the source."""
+    from zvl_ds.consolidate import load_run
+
+    out, folder = exported
+    train(shards, out, "finetune_zero3", ["runner.train_steps=1", "optim.lr.init=0", "model.load_pretrained=true",
+                                          f"model.pretrained={folder}"], ds_config="zero3.json")
+    source = load_file(os.path.join(folder, "model.safetensors"))
+    state = load_run(str(out / "finetune_zero3"))[1].state_dict()
+    assert set(state) == set(source)
+    mismatched = [key for key, value in source.items() if not torch.equal(state[key], value)]
+    assert not mismatched, f"not the exported weights: {mismatched[:5]}"
 
 
 def test_evaluate_finetuned_gives_the_metrics_of_eval_retrieval(shards, exported, tmp_path):

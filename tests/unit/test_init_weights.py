@@ -12,11 +12,11 @@ from zvl_ds.config import ConfigError, config_from_dict
 from zvl_ds.init_weights import InitWeightsError, initialise_from_config, load_whole_model, read_source
 from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
-TINY = {"model": {"arch": "tiny"}, "loss": {"temperature": {"name": "parameter", "value": 0.05}}}
+LEARNED_TEMPERATURE = {"temperature": {"name": "parameter", "value": 0.05}}
 
 
 def tiny_config(**model_keys):
-    return config_from_dict({"model": {"arch": "tiny", **model_keys}, "loss": TINY["loss"]})
+    return config_from_dict({"model": {"arch": "tiny", **model_keys}, "loss": LEARNED_TEMPERATURE})
 
 
 def tiny_model(seed, **model_keys):
@@ -135,7 +135,8 @@ def test_single_safetensors_file_loads_every_tensor_exactly(tmp_path):
     assert report.loaded == len(source.state_dict()) and not report.missing and not report.unexpected
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
-    assert float(target.tau.detach()) == float(source.tau.detach())  # the learnable temperature is a weight like the others
+    # the learnable temperature is a weight like the others
+    assert float(target.tau.detach()) == float(source.tau.detach())
 
 
 def test_exported_model_folder_loads_exactly(tmp_path):
