@@ -78,13 +78,17 @@ def test_fine_tuning_starts_from_the_exported_weights_and_resume_keeps_its_own(s
     assert "initialised the model" not in again.stdout
 
 
-def test_zero3_run_starts_from_the_exported_weights(shards, exported):
-    """Loaded before DeepSpeed partitions the parameters: ZeRO-3 gets every weight of the source."""
+def test_zero3_run_starts_from_a_checkpoint_folder(shards, exported):
+    """The source run's step folder, consolidated (its weights are the export's), loaded before DeepSpeed
+    partitions the parameters: ZeRO-3 gets every weight of the source."""
     from zvl_ds.consolidate import load_run
 
     out, folder = exported
-    train(shards, out, "finetune_zero3", ["runner.train_steps=1", "optim.lr.init=0", "model.load_pretrained=true",
-                                          f"model.pretrained={folder}"], ds_config="zero3.json")
+    done = train(shards, out, "finetune_zero3", ["runner.train_steps=1", "optim.lr.init=0",
+                                                 "model.load_pretrained=true",
+                                                 f"model.pretrained={out / 'source' / 'step_00000002'}"],
+                 ds_config="zero3.json")
+    assert "initialised the model from model.pretrained=" in done.stdout and "0 missing, 0 unexpected" in done.stdout
     source = load_file(os.path.join(folder, "model.safetensors"))
     state = load_run(str(out / "finetune_zero3"))[1].state_dict()
     assert set(state) == set(source)
@@ -111,3 +115,15 @@ def test_evaluate_finetuned_gives_the_metrics_of_eval_retrieval(shards, exported
     assert standalone["demo_val"]["num_images"] == 24
     for key, value in standalone["demo_val"].items():
         assert in_training["demo_val"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_source_of_another_shape_stops_the_run_with_exit_2(shards, exported):
+    out, folder = exported
+    command = [sys.executable, TRAIN, "--cfg", DEMO, *SMALL, f"data.data_path={shards}", f"ckpt.dir={out}",
+               "data.exp_name=wrong_shape", "runner.train_steps=1", "model.projection.dim=32",
+               "model.load_pretrained=true", f"model.pretrained={folder}"]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=out)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error: model.pretrained=" in done.stderr
+    assert "image_projection.weight: (64, 64) in the source, (32, 64) in the model" in done.stderr
+    assert "Traceback" not in done.stderr and not (out / "wrong_shape" / "latest").exists()
