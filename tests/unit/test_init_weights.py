@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from zvl_ds.config import ConfigError, config_from_dict
+from zvl_ds.config.compat import LAVIS_MODEL_COUNTERPARTS
+from zvl_ds.config.reference import config_keys
 from zvl_ds.init_weights import InitWeightsError, initialise_from_config, load_whole_model, read_source
 from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
@@ -94,6 +96,26 @@ def test_model_type_written_as_a_number_is_a_name():
 
 
 # -------------------------------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize("key", sorted(LAVIS_MODEL_COUNTERPARTS))
+def test_lavis_model_keys_without_a_counterpart_name_the_zvl_ds_key(key):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"model": {"arch": "tiny", key: 1}})
+    message = str(caught.value)
+    assert message.startswith(f"unknown config key model.{key}")
+    assert f"model.{key} is a LAVIS model option that zvl_ds does not read: use {LAVIS_MODEL_COUNTERPARTS[key]}" \
+        in message
+    # the counterpart is a real key of the schema, or an entry of one of its mappings (image_encoder.kwargs)
+    named = LAVIS_MODEL_COUNTERPARTS[key].split()[0]
+    keys = {k for k, _ in config_keys()}
+    assert named in keys or (named.rsplit(".", 1)[0] in keys and named.rsplit(".", 1)[0].endswith("kwargs")), named
+
+
+def test_an_unknown_model_key_that_is_not_lavis_gets_no_lavis_hint():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"model": {"queue_sizes": 1}})
+    assert "LAVIS" not in str(caught.value)
 
 
 @pytest.mark.parametrize("url", ["http://example.com/model.safetensors", "https://example.com/m",

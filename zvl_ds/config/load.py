@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
-                                  report_without_effect, take_accepted_keys)
+                                  lavis_model_hint, report_without_effect, take_accepted_keys)
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
 from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
@@ -203,7 +203,7 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
         key = str(key)
         full = f"{path}.{key}" if path else key
         if key not in names:
-            raise ConfigError(unknown_key_message(full, key, names + accepted_names(path)))
+            raise ConfigError(unknown_key_message(full, key, names + accepted_names(path)) + lavis_model_hint(full))
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
