@@ -33,7 +33,7 @@ from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
                            set_learning_rate, zero_stage)
-from zvl_ds.init_weights import initialise_from_config
+from zvl_ds.init_weights import initialise_from_config, selected_source
 from zvl_ds.logs import setup_logging
 from zvl_ds.mixup import draw_mixup, partner_index
 from zvl_ds.model import build_model, compile_towers
@@ -124,6 +124,9 @@ class Trainer:
                         if cfg.loss.name == "MixUpNCE" else None)
         self.run_step = RUNNERS[cfg.runner.name]
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps)
+        if self.resume_point and selected_source(cfg):
+            self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
+                                 f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")
         self.timer = PhaseTimer(placement.device)
         self.step = 0
         self.skips = SkipPolicy(cfg.runner.max_skipped_steps)

@@ -76,6 +76,7 @@ def test_fine_tuning_starts_from_the_exported_weights_and_resume_keeps_its_own(s
                                             f"model.pretrained={out / 'no_such_export'}"])
     assert "resumed from" in again.stdout and "at step 1" in again.stdout
     assert "initialised the model" not in again.stdout
+    assert f"model.pretrained is not loaded: the run resumes from its checkpoint {out / 'finetune'}" in again.stdout
 
 
 def test_zero3_run_starts_from_a_checkpoint_folder(shards, exported):
