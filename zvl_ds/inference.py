@@ -128,7 +128,11 @@ class Preprocessing:
 def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
     """The model section for a model folder: towers from configs only, the text tower's config embedded."""
     model_cfg = offline_model_config(cfg)
-    model_cfg.arch = None  # the preset is already merged into the explicit keys
+    # the preset and its variant are already merged into the explicit keys, and the folder's own weights replace
+    # whatever the run was initialised from
+    model_cfg.arch = model_cfg.model_type = None
+    model_cfg.load_pretrained, model_cfg.pretrained = False, None
+    model_cfg.load_finetuned, model_cfg.finetuned = False, None
     model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, tokenizer=None,
                                                  config=model.text_tower.config.to_dict())
     model_cfg.image_encoder = dataclasses.replace(model_cfg.image_encoder, grad_checkpointing=False)

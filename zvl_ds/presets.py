@@ -1,7 +1,11 @@
 """Model presets: ``model.arch: NAME`` fills the ``model:`` section with one of these, explicit keys winning.
 
-Plain mappings (no code), merged into the raw config before it is typed, so a preset can only set keys that
-``zvl_ds.config.schema.ModelConfig`` has.
+Each preset has named variants (``model.model_type``, LAVIS's name for them), overlaid on the preset before the
+explicit keys: the preset, then its variant, then what the config says. Leaving ``model_type`` out selects the
+preset's default variant (LAVIS's ``default_config``), which is the preset as it is.
+
+Plain mappings (no code), merged into the raw config before it is typed, so a preset or a variant can only set
+keys that ``zvl_ds.config.schema.ModelConfig`` has.
 """
 from __future__ import annotations
 
@@ -31,6 +35,36 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
                        "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64},
         },
         "projection": {"name": "simple", "dim": 64},
+    },
+}
+
+# model.arch preset -> model.model_type variant -> the keys it overlays on the preset (the default variant is {})
+MODEL_VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "vit_b16_bert_base": {
+        "base": {},
+        # timm resamples the 224 px weights' position-embedding grid to 24 x 24 when it loads them
+        "res384": {"image_encoder": {"img_size": 384}},
+    },
+    "tiny": {
+        "base": {},
+        # 64 image tokens at 32 px instead of 16: learns positions and shapes faster (what configs/demo.yaml uses)
+        "patch4": {"image_encoder": {"kwargs": {"patch_size": 4}}},
+    },
+}
+
+# model.arch preset -> the variant used when model.model_type is not given
+DEFAULT_VARIANT: Dict[str, str] = {"vit_b16_bert_base": "base", "tiny": "base"}
+
+# model.arch preset -> model.model_type variant -> one line for the generated presets table
+VARIANT_HELP: Dict[str, Dict[str, str]] = {
+    "vit_b16_bert_base": {
+        "base": "224 px, as the paper",
+        "res384": "384 px images (24 x 24 patches; the 224 px weights' position embeddings are resampled); set "
+                  "`transforms.input_size` and the crop sizes to 384 too",
+    },
+    "tiny": {
+        "base": "patch 8 (16 image tokens)",
+        "patch4": "patch 4 (64 image tokens), as `configs/demo.yaml` sets explicitly",
     },
 }
 

@@ -33,6 +33,7 @@ from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
 from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
                            set_learning_rate, zero_stage)
+from zvl_ds.init_weights import initialise_from_config, selected_source
 from zvl_ds.logs import setup_logging
 from zvl_ds.mixup import draw_mixup, partner_index
 from zvl_ds.model import build_model, compile_towers
@@ -91,10 +92,17 @@ class Trainer:
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.model.text_encoder)
-        model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile)
+        model = build_model(cfg.model, cfg.loss)
         self.zero_stage = zero_stage(ds_config)
-        self.resume_point = find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume)
+        # evaluating finetuned weights (LAVIS's load_finetuned) evaluates those, not the run folder's checkpoint
+        evaluating_finetuned = cfg.evaluate and cfg.model.load_finetuned
+        self.resume_point = (None if evaluating_finetuned else
+                             find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume))
         self._refuse_code_in_checkpoint()
+        # whole-model weights only for a fresh start (a resumed run restores its own checkpoint), and before
+        # DeepSpeed wraps (and at ZeRO-3 partitions) the parameters
+        self.init_report = None if self.resume_point else initialise_from_config(model, cfg)
+        model = compile_towers(model, cfg.model.compile)
         if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
             self.resume_point = convert_to_universal(self.resume_point)
             self._refuse_code_in_checkpoint()
@@ -116,6 +124,9 @@ class Trainer:
                         if cfg.loss.name == "MixUpNCE" else None)
         self.run_step = RUNNERS[cfg.runner.name]
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps)
+        if self.resume_point and selected_source(cfg):
+            self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
+                                 f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")
         self.timer = PhaseTimer(placement.device)
         self.step = 0
         self.skips = SkipPolicy(cfg.runner.max_skipped_steps)

@@ -11,14 +11,15 @@ import yaml
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import reference as config_module
-from zvl_ds.config.compat import LAVIS_NOTES, LAVIS_RUN_MAP
-from zvl_ds.config.reference import README_TABLES, lavis_mapping_markdown, presets_markdown, reference_markdown
+from zvl_ds.config.compat import LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
+from zvl_ds.config.reference import (README_TABLES, lavis_mapping_markdown, lavis_model_markdown, presets_markdown,
+                                     reference_markdown)
 from zvl_ds.config.schema import KEY_HELP, Config
-from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
+from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 README = os.path.join(REPO_ROOT, "README.md")
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
-              "presets": "--presets", "lavis-datasets": "--lavis-datasets"}
+              "lavis-model": "--lavis-model", "presets": "--presets", "lavis-datasets": "--lavis-datasets"}
 
 
 def expected_keys(cls=Config, prefix=""):
@@ -115,12 +116,33 @@ def test_lavis_table_lists_every_run_key_and_explains_every_conversion():
     assert not [t for t, _ in LAVIS_RUN_MAP.values() if t not in keys]
 
 
-def test_presets_table_describes_every_preset():
+def test_presets_table_describes_every_preset_and_its_variants():
     assert set(PRESET_HELP) == set(MODEL_PRESETS), "presets.PRESET_HELP must describe exactly MODEL_PRESETS"
+    assert set(MODEL_VARIANTS) == set(DEFAULT_VARIANT) == set(VARIANT_HELP) == set(MODEL_PRESETS), (
+        "every preset needs variants (presets.MODEL_VARIANTS), a default variant and the variants' help")
     header, rows = table_rows(presets_markdown())
-    assert header == ["`model.arch`", "model"]
+    assert header == ["`model.arch`", "model", "`model.model_type`"]
     assert [unquote(row[0]) for row in rows] == list(MODEL_PRESETS)
     assert all(row[1] == PRESET_HELP[unquote(row[0])] for row in rows)
+    for row in rows:
+        arch = unquote(row[0])
+        assert set(VARIANT_HELP[arch]) == set(MODEL_VARIANTS[arch]) and DEFAULT_VARIANT[arch] in MODEL_VARIANTS[arch]
+        cells = row[2].split("; `")
+        assert len(cells) == len(MODEL_VARIANTS[arch])
+        for cell, variant in zip(cells, MODEL_VARIANTS[arch]):
+            default = " (default)" if variant == DEFAULT_VARIANT[arch] else ""
+            assert cell.lstrip("`") == f"{variant}`{default}: {VARIANT_HELP[arch][variant]}", (arch, variant)
+
+
+def test_lavis_model_table_lists_every_model_option_as_a_real_key():
+    header, rows = table_rows(lavis_model_markdown())
+    assert header == ["LAVIS `model.<key>`", "in zvl_ds"]
+    assert [unquote(row[0]) for row in rows] == [f"model.{key}" for key in LAVIS_MODEL_OPTIONS]
+    assert all(row[1] == LAVIS_MODEL_OPTIONS[unquote(row[0])[len("model."):]].replace("|", "\\|") for row in rows)
+    keys = {key for key, _, _ in expected_keys()}
+    assert not [key for key in LAVIS_MODEL_OPTIONS if f"model.{key}" not in keys]
+    for key in ("arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned"):
+        assert key in LAVIS_MODEL_OPTIONS, f"LAVIS's model.{key} must be in the table"
 
 
 @pytest.mark.slow

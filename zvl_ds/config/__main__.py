@@ -1,6 +1,6 @@
 """``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config a run would use (config errors exit
-with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--presets`` and ``--lavis-datasets`` print the
-README's tables."""
+with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--lavis-model``, ``--presets`` and
+``--lavis-datasets`` print the README's tables."""
 from __future__ import annotations
 
 import sys
@@ -16,10 +16,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m zvl_ds.config CFG.yaml [key.sub=value ...]\n"
               "Prints the fully resolved config as YAML (what a run would use).\n"
-              "       python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --presets | "
+              "       python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --presets | "
               "--lavis-datasets\n"
               "Prints the README's Markdown table of every config key / of the ZeroVL keys accepted without "
-              "effect / of LAVIS run: keys / of model.arch presets / of LAVIS datasets: options.")
+              "effect / of LAVIS run: keys / of LAVIS model: options / of model.arch presets and their "
+              "model.model_type variants / of LAVIS datasets: options.")
         return 0 if argv else 2
     if argv[0] in README_TABLE_FLAGS:
         sys.stdout.write(README_TABLES[README_TABLE_FLAGS[argv[0]]]())

@@ -1,7 +1,9 @@
 """Configs written for ZeroVL and LAVIS load as written: LAVIS's ``run:`` block, and ZeroVL's keys without effect here.
 
 * ``run:`` (LAVIS's runtime options) is mapped onto our own keys by ``LAVIS_RUN_MAP``; a value given both ways must
-  agree.
+  agree. LAVIS's ``model:`` options that act here have the same names in ``model:`` (``LAVIS_MODEL_OPTIONS`` says
+  what each does, for the README's table); the others stay unknown keys, whose message names the zvl_ds key doing
+  their job (``LAVIS_MODEL_COUNTERPARTS``).
 * ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (a logger it does not have, an apex
   option, a checkpoint file name DeepSpeed chooses itself, ...). They are not part of the schema
   (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are
@@ -93,6 +95,49 @@ LAVIS_NOTES: Dict[str, str] = {
     "dist_url": "unused",
     "distributed": "unused",
 }
+
+
+# LAVIS `model:` options -> what they do here (the same names are zvl_ds keys, in ModelConfig). Other LAVIS model
+# keys (vit_model, image_size, embed_dim, freeze_vit, ...) are unknown keys, refused with the closest zvl_ds names.
+LAVIS_MODEL_OPTIONS: Dict[str, str] = {
+    "arch": "A preset of the presets table (LAVIS's registered model name); explicit `model.*` keys override it.",
+    "model_type": "A variant of the preset (presets table), e.g. another image resolution; `null`: the preset's "
+                  "default variant (LAVIS's `default_config`). An unknown variant, or a `model_type` without "
+                  "`arch`, is refused.",
+    "load_pretrained": "`true`: initialise the whole dual encoder from `model.pretrained` before training; "
+                       "skipped when the run resumes.",
+    "pretrained": "An exported model folder, a run folder or `step_NNNNNNNN` checkpoint folder (consolidated, "
+                  "weights-only check), or a `.safetensors` file. A URL or hub name is refused: nothing is "
+                  "downloaded. Per-tower files go to `model.image_encoder.pretrained` / "
+                  "`model.text_encoder.pretrained` instead.",
+    "load_finetuned": "`true`: load `model.finetuned`: with `evaluate: true` the weights evaluated, in training the "
+                      "initialisation (wins over `load_pretrained`).",
+    "finetuned": "The same kinds of source and checks as `model.pretrained`.",
+}
+
+
+# LAVIS model keys that zvl_ds does not read, by the zvl_ds key doing that job: named in the unknown-key message
+LAVIS_MODEL_COUNTERPARTS: Dict[str, str] = {
+    "vit_model": "model.image_encoder.tag",
+    "vit_type": "model.image_encoder.tag",
+    "image_size": "model.image_encoder.img_size (and transforms.input_size)",
+    "embed_dim": "model.projection.dim",
+    "max_txt_len": "model.max_length",
+    "freeze_vit": "model.image_encoder.trainable (false freezes)",
+    "vit_grad_ckpt": "model.image_encoder.grad_checkpointing",
+    "use_grad_checkpoint": "model.image_encoder.grad_checkpointing",
+    "drop_path_rate": "model.image_encoder.kwargs.drop_path_rate",
+    "vit_precision": "precision",
+    "med_config_path": "model.text_encoder.config",
+}
+
+
+def lavis_model_hint(path: str) -> str:
+    """For an unknown ``model.<key>`` that is a LAVIS model option: where its job is done here, else ""."""
+    key = path[len("model."):] if path.startswith("model.") else None
+    if key not in LAVIS_MODEL_COUNTERPARTS:
+        return ""
+    return f"; {path} is a LAVIS model option that zvl_ds does not read: use {LAVIS_MODEL_COUNTERPARTS[key]}"
 
 
 # --------------------------------------------------------------------------------------------------

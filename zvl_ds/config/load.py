@@ -7,17 +7,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
-                                  report_without_effect, take_accepted_keys)
+                                  lavis_model_hint, report_without_effect, take_accepted_keys)
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
-from zvl_ds.presets import MODEL_PRESETS
+from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,13 +85,26 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
 
 
 def _apply_model_preset(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """``model.arch`` and ``model.model_type``: the preset, overlaid by its variant, overlaid by the explicit keys.
+    The resolved config names the variant used (the default one when ``model_type`` is not given)."""
     model = raw.get("model")
-    if not isinstance(model, dict) or model.get("arch") is None:
+    if not isinstance(model, dict):
+        return raw
+    if model.get("arch") is None:
+        if model.get("model_type") is not None:
+            raise ConfigError(f"model.model_type={model['model_type']!r} without model.arch: a model_type is a "
+                              f"variant of a preset; set model.arch too (presets: {', '.join(MODEL_PRESETS)})")
         return raw
     arch = model["arch"]
     if arch not in MODEL_PRESETS:
         raise ConfigError(unknown_choice_message("model.arch", arch, list(MODEL_PRESETS)))
-    raw["model"] = deep_merge(MODEL_PRESETS[arch], model)
+    variants = MODEL_VARIANTS[arch]
+    variant = model.get("model_type")
+    variant = DEFAULT_VARIANT[arch] if variant is None else str(variant)  # YAML reads `model_type: 384` as an int
+    if variant not in variants:
+        raise ConfigError(unknown_choice_message(f"model.model_type (a variant of model.arch={arch})", variant,
+                                                 list(variants)))
+    raw["model"] = deep_merge(deep_merge(MODEL_PRESETS[arch], variants[variant]), {**model, "model_type": variant})
     return raw
 
 
@@ -190,7 +204,7 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
         key = str(key)
         full = f"{path}.{key}" if path else key
         if key not in names:
-            raise ConfigError(unknown_key_message(full, key, names + accepted_names(path)))
+            raise ConfigError(unknown_key_message(full, key, names + accepted_names(path)) + lavis_model_hint(full))
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
@@ -204,15 +218,41 @@ def _resolve_package_paths(cfg: Config) -> None:
     """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
     from zvl_ds.package_paths import is_package_path, resolve_package_path
 
-    for section, key in ((cfg.model.image_encoder, "pretrained"), (cfg.model.text_encoder, "tag"),
-                         (cfg.model.text_encoder, "tokenizer")):
+    for section, key, where in ((cfg.model.image_encoder, "pretrained", "model.image_encoder"),
+                                (cfg.model.text_encoder, "tag", "model.text_encoder"),
+                                (cfg.model.text_encoder, "tokenizer", "model.text_encoder"),
+                                (cfg.model, "pretrained", "model"), (cfg.model, "finetuned", "model")):
         value = getattr(section, key)
         if is_package_path(value):
             try:
                 setattr(section, key, resolve_package_path(value))
             except FileNotFoundError as error:
-                where = "image_encoder" if section is cfg.model.image_encoder else "text_encoder"
-                raise ConfigError(f"model.{where}.{key}: {error}") from None
+                raise ConfigError(f"{where}.{key}: {error}") from None
+
+
+# scheme://... (http, https, s3, gs, hf, ...) and the hub prefixes other tools take (hf:org/name, hf-hub:org/name)
+_REMOTE_LOCATION = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|hf:|hf-hub:)")
+
+
+def is_remote_location(value: str) -> bool:
+    """A URL or hub name rather than a local path: zvl_ds downloads nothing, so such a weights source is refused."""
+    return bool(_REMOTE_LOCATION.match(value))
+
+
+def _validate_whole_model_weights(cfg: Config) -> None:
+    """``model.load_pretrained`` / ``model.pretrained`` and ``model.load_finetuned`` / ``model.finetuned``."""
+    model = cfg.model
+    for switch, key in (("load_pretrained", "pretrained"), ("load_finetuned", "finetuned")):
+        value = getattr(model, key)
+        if value and is_remote_location(value):
+            raise ConfigError(f"model.{key}={value!r}: a URL or hub name; nothing is downloaded, so give a local "
+                              "exported model folder, run folder, checkpoint folder or .safetensors file")
+        if getattr(model, switch) and not value:
+            raise ConfigError(f"model.{switch}=true but model.{key} is not set: give the exported model folder, run "
+                              "folder, checkpoint folder or .safetensors file to load")
+    if cfg.evaluate and model.load_finetuned and cfg.resume_ckpt_path:
+        raise ConfigError(f"evaluate=true with both model.load_finetuned (model.finetuned={model.finetuned!r}) and "
+                          f"resume_ckpt_path={cfg.resume_ckpt_path!r}: give the weights to evaluate one way")
 
 
 def _validate(cfg: Config) -> None:
@@ -259,6 +299,7 @@ def _validate(cfg: Config) -> None:
     if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
     _validate_part_lrs(cfg.optim)
+    _validate_whole_model_weights(cfg)
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
     code_key = _code_loading_key(cfg.model.text_encoder.config)

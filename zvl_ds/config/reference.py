@@ -1,7 +1,7 @@
 """The README's reference tables, generated from the code so they cannot drift (tests/unit/test_config_docs.py
-compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping, the model
-presets and the LAVIS ``datasets:`` options. ``python -m zvl_ds.config --reference | --accepted | --lavis-mapping |
---presets | --lavis-datasets`` prints them.
+compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping, the LAVIS
+``model:`` options, the model presets with their variants and the LAVIS ``datasets:`` options. ``python -m
+zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --presets | --lavis-datasets`` prints them.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Tuple
 
 import yaml
 
-from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_NOTES, LAVIS_RUN_MAP
+from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
 from zvl_ds.config.lavis_datasets import DATASET_KEY_NOTES, PROCESSOR_KINDS
 from zvl_ds.config.schema import KEY_HELP, Config, to_plain
-from zvl_ds.presets import MODEL_PRESETS, PRESET_HELP
+from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
 
@@ -78,10 +78,21 @@ def lavis_datasets_markdown() -> str:
 
 
 def presets_markdown() -> str:
-    """``| model.arch | model |`` for every preset in ``MODEL_PRESETS``."""
-    lines = ["| `model.arch` | model |", "| --- | --- |"]
+    """``| model.arch | model | model.model_type |`` for every preset in ``MODEL_PRESETS``, with its variants."""
+    lines = ["| `model.arch` | model | `model.model_type` |", "| --- | --- | --- |"]
     for name in MODEL_PRESETS:
-        lines.append(f"| `{name}` | {_cell(PRESET_HELP.get(name, '**undocumented**'))} |")
+        variants = "; ".join(
+            f"`{variant}`{' (default)' if variant == DEFAULT_VARIANT[name] else ''}: "
+            f"{VARIANT_HELP.get(name, {}).get(variant, '**undocumented**')}" for variant in MODEL_VARIANTS[name])
+        lines.append(f"| `{name}` | {_cell(PRESET_HELP.get(name, '**undocumented**'))} | {_cell(variants)} |")
+    return "\n".join(lines) + "\n"
+
+
+def lavis_model_markdown() -> str:
+    """``| model.<key> | zvl_ds |`` for every LAVIS ``model:`` option of ``LAVIS_MODEL_OPTIONS``."""
+    lines = ["| LAVIS `model.<key>` | in zvl_ds |", "| --- | --- |"]
+    for key, meaning in LAVIS_MODEL_OPTIONS.items():
+        lines.append(f"| `model.{key}` | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +106,8 @@ def accepted_keys_markdown() -> str:
 
 # README marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each
 README_TABLES = {"config-reference": reference_markdown, "accepted-keys": accepted_keys_markdown,
-                 "lavis-mapping": lavis_mapping_markdown, "presets": presets_markdown,
-                 "lavis-datasets": lavis_datasets_markdown}
+                 "lavis-mapping": lavis_mapping_markdown, "lavis-model": lavis_model_markdown,
+                 "presets": presets_markdown, "lavis-datasets": lavis_datasets_markdown}
 README_TABLE_FLAGS = {"--reference": "config-reference", "--accepted": "accepted-keys",
-                      "--lavis-mapping": "lavis-mapping", "--presets": "presets",
+                      "--lavis-mapping": "lavis-mapping", "--lavis-model": "lavis-model", "--presets": "presets",
                       "--lavis-datasets": "lavis-datasets"}

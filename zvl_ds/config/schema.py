@@ -188,6 +188,12 @@ class PoolConfig:
 class ModelConfig:
     name: Literal["clip"] = "clip"
     arch: Optional[str] = None  # a preset from zvl_ds.presets.MODEL_PRESETS; explicit model.* keys override it
+    model_type: Optional[str] = None  # a variant of the preset (zvl_ds.presets.MODEL_VARIANTS); None = its default
+    # LAVIS's whole-model weights (zvl_ds.init_weights): loaded before DeepSpeed wraps the model, never on resume
+    load_pretrained: bool = False
+    pretrained: Optional[str] = None  # exported model folder, run folder, checkpoint folder or weights file
+    load_finetuned: bool = False
+    finetuned: Optional[str] = None  # the same kinds of source; wins over pretrained
     max_length: int = 25
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -413,8 +419,9 @@ KEY_HELP: Dict[str, str] = {
     "device": "`auto`: CUDA when visible, else CPU; `cpu`; `cuda` (an error when no GPU is visible).",
     "precision": "Compute precision of the DeepSpeed engine: `fp32`, `bf16` or `fp16` (fills the DeepSpeed "
                  "config's `bf16`/`fp16` sections). `null`: `fp16` if `dist.fp16` is true, else `fp32`.",
-    "evaluate": "Evaluate only: resume as for training (`resume_ckpt_path` / `ckpt.auto_resume`), run the "
-                "validation sets once and exit. The training datasets must still resolve.",
+    "evaluate": "Evaluate only: resume as for training (`resume_ckpt_path` / `ckpt.auto_resume`), or load "
+                "`model.finetuned` when `model.load_finetuned` is true, run the validation sets once and exit. "
+                "The training datasets must still resolve.",
     "resume_ckpt_path": "Checkpoint to resume from: a run folder holding a `latest` file, or one of its "
                         "`step_NNNNNNNN` folders. Wins over `ckpt.auto_resume`.",
     "epoch": "Run length in epochs (an epoch = the data plan's steps per epoch) unless `runner.train_steps` or "
@@ -522,6 +529,26 @@ KEY_HELP: Dict[str, str] = {
     "model.name": "Only `clip` is accepted (the dual encoder); no effect.",
     "model.arch": "A preset from the model presets table; its values fill `model.*`, and keys given explicitly in "
                   "`model:` override them. `null`: no preset.",
+    "model.model_type": "A variant of the `model.arch` preset (presets table), overlaid on the preset before the "
+                        "explicit `model.*` keys (LAVIS's `model_type`). `null`: the preset's default variant, which "
+                        "the resolved config then names. Without `model.arch` it is an error.",
+    "model.load_pretrained": "`true`: initialise the whole dual encoder (towers, projections, learnable temperature "
+                             "or SigLIP scale and bias) from `model.pretrained` before training (LAVIS's "
+                             "`load_pretrained`). Skipped when the run resumes: a resumed run restores its own "
+                             "checkpoint.",
+    "model.pretrained": "Where `load_pretrained` takes the weights from: an exported model folder "
+                        "(`model.safetensors`), a run folder (its `latest` checkpoint) or one of its `step_NNNNNNNN` "
+                        "folders (consolidated from any ZeRO stage, weights-only check as `ckpt.trust_checkpoint`), "
+                        "or a `.safetensors` (or weights-only torch) file; `pkg:` paths work. URLs are refused "
+                        "(nothing is downloaded). The architecture is this config's: a tensor of another shape is "
+                        "an error naming it, missing and unexpected tensors are allowed and reported. No effect "
+                        "while `load_pretrained` is false.",
+    "model.load_finetuned": "`true`: load `model.finetuned` (LAVIS's `load_finetuned`). With `evaluate: true` these "
+                            "are the weights evaluated (the run folder's checkpoints are not resumed; "
+                            "`resume_ckpt_path` with it is an error); in training they are the initialisation, "
+                            "winning over `load_pretrained`, and as for it skipped on resume.",
+    "model.finetuned": "Where `load_finetuned` takes the weights from; the same sources and checks as "
+                       "`model.pretrained`. No effect while `load_finetuned` is false.",
     "model.max_length": "Tokens per caption: captions are padded and truncated to this length.",
     "model.image_encoder.name": "Only `timm_modelzoo` is accepted (the image tower is a timm model); no effect.",
     "model.image_encoder.tag": "timm model name, built with `num_classes=0` (pooled features, no classifier).",
