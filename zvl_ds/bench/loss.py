@@ -28,6 +28,11 @@ Measured (dim 512, chunk_rows 1024, one process, peak extra memory / time of los
                                                 naive   8192: 1.501 GiB 1.10 s; 32768: 24.03 GiB 18.9 s
   H100 (cuda, fp32):                            chunked 8192: 0.125 GiB; 32768: 0.500 GiB 0.19 s; 65536: 1.0 GiB
                                                 naive   8192: 1.500 GiB; 32768: 24.0 GiB 0.14 s
+Loss kernels (``--loss-methods rows tiled siglip``, dim 512, rows 1024, tiles 1024 x 1024, idle 2-core CPU),
+working memory / time:
+  8192:  rows 68.8 MiB 5.1 s;    tiled 18.7 MiB 3.1 s;   siglip 16.9 MiB 2.5 s
+  32768: rows 265.2 MiB 83.7 s;  tiled 42.7 MiB 55.5 s;  siglip 40.3 MiB 40.8 s
+  65536: rows 522.8 MiB 321 s;   tiled 22.8 MiB 232 s;   siglip 41.3 MiB 154 s
 The chunked figure is O(B x dim), not O(B^2): one chunk of logits (chunk_rows x B) plus the cached
 gradients of queries and keys (4 x B x dim) and the inputs' gradients (2 x B x dim).
 """
