@@ -190,7 +190,9 @@ def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path
     assert meta["source"]["tag"] == "step_00000002"
     assert json.loads((out / "preprocess.json").read_text()) == {
         "valid_transforms": ["resize", "center_crop"], "resize": 36, "center_crop": 32, "input_size": 32,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_length": 16}
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_length": 16,
+        # evaluation captions as written (transforms.caption_eval at its defaults)
+        "caption_clean": False, "caption_max_words": None, "caption_prompt": ""}
     loaded = zvl_ds.load_model(str(out))
     assert not loaded.model.training
     _assert_same_embeddings(loaded, runs["z0_fp32"])
