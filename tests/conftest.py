@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -27,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(KIND_BY_FOLDER[folder])
         if folder in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _restore_zvl_ds_logger():
+    """A test that calls an entry point's main() in-process lets it configure the ``zvl_ds`` logger (its own
+    handlers, no propagation); later tests that read log records through caplog need it as it was."""
+    logger = logging.getLogger("zvl_ds")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    logger.setLevel(level)
