@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import child_env
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
 DEMO = os.path.join(REPO_ROOT, "configs", "demo.yaml")
@@ -18,20 +19,12 @@ SMALL = ["data.batch_size=16", "data.batch_size_train=8", "data.batch_size_val=1
          "data.shuffle_buffer=16", "log.num_image_samples=0", "log.tensorboard=false", "runner.val_interval_steps=1000"]
 
 
-def env():
-    variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                     DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    variables.pop("RANK", None)
-    variables.pop("WORLD_SIZE", None)
-    return variables
-
-
 def train(shards, out_dir, exp_name, extra, ds_config=None):
     """The real entry point, one process (ZeRO-0 unless ``ds_config`` names one of ds_configs/)."""
     options = ["--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", ds_config)] if ds_config else []
-    command = [sys.executable, TRAIN, *options, "--cfg", DEMO, *SMALL, f"data.data_path={shards}", f"ckpt.dir={out_dir}",
-               f"data.exp_name={exp_name}", *extra]
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=out_dir)
+    command = [sys.executable, TRAIN, *options, "--cfg", DEMO, *SMALL, f"data.data_path={shards}",
+               f"ckpt.dir={out_dir}", f"data.exp_name={exp_name}", *extra]
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300, cwd=out_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -101,11 +94,13 @@ def test_evaluate_finetuned_gives_the_metrics_of_eval_retrieval(shards, exported
     from zvl_ds.eval_retrieval import main as eval_retrieval
 
     out, folder = exported
+    # the run folder already holds a checkpoint of other weights: the finetuned ones are evaluated, not it
+    train(shards, out, "evaluate", ["runner.train_steps=1", "seed=5", "runner.val_interval_steps=1000"])
+    latest = (out / "evaluate" / "latest").read_text()
     train(shards, out, "evaluate", ["evaluate=true", "data.train_name=[no_such_set]", "model.load_finetuned=true",
                                     f"model.finetuned={folder}"])
-    rows = (out / "evaluate" / "eval_metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1
-    in_training = json.loads(rows[0])
+    assert (out / "evaluate" / "latest").read_text() == latest  # nothing resumed, nothing saved
+    in_training = json.loads((out / "evaluate" / "eval_metrics.jsonl").read_text().splitlines()[-1])
     assert in_training["step"] == 0
 
     metrics_path = tmp_path / "metrics.json"
@@ -123,7 +118,7 @@ def test_a_source_of_another_shape_stops_the_run_with_exit_2(shards, exported):
     command = [sys.executable, TRAIN, "--cfg", DEMO, *SMALL, f"data.data_path={shards}", f"ckpt.dir={out}",
                "data.exp_name=wrong_shape", "runner.train_steps=1", "model.projection.dim=32",
                "model.load_pretrained=true", f"model.pretrained={folder}"]
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=out)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300, cwd=out)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "error: model.pretrained=" in done.stderr
     assert "image_projection.weight: (64, 64) in the source, (32, 64) in the model" in done.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import child_env
 from tests.helpers.dist_utils import free_port
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
@@ -18,13 +19,6 @@ BIN = os.path.dirname(sys.executable)
 SMALL = ["data.batch_size=16", "data.batch_size_train=4", "data.batch_size_val=16", "data.num_workers=1",
          "data.shuffle_buffer=50", "log.interval_train=1", "log.num_image_samples=4"]
 
-
-def env():
-    variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                     DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    variables.pop("RANK", None)
-    variables.pop("WORLD_SIZE", None)
-    return variables
 
 
 def torchrun(args, **kwargs):
@@ -52,7 +46,7 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
                                                       "optim.lr.init=1e-3"])
     command = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port",
                str(free_port()), TRAIN, *args]
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "demo"
     assert (run_dir / "config.yaml").is_file()
@@ -73,22 +67,23 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
 
     # resume: a longer run picks up from step 40 instead of starting again
     longer = common_args(shards, tmp_path, "demo", 44, ["runner.val_interval_steps=1000", "ckpt.step_interval=20"])
-    again = subprocess.run(torchrun(longer), env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run(torchrun(longer), env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from" in again.stdout and "at step 40" in again.stdout
     assert (run_dir / "latest").read_text().strip() == "step_00000044"
 
     # changed data settings cannot continue the checkpointed stream: a clear error, not a traceback
     changed = common_args(shards, tmp_path, "demo", 48, ["data.shuffle_buffer=49"])
-    refused = subprocess.run(torchrun(changed), env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    refused = subprocess.run(torchrun(changed), env=child_env(), capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
     assert refused.returncode != 0
     assert "cannot continue the data stream" in refused.stderr and "shuffle" in refused.stderr
     assert "Traceback" not in refused.stderr.split("cannot continue")[0][-200:]
 
     # another world size (ZeRO-2): one process continues the 2-rank run with its optimizer state re-split
     alone = common_args(shards, tmp_path, "demo", 46, ["runner.val_interval_steps=1000"])
-    single = subprocess.run([sys.executable, TRAIN, *alone], env=env(), capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    single = subprocess.run([sys.executable, TRAIN, *alone], env=child_env(), capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "optimizer state re-split for this world size" in single.stdout and "at step 44" in single.stdout
     assert (run_dir / "latest").read_text().strip() == "step_00000046"
@@ -99,7 +94,7 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
 
     # evaluation only (evaluate: true) needs no training data
     only_eval = common_args(shards, tmp_path, "demo", 46, ["evaluate=true", "data.train_name=[no_such_set]"])
-    evaluated = subprocess.run([sys.executable, TRAIN, *only_eval], env=env(), capture_output=True, text=True,
+    evaluated = subprocess.run([sys.executable, TRAIN, *only_eval], env=child_env(), capture_output=True, text=True,
                                timeout=600, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "eval demo_val @ step 46" in evaluated.stdout
@@ -140,12 +135,12 @@ def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_
     steps, interval = 30, 10
     extra = ["runner.val_interval_steps=1000", f"ckpt.step_interval={interval}", "log.record_sample_keys=true",
              "data.enable_valid=false", "log.tensorboard=false", "ckpt.keep_last=5"]
-    straight = subprocess.run(torchrun(common_args(shards, tmp_path, "straight", steps, extra)), env=env(),
+    straight = subprocess.run(torchrun(common_args(shards, tmp_path, "straight", steps, extra)), env=child_env(),
                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=env(),
+    process = subprocess.Popen(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=child_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                                start_new_session=True)
     deadline = time.monotonic() + 300
@@ -157,7 +152,7 @@ def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_
     resumed_from = (killed_dir / "latest").read_text().strip()
     assert resumed_from != f"step_{steps:08d}", "the run finished before it could be killed"
 
-    again = subprocess.run(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=env(),
+    again = subprocess.run(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=child_env(),
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {killed_dir / resumed_from}" in again.stdout
@@ -177,7 +172,7 @@ def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_
 
 def test_config_error_exits_2_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, TRAIN, "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"),
-                           "data.bach_size=3"], env=env(), capture_output=True, text=True, timeout=120)
+                           "data.bach_size=3"], env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "did you mean data.batch_size" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -187,7 +182,7 @@ def test_contradicting_deepspeed_config_is_refused(shards, tmp_path):
     ds.write_text('{"train_batch_size": 999, "zero_optimization": {"stage": 2}}')
     args = common_args(shards, tmp_path, "bad", 2)
     args[1] = str(ds)
-    done = subprocess.run([sys.executable, TRAIN, *args], env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, TRAIN, *args], env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train_batch_size=999" in done.stderr and "contradicts" in done.stderr
 
@@ -214,7 +209,7 @@ def test_multi_node_hostfile_launch(shards, tmp_path):
     args = common_args(shards, tmp_path, "nodes", 4, ["data.enable_valid=false", "ckpt.step_interval=2"])
     command = [os.path.join(BIN, "deepspeed"), "--hostfile", "hostfile", "--no_local_rank", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "pdsh" in done.stdout + done.stderr and "2 ranks" in done.stdout
     assert (tmp_path / "nodes" / "latest").read_text().strip() == "step_00000004"

@@ -1,0 +1,12 @@
+"""The environment of a child process that a test starts (an entry point, torchrun, the deepspeed launcher)."""
+import os
+
+
+def child_env():
+    """This process's environment for a child: offline (no hub), on the CPU, one thread per process, unbuffered
+    output, and without a rank of its own (the child's launcher sets RANK and WORLD_SIZE)."""
+    variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                     DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    variables.pop("RANK", None)
+    variables.pop("WORLD_SIZE", None)
+    return variables
