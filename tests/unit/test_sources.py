@@ -79,6 +79,10 @@ def test_dataset_by_name_and_split(root):
         resolve_dataset(cfg.data, "nope", ["train"])
     with pytest.raises(DataSourceError, match=r"dataset 'flat': no shards match .*test-\*\.tar"):
         resolve_dataset(cfg.data, "flat", ["test"])
+    # LAVIS configs say `val`; the message names the splits the folder has and the keys that pick them
+    with pytest.raises(DataSourceError, match=r"the folder holds the splits \['train', 'valid'\]: .*"
+                                              r"data.valid_splits \(LAVIS: run.train_splits / run.valid_splits\)"):
+        resolve_dataset(cfg.data, "flat", ["val"])
     cfg.data.train_name = ["flat", "flat"]
     with pytest.raises(DataSourceError, match="twice"):
         resolve_train_datasets(cfg.data)

@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -225,10 +226,24 @@ def resolve_dataset(data: DataConfig, name: str, splits: Sequence[str]) -> Resol
         shards = [path for pattern in patterns for path in sorted(glob.glob(pattern))]
         if not shards:
             raise DataSourceError(f"dataset {name!r}: no shards match {spec} (splits {list(splits)})"
-                                  + _unprefixed_hint(name, folder))
+                                  + _present_splits_hint(folder) + _unprefixed_hint(name, folder))
     configured = source.size if source is not None else None
     return ResolvedDataset(name=name, shards=tuple(shards), shard_sizes=_sizes_for(name, shards, configured),
                            spec=spec)
+
+
+_SPLIT_SHARD = re.compile(r"(.+)-\d+\.tar")
+
+
+def _present_splits_hint(folder: str) -> str:
+    """Name the splits a shard writer's folder does hold (a LAVIS config asks for ``val``; the writer's is
+    ``valid``), and the keys that choose them."""
+    present = sorted({match.group(1) for path in glob.glob(os.path.join(glob.escape(folder), "*.tar"))
+                      for match in [_SPLIT_SHARD.fullmatch(os.path.basename(path))] if match})
+    if not present:
+        return ""
+    return (f"; the folder holds the splits {present}: choose among them with data.train_splits / "
+            "data.valid_splits (LAVIS: run.train_splits / run.valid_splits)")
 
 
 def _unprefixed_hint(name: str, folder: str) -> str:
