@@ -16,7 +16,8 @@ import pytest
 
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import free_port
-from tests.e2e.test_train import BIN, TRAIN, common_args, env
+from tests.e2e.test_train import BIN, TRAIN, common_args
+from tests.helpers.processes import child_env
 from zvl_ds.atomic_write import atomic_folder, atomic_path
 from zvl_ds.checkpoint import CheckpointError, find_resume_point, refuse_overwrite
 from zvl_ds.cli import run
@@ -89,7 +90,7 @@ def run_with_fault(tmp_path, launcher, fault, args):
     script = tmp_path / "faulty_train.py"
     script.write_text(FAULTY_TRAIN)
     mark = tmp_path / f"fault_{fault}.time"
-    variables = dict(env(), ZVL_TEST_FAULT=fault, ZVL_TEST_FAULT_MARK=str(mark))
+    variables = dict(child_env(), ZVL_TEST_FAULT=fault, ZVL_TEST_FAULT_MARK=str(mark))
     done = subprocess.run(launch(launcher, str(script), args), env=variables, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     ended = time.time()
@@ -135,7 +136,7 @@ def test_full_disk_on_one_rank_keeps_latest_and_resume_refuses_a_damaged_checkpo
 
     # the failed attempt's step_00000004 is cleared before it is written again: no stray file survives
     (run_dir / "step_00000004" / "stray_from_the_failed_attempt").write_text("x")
-    again = subprocess.run(launch("torchrun", TRAIN, args), env=env(), capture_output=True, text=True,
+    again = subprocess.run(launch("torchrun", TRAIN, args), env=child_env(), capture_output=True, text=True,
                            timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "at step 2" in again.stdout
@@ -165,7 +166,7 @@ def test_starting_over_in_a_folder_with_checkpoints_needs_overwrite(shards, tmp_
     done = subprocess.run([sys.executable, TRAIN, "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"),
                            f"ckpt.dir={tmp_path}", "data.exp_name=demo", "ckpt.auto_resume=false",
                            f"data.data_path={shards}"],
-                          env=env(), capture_output=True, text=True, timeout=300)
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: " in done.stderr and "already holds checkpoints (step_00000010)" in done.stderr
     assert "ckpt.overwrite=true" in done.stderr and "Traceback" not in done.stderr
@@ -249,7 +250,7 @@ def test_wrong_data_path_exits_2_before_the_model_is_built(tmp_path, monkeypatch
     assert run(lambda: train.main(argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: dataset ") and str(tmp_path / "nowhere") in err
-    done = subprocess.run([sys.executable, TRAIN, *argv], env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, TRAIN, *argv], env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr
 
 
@@ -288,7 +289,7 @@ def test_make_shards_out_is_a_file_exits_2(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     done = subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", "--data-root",
                            str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "out"), "--quiet"],
-                          env=env(), capture_output=True, text=True, timeout=120)
+                          env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out").read_text() == "not a folder"
 
