@@ -192,8 +192,9 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
         G = 0.5 softmax_rows(z) + 0.5 softmax_columns(z) - Y,
 
     which gives the gradients of the images (complete: every column of their rows is here), of the texts (this
-    strip's part) and of tau. Per tile: 3 matmuls of (rows x cols x d) for both directions together, where
-    two row-wise passes need 6 for the same logits. Only chunk_rows x chunk_cols logits exist at a time.
+    strip's part) and of tau. Per tile: 4 matmuls of (rows x cols x d) for both directions together (the logits
+    in each sweep, then the two gradients), where two row-wise passes need 6. Only chunk_rows x chunk_cols
+    logits exist at a time.
 
     Accuracy is argmax's: a sample is a hit when its own pair reaches the maximum and no earlier index does.
     The second sweep looks for such earlier ties (a cheap compare on the tiles that hold earlier indices).
