@@ -252,11 +252,11 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
         q = images[start:stop]
         self_cols = targets.self_cols[start:stop]
         partner_cols = targets.partner_cols[start:stop] if targets.partner_cols is not None else None
-        target = (q * texts[self_cols]).sum(1) * lam
-        if partner_cols is not None:
-            target = target + (q * texts[partner_cols]).sum(1) * (1.0 - lam)
-        target_sum = target_sum + (target * inv_tau).sum()
         scaled = q * inv_tau  # as in pass 1, so each tile's logits are the same numbers as there
+        target = own_logit[start:stop] * lam  # the own pairs' logits, kept from the tiles of pass 1
+        if partner_cols is not None:
+            target = target + (scaled * texts[partner_cols]).sum(1) * (1.0 - lam)
+        target_sum = target_sum + target.sum()
         grad_rows = torch.zeros_like(q) if need_grads else None
         first_row, end_row = row_offset + start, row_offset + stop
         for col in range(0, global_batch, chunk_cols):
