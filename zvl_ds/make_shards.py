@@ -1,5 +1,5 @@
-"""Turn ZeroVL annotation CSVs and image folders into WebDataset shards (output format: zvl_ds/data/shards.py;
-input layout: zvl_ds/data/annotations.py).
+"""Turn ZeroVL annotation CSVs and image folders into WebDataset shards (output format: zvl_ds/data/writing/shard_writer.py;
+input layout: zvl_ds/data/writing/annotations.py).
 
 Examples:
   python -m zvl_ds.make_shards --data-root data --dataset demo_flat demo_sketch demo_val --out shards
@@ -17,10 +17,11 @@ import sys
 from typing import List, Optional
 
 from zvl_ds.bench import data as bench
-from zvl_ds.cli import run
-from zvl_ds.data import annotations, shards
-from zvl_ds.data.images import DEFAULT_MAX_PIXELS
-from zvl_ds.logs import setup_logging
+from zvl_ds.runtime.cli import run
+from zvl_ds.data.writing import annotations
+from zvl_ds.data.writing import shard_writer as shards
+from zvl_ds.data.writing.images import DEFAULT_MAX_PIXELS
+from zvl_ds.runtime.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.cli.run``."""
+    """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.runtime.cli.run``."""
     setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 

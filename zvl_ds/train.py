@@ -20,30 +20,32 @@ from typing import Dict, List, Optional
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds import dist
-from zvl_ds.atomic_write import write_text_atomic
-from zvl_ds.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.atomic_write import write_text_atomic
+from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal,
                                find_resume_point, load_checkpoint, needs_universal_conversion, read_latest,
                                refuse_overwrite, restore_rng_state, save_checkpoint)
-from zvl_ds.cli import run
+from zvl_ds.runtime.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
-from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.data import build_train_loader
+from zvl_ds.data import load_tokenizer
+from zvl_ds.data import normalize_images
 from zvl_ds.data.failures import sum_counts
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
-from zvl_ds.dga import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
-from zvl_ds.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
+from zvl_ds.objective.step import RUNNERS, SkipPolicy, StepBatch, StepOptions, StepResult, step_seed
+from zvl_ds.runtime.engine import (Placement, build_ds_config, initialize_engine, resolve_placement,
                            set_learning_rate, zero_stage)
-from zvl_ds.init_weights import initialise_from_config, selected_source
-from zvl_ds.logs import setup_logging
-from zvl_ds.mixup import draw_mixup, partner_index
-from zvl_ds.model import build_model, compile_towers
-from zvl_ds.monitor import Monitor, PhaseTimer, peak_memory_bytes
-from zvl_ds.optim import build_optimizer
-from zvl_ds.records import drop_rows_after
-from zvl_ds.retrieval.evaluation import evaluate_with_examples, log_retrieval_examples
-from zvl_ds.safe_load import check_checkpoint_folder
-from zvl_ds.schedule import learning_rate
-from zvl_ds.zero_shot import evaluate_zero_shot, labelled_images, prompt_names, read_templates
+from zvl_ds.model.init_weights import initialise_from_config, selected_source
+from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.objective.mixup import draw_mixup, partner_index
+from zvl_ds.model.dual_encoder import build_model, compile_towers
+from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
+from zvl_ds.runtime.optim import build_optimizer
+from zvl_ds.runtime.records import drop_rows_after
+from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
+from zvl_ds.model.safe_load import check_checkpoint_folder
+from zvl_ds.runtime.schedule import learning_rate
+from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, labelled_images, prompt_names, read_templates
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -319,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))
     setup_logging(dist.get_rank(), dist.get_world_size())
     # No `finally: dist.cleanup()`: its barrier would wait forever for a rank that failed. An error escapes to
-    # zvl_ds.cli.run, which ends this rank at once (and with it, through the launcher, the job).
+    # zvl_ds.runtime.cli.run, which ends this rank at once (and with it, through the launcher, the job).
     world_size = dist.get_world_size()
     check_world_size(cfg, world_size)
     placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
@@ -342,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.train`` and the console script ``zvl-train``: errors exit through ``zvl_ds.cli.run``."""
+    """``python -m zvl_ds.train`` and the console script ``zvl-train``: errors exit through ``zvl_ds.runtime.cli.run``."""
     return run(main)
 
 

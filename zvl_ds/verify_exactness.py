@@ -8,7 +8,7 @@ Run it exactly like training, with a smaller batch:
 Each rank takes one batch (from your data, or random inputs with --synthetic) and runs one step of the
 configured runner with plain SGD at lr 1 (no momentum, decay or clipping), so the parameter update IS the
 averaged gradient. Rank 0 then recomputes the gradient of the same global batch in a single process with a
-dense full-batch loss (zvl_ds.exactness), replaying each rank's dropout, and prints the largest relative
+dense full-batch loss (zvl_ds.objective.exactness), replaying each rank's dropout, and prints the largest relative
 difference per parameter group. Exit code 1 when a group exceeds the tolerance.
 """
 from __future__ import annotations
@@ -22,17 +22,19 @@ import deepspeed
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds import dist
-from zvl_ds.cli import run
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
-from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
-from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed
-from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement
-from zvl_ds.exactness import GroupDifference, compare_by_group, reference_loss
-from zvl_ds.logs import setup_logging
-from zvl_ds.mixup import draw_mixup, partner_index
-from zvl_ds.model import build_model
-from zvl_ds.optim import build_optimizer
+from zvl_ds.data import build_train_loader
+from zvl_ds.data import load_tokenizer
+from zvl_ds.data import normalize_images
+from zvl_ds.objective.step import RUNNERS, StepBatch, StepOptions, step_seed
+from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
+from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
+from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.objective.mixup import draw_mixup, partner_index
+from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.runtime.optim import build_optimizer
 
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
                  "optim.grad_clip=0.0"]
@@ -187,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.verify_exactness`` and the console script ``zvl-verify-exactness``: errors exit through ``zvl_ds.cli.run``."""
+    """``python -m zvl_ds.verify_exactness`` and the console script ``zvl-verify-exactness``: errors exit through ``zvl_ds.runtime.cli.run``."""
     return run(main)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
-from zvl_ds.exactness import compare_tensors, reference_loss
-from zvl_ds.mixup import MixupDraw
+from zvl_ds.objective.exactness import compare_tensors, reference_loss
+from zvl_ds.objective.mixup import MixupDraw
 
 GLOBAL_BATCH = 16
 STEPS = 2
@@ -65,11 +65,11 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
             implementation="auto", compile_backend=None, chunk_cols=None):
     import deepspeed
 
-    from zvl_ds.dga import RUNNERS, StepBatch, StepOptions, step_seed
-    from zvl_ds.engine import build_ds_config, initialize_engine
-    from zvl_ds.mixup import partner_index
-    from zvl_ds.model import build_model, compile_towers
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.objective.step import RUNNERS, StepBatch, StepOptions, step_seed
+    from zvl_ds.runtime.engine import build_ds_config, initialize_engine
+    from zvl_ds.objective.mixup import partner_index
+    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk, chunk_cols)
     cfg.precision = precision
@@ -104,8 +104,8 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
 
 
 def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", runner="clip_bsgs"):
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk)
     cfg.optim.name = optimizer
@@ -203,7 +203,7 @@ def test_single_pass_runner_matches_reference():
 
 def update_difference(params, expected):
     """||update - reference update|| / ||reference update|| over all parameters."""
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = make_cfg()
     torch.manual_seed(cfg.seed)

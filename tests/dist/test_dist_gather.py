@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.helpers.dist_utils import run_distributed
-from zvl_ds.dense_loss import dense_contrastive_loss, dense_sigmoid_loss
+from zvl_ds.objective.dense_reference import dense_contrastive_loss, dense_sigmoid_loss
 
 PER_RANK = 4  # samples per rank in the model check
 TOLERANCE = 1e-5  # of each tensor's largest magnitude
@@ -31,7 +31,7 @@ def _rel_error(actual, expected):
 
 
 def _gather_checks(rank, world_size):
-    from zvl_ds.dist import gather_no_grad, gather_with_grad
+    from zvl_ds.runtime.dist import gather_no_grad, gather_with_grad
 
     rows, cols = 2, 3
     base = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
@@ -97,9 +97,9 @@ def _grads(model):
 
 
 def _model_checks(rank, world_size):
-    from zvl_ds.loss import contrastive_loss
-    from zvl_ds.mixup import MixupDraw, partner_index
-    from zvl_ds.model import build_model
+    from zvl_ds.objective.softmax_loss import contrastive_loss
+    from zvl_ds.objective.mixup import MixupDraw, partner_index
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = _tiny_config()
     torch.manual_seed(0)  # identical weights on every rank
@@ -168,9 +168,9 @@ def _model_checks(rank, world_size):
 
 
 def _cached_grad_checks(rank, world_size):
-    from zvl_ds.dist import gather_no_grad
-    from zvl_ds.loss import contrastive_loss, loss_and_grads
-    from zvl_ds.mixup import MixupDraw, partner_index
+    from zvl_ds.runtime.dist import gather_no_grad
+    from zvl_ds.objective.softmax_loss import contrastive_loss, loss_and_grads
+    from zvl_ds.objective.mixup import MixupDraw, partner_index
 
     per_rank, dim, chunk = 6, 5, 3
     batch = per_rank * world_size
@@ -227,7 +227,7 @@ def _cached_grad_checks(rank, world_size):
 
 def _tied_accuracy_checks(rank, world_size):
     """Tiled accuracy with exact ties across ranks equals argmax over the full batch (the first maximum)."""
-    from zvl_ds.loss import contrastive_loss
+    from zvl_ds.objective.softmax_loss import contrastive_loss
 
     per_rank = 5
     batch = per_rank * world_size
@@ -251,8 +251,8 @@ def _tied_accuracy_checks(rank, world_size):
 
 def _sigmoid_model_checks(rank, world_size):
     """SigLIP through the model: per-rank losses with gather-backward, gradients averaged as an engine does."""
-    from zvl_ds.model import build_model
-    from zvl_ds.sigmoid_loss import sigmoid_loss
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.objective.sigmoid_loss import sigmoid_loss
 
     cfg = _tiny_config()
     cfg.loss.name, cfg.loss.temperature.name = "SigLIP", "constant"
@@ -288,8 +288,8 @@ def _sigmoid_model_checks(rank, world_size):
 
 def _sigmoid_cached_checks(rank, world_size):
     """DGA's cached SigLIP gradients in fp64: rows gathered and (scale, bias) shares summed equal the dense ones."""
-    from zvl_ds.dist import gather_no_grad
-    from zvl_ds.sigmoid_loss import sigmoid_loss_and_grads
+    from zvl_ds.runtime.dist import gather_no_grad
+    from zvl_ds.objective.sigmoid_loss import sigmoid_loss_and_grads
 
     per_rank, dim = 5, 4
     batch = per_rank * world_size

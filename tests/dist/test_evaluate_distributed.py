@@ -14,7 +14,7 @@ import torch
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import run_distributed
 from tests.unit.test_evaluate import _assert_metrics
-from zvl_ds.retrieval.metrics import retrieval_metrics
+from zvl_ds.evaluation.metrics import retrieval_metrics
 
 VALID_NAMES = ["demo_val", "demo_one"]  # 23 images x 3 captions in 5 shards; 1 image (other ranks get none)
 
@@ -22,8 +22,9 @@ VALID_NAMES = ["demo_val", "demo_one"]  # 23 images x 3 captions in 5 shards; 1 
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
     """Demo validation data through the same code as zvl_ds.make_demo_data and zvl_ds.make_shards."""
-    from zvl_ds.data import annotations, shards
-    from zvl_ds.data.demo import make_demo_data
+    from zvl_ds.data.writing import annotations
+    from zvl_ds.data.writing import shard_writer as shards
+    from zvl_ds.data.writing.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("eval_data")
     for data, size, captions, name, per_shard in (("data", 23, 3, "demo_val", 5), ("data2", 1, 5, "demo_one", 10)):
@@ -46,7 +47,7 @@ def eval_overrides(shard_root):
 def build_tiny(overrides):
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
@@ -55,8 +56,8 @@ def build_tiny(overrides):
 
 def _eval_worker(rank, world_size, overrides, zero3):
     from zvl_ds.data import build_valid_loader
-    from zvl_ds.retrieval.embed import embed_validation
-    from zvl_ds.retrieval.evaluation import evaluate_retrieval, evaluate_with_examples, log_retrieval_examples
+    from zvl_ds.evaluation.embed import embed_validation
+    from zvl_ds.evaluation.retrieval import evaluate_retrieval, evaluate_with_examples, log_retrieval_examples
 
     cfg, model, tokenizer = build_tiny(overrides)
     if zero3:  # parameters partitioned: every forward is collective, ranks must call the model in lockstep
@@ -103,7 +104,8 @@ def _read_shards(folder):
 
 def _reference_metrics(overrides, folder):
     """One sample at a time, no loader, no process group: the full-batch reference."""
-    from zvl_ds.data import normalize_images, tokenize
+    from zvl_ds.data import normalize_images
+    from zvl_ds.data import tokenize
     from zvl_ds.data.transforms import ImageTransform, to_uint8_chw
 
     cfg, model, tokenizer = build_tiny(overrides)
@@ -173,7 +175,7 @@ def _run_cli(args, cwd, torchrun=False):
 
 
 def test_evaluate_cli_on_an_exported_model_one_process_and_torchrun(shard_root, reference, tmp_path):
-    from zvl_ds.inference import write_model_folder
+    from zvl_ds.export.model_folder import write_model_folder
 
     overrides = eval_overrides(shard_root)
     cfg, model, tokenizer = build_tiny(overrides)

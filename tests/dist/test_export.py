@@ -43,9 +43,9 @@ def _train_and_save(rank, world_size, run_root, overrides, stage, precision, ste
     import deepspeed
     import torch.nn.functional as F
 
-    from zvl_ds.checkpoint import save_checkpoint
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.runtime.checkpoint import save_checkpoint
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import build_optimizer
 
     cfg = _config(list(overrides) + [f"precision={precision}", f"ckpt.dir={run_root}"])
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def _embed(model, cfg):
 
 @pytest.mark.parametrize("name", ["z0_fp32", "z1_fp32_frozen_text", "z3_fp32"])
 def test_load_run_reproduces_fp32_embeddings_exactly(runs, name):
-    from zvl_ds.consolidate import load_run
+    from zvl_ds.export.consolidate import load_run
 
     ref = runs[name]
     cfg, model, tag = load_run(ref["run_dir"])
@@ -141,8 +141,8 @@ def test_load_run_reproduces_fp32_embeddings_exactly(runs, name):
 
 @pytest.mark.parametrize("name", ["z0_bf16", "z2_bf16"])
 def test_bf16_runs_export_the_fp32_master_weights(runs, name):
-    from zvl_ds.consolidate import load_run
-    from zvl_ds.optim import parameter_groups
+    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.runtime.optim import parameter_groups
 
     ref = runs[name]
     cfg, model, _ = load_run(ref["run_dir"])
@@ -197,7 +197,8 @@ def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path
     assert not loaded.model.training
     _assert_same_embeddings(loaded, runs["z0_fp32"])
     # the saved tokenizer tokenises exactly as the training one
-    from zvl_ds.data import load_tokenizer, tokenize
+    from zvl_ds.data import load_tokenizer
+    from zvl_ds.data import tokenize
 
     captions = ["a red circle at the top", "Two BLUE squares, near the left!", ""]
     want_ids, want_mask = tokenize(load_tokenizer(_config([]).model.text_encoder), captions, 16)
@@ -207,16 +208,16 @@ def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path
 
 
 def test_zero3_run_exports_and_loads_exactly(runs, tmp_path):
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import load_model
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import load_model
 
     out = export_model(runs["z3_fp32"]["run_dir"], str(tmp_path / "model"))
     _assert_same_embeddings(load_model(out), runs["z3_fp32"])
 
 
 def test_zero3_two_rank_checkpoint_exports_exactly(tmp_path):
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import load_model
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import load_model
 
     results = run_distributed(_train_many, 2, ([(str(tmp_path / "run2"), [], 3, "fp32")],), timeout=300)
     ref0, ref1 = results[0][0], results[1][0]
@@ -227,7 +228,7 @@ def test_zero3_two_rank_checkpoint_exports_exactly(tmp_path):
 
 
 def test_load_model_works_without_deepspeed(runs, tmp_path):
-    from zvl_ds.consolidate import export_model
+    from zvl_ds.export.consolidate import export_model
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     result = tmp_path / "embeds.pt"
@@ -279,8 +280,8 @@ def test_preprocess_and_tokenize_match_the_validation_loader(runs, tmp_path):
     from PIL import Image
 
     from zvl_ds.data import build_valid_loader
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import load_model
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import load_model
 
     loaded = load_model(export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model")))
     shard = _write_valid_shard(str(tmp_path / "shards" / "probe"), [(64, 48), (40, 90), (300, 200)])
@@ -307,8 +308,8 @@ def test_preprocess_and_tokenize_match_the_validation_loader(runs, tmp_path):
 def test_bad_run_folders_give_clear_errors(runs, tmp_path):
     import shutil
 
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import ExportError
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import ExportError
 
     with pytest.raises(ExportError, match="run folder not found: .*nowhere"):
         export_model(str(tmp_path / "nowhere"), str(tmp_path / "out"))
@@ -339,8 +340,8 @@ def test_bad_run_folders_give_clear_errors(runs, tmp_path):
 def test_checkpoint_with_pickled_code_is_refused(runs, tmp_path):
     import shutil
 
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import ExportError
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import ExportError
 
     run = tmp_path / "copy"
     shutil.copytree(runs["z3_fp32"]["run_dir"], run)
@@ -354,8 +355,8 @@ def test_incomplete_model_folder_names_the_missing_files(runs, tmp_path):
     import shutil
 
     import zvl_ds
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import ExportError
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import ExportError
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     shutil.rmtree(os.path.join(out, "tokenizer"))
@@ -373,8 +374,8 @@ def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
 
     from PIL import Image
 
-    import zvl_ds.inference as inference
-    from zvl_ds.consolidate import export_model
+    import zvl_ds.export.model_folder as inference
+    from zvl_ds.export.consolidate import export_model
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "photo.jpg")
@@ -387,8 +388,8 @@ def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
 
 def test_every_file_of_real_checkpoints_passes_the_weights_only_check(runs):
     """The allow-list is complete for what DeepSpeed writes at ZeRO 0-3 (fp32 and bf16): resume accepts them."""
-    from zvl_ds.checkpoint import read_latest
-    from zvl_ds.safe_load import check_checkpoint_folder, checkpoint_files
+    from zvl_ds.runtime.checkpoint import read_latest
+    from zvl_ds.model.safe_load import check_checkpoint_folder, checkpoint_files
 
     for name, run in runs.items():
         tag_dir = os.path.join(run["run_dir"], read_latest(run["run_dir"]))
@@ -398,8 +399,8 @@ def test_every_file_of_real_checkpoints_passes_the_weights_only_check(runs):
 
 def test_a_model_folder_asking_for_remote_code_is_refused(runs, tmp_path):
     import zvl_ds
-    from zvl_ds.consolidate import export_model
-    from zvl_ds.inference import ExportError
+    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.model_folder import ExportError
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     meta_path = os.path.join(out, "model_config.json")

@@ -4,7 +4,7 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
-from zvl_ds.dense_loss import dense_contrastive_loss
+from zvl_ds.objective.dense_reference import dense_contrastive_loss
 
 
 def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():
@@ -19,7 +19,7 @@ def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():
 
 
 def test_accum_freq_step_applies_the_full_batch_gradient():
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
     from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss_copy
 
     cfg = load_config(None, ["model.arch=tiny", "loss.temperature.name=parameter", "loss.temperature.value=0.1",

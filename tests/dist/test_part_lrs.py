@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.exactness import compare_tensors, reference_loss
+from zvl_ds.objective.exactness import compare_tensors, reference_loss
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -53,8 +53,8 @@ def make_cfg(extra=()):
 
 
 def test_each_parameter_gets_the_formula_scale():
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import optimizer_groups
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import optimizer_groups
 
     cfg = make_cfg()
     model = build_model(cfg.model, cfg.loss)
@@ -75,8 +75,8 @@ def test_each_parameter_gets_the_formula_scale():
 
 
 def test_default_config_keeps_the_two_groups():
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import optimizer_groups, parameter_groups
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import optimizer_groups, parameter_groups
 
     cfg = load_config(None, ["model.arch=tiny"])
     model = build_model(cfg.model, cfg.loss)
@@ -100,7 +100,7 @@ def test_bad_part_lrs_are_refused(overrides, message):
 
 
 def test_layer_decay_on_a_tower_without_blocks_is_refused():
-    from zvl_ds.optim import optimizer_groups
+    from zvl_ds.runtime.optim import optimizer_groups
 
     class Convolutional(nn.Module):
         def __init__(self):
@@ -128,9 +128,9 @@ def normalise(images):
 
 
 def _engine(cfg, stage, world_size):
-    from zvl_ds.engine import build_ds_config, initialize_engine
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.runtime.engine import build_ds_config, initialize_engine
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import build_optimizer
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loss)
@@ -141,10 +141,10 @@ def _engine(cfg, stage, world_size):
 
 
 def _worker(rank, world_size, stage, resume_dir):
-    from zvl_ds.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-    from zvl_ds.dga import StepBatch, StepOptions, dga_step, step_seed
-    from zvl_ds.engine import set_learning_rate
-    from zvl_ds.schedule import learning_rate
+    from zvl_ds.runtime.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+    from zvl_ds.objective.step import StepBatch, StepOptions, dga_step, step_seed
+    from zvl_ds.runtime.engine import set_learning_rate
+    from zvl_ds.runtime.schedule import learning_rate
 
     cfg = make_cfg()
     engine, scales = _engine(cfg, stage, world_size)
@@ -169,7 +169,7 @@ def _worker(rank, world_size, stage, resume_dir):
 
 def reference_params(world_size, scale_of=expected_scale):
     """Plain PyTorch: full-batch loss, SGD with one group per parameter at lr(step) x ``scale_of(name)``."""
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = make_cfg()
     torch.manual_seed(cfg.seed)

@@ -27,8 +27,8 @@ class CountSyncs(TorchFunctionMode):
 
 def _sync_worker(rank, world_size, stage, chunks_list):
     from zvl_ds.bench.step import TINY, _setup_engine, _synthetic_batch
-    from zvl_ds.dga import StepOptions, dga_step
-    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.objective.step import StepOptions, dga_step
+    from zvl_ds.objective.mixup import draw_mixup, partner_index
 
     counts = {}
     for chunks in chunks_list:
@@ -59,7 +59,7 @@ def test_no_host_sync_inside_the_chunk_loops(stage):
 
 
 def test_profile_range_is_free_when_no_profiler_records():
-    from zvl_ds.profile_ranges import profile_range
+    from zvl_ds.runtime.profile_ranges import profile_range
 
     off = profile_range("zvl.x")
     assert off is profile_range("zvl.y")  # one shared no-op, no dispatcher call
@@ -134,7 +134,7 @@ def _sdpa_calls(model, **inputs):
 
 
 def test_sdpa_runs_in_both_towers_and_matches_eager_attention():
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     outputs, calls = {}, {}
     generator = torch.Generator().manual_seed(0)
@@ -156,8 +156,8 @@ def test_sdpa_runs_in_both_towers_and_matches_eager_attention():
 
 
 def test_optimizer_kernels_give_the_plain_update():
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import build_optimizer, kernel_options
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import build_optimizer, kernel_options
 
     assert kernel_options("auto", torch.device("cpu")) == {"foreach": False}
     assert kernel_options("auto", torch.device("cuda")) == {"fused": True}

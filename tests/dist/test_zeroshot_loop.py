@@ -30,7 +30,7 @@ def _worker(rank, world_size, folder, templates):
     import torch
 
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.zero_shot import evaluate_zero_shot
+    from zvl_ds.evaluation.zero_shot import evaluate_zero_shot
 
     cfg = _cfg(folder, templates)
     tokenizer = load_tokenizer(cfg.model.text_encoder)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.classify import main
-from zvl_ds.zero_shot import DEFAULT_TEMPLATES
+from zvl_ds.evaluation.zero_shot import DEFAULT_TEMPLATES
 
 CLASSES = ["blue", "green", "red"]
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (230, 30, 20)}
@@ -21,8 +21,8 @@ def model_dir(tmp_path_factory):
     """A tiny random model exported as a model folder (what zvl_ds.export writes)."""
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.inference import write_model_folder
-    from zvl_ds.model import build_model
+    from zvl_ds.export.model_folder import write_model_folder
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "transforms.resize.size=32", "transforms.center_crop.size=32",
                              "transforms.input_size=32"])
@@ -46,7 +46,7 @@ def image_folder(tmp_path_factory):
 
 def one_at_a_time(model_dir, samples, names, templates):
     """Top-1 / top-k hits computed image by image: mean prompt embedding per class, argmax of dot products."""
-    from zvl_ds.inference import load_model
+    from zvl_ds.export.model_folder import load_model
 
     zvl = load_model(model_dir)
     columns = [torch.nn.functional.normalize(zvl.encode_text([t.replace("{}", n) for t in templates]).mean(0),

@@ -98,9 +98,9 @@ def test_test_command_is_what_ci_runs():
 
 def test_inference_example_is_the_tested_one():
     """The README's load_model example is the export module's docstring example, which test_export runs."""
-    import zvl_ds.inference
+    import zvl_ds.export.model_folder
 
-    example = [line.strip() for line in zvl_ds.inference.__doc__.splitlines() if line.strip().startswith(
+    example = [line.strip() for line in zvl_ds.export.model_folder.__doc__.splitlines() if line.strip().startswith(
         ("import zvl_ds", "model = zvl_ds.load_model", "captions =", "image =", "scores =", "print("))]
     assert len(example) == 6
     text = readme_text()

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds.dist import free_port
+from zvl_ds.runtime.dist import free_port
 
 
 def test_verify_exactness_tool_passes_under_torchrun():

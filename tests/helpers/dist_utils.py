@@ -8,7 +8,7 @@ import queue
 import traceback
 from typing import Any, Callable, List, Sequence
 
-from zvl_ds.dist import free_port  # noqa: F401  (the tests take their ports from here)
+from zvl_ds.runtime.dist import free_port  # noqa: F401  (the tests take their ports from here)
 
 
 def _entry(fn, rank, world_size, port, args, results, use_deepspeed):
@@ -20,7 +20,7 @@ def _entry(fn, rank, world_size, port, args, results, use_deepspeed):
 
         torch.set_num_threads(1)
         import zvl_ds  # noqa: F401
-        from zvl_ds.dist import cleanup, init_distributed
+        from zvl_ds.runtime.dist import cleanup, init_distributed
 
         init_distributed("gloo", use_deepspeed=use_deepspeed)
         result = fn(rank, world_size, *args)

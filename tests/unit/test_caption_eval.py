@@ -5,11 +5,12 @@ import os
 import torch
 
 from zvl_ds.config import load_config
-from zvl_ds.data import load_tokenizer, tokenize
+from zvl_ds.data import load_tokenizer
+from zvl_ds.data import tokenize
 from zvl_ds.data.transforms import caption_preparer
-from zvl_ds.inference import PREPROCESS_FILE, load_model, write_model_folder
-from zvl_ds.model import build_model
-from zvl_ds.zero_shot import build_zero_shot_classifier
+from zvl_ds.export.model_folder import PREPROCESS_FILE, load_model, write_model_folder
+from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.evaluation.zero_shot import build_zero_shot_classifier
 
 CLEAN_EVAL = ["model.arch=tiny", "model.max_length=12", "transforms.caption_eval.clean=true",
               "transforms.caption_eval.max_words=5"]

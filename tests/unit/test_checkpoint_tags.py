@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from zvl_ds.checkpoint import (CheckpointError, find_resume_point, list_tags, prune_checkpoints, read_latest,
+from zvl_ds.runtime.checkpoint import (CheckpointError, find_resume_point, list_tags, prune_checkpoints, read_latest,
                                tag_for_step)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zvl_ds.zero_shot import build_zero_shot_classifier, classify_folder, list_class_folders
+from zvl_ds.evaluation.zero_shot import build_zero_shot_classifier, classify_folder, list_class_folders
 
 # Colours as cube corners centred at the origin: the "image tower" below maps a solid image to exactly this.
 COLOURS = {"black": (0, 0, 0), "blue": (0, 0, 1), "cyan": (0, 1, 1), "green": (0, 1, 0),
@@ -99,7 +99,7 @@ def test_prompt_ensemble_of_the_real_text_tower(tokenizer):
     """Batched ensemble = per-prompt embeddings averaged over templates, renormalised (one prompt at a time)."""
     from zvl_ds.config import load_config
     from zvl_ds.data import tokenize
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = load_config(None, ["model.arch=tiny"])
     torch.manual_seed(0)

@@ -204,7 +204,7 @@ def test_unimplemented_zerovl_loss_options_are_refused_not_ignored():
 
 def test_lavis_constant_lr_name_is_accepted(tmp_path):
     path = write(tmp_path / "lavis.yaml", "run:\n  lr_sched: constant_lr\n  init_lr: 0.1\n")
-    from zvl_ds.schedule import learning_rate
+    from zvl_ds.runtime.schedule import learning_rate
 
     cfg = load_config(path)
     assert [learning_rate(cfg.optim.lr, s, 100, 10) for s in (0, 50, 99)] == [0.1, 0.1, 0.1]

@@ -15,7 +15,7 @@ from zvl_ds.config.compat import LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
 from zvl_ds.config.reference import (README_TABLES, lavis_mapping_markdown, lavis_model_markdown, presets_markdown,
                                      reference_markdown)
 from zvl_ds.config.schema import KEY_HELP, Config
-from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
+from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 README = os.path.join(REPO_ROOT, "README.md")
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",

@@ -14,8 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds.data import annotations, shards
-from zvl_ds.data.demo import COLOURS, PLURALS, POSITION_PHRASES, SHAPES, make_demo_data
+from zvl_ds.data.writing import annotations
+from zvl_ds.data.writing import shard_writer as shards
+from zvl_ds.data.writing.demo import COLOURS, PLURALS, POSITION_PHRASES, SHAPES, make_demo_data
 
 TRAIN, VALID = 40, 12
 

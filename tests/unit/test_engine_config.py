@@ -6,7 +6,7 @@ import torch
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.engine import build_ds_config, resolve_placement
+from zvl_ds.runtime.engine import build_ds_config, resolve_placement
 
 
 def test_auto_fields_filled_from_yaml():
@@ -38,7 +38,7 @@ def test_every_shipped_deepspeed_config_fills():
 
 
 def test_fp16_refused_with_a_clear_message_where_the_device_lacks_it(monkeypatch):
-    import zvl_ds.engine as engine
+    import zvl_ds.runtime.engine as engine
 
     # some CPUs have fp16 (AVX512-FP16/AMX), most do not: simulate one that does not
     monkeypatch.setattr(engine, "_fp16_supported", lambda device: False)

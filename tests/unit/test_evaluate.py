@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from zvl_ds.retrieval.grid import render_retrieval_grid
-from zvl_ds.retrieval.metrics import retrieval_metrics, top_captions
+from zvl_ds.evaluation.grid import render_retrieval_grid
+from zvl_ds.evaluation.metrics import retrieval_metrics, top_captions
 
 T = torch.tensor
 
@@ -168,7 +168,7 @@ def test_render_retrieval_grid_rejects_mismatched_inputs():
 
 
 def test_chance_metrics_hand_computed():
-    from zvl_ds.retrieval.metrics import chance_metrics
+    from zvl_ds.evaluation.metrics import chance_metrics
 
     two = chance_metrics(num_images=2, num_texts=2)  # one caption each: a coin flip at K=1, certain at K>=2
     assert two["i2t_r1"] == pytest.approx(50.0) and two["t2i_r1"] == pytest.approx(50.0)

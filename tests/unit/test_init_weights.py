@@ -1,6 +1,6 @@
 """LAVIS's model options: ``model.model_type`` variants of a preset, and whole-model weights
 (``model.load_pretrained`` / ``model.pretrained``, ``model.load_finetuned`` / ``model.finetuned``) loaded by
-zvl_ds.init_weights with shape checks and a report of missing and unexpected tensors."""
+zvl_ds.model.init_weights with shape checks and a report of missing and unexpected tensors."""
 import logging
 import os
 
@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from zvl_ds.config import ConfigError, config_from_dict
 from zvl_ds.config.compat import LAVIS_MODEL_COUNTERPARTS
 from zvl_ds.config.reference import config_keys
-from zvl_ds.init_weights import InitWeightsError, initialise_from_config, load_whole_model, read_source
-from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
+from zvl_ds.model.init_weights import InitWeightsError, initialise_from_config, load_whole_model, read_source
+from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 LEARNED_TEMPERATURE = {"temperature": {"name": "parameter", "value": 0.05}}
 
@@ -22,7 +22,7 @@ def tiny_config(**model_keys):
 
 
 def tiny_model(seed, **model_keys):
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = tiny_config(**model_keys)
     torch.manual_seed(seed)
@@ -163,7 +163,7 @@ def test_single_safetensors_file_loads_every_tensor_exactly(tmp_path):
 
 def test_exported_model_folder_loads_exactly(tmp_path):
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.inference import write_model_folder
+    from zvl_ds.export.model_folder import write_model_folder
 
     cfg = tiny_config()
     source = tiny_model(3)
@@ -277,10 +277,10 @@ def test_exported_config_of_a_run_with_these_keys_loads_back(tmp_path):
     """An exported folder records the model section; the preset, its variant and the weights sources are merged or
     spent, so it must load without them."""
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.inference import load_model, write_model_folder
+    from zvl_ds.export.model_folder import load_model, write_model_folder
 
     cfg = tiny_config(model_type="patch4", load_pretrained=True, pretrained=str(tmp_path / "gone"))
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     model = build_model(cfg.model, cfg.loss)
     folder = write_model_folder(str(tmp_path / "exported"), cfg, model, load_tokenizer(cfg.model.text_encoder),

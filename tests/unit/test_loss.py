@@ -1,7 +1,7 @@
 """Single-process checks of the chunked loss, its cached-gradient form, and the mixup draws.
 
 The reference everywhere is a plain full-batch PyTorch computation written here (B x B logits, explicit soft
-targets, autograd), independent of zvl_ds.loss. Multi-process checks live in tests/dist/test_dist_gather.py.
+targets, autograd), independent of zvl_ds.objective.softmax_loss. Multi-process checks live in tests/dist/test_dist_gather.py.
 """
 import math
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zvl_ds.dense_loss import dense_contrastive_loss
-from zvl_ds.loss import contrastive_loss, loss_and_grads
-from zvl_ds.mixup import MixupDraw, draw_mixup, mix_images, partner_index
+from zvl_ds.objective.dense_reference import dense_contrastive_loss
+from zvl_ds.objective.softmax_loss import contrastive_loss, loss_and_grads
+from zvl_ds.objective.mixup import MixupDraw, draw_mixup, mix_images, partner_index
 
 
 def reversed_blocks(batch: int, block: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from zvl_ds.config import ImageEncoderConfig, TemperatureConfig, TextEncoderConfig, config_from_dict
-from zvl_ds.mixup import MixupDraw
-from zvl_ds.model import (DualEncoder, build_image_tower, build_model, build_projection, build_text_tower,
+from zvl_ds.objective.mixup import MixupDraw
+from zvl_ds.model.dual_encoder import (DualEncoder, build_image_tower, build_model, build_projection, build_text_tower,
                           parameter_summary, read_state_dict)
 
 TINY_VIT = {"tag": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,

@@ -1,10 +1,10 @@
 """Optimizer parameter groups: what is exempt from weight decay."""
 from zvl_ds.config import load_config
-from zvl_ds.optim import parameter_groups
+from zvl_ds.runtime.optim import parameter_groups
 
 
 def test_no_decay_group_holds_biases_norms_and_temperature():
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "loss.temperature.name=parameter"])
     model = build_model(cfg.model, cfg.loss)

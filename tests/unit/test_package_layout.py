@@ -70,7 +70,9 @@ def test_every_console_script_is_zvl_dash_its_module_and_runs_it_through_cli():
     for script, target in scripts.items():
         module_name, function = target.split(":")
         assert function == "cli", target
-        assert script == "zvl-" + module_name.split(".")[-1].replace("_", "-"), (script, target)
+        parts = module_name.split(".")
+        tool = parts[-2] if parts[-1] == "__main__" else parts[-1]  # a package tool's command is its __main__
+        assert script == "zvl-" + tool.replace("_", "-"), (script, target)
         module = importlib.import_module(module_name)
         assert callable(module.cli)
         with open(module.__file__, encoding="utf-8") as handle:
@@ -79,21 +81,21 @@ def test_every_console_script_is_zvl_dash_its_module_and_runs_it_through_cli():
 
 def test_inference_imports_no_deepspeed_and_no_training_code():
     # a fresh interpreter: this one has imported everything already
-    code = "import sys, json, zvl_ds.inference; print(json.dumps(sorted(sys.modules)))"
+    code = "import sys, json, zvl_ds.export.model_folder; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
-    assert "zvl_ds.inference" in loaded and "zvl_ds.model" in loaded
-    training = {"deepspeed", "zvl_ds.dga", "zvl_ds.engine", "zvl_ds.checkpoint", "zvl_ds.consolidate", "zvl_ds.optim",
-                "zvl_ds.train", "zvl_ds.monitor"}
+    assert "zvl_ds.export.model_folder" in loaded and "zvl_ds.model.dual_encoder" in loaded
+    training = {"deepspeed", "zvl_ds.objective.step", "zvl_ds.runtime.engine", "zvl_ds.runtime.checkpoint", "zvl_ds.export.consolidate", "zvl_ds.runtime.optim",
+                "zvl_ds.train", "zvl_ds.runtime.monitor"}
     assert sorted(training & loaded) == []
 
 
 @pytest.mark.parametrize("name", ["load_model", "ZvlModel"])
 def test_the_package_exposes_the_inference_api(name):
     import zvl_ds
-    import zvl_ds.inference
+    import zvl_ds.export.model_folder
 
-    assert getattr(zvl_ds, name) is getattr(zvl_ds.inference, name)
+    assert getattr(zvl_ds, name) is getattr(zvl_ds.export.model_folder, name)
     with pytest.raises(AttributeError):
         zvl_ds.no_such_name  # noqa: B018

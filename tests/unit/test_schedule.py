@@ -4,7 +4,7 @@ import math
 import pytest
 
 from zvl_ds.config import load_config
-from zvl_ds.schedule import learning_rate
+from zvl_ds.runtime.schedule import learning_rate
 
 
 def test_zerovl_cosine_schedule_hand_computed():

@@ -21,8 +21,9 @@ from PIL import Image
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds import make_shards
 from zvl_ds.bench import data as bench
-from zvl_ds.data import annotations, shards
-from zvl_ds.data.images import scaled_size
+from zvl_ds.data.writing import annotations
+from zvl_ds.data.writing import shard_writer as shards
+from zvl_ds.data.writing.images import scaled_size
 
 MAKE_SHARDS = ["-m", "zvl_ds.make_shards"]
 PYTHON = sys.executable

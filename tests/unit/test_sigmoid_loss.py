@@ -1,4 +1,4 @@
-"""Single-process checks of the tiled sigmoid (SigLIP) loss against the dense fp64 reference in zvl_ds.dense_loss.
+"""Single-process checks of the tiled sigmoid (SigLIP) loss against the dense fp64 reference in zvl_ds.objective.dense_reference.
 
 Multi-process (gather-backward) checks live in tests/test_dist_gather.py, DGA ones in tests/test_dga_exactness.py.
 """
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zvl_ds.dense_loss import dense_sigmoid_loss
+from zvl_ds.objective.dense_reference import dense_sigmoid_loss
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
+from zvl_ds.objective.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 
 
 def leaves(batch=11, dim=6, scale=10.0, bias=-10.0, dtype=torch.float64, seed=0):
@@ -113,8 +113,8 @@ def test_bad_inputs_are_named():
 
 
 def test_model_holds_log_scale_and_bias_as_no_decay_parameters():
-    from zvl_ds.model import build_model
-    from zvl_ds.optim import uses_weight_decay
+    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.runtime.optim import uses_weight_decay
 
     cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.scale_init=8.0",
                              "loss.sigmoid.bias_init=-5.0"])
@@ -150,8 +150,8 @@ def test_siglip_recipe_loads():
 
 def test_exported_siglip_model_keeps_scale_and_bias(tmp_path):
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.inference import load_model, write_model_folder
-    from zvl_ds.model import build_model
+    from zvl_ds.export.model_folder import load_model, write_model_folder
+    from zvl_ds.model.dual_encoder import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.bias_init=-4.0"])
     torch.manual_seed(0)

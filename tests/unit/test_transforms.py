@@ -11,7 +11,9 @@ from tests.helpers.paths import REPO_ROOT
 from PIL import Image
 
 from zvl_ds.config import CaptionAugConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
-from zvl_ds.data import load_tokenizer, normalize_images, tokenize
+from zvl_ds.data import load_tokenizer
+from zvl_ds.data import normalize_images
+from zvl_ds.data import tokenize
 from zvl_ds.data.transforms import (CaptionAugmenter, ImageTransform, TransformError, limit_pieces_per_word,
                                     random_resized_crop_box, to_uint8_chw)
 

@@ -1,6 +1,6 @@
 """The verify_exactness tool's report: PASS within the tolerance, FAIL and a marked group beyond it."""
 from zvl_ds import verify_exactness
-from zvl_ds.exactness import GroupDifference
+from zvl_ds.objective.exactness import GroupDifference
 
 
 def test_verify_report_fails_beyond_tolerance(capsys):

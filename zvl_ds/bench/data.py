@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from zvl_ds.data.annotations import SplitSource
-from zvl_ds.data.shards import ShardSettings, convert_split
+from zvl_ds.data.writing.annotations import SplitSource
+from zvl_ds.data.writing.shard_writer import ShardSettings, convert_split
 
 PIPELINES = {"random_resize_crop": ["random_resize_crop"],
              "random_resize_crop+autoaug": ["random_resize_crop", "autoaug"]}

@@ -1,4 +1,4 @@
-"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.loss) vs naive (B x B logits),
+"""Peak memory and time of the contrastive loss + its gradient: chunked (zvl_ds.objective.softmax_loss) vs naive (B x B logits),
 and the loss kernels side by side: row-chunked NCE, column-tiled NCE and SigLIP (``--methods rows tiled siglip``,
 which also report working memory; see KERNEL_METHODS).
 
@@ -59,8 +59,8 @@ def kernel_loss_and_gradients(method: str, image, text, chunk_rows: int, chunk_c
     """Loss value and the gradient buffers of one kernel method (see ``KERNEL_METHODS``)."""
     import torch
 
-    from zvl_ds.loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets
-    from zvl_ds.sigmoid_loss import _sigmoid_pairs
+    from zvl_ds.objective.softmax_loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets
+    from zvl_ds.objective.sigmoid_loss import _sigmoid_pairs
 
     batch = image.shape[0]
     if method == "siglip":
@@ -105,8 +105,8 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
     import torch
     import torch.nn.functional as F
 
-    from zvl_ds.dense_loss import dense_contrastive_loss
-    from zvl_ds.loss import contrastive_loss
+    from zvl_ds.objective.dense_reference import dense_contrastive_loss
+    from zvl_ds.objective.softmax_loss import contrastive_loss
 
     torch.manual_seed(0)
 

@@ -13,8 +13,8 @@ import torch
 
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.config import Config, load_config
-from zvl_ds.dist import free_port
-from zvl_ds.engine import DTYPES, Placement
+from zvl_ds.runtime.dist import free_port
+from zvl_ds.runtime.engine import DTYPES, Placement
 
 _STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
 
@@ -28,10 +28,10 @@ VIT_B16_BERT_BASE = [
 
 
 def _setup_engine(cfg: Config, stage: int):
-    from zvl_ds import dist
-    from zvl_ds.engine import build_ds_config, initialize_engine, resolve_placement
-    from zvl_ds.model import build_model, compile_towers
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.runtime import dist
+    from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
+    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.runtime.optim import build_optimizer
 
     dist.init_distributed()
     placement = resolve_placement(cfg)
@@ -44,7 +44,7 @@ def _setup_engine(cfg: Config, stage: int):
 
 
 def _synthetic_batch(cfg: Config, batch: int, device: torch.device):
-    from zvl_ds.dga import StepBatch
+    from zvl_ds.objective.step import StepBatch
 
     size = cfg.transforms.input_size if cfg.model.image_encoder.img_size is None else cfg.model.image_encoder.img_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
@@ -69,8 +69,8 @@ def _time_steps(engine, runner, batch, options, mixup, partner, steps: int, warm
 def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 5, warmup: int = 2,
               stage: int = 0) -> Dict[str, float]:
     """Time per sample of a DGA step (``chunks`` chunks of ``chunk``) vs a single-pass step of ``chunk``."""
-    from zvl_ds.dga import RUNNERS, StepOptions
-    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.objective.step import RUNNERS, StepOptions
+    from zvl_ds.objective.mixup import draw_mixup, partner_index
 
     cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
                                                "loss.name=MixUpNCE"])
@@ -96,8 +96,8 @@ def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int 
                   offload_inputs: bool = False) -> Dict[str, object]:
     """Where one DGA step's time goes (see ``zvl_ds.bench.step_profile``), ms per step."""
     from zvl_ds.bench.step_profile import profile_steps
-    from zvl_ds.dga import RUNNERS, StepOptions
-    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.objective.step import RUNNERS, StepOptions
+    from zvl_ds.objective.mixup import draw_mixup, partner_index
 
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
@@ -126,9 +126,9 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
     """
     from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
-    from zvl_ds.dga import RUNNERS, StepOptions
-    from zvl_ds.model import build_model, compile_towers
-    from zvl_ds.optim import build_optimizer
+    from zvl_ds.objective.step import RUNNERS, StepOptions
+    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.runtime.optim import build_optimizer
 
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
@@ -180,9 +180,9 @@ def _normaliser(cfg: Config, placement):
 
 def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stage: int) -> Dict[str, float]:
     """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
-    from zvl_ds.dga import RUNNERS, StepOptions
-    from zvl_ds.mixup import draw_mixup, partner_index
-    from zvl_ds.monitor import peak_memory_bytes
+    from zvl_ds.objective.step import RUNNERS, StepOptions
+    from zvl_ds.objective.mixup import draw_mixup, partner_index
+    from zvl_ds.runtime.monitor import peak_memory_bytes
 
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
                                                "loss.name=MixUpNCE"])
@@ -253,7 +253,7 @@ def model_flops_per_sample(cfg: Config) -> float:
     """Forward FLOPs of one image-text pair, counted by torch's FLOP counter on the real model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from zvl_ds.model import build_model
+    from zvl_ds.model.dual_encoder import build_model
 
     model = build_model(cfg.model, cfg.loss)
     size = cfg.model.image_encoder.img_size or cfg.transforms.input_size
@@ -270,8 +270,8 @@ def bench_gpu(global_batch: int = 16384, chunk: int = 512, steps: int = 2, preci
     MFU counts the model's useful work (forward + backward = 3 x forward FLOPs per sample) and not DGA's extra
     recomputation forward, as is usual; ``hardware_flops_utilisation`` counts the recomputation too (4 x forward).
     """
-    from zvl_ds.dga import RUNNERS, StepOptions
-    from zvl_ds.mixup import draw_mixup, partner_index
+    from zvl_ds.objective.step import RUNNERS, StepOptions
+    from zvl_ds.objective.mixup import draw_mixup, partner_index
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench gpu needs a CUDA device")

@@ -35,6 +35,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from zvl_ds.cli import run
+    from zvl_ds.runtime.cli import run
 
     sys.exit(run(main))

@@ -18,7 +18,7 @@ from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
-from zvl_ds.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
+from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 def _resolve_package_paths(cfg: Config) -> None:
     """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
-    from zvl_ds.package_paths import is_package_path, resolve_package_path
+    from zvl_ds.runtime.package_paths import is_package_path, resolve_package_path
 
     for section, key, where in ((cfg.model.image_encoder, "pretrained", "model.image_encoder"),
                                 (cfg.model.text_encoder, "tag", "model.text_encoder"),

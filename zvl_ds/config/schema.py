@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 
-from zvl_ds.errors import UserError
+from zvl_ds.runtime.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -187,9 +187,9 @@ class PoolConfig:
 @dataclass
 class ModelConfig:
     name: Literal["clip"] = "clip"
-    arch: Optional[str] = None  # a preset from zvl_ds.presets.MODEL_PRESETS; explicit model.* keys override it
-    model_type: Optional[str] = None  # a variant of the preset (zvl_ds.presets.MODEL_VARIANTS); None = its default
-    # LAVIS's whole-model weights (zvl_ds.init_weights): loaded before DeepSpeed wraps the model, never on resume
+    arch: Optional[str] = None  # a preset from zvl_ds.model.presets.MODEL_PRESETS; explicit model.* keys override it
+    model_type: Optional[str] = None  # a variant of the preset (zvl_ds.model.presets.MODEL_VARIANTS); None = its default
+    # LAVIS's whole-model weights (zvl_ds.model.init_weights): loaded before DeepSpeed wraps the model, never on resume
     load_pretrained: bool = False
     pretrained: Optional[str] = None  # exported model folder, run folder, checkpoint folder or weights file
     load_finetuned: bool = False

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zvl_ds.config import Config
-from zvl_ds.data import failures, reader
+from zvl_ds.data import failures
+from zvl_ds.data import reader
 from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
 from zvl_ds.data.reader import FieldLoader, RawSample, read_segment
 from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, SamplingPlan, build_plan,

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from zvl_ds.dense_loss import dense_contrastive_loss, dense_sigmoid_loss
-from zvl_ds.dga import step_seed
-from zvl_ds.mixup import MixupDraw
+from zvl_ds.objective.dense_reference import dense_contrastive_loss, dense_sigmoid_loss
+from zvl_ds.objective.step import step_seed
+from zvl_ds.objective.mixup import MixupDraw
 
 
 def reference_partner(global_batch: int, world_size: int, chunk: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A training run's DeepSpeed checkpoint -> the fp32 weights of its model, from any ZeRO stage and precision.
 
-This is the training side of export (it reads DeepSpeed's files); ``zvl_ds.inference`` writes and reads the
+This is the training side of export (it reads DeepSpeed's files); ``zvl_ds.export.model_folder`` writes and reads the
 model folder, and ``python -m zvl_ds.export`` joins the two.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from zvl_ds.checkpoint import CheckpointError, list_tags, read_latest
+from zvl_ds.runtime.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, load_config
 from zvl_ds.data import load_tokenizer
-from zvl_ds.inference import ExportError, load_state_strict, offline_model_config, write_model_folder
-from zvl_ds.model import DualEncoder, build_model
-from zvl_ds.optim import optimizer_groups
-from zvl_ds.safe_load import check_checkpoint_folder, load_weights_only
+from zvl_ds.export.model_folder import ExportError, load_state_strict, offline_model_config, write_model_folder
+from zvl_ds.model.dual_encoder import DualEncoder, build_model
+from zvl_ds.runtime.optim import optimizer_groups
+from zvl_ds.model.safe_load import check_checkpoint_folder, load_weights_only
 
 _ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -86,7 +86,7 @@ def _stage0_master_weights(model_states: Dict, model: nn.Module, cfg: Config) ->
     """fp32 master copies kept by DeepSpeed's bf16/fp16 optimizer wrapper at ZeRO-0, by parameter name.
 
     The wrapper stores them per optimizer group, in group order, without names; the trainer builds the groups
-    with ``zvl_ds.optim.optimizer_groups``, so rebuilding the groups on the same model recovers the names.
+    with ``zvl_ds.runtime.optim.optimizer_groups``, so rebuilding the groups on the same model recovers the names.
     """
     wrapper = model_states.get("optimizer") or {}
     if "fp32_groups" in wrapper:

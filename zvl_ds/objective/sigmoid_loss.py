@@ -30,8 +30,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from zvl_ds.dist import gather_with_grad, get_rank, get_world_size, is_distributed
-from zvl_ds.loss import CachedGrads, LossOutput
+from zvl_ds.runtime.dist import gather_with_grad, get_rank, get_world_size, is_distributed
+from zvl_ds.objective.softmax_loss import CachedGrads, LossOutput
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The model folder and inference: write a model with its preprocessing, load it back with ``load_model``.
 
 This module imports no DeepSpeed and no training code (the step, engine, checkpoints); reading a
-DeepSpeed checkpoint is ``zvl_ds.consolidate``'s job.
+DeepSpeed checkpoint is ``zvl_ds.export.consolidate``'s job.
 
 ``python -m zvl_ds.export RUN_DIR [--tag TAG] --out MODEL_DIR`` writes::
 
@@ -38,12 +38,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import zvl_ds
-from zvl_ds.atomic_write import atomic_folder, atomic_path
+from zvl_ds.runtime.atomic_write import atomic_folder, atomic_path
 from zvl_ds.config import CaptionTextConfig, Config, ConfigError, config_from_dict
 from zvl_ds.data.transforms import (ImageTransform, caption_preparer, load_rgb, load_tokenizer, normalize_images,
                                     to_uint8_chw, tokenize)
-from zvl_ds.errors import UserError
-from zvl_ds.model import DualEncoder, build_model
+from zvl_ds.runtime.errors import UserError
+from zvl_ds.model.dual_encoder import DualEncoder, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"

@@ -28,8 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from zvl_ds.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size, is_distributed
-from zvl_ds.mixup import MixupDraw, partner_index
+from zvl_ds.runtime.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size, is_distributed
+from zvl_ds.objective.mixup import MixupDraw, partner_index
 
 
 @dataclass
@@ -48,7 +48,7 @@ class CachedGrads:
     image: torch.Tensor  # [b, d] fp32: dL/d(this rank's image embeddings), all ranks' rows accounted for
     text: torch.Tensor  # [b, d] fp32: dL/d(this rank's text embeddings)
     # [1] fp32: this rank's share of dL/d(clamped tau); back-propagate it once per step. For the sigmoid loss,
-    # [2]: of dL/d(scale, bias) (zvl_ds.sigmoid_loss).
+    # [2]: of dL/d(scale, bias) (zvl_ds.objective.sigmoid_loss).
     temperature: torch.Tensor
     output: LossOutput
 
@@ -442,7 +442,7 @@ def _resolve_partner(mixup: Optional[MixupDraw], partner: Optional[torch.Tensor]
                          f"[{int(partner.min())}, {int(partner.max())}]")
     if not torch.equal(partner[partner], torch.arange(global_batch, device=device)):
         raise ValueError("mixup partner map must be its own inverse (partner[partner[i]] == i) so that the "
-                         "soft targets are symmetric; use zvl_ds.mixup.partner_index")
+                         "soft targets are symmetric; use zvl_ds.objective.mixup.partner_index")
     return partner
 
 

@@ -32,10 +32,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from zvl_ds.loss import CachedGrads, LossOutput, contrastive_loss, loss_and_grads
-from zvl_ds.mixup import MixupDraw
-from zvl_ds.profile_ranges import profile_range
-from zvl_ds.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
+from zvl_ds.objective.softmax_loss import CachedGrads, LossOutput, contrastive_loss, loss_and_grads
+from zvl_ds.objective.mixup import MixupDraw
+from zvl_ds.runtime.profile_ranges import profile_range
+from zvl_ds.objective.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 
 
 @dataclass

@@ -29,9 +29,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from zvl_ds import dist
-from zvl_ds.atomic_write import atomic_path, write_text_atomic
-from zvl_ds.errors import UserError
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.runtime.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
 from zvl_ds.config import (ImageEncoderConfig, LossConfig, ModelConfig, SigmoidConfig, TextEncoderConfig,
                            TemperatureConfig)
-from zvl_ds.mixup import MixupDraw, mix_images, mix_with_reversed
-from zvl_ds.profile_ranges import profile_range
+from zvl_ds.objective.mixup import MixupDraw, mix_images, mix_with_reversed
+from zvl_ds.runtime.profile_ranges import profile_range
 
 logger = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_con
 def set_learning_rate(engine, lr: float, scales: Optional[Sequence[float]] = None) -> None:
     """Give optimizer group i the schedule's ``lr`` times ``scales[i]`` (per-part LRs, layer decay).
 
-    The scales come from the groups as built (``zvl_ds.optim.optimizer_groups``), not from the groups' dicts,
+    The scales come from the groups as built (``zvl_ds.runtime.optim.optimizer_groups``), not from the groups' dicts,
     which a checkpoint load replaces with what an older run saved."""
     groups = engine.optimizer.param_groups
     if scales is not None and len(scales) != len(groups):
