@@ -5,7 +5,11 @@ zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --pre
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import typing
 from typing import Any, Dict, List, Tuple
 
@@ -13,10 +17,41 @@ import yaml
 
 from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
 from zvl_ds.config.lavis_datasets import DATASET_KEY_NOTES, PROCESSOR_KINDS
-from zvl_ds.config.schema import KEY_HELP, Config, to_plain
+from zvl_ds.config.schema import Config, to_plain
 from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> Dict[str, str]:
+    """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"meaning\"\"\"``), read from
+    its source: the one place a key's meaning is written."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: Dict[str, str] = {}
+    for stmt, after in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def key_help(cls: type = Config, prefix: str = "") -> Dict[str, str]:
+    """Dotted key -> meaning, for every key of ``cls`` (sections depth-first, mappings under ``<name>``)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    out: Dict[str, str] = {}
+    for item in dataclasses.fields(cls):
+        key, tp = prefix + item.name, hints[item.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(key_help(tp, key + "."))
+            continue
+        if item.name in docs:
+            out[key] = docs[item.name]
+        if typing.get_origin(tp) in (dict, Dict) and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            out.update(key_help(typing.get_args(tp)[1], f"{key}.{MAPPING_ENTRY}."))
+    return out
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> List[Tuple[str, Any]]:
@@ -47,10 +82,11 @@ def _cell(text: str) -> str:
 
 
 def reference_markdown() -> str:
-    """``| key | default | meaning |`` for every key of the schema; meanings from ``schema.KEY_HELP``."""
+    """``| key | default | meaning |`` for every key of the schema; meanings from the fields' docstrings."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    meanings = key_help()
     for key, default in config_keys():
-        lines.append(f"| `{key}` | `{_cell(_flow_yaml(default))}` | {_cell(KEY_HELP.get(key, '**undocumented**'))} |")
+        lines.append(f"| `{key}` | `{_cell(_flow_yaml(default))}` | {_cell(meanings.get(key, '**undocumented**'))} |")
     return "\n".join(lines) + "\n"
 
 
