@@ -22,18 +22,17 @@ import deepspeed
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds.config import Config, ConfigError, check_world_size, load_config
+from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.objective.build import build_step
+from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
+from zvl_ds.objective.mixup import draw_mixup
+from zvl_ds.objective.step import StepBatch
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.cli import run
-from zvl_ds.config import Config, ConfigError, check_world_size, load_config
-from zvl_ds.data import build_train_loader
-from zvl_ds.data import load_tokenizer
-from zvl_ds.data import normalize_images
-from zvl_ds.objective.step import RUNNERS, StepBatch, StepOptions, step_seed
 from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
-from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
 from zvl_ds.runtime.logs import setup_logging
-from zvl_ds.objective.mixup import draw_mixup, partner_index
-from zvl_ds.model.dual_encoder import build_model
 from zvl_ds.runtime.optim import build_optimizer
 
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
@@ -150,16 +149,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         global_ids = gather_to_all(batch.input_ids, placement.device)
         global_mask = gather_to_all(batch.attention_mask, placement.device)
         before = full_parameters(engine, stage)
-        options = StepOptions(chunk=chunk, world_size=world_size, chunk_rows=cfg.loss.chunk_rows,
-                              chunk_cols=cfg.loss.chunk_cols,
-                              gather_backward=cfg.loss.nce_loss.gather_backward, prepare_images=normalise,
-                              device=placement.device)
-        mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
-        partner = partner_index(cfg.data.batch_size, world_size, chunk).to(placement.device) if mixup else None
+        step = build_step(cfg, world_size, rank, placement.device, normalise)  # the trainer's step, as built there
+        mixup = step.mixup(0)
         engine.train()
         for _ in range(MAX_OVERFLOW_RETRIES):  # fp16: DeepSpeed lowers its loss scale after each overflow
-            torch.manual_seed(step_seed(cfg.seed, 0, rank))
-            result = RUNNERS[cfg.runner.name](engine, batch, options, mixup, partner)
+            result = step(engine, batch, 0)
             if result.applied or result.skip_reason != "fp16 overflow":
                 break
         after = full_parameters(engine, stage)

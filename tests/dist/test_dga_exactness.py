@@ -65,9 +65,9 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
             implementation="auto", compile_backend=None, chunk_cols=None):
     import deepspeed
 
-    from zvl_ds.objective.step import RUNNERS, StepBatch, StepOptions, step_seed
+    from zvl_ds.objective.build import build_step
+    from zvl_ds.objective.step import RUNNERS, StepBatch, step_seed
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
-    from zvl_ds.objective.mixup import partner_index
     from zvl_ds.model.dual_encoder import build_model, compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
@@ -87,10 +87,12 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     per_rank = GLOBAL_BATCH // world_size
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     batch = StepBatch(images[local], input_ids[local], attention_mask[local])
+    cfg.runner.name = runner
+    # the trainer's options and partner map; the mixup draws are the test's own (both sides, asymmetric lambdas)
+    step = build_step(cfg, world_size, rank, prepare_images=lambda x: normalise(x, dtype))
     per_rank_chunk = chunk // world_size if runner == "clip_bsgs" else per_rank
-    options = StepOptions(chunk=per_rank_chunk, world_size=world_size, chunk_rows=cfg.loss.chunk_rows,
-                          chunk_cols=cfg.loss.chunk_cols, prepare_images=lambda x: normalise(x, dtype))
-    partner = partner_index(GLOBAL_BATCH, world_size, per_rank_chunk) if loss_name == "MixUpNCE" else None
+    assert step.options.chunk == per_rank_chunk
+    options, partner = step.options, step.partner
     losses = []
     for step, mixup in enumerate(draws_for(loss_name, sides)):
         torch.manual_seed(step_seed(cfg.seed, step, rank))

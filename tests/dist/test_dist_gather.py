@@ -193,11 +193,14 @@ def _cached_grad_checks(rank, world_size):
             tau = torch.tensor([tau_value], dtype=torch.float64)
             cached = loss_and_grads(image[local], text[local], tau, mixup=mixup, partner=partner, chunk_rows=4,
                                     chunk_cols=chunk_cols)
-            summed_tau = cached.temperature.clone()
-            dist.all_reduce(summed_tau)
-            # rank r's image/text gradients are the rows of r in the full gradient
-            full_image = gather_no_grad(cached.image)
-            full_text = gather_no_grad(cached.text)
+            # what an engine that averages over ranks makes of the cached gradients: the tau shares averaged, and
+            # rank r's image/text rows (every other rank back-propagates zeros into r's samples) divided by the
+            # world size; this must be the full-batch gradient
+            averaged_tau = cached.loss_params.clone()
+            dist.all_reduce(averaged_tau)
+            averaged_tau /= world_size
+            full_image = gather_no_grad(cached.image) / world_size
+            full_text = gather_no_grad(cached.text) / world_size
 
             ref_image = image.clone().requires_grad_(True)
             ref_text = text.clone().requires_grad_(True)
@@ -208,12 +211,12 @@ def _cached_grad_checks(rank, world_size):
             hard = torch.arange(batch)
             report[f"{name}_tau{tau_value}"] = {
                 "image": _rel_error(full_image, grads[0]), "text": _rel_error(full_text, grads[1]),
-                "tau": _rel_error(summed_tau, grads[2]),
+                "tau": _rel_error(averaged_tau, grads[2]),
                 "loss": abs(cached.output.loss.item() - ref.item()) / abs(ref.item()),
                 "i2t_acc": abs(cached.output.i2t_acc - (logits.argmax(1) == hard).double().mean().item()),
                 "t2i_acc": abs(cached.output.t2i_acc - (logits.argmax(0) == hard).double().mean().item()),
-                "finite": bool(torch.isfinite(cached.image).all() and torch.isfinite(cached.temperature).all()),
-                "local_tau_share": cached.temperature.item(), "logged_loss": cached.output.loss.item(),
+                "finite": bool(torch.isfinite(cached.image).all() and torch.isfinite(cached.loss_params).all()),
+                "local_tau_share": cached.loss_params.item(), "logged_loss": cached.output.loss.item(),
             }
         # the single-pass form with a default partner (reversal of each rank's whole batch)
         _, logged = contrastive_loss(image[local], text[local], torch.tensor([0.05], dtype=torch.float64),
@@ -287,7 +290,8 @@ def _sigmoid_model_checks(rank, world_size):
 
 
 def _sigmoid_cached_checks(rank, world_size):
-    """DGA's cached SigLIP gradients in fp64: rows gathered and (scale, bias) shares summed equal the dense ones."""
+    """DGA's cached SigLIP gradients in fp64: rows gathered and (scale, bias) shares, as an engine averages them over
+    ranks, equal the dense ones."""
     from zvl_ds.runtime.dist import gather_no_grad
     from zvl_ds.objective.sigmoid_loss import sigmoid_loss_and_grads
 
@@ -299,15 +303,16 @@ def _sigmoid_cached_checks(rank, world_size):
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     params = torch.tensor([10.0, -10.0], dtype=torch.float64)
     cached = sigmoid_loss_and_grads(image[local], text[local], params, chunk_rows=2, chunk_cols=3)
-    summed_params = cached.temperature.clone()
-    dist.all_reduce(summed_params)
+    averaged_params = cached.loss_params.clone()  # as the engine averages them over ranks
+    dist.all_reduce(averaged_params)
+    averaged_params /= world_size
     ref_image, ref_text, ref_params = (x.clone().requires_grad_(True) for x in (image, text, params))
     ref = dense_sigmoid_loss(ref_image, ref_text, ref_params[0], ref_params[1])
     grads = torch.autograd.grad(ref, [ref_image, ref_text, ref_params])
     sims, hard = image @ text.t(), torch.arange(batch)
-    return {"image": _rel_error(gather_no_grad(cached.image), grads[0]),
-            "text": _rel_error(gather_no_grad(cached.text), grads[1]),
-            "scale_bias": _rel_error(summed_params, grads[2]),
+    return {"image": _rel_error(gather_no_grad(cached.image) / world_size, grads[0]),
+            "text": _rel_error(gather_no_grad(cached.text) / world_size, grads[1]),
+            "scale_bias": _rel_error(averaged_params, grads[2]),
             "loss": abs(cached.output.loss.item() - ref.item()) / ref.item(),
             "i2t_acc": abs(cached.output.i2t_acc - (sims.argmax(1) == hard).double().mean().item()),
             "t2i_acc": abs(cached.output.t2i_acc - (sims.argmax(0) == hard).double().mean().item())}

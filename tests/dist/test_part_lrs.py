@@ -142,6 +142,7 @@ def _engine(cfg, stage, world_size):
 
 def _worker(rank, world_size, stage, resume_dir):
     from zvl_ds.runtime.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+    from zvl_ds.objective.losses import SoftmaxLoss
     from zvl_ds.objective.step import StepBatch, StepOptions, dga_step, step_seed
     from zvl_ds.runtime.engine import set_learning_rate
     from zvl_ds.runtime.schedule import learning_rate
@@ -152,7 +153,7 @@ def _worker(rank, world_size, stage, resume_dir):
     per_rank = GLOBAL_BATCH // world_size
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     batch = StepBatch(images[local], input_ids[local], mask[local])
-    options = StepOptions(chunk=per_rank, world_size=world_size, chunk_rows=8, prepare_images=normalise)
+    options = StepOptions(chunk=per_rank, loss=SoftmaxLoss(chunk_rows=8), prepare_images=normalise)
     received = []
     for step in range(STEPS):
         if resume_dir and step == 2:  # a fresh engine continues from the step-2 checkpoint

@@ -5,6 +5,7 @@ from zvl_ds.config import load_config
 
 
 def _nan_step_worker(rank, world_size):
+    from zvl_ds.objective.losses import SoftmaxLoss
     from zvl_ds.objective.step import StepBatch, StepOptions, dga_step
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
     from zvl_ds.model.dual_encoder import build_model
@@ -24,8 +25,8 @@ def _nan_step_worker(rank, world_size):
 
     batch = StepBatch(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.ones(4, 16, dtype=torch.long),
                       torch.ones(4, 16, dtype=torch.long))
-    result = dga_step(engine, batch, StepOptions(chunk=2, world_size=world_size, chunk_rows=4,
-                                                 prepare_images=prepare), None, None)
+    result = dga_step(engine, batch, StepOptions(chunk=2, loss=SoftmaxLoss(chunk_rows=4), prepare_images=prepare),
+                      None, None)
     unchanged = all(torch.equal(before[n], p) for n, p in engine.module.named_parameters())
     return result.applied, result.skip_reason, unchanged
 

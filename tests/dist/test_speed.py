@@ -27,8 +27,7 @@ class CountSyncs(TorchFunctionMode):
 
 def _sync_worker(rank, world_size, stage, chunks_list):
     from zvl_ds.bench.step import TINY, _setup_engine, _synthetic_batch
-    from zvl_ds.objective.step import StepOptions, dga_step
-    from zvl_ds.objective.mixup import draw_mixup, partner_index
+    from zvl_ds.objective.build import build_step
 
     counts = {}
     for chunks in chunks_list:
@@ -38,13 +37,10 @@ def _sync_worker(rank, world_size, stage, chunks_list):
                                         "optim.name=SGD"])  # torch's plain Adam loop reads its step counters
         engine, placement = _setup_engine(cfg, stage)
         batch = _synthetic_batch(cfg, batch_size, placement.device)
-        options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
-                              prepare_images=lambda x: x.float() / 255.0)
-        mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
-        partner = partner_index(batch_size, 1, chunk)
-        dga_step(engine, batch, options, mixup, partner)  # first step: DeepSpeed's one-off set-up
+        step = build_step(cfg, 1, 0, prepare_images=lambda x: x.float() / 255.0)
+        step(engine, batch, 0)  # first step: DeepSpeed's one-off set-up
         with CountSyncs() as counter:
-            result = dga_step(engine, batch, options, mixup, partner)
+            result = step(engine, batch, 1)
         assert result.applied
         counts[chunks] = counter.calls
     return counts

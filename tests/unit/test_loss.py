@@ -108,8 +108,8 @@ def test_cached_gradients_equal_autograd(mixup):
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert_close_rel(cached.image, ref_image, rel=1e-10)
     assert_close_rel(cached.text, ref_text, rel=1e-10)
-    assert cached.temperature.shape == (1,)
-    assert_close_rel(cached.temperature, ref_tau, rel=1e-10)
+    assert cached.loss_params.shape == (1,)
+    assert_close_rel(cached.loss_params, ref_tau, rel=1e-10)
     # the cached form takes detached inputs: nothing flows back into the caller's graph
     assert image.grad is None and tau.grad is None
 
@@ -124,7 +124,7 @@ def test_column_tiles_equal_full_batch_reference_in_fp64(mixup):
         cached = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=chunk_rows,
                                 chunk_cols=chunk_cols)
         assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)  # logged in fp32
-        for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+        for got, want in zip((cached.image, cached.text, cached.loss_params), ref_grads):
             assert_close_rel(got, want, rel=1e-10)
 
 
@@ -149,7 +149,7 @@ def test_column_tiles_stable_at_smallest_temperature():
     ref = dense_contrastive_loss(image64, text64, tau64)
     ref_grads = torch.autograd.grad(ref, [image64, text64, tau64])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
-    for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+    for got, want in zip((cached.image, cached.text, cached.loss_params), ref_grads):
         assert_close_rel(got.double(), want, rel=1e-4)
 
 
@@ -187,13 +187,13 @@ def test_stable_at_smallest_temperature():
     partner = partner_index(16, 1, 16)
     for mixup in (None, MixupDraw(0.4, "text")):
         cached = loss_and_grads(image, text, tau, mixup=mixup, partner=partner, chunk_rows=3)
-        for tensor in (cached.output.loss, cached.image, cached.text, cached.temperature):
+        for tensor in (cached.output.loss, cached.image, cached.text, cached.loss_params):
             assert torch.isfinite(tensor).all()
         image64, text64, tau64 = (x.detach().double().requires_grad_(True) for x in (image, text, tau))
         ref = dense_contrastive_loss(image64, text64, tau64, None if mixup is None else mixup.lam, partner)
         ref_grads = torch.autograd.grad(ref, [image64, text64, tau64])
         assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
-        for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+        for got, want in zip((cached.image, cached.text, cached.loss_params), ref_grads):
             assert_close_rel(got.double(), want, rel=1e-4)
     assert torch.isinf(torch.exp(torch.tensor(1000.0)))  # why a naive softmax would fail here
 

@@ -67,8 +67,8 @@ def test_cached_gradients_equal_autograd_and_detach():
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert relative_error(cached.image, ref_image) <= 1e-10
     assert relative_error(cached.text, ref_text) <= 1e-10
-    assert cached.temperature.shape == (2,)
-    assert relative_error(cached.temperature, ref_params) <= 1e-10
+    assert cached.loss_params.shape == (2,)
+    assert relative_error(cached.loss_params, ref_params) <= 1e-10
     assert image.grad is None and log_scale.grad is None
 
 
@@ -77,14 +77,14 @@ def test_stable_at_large_logits_in_fp32():
     image, text, log_scale, bias = leaves(batch=16, dim=8, scale=1000.0, bias=500.0, dtype=torch.float32, seed=7)
     scale_bias = torch.cat([log_scale.exp(), bias]).detach()
     cached = sigmoid_loss_and_grads(image, text, scale_bias, chunk_rows=3, chunk_cols=5)
-    for tensor in (cached.output.loss, cached.image, cached.text, cached.temperature):
+    for tensor in (cached.output.loss, cached.image, cached.text, cached.loss_params):
         assert torch.isfinite(tensor).all()
     image64, text64 = image.detach().double().requires_grad_(True), text.detach().double().requires_grad_(True)
     params64 = scale_bias.double().requires_grad_(True)
     ref = dense_sigmoid_loss(image64, text64, params64[0], params64[1])
     ref_grads = torch.autograd.grad(ref, [image64, text64, params64])
     assert cached.output.loss.item() == pytest.approx(ref.item(), rel=1e-4)
-    for got, want in zip((cached.image, cached.text, cached.temperature), ref_grads):
+    for got, want in zip((cached.image, cached.text, cached.loss_params), ref_grads):
         assert relative_error(got.double(), want) <= 1e-4
     assert torch.isinf(torch.exp(torch.tensor(1500.0)))  # why a naive sigmoid / log would fail here
 

@@ -1,7 +1,8 @@
 """The skip policy: how many skipped steps in a row abort a run, and what the message says."""
 import pytest
 
-from zvl_ds.objective.step import SkipPolicy, StepResult, TrainingAborted
+from zvl_ds.objective.skip import SkipPolicy, TrainingAborted
+from zvl_ds.objective.step import StepResult
 
 
 def test_skip_policy_aborts_after_too_many_in_a_row():

@@ -52,14 +52,21 @@ def _synthetic_batch(cfg: Config, batch: int, device: torch.device):
     return StepBatch(images.to(device), input_ids.to(device), torch.ones_like(input_ids).to(device))
 
 
-def _time_steps(engine, runner, batch, options, mixup, partner, steps: int, warmup: int, device) -> float:
+def _bench_step(cfg: Config, placement):
+    """The trainer's step for ``cfg`` on one rank (``objective.build``)."""
+    from zvl_ds.objective.build import build_step
+
+    return build_step(cfg, 1, 0, placement.device, _normaliser(cfg, placement))
+
+
+def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
-        runner(engine, batch, options, mixup, partner)
+        step(engine, batch, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        result = runner(engine, batch, options, mixup, partner)
+        result = step(engine, batch, 0)
         assert result.applied, result.skip_reason
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,24 +76,15 @@ def _time_steps(engine, runner, batch, options, mixup, partner, steps: int, warm
 def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 5, warmup: int = 2,
               stage: int = 0) -> Dict[str, float]:
     """Time per sample of a DGA step (``chunks`` chunks of ``chunk``) vs a single-pass step of ``chunk``."""
-    from zvl_ds.objective.step import RUNNERS, StepOptions
-    from zvl_ds.objective.mixup import draw_mixup, partner_index
-
     cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
                                                "loss.name=MixUpNCE"])
+    single_cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk}", "loss.name=MixUpNCE",
+                                                      "runner.name=clip"])
     engine, placement = _setup_engine(cfg, stage)
-    prepare = _normaliser(cfg, placement)
-    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
-    single_options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
-                                 device=placement.device)
-    single = _time_steps(engine, RUNNERS["clip"], _synthetic_batch(cfg, chunk, placement.device), single_options,
-                         mixup, partner_index(chunk, 1, chunk).to(placement.device), steps * 2, warmup,
-                         placement.device)
-    dga_options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
-                              device=placement.device)
-    dga = _time_steps(engine, RUNNERS["clip_bsgs"], _synthetic_batch(cfg, chunk * chunks, placement.device),
-                      dga_options, mixup, partner_index(chunk * chunks, 1, chunk).to(placement.device), steps, warmup,
-                      placement.device)
+    single = _time_steps(engine, _bench_step(single_cfg, placement), _synthetic_batch(cfg, chunk, placement.device),
+                         steps * 2, warmup, placement.device)
+    dga = _time_steps(engine, _bench_step(cfg, placement), _synthetic_batch(cfg, chunk * chunks, placement.device),
+                      steps, warmup, placement.device)
     return {"chunk": chunk, "global_batch": chunk * chunks, "single_pass_ms_per_sample": 1e3 * single / chunk,
             "dga_ms_per_sample": 1e3 * dga / (chunk * chunks), "ratio": (dga / (chunk * chunks)) / (single / chunk)}
 
@@ -96,8 +94,6 @@ def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int 
                   offload_inputs: bool = False) -> Dict[str, object]:
     """Where one DGA step's time goes (see ``zvl_ds.bench.step_profile``), ms per step."""
     from zvl_ds.bench.step_profile import profile_steps
-    from zvl_ds.objective.step import RUNNERS, StepOptions
-    from zvl_ds.objective.mixup import draw_mixup, partner_index
 
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
@@ -107,11 +103,8 @@ def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int 
     batch = _synthetic_batch(cfg, global_batch, torch.device("cpu") if offload else placement.device)
     if offload:
         batch.images = batch.images.pin_memory()
-    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
-                          prepare_images=_normaliser(cfg, placement), device=placement.device)
-    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
-    partner = partner_index(global_batch, 1, chunk).to(placement.device)
-    split, _ = profile_steps(lambda: RUNNERS["clip_bsgs"](engine, batch, options, mixup, partner), steps=steps,
+    step = _bench_step(cfg, placement)
+    split, _ = profile_steps(lambda: step(engine, batch, 0), steps=steps,
                              warmup=warmup, device=placement.device, trace_path=trace_path)
     return {"chunk": chunk, "global_batch": global_batch, "device": placement.device.type,
             "precision": cfg.precision or "fp32", "compile": cfg.model.compile, "steps": steps, "ms_per_step": split}
@@ -126,7 +119,6 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
     """
     from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
-    from zvl_ds.objective.step import RUNNERS, StepOptions
     from zvl_ds.model.dual_encoder import build_model, compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
@@ -135,10 +127,7 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
                                                "loss.name=NCE", f"precision={precision}"])
     engine, placement = _setup_engine(cfg, 0)
     batch = _synthetic_batch(cfg, global_batch, placement.device)
-    prepare = _normaliser(cfg, placement)
-    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows, prepare_images=prepare,
-                          device=placement.device)
-    ours = _time_steps(engine, RUNNERS["clip_bsgs"], batch, options, None, None, steps, warmup, placement.device)
+    ours = _time_steps(engine, _bench_step(cfg, placement), batch, steps, warmup, placement.device)
 
     torch.manual_seed(cfg.seed)
     model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile).to(placement.device).train()
@@ -180,22 +169,17 @@ def _normaliser(cfg: Config, placement):
 
 def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stage: int) -> Dict[str, float]:
     """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
-    from zvl_ds.objective.step import RUNNERS, StepOptions
-    from zvl_ds.objective.mixup import draw_mixup, partner_index
     from zvl_ds.runtime.monitor import peak_memory_bytes
 
     cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
                                                "loss.name=MixUpNCE"])
     engine, placement = _setup_engine(cfg, stage)
     batch = _synthetic_batch(cfg, global_batch, placement.device)
-    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
-                          prepare_images=_normaliser(cfg, placement), device=placement.device)
-    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
-    partner = partner_index(global_batch, 1, chunk).to(placement.device)
+    step = _bench_step(cfg, placement)
     if placement.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    RUNNERS["clip_bsgs"](engine, batch, options, mixup, partner)
+    step(engine, batch, 0)
     seconds = time.perf_counter() - start
     return {"global_batch": global_batch, "chunk": chunk, "peak_bytes": peak_memory_bytes(placement.device),
             "step_seconds": seconds, "device": placement.device.type}
@@ -270,9 +254,6 @@ def bench_gpu(global_batch: int = 16384, chunk: int = 512, steps: int = 2, preci
     MFU counts the model's useful work (forward + backward = 3 x forward FLOPs per sample) and not DGA's extra
     recomputation forward, as is usual; ``hardware_flops_utilisation`` counts the recomputation too (4 x forward).
     """
-    from zvl_ds.objective.step import RUNNERS, StepOptions
-    from zvl_ds.objective.mixup import draw_mixup, partner_index
-
     if not torch.cuda.is_available():
         raise RuntimeError("bench gpu needs a CUDA device")
     overrides = VIT_B16_BERT_BASE + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
@@ -283,12 +264,9 @@ def bench_gpu(global_batch: int = 16384, chunk: int = 512, steps: int = 2, preci
     batch = _synthetic_batch(cfg, global_batch, torch.device("cpu") if offload_inputs else placement.device)
     if offload_inputs:
         batch.images = batch.images.pin_memory()
-    options = StepOptions(chunk=chunk, world_size=1, chunk_rows=cfg.loss.chunk_rows,
-                          prepare_images=_normaliser(cfg, placement), device=placement.device)
-    mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta)
-    partner = partner_index(global_batch, 1, chunk).to(placement.device)
+    step = _bench_step(cfg, placement)
     torch.cuda.reset_peak_memory_stats()
-    seconds = _time_steps(engine, RUNNERS["clip_bsgs"], batch, options, mixup, partner, steps, 1, placement.device)
+    seconds = _time_steps(engine, step, batch, steps, 1, placement.device)
     samples_per_sec = global_batch / seconds
     peak = peak_tflops or _guess_peak_tflops(precision)
     return {"gpu": torch.cuda.get_device_name(), "precision": precision, "global_batch": global_batch, "chunk": chunk,

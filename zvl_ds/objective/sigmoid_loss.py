@@ -30,8 +30,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from zvl_ds.runtime.dist import gather_with_grad, get_rank, get_world_size, is_distributed
-from zvl_ds.objective.softmax_loss import CachedGrads, LossOutput
+from zvl_ds.objective.kernel import (CachedGrads, ClosedFormGradients, LossOutput, all_reduce_, check_embeddings,
+                                     check_tiles, compute_dtype, pass1_gradients)
+from zvl_ds.runtime.dist import gather_with_grad, get_rank, get_world_size
 
 
 @dataclass
@@ -94,20 +95,16 @@ def _sigmoid_pairs(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tenso
                        torch.stack([scale_sum, bias_sum]))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class _SigmoidPairsFunction(torch.autograd.Function):
-    """Autograd face of ``_sigmoid_pairs``: gradients come out of the forward and are only scaled in the
-    backward (``pair_count`` = B^2 divides them). Double backward is not supported."""
+class _SigmoidPairsFunction(ClosedFormGradients):
+    """Autograd face of ``_sigmoid_pairs``: gradients come out of the forward and are only scaled in the shared
+    backward. Double backward is not supported."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale_bias, row_offset: int, chunk_rows: int, chunk_cols: int):
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.no_grad():
-            sb = _compute_dtype(scale_bias)
-            result = _sigmoid_pairs(_compute_dtype(queries), _compute_dtype(keys), sb[0], sb[1], row_offset,
+            sb = compute_dtype(scale_bias)
+            result = _sigmoid_pairs(compute_dtype(queries), compute_dtype(keys), sb[0], sb[1], row_offset,
                                     chunk_rows, chunk_cols, need_grads)
         ctx.dtypes = (queries.dtype, keys.dtype, scale_bias.dtype)
         if need_grads:
@@ -115,42 +112,24 @@ class _SigmoidPairsFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(result.diagonal, result.row_max, result.column_max)
         return result.loss_sum, result.diagonal, result.row_max, result.column_max
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        grad_queries, grad_keys, grad_scale_bias = ctx.saved_tensors
-        needs, dtypes = ctx.needs_input_grad, ctx.dtypes
-        return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
-                (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
-                (grad_scale_bias * grad_loss).to(dtypes[2]) if needs[2] else None,
-                None, None, None)
-
 
 def _check_inputs(image: torch.Tensor, text: torch.Tensor, scale_bias: torch.Tensor, chunk_rows: int,
                   chunk_cols: int) -> None:
-    if image.dim() != 2 or image.shape != text.shape:
-        raise ValueError(f"sigmoid loss needs image and text embeddings of the same shape [b, d], got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError("sigmoid loss got an empty batch")
+    check_embeddings(image, text, "sigmoid loss")
     if scale_bias.shape != (2,):
         raise ValueError(f"sigmoid loss needs (scale, bias) as a tensor of shape (2,), got "
                          f"{tuple(scale_bias.shape)}")
-    if chunk_rows < 1 or chunk_cols < 0:
-        raise ValueError(f"loss.chunk_rows must be >= 1 and loss.chunk_cols >= 0, got {chunk_rows}, {chunk_cols}")
+    check_tiles(chunk_rows, chunk_cols)
 
 
 def _global_output(local_sum: torch.Tensor, diagonal: torch.Tensor, row_max: torch.Tensor,
                    column_max: torch.Tensor, row_offset: int, global_batch: int) -> LossOutput:
     """Loss = sum / B^2 and top-1 accuracies (the own pair reaches the maximum; ties count as hits)."""
-    column_max = column_max.detach().clone()
-    distributed = is_distributed() and get_world_size() > 1
-    if distributed:
-        torch.distributed.all_reduce(column_max, op=torch.distributed.ReduceOp.MAX)
+    column_max = all_reduce_(column_max.detach().clone(), torch.distributed.ReduceOp.MAX)
     own_columns = column_max[row_offset:row_offset + diagonal.shape[0]]
     stats = torch.stack([local_sum.detach().double(), (diagonal >= row_max).sum().double(),
                          (diagonal >= own_columns).sum().double()])
-    if distributed:
-        torch.distributed.all_reduce(stats)
+    all_reduce_(stats)
     return LossOutput(loss=(stats[0] / global_batch ** 2).float(), i2t_acc=float(stats[1]) / global_batch,
                       t2i_acc=float(stats[2]) / global_batch)
 
@@ -168,9 +147,9 @@ def sigmoid_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tens
     world_size, rank = get_world_size(), get_rank()
     per_rank = image_embeds_local.shape[0]
     global_batch = per_rank * world_size
-    text_all = gather_with_grad(_compute_dtype(text_embeds_local))
+    text_all = gather_with_grad(compute_dtype(text_embeds_local))
     local_sum, diagonal, row_max, column_max = _SigmoidPairsFunction.apply(
-        _compute_dtype(image_embeds_local), text_all, _compute_dtype(scale_bias), rank * per_rank, chunk_rows,
+        compute_dtype(image_embeds_local), text_all, compute_dtype(scale_bias), rank * per_rank, chunk_rows,
         chunk_cols)
     output = _global_output(local_sum, diagonal, row_max, column_max, rank * per_rank, global_batch)
     return local_sum * (world_size / global_batch ** 2), output
@@ -178,16 +157,10 @@ def sigmoid_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tens
 
 def sigmoid_loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor,
                            scale_bias: torch.Tensor, *, chunk_rows: int = 1024, chunk_cols: int = 0) -> CachedGrads:
-    """DGA's pass-1 gradients of L from this rank's detached embeddings; as ``loss.loss_and_grads``, summing
-    each field over ranks gives the full-batch gradient. The ``temperature`` field holds dL/d(t, b), shape (2,):
-    this rank's share, to back-propagate once per step."""
-    world_size = get_world_size()
-    image = _compute_dtype(image_embeds_local.detach()).requires_grad_(True)
-    text = _compute_dtype(text_embeds_local.detach()).requires_grad_(True)
-    params = _compute_dtype(scale_bias.detach()).reshape(2).requires_grad_(True)
-    with torch.enable_grad():
-        local_loss, output = sigmoid_loss(image, text, params, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
-        grad_image, grad_text, grad_params = torch.autograd.grad(local_loss, [image, text, params])
-    share = 1.0 / world_size
-    return CachedGrads(image=grad_image * share, text=grad_text * share, temperature=grad_params * share,
-                       output=output)
+    """DGA's pass-1 gradients from this rank's detached embeddings: those of ``sigmoid_loss``'s per-rank value,
+    whose average over ranks is L (see ``kernel.CachedGrads``). ``loss_params`` holds this rank's part of
+    dL/d(t, b), shape (2,), to back-propagate once per step."""
+    def per_rank_loss(image, text, params):
+        return sigmoid_loss(image, text, params, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
+
+    return pass1_gradients(per_rank_loss, image_embeds_local, text_embeds_local, scale_bias, params_shape=(2,))

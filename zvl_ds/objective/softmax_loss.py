@@ -28,29 +28,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from zvl_ds.runtime.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size, is_distributed
+from zvl_ds.objective.kernel import (CachedGrads, ClosedFormGradients, LossOutput, all_reduce_, check_embeddings,
+                                     check_tiles, compute_dtype, pass1_gradients)
 from zvl_ds.objective.mixup import MixupDraw, partner_index
+from zvl_ds.runtime.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size
 
-
-@dataclass
-class LossOutput:
-    """What a step logs: identical on every rank."""
-
-    loss: torch.Tensor  # scalar, detached: the global-mean symmetric loss (soft targets under mixup)
-    i2t_acc: float  # hard-target top-1 over the global batch, image -> text
-    t2i_acc: float  # hard-target top-1 over the global batch, text -> image
-
-
-@dataclass
-class CachedGrads:
-    """Pass-1 gradients for DGA; summing each field over ranks gives the exact full-batch gradient."""
-
-    image: torch.Tensor  # [b, d] fp32: dL/d(this rank's image embeddings), all ranks' rows accounted for
-    text: torch.Tensor  # [b, d] fp32: dL/d(this rank's text embeddings)
-    # [1] fp32: this rank's share of dL/d(clamped tau); back-propagate it once per step. For the sigmoid loss,
-    # [2]: of dL/d(scale, bias) (zvl_ds.objective.sigmoid_loss).
-    temperature: torch.Tensor
-    output: LossOutput
+__all__ = ["CachedGrads", "LossOutput", "contrastive_loss", "loss_and_grads"]  # the first two live in kernel.py
 
 
 @dataclass(frozen=True)
@@ -118,7 +101,8 @@ def _tiled_soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, ta
             best_value = torch.where(better, tile_max, best_value)
             best_col = torch.where(better, tile_arg + col, best_col)
             new_max = torch.maximum(running_max, tile_max)
-            running_sum = running_sum * torch.exp(running_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
+            running_sum = _online_logsumexp(running_max, running_sum, logits.sub_(new_max[:, None]).exp_().sum(1),
+                                            new_max)
             running_max = new_max
             del logits
         log_norm = running_max + running_sum.log()
@@ -159,13 +143,6 @@ class _StripResult:
     grad_images: Optional[torch.Tensor]  # [n, d]: d(B * L)/d(this rank's images), complete
     grad_texts: Optional[torch.Tensor]  # [B, d]: this strip's part of d(B * L)/d(every text); sums over ranks
     grad_tau: Optional[torch.Tensor]  # [1]: this strip's part of d(B * L)/dtau; sums over ranks
-
-
-def _across_ranks(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce in place over the ranks (SUM unless ``op``); a no-op in a single process."""
-    if is_distributed() and get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=op if op is not None else torch.distributed.ReduceOp.SUM)
-    return tensor
 
 
 def _online_logsumexp(running_max: torch.Tensor, running_sum: torch.Tensor, shifted_exp_sum: torch.Tensor,
@@ -233,8 +210,8 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
             del logits
     # every rank's columns: rescale each rank's sums to the global maximum, then add them up
     local_column_max = column_max.clone()
-    _across_ranks(column_max, torch.distributed.ReduceOp.MAX)
-    _across_ranks(column_sum.mul_(torch.exp(local_column_max - column_max)))
+    all_reduce_(column_max, torch.distributed.ReduceOp.MAX)
+    all_reduce_(column_sum.mul_(torch.exp(local_column_max - column_max)))
     del local_column_max
     row_lse, column_lse = row_max + row_sum.log(), column_max + column_sum.log()
     # Loss: half the row and half the column normalisers of this rank's samples, minus the target logits of its
@@ -288,7 +265,7 @@ def _symmetric_tiles(images: torch.Tensor, texts: torch.Tensor, tau: torch.Tenso
             # dL/dtau = -(1 / tau^2) sum_i <x_i, (G T)_i>, per chunk so that no [n, d] temporary exists
             tau_sum = tau_sum + (q * grad_rows).sum()
             grad_images[start:stop] = grad_rows.mul_(inv_tau)
-    _across_ranks(column_tied, torch.distributed.ReduceOp.MAX)
+    all_reduce_(column_tied, torch.distributed.ReduceOp.MAX)
     own_columns = slice(row_offset, row_offset + n)
     loss_sum = 0.5 * (row_lse.sum() + column_lse[own_columns].sum()) - target_sum
     i2t_correct = ((own_logit >= row_max) & ~row_tied).sum()
@@ -353,35 +330,14 @@ def _soft_cross_entropy_rows(queries: torch.Tensor, keys: torch.Tensor, tau: tor
     return _RowBlockResult(loss_sum, correct, grad_queries, grad_keys, grad_tau)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
-    """fp32 at least (bf16/fp16 embeddings are promoted); fp64 stays fp64 (used by exactness tests)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class _ClosedFormLoss(torch.autograd.Function):
-    """Shared backward of the loss kernels' autograd faces: their gradients are computed in the forward (one
-    pass over the logits), saved as (queries, keys, tau), and only scaled here. Double backward is not
-    supported."""
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        grad_queries, grad_keys, grad_tau = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dtypes = ctx.dtypes
-        return ((grad_queries * grad_loss).to(dtypes[0]) if needs[0] else None,
-                (grad_keys * grad_loss).to(dtypes[1]) if needs[1] else None,
-                (grad_tau * grad_loss).to(dtypes[2]) if needs[2] else None,
-                *([None] * (len(needs) - 3)))  # the non-tensor arguments
-
-
-class _ChunkedSoftCrossEntropy(_ClosedFormLoss):
+class _ChunkedSoftCrossEntropy(ClosedFormGradients):
     """Autograd face of ``_soft_cross_entropy_rows``: one direction, queries against keys."""
 
     @staticmethod
     def forward(ctx, queries, keys, tau, targets: _Targets, chunk_rows: int, chunk_cols: int = 0):
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.no_grad():
-            result = _soft_cross_entropy_rows(_compute_dtype(queries), _compute_dtype(keys), _compute_dtype(tau),
+            result = _soft_cross_entropy_rows(compute_dtype(queries), compute_dtype(keys), compute_dtype(tau),
                                               targets, chunk_rows,
                                               need_grads, need_key_grads=ctx.needs_input_grad[1],
                                               chunk_cols=chunk_cols)
@@ -392,7 +348,7 @@ class _ChunkedSoftCrossEntropy(_ClosedFormLoss):
         return result.loss_sum, result.correct
 
 
-class _SymmetricTiledNCE(_ClosedFormLoss):
+class _SymmetricTiledNCE(ClosedFormGradients):
     """Autograd face of ``_symmetric_tiles``: both directions from this rank's image rows against every text.
 
     Its gradients are this strip's part of the gradient of the summed loss, not the gradient of the value it
@@ -402,7 +358,7 @@ class _SymmetricTiledNCE(_ClosedFormLoss):
     def forward(ctx, images, texts, tau, targets: _Targets, row_offset: int, chunk_rows: int, chunk_cols: int):
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.no_grad():
-            result = _symmetric_tiles(_compute_dtype(images), _compute_dtype(texts), _compute_dtype(tau), targets,
+            result = _symmetric_tiles(compute_dtype(images), compute_dtype(texts), compute_dtype(tau), targets,
                                       row_offset, chunk_rows, chunk_cols, need_grads)
         ctx.dtypes = (images.dtype, texts.dtype, tau.dtype)
         if need_grads:
@@ -413,17 +369,10 @@ class _SymmetricTiledNCE(_ClosedFormLoss):
 
 def _check_inputs(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, chunk_rows: int,
                   chunk_cols: int = 0) -> None:
-    if image.dim() != 2 or image.shape != text.shape:
-        raise ValueError(f"contrastive loss needs image and text embeddings of the same shape [b, d], got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError("contrastive loss got an empty batch")
+    check_embeddings(image, text, "contrastive loss")
     if temperature.numel() != 1:
         raise ValueError(f"temperature must hold one value (shape (1,)), got shape {tuple(temperature.shape)}")
-    if chunk_rows < 1:
-        raise ValueError(f"loss.chunk_rows must be >= 1, got {chunk_rows}")
-    if chunk_cols < 0:
-        raise ValueError(f"loss.chunk_cols must be >= 0 (0 = whole rows), got {chunk_cols}")
+    check_tiles(chunk_rows, chunk_cols)
 
 
 def _resolve_partner(mixup: Optional[MixupDraw], partner: Optional[torch.Tensor], global_batch: int,
@@ -458,8 +407,7 @@ def _global_output(local_loss_sum: torch.Tensor, i2t_correct: torch.Tensor, t2i_
                    global_batch: int) -> LossOutput:
     """One all-reduce of (loss sum, correct counts) gives every rank the same global figures."""
     stats = torch.stack([local_loss_sum.detach().double(), i2t_correct.double(), t2i_correct.double()])
-    if is_distributed() and get_world_size() > 1:
-        torch.distributed.all_reduce(stats)
+    all_reduce_(stats)
     loss = (stats[0] / global_batch).float()
     return LossOutput(loss=loss, i2t_acc=float(stats[1]) / global_batch, t2i_acc=float(stats[2]) / global_batch)
 
@@ -490,9 +438,9 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
     per_rank = image_embeds_local.shape[0]
     global_batch = per_rank * world_size
     device = image_embeds_local.device
-    image_local = _compute_dtype(image_embeds_local)
-    text_local = _compute_dtype(text_embeds_local)
-    tau = _compute_dtype(temperature).reshape(1)
+    image_local = compute_dtype(image_embeds_local)
+    text_local = compute_dtype(text_embeds_local)
+    tau = compute_dtype(temperature).reshape(1)
     partner = _resolve_partner(mixup, partner, global_batch, world_size, per_rank, device)
     targets = _local_targets(rank, per_rank, partner, mixup, device)
     if chunk_cols > 0 and gather_backward:
@@ -515,25 +463,17 @@ def contrastive_loss(image_embeds_local: torch.Tensor, text_embeds_local: torch.
 def loss_and_grads(image_embeds_local: torch.Tensor, text_embeds_local: torch.Tensor, temperature: torch.Tensor,
                    *, mixup: Optional[MixupDraw] = None, partner: Optional[torch.Tensor] = None,
                    chunk_rows: int = 1024, chunk_cols: int = 0) -> CachedGrads:
-    """Gradients of the global-mean loss L for DGA's second pass, from this rank's detached pass-1 embeddings.
+    """DGA's pass-1 gradients from this rank's detached embeddings: those of ``contrastive_loss``'s per-rank value
+    with gather-backward, whose average over ranks is L (see ``kernel.CachedGrads``).
 
-    ``image``/``text``: dL/d(this rank's embeddings), complete: this rank's rows as queries plus its samples
-    as keys in every rank's rows (gathered back by the all-reduce of ``gather_with_grad``). ``temperature``:
-    this rank's share of dL/dtau (its own rows' part); the shares sum over ranks to dL/dtau. So the trainer
-    back-propagates these through its own chunks and the engine's SUM over ranks is exact (an engine that
-    AVERAGES needs them multiplied by the world size). Gradients are fp32 (fp64 for fp64 inputs).
-    ``partner`` defaults as in ``contrastive_loss``; under DGA pass ``partner_index(B, world_size, chunk)``
-    with the per-rank chunk, since the model mixes within each chunk's forward.
+    ``image``/``text`` are complete: this rank's rows as queries plus its samples as keys in every rank's rows
+    (gathered back by ``gather_with_grad``'s backward). ``loss_params`` is this rank's part of the tau gradient;
+    the engine's average over ranks completes it. Gradients are fp32 (fp64 for fp64 inputs). ``partner``
+    defaults as in ``contrastive_loss``; under DGA pass ``partner_index(B, world_size, chunk)`` with the per-rank
+    chunk, since the model mixes within each chunk's forward.
     """
-    world_size = get_world_size()
-    image = _compute_dtype(image_embeds_local.detach()).requires_grad_(True)
-    text = _compute_dtype(text_embeds_local.detach()).requires_grad_(True)
-    tau = _compute_dtype(temperature.detach()).reshape(1).requires_grad_(True)
-    with torch.enable_grad():
-        local_loss, output = contrastive_loss(image, text, tau, mixup=mixup, partner=partner, gather_backward=True,
-                                              chunk_rows=chunk_rows, chunk_cols=chunk_cols)
-        # local_loss is this rank's mean; L = average over ranks of local_loss, hence the 1 / world size.
-        grad_image, grad_text, grad_tau = torch.autograd.grad(local_loss, [image, text, tau])
-    scale = 1.0 / world_size
-    return CachedGrads(image=grad_image * scale, text=grad_text * scale, temperature=grad_tau * scale,
-                       output=output)
+    def per_rank_loss(image, text, tau):
+        return contrastive_loss(image, text, tau, mixup=mixup, partner=partner, gather_backward=True,
+                                chunk_rows=chunk_rows, chunk_cols=chunk_cols)
+
+    return pass1_gradients(per_rank_loss, image_embeds_local, text_embeds_local, temperature, params_shape=(1,))

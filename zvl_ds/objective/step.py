@@ -4,8 +4,8 @@ DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch indep
 
 1. pass 1, no autograd: embed every chunk of this rank's batch, remembering the RNG state before each chunk;
 2. gather the embeddings of all ranks and compute the loss and its gradient with respect to this rank's
-   embeddings and the temperature once (``loss.loss_and_grads``, chunked over rows; for a SigLIP model,
-   ``sigmoid_loss.sigmoid_loss_and_grads`` and its scale and bias instead of the temperature);
+   embeddings and the loss's learnable scalars once (``options.loss.loss_and_grads``, tiled: the temperature
+   of the softmax loss, or the scale and bias of the sigmoid loss; ``losses.py``);
 3. pass 2: for each chunk restore its RNG state (dropout repeats exactly), recompute it with autograd and
    back-propagate the cached gradient; the temperature's gradient enters once;
 4. one gradient reduction and the optimizer step.
@@ -14,8 +14,9 @@ No host synchronisation happens inside the chunk loops: per-chunk results stay o
 the host needs (finite loss, temperature, accuracies) are read once per step. Named ``torch.profiler`` ranges
 (``zvl.*``, see ``profile_range``) let ``python -m zvl_ds.bench profile`` split a step into its parts.
 
-Gradient bookkeeping: ``loss_and_grads`` returns gradients whose SUM over ranks is the full-batch gradient,
-while DeepSpeed AVERAGES gradients over ranks, so pass 2 back-propagates ``world_size`` times them.
+Gradient bookkeeping: the cached gradients are those of this rank's share of the loss, whose AVERAGE over ranks
+is the full-batch loss (``kernel.CachedGrads``), so pass 2 back-propagates them as they are and DeepSpeed's
+average over ranks is the exact full-batch gradient.
 
 DeepSpeed treats every backward as a gradient accumulation boundary unless told otherwise: ZeRO-1/2 then keep
 only the last backward's gradient, and ZeRO-3 adds the previous step's gradient to parameters the first backward
@@ -27,15 +28,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
-from zvl_ds.objective.softmax_loss import CachedGrads, LossOutput, contrastive_loss, loss_and_grads
+from zvl_ds.objective.losses import SigmoidLoss, SoftmaxLoss
 from zvl_ds.objective.mixup import MixupDraw
 from zvl_ds.runtime.profile_ranges import profile_range
-from zvl_ds.objective.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 
 
 @dataclass
@@ -63,10 +63,7 @@ class StepResult:
 @dataclass
 class StepOptions:
     chunk: int  # samples per forward on this rank (per-rank DGA chunk)
-    world_size: int
-    chunk_rows: int  # logit rows computed at once inside the loss
-    chunk_cols: int = 0  # logit columns per tile inside the loss; 0: whole rows
-    gather_backward: bool = True  # single-pass runner only; DGA always yields the full gradient
+    loss: Union[SoftmaxLoss, SigmoidLoss]  # losses.build_loss(cfg.loss); it carries its own tiling
     # Moves a uint8 image chunk to the device and normalises it to the engine's dtype.
     prepare_images: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     device: torch.device = torch.device("cpu")
@@ -119,41 +116,6 @@ def _chunk_bounds(size: int, chunk: int) -> List[slice]:
     return [slice(start, start + chunk) for start in range(0, size, chunk)]
 
 
-def _loss_parameters(out: Dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
-    """The loss's learnable scalars in the model output: (t, b) for SigLIP (a model built for it returns them),
-    else the temperature."""
-    scale_bias = out.get("logit_scale_bias")
-    return scale_bias if scale_bias is not None else out["temperature"]
-
-
-def _reported_temperature(params: torch.Tensor) -> float:
-    """tau for the logs; SigLIP's logits are t * similarity + b, so 1 / t plays tau's part there."""
-    values = params.detach().reshape(-1)
-    return float(1.0 / values[0]) if values.numel() == 2 else float(values[0])
-
-
-def _pass1_gradients(image: torch.Tensor, text: torch.Tensor, params: torch.Tensor, mixup: Optional[MixupDraw],
-                     partner: Optional[torch.Tensor], options: StepOptions) -> CachedGrads:
-    if params.numel() == 2:
-        if mixup is not None:
-            raise ValueError("the sigmoid loss has no mixup variant")
-        return sigmoid_loss_and_grads(image, text, params, chunk_rows=options.chunk_rows,
-                                      chunk_cols=options.chunk_cols)
-    return loss_and_grads(image, text, params, mixup=mixup, partner=partner, chunk_rows=options.chunk_rows,
-                          chunk_cols=options.chunk_cols)
-
-
-def _single_pass_loss(image: torch.Tensor, text: torch.Tensor, params: torch.Tensor, mixup: Optional[MixupDraw],
-                      partner: Optional[torch.Tensor], options: StepOptions) -> Tuple[torch.Tensor, LossOutput]:
-    if params.numel() == 2:
-        if mixup is not None:
-            raise ValueError("the sigmoid loss has no mixup variant")
-        return sigmoid_loss(image, text, params, chunk_rows=options.chunk_rows, chunk_cols=options.chunk_cols)
-    return contrastive_loss(image, text, params, mixup=mixup, partner=partner,
-                            gather_backward=options.gather_backward, chunk_rows=options.chunk_rows,
-                            chunk_cols=options.chunk_cols)
-
-
 def _is_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
@@ -195,21 +157,17 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
             out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
             image_parts.append(out["image_embeds"].float())
             text_parts.append(out["text_embeds"].float())
-            loss_params = _loss_parameters(out).float()
+            loss_params = options.loss.loss_params(out).float()
     with phase("loss"):
-        cached = _pass1_gradients(torch.cat(image_parts), torch.cat(text_parts), loss_params, mixup, partner,
-                                  options)
+        cached = options.loss.loss_and_grads(torch.cat(image_parts), torch.cat(text_parts), loss_params, mixup,
+                                             partner)
     del image_parts, text_parts
     loss_value = cached.output.loss
-    tau = _reported_temperature(loss_params)
+    tau = options.loss.logged_temperature(loss_params)
     # The loss is global (identical on every rank), so every rank takes the same decision without talking.
     if not _is_finite(loss_value):
         return _skipped("non-finite loss", float(loss_value), tau)
 
-    scale = float(options.world_size)
-    grad_image = cached.image * scale
-    grad_text = cached.text * scale
-    grad_temperature = cached.temperature * scale
     stage = engine.zero_optimization_stage()
     with phase("pass2"):
         reduction = engine.coalesce_grad_reduction() if stage > 0 else contextlib.nullcontext()
@@ -217,11 +175,11 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
             for index, (bound, snapshot) in enumerate(zip(bounds, snapshots)):
                 _rng_restore(snapshot, options.device)
                 out = _forward(engine, _chunk_inputs(batch, bound.start, bound.stop, options), mixup)
-                surrogate = ((out["image_embeds"].float() * grad_image[bound]).sum()
-                             + (out["text_embeds"].float() * grad_text[bound]).sum())
-                params = _loss_parameters(out)
+                surrogate = ((out["image_embeds"].float() * cached.image[bound]).sum()
+                             + (out["text_embeds"].float() * cached.text[bound]).sum())
+                params = options.loss.loss_params(out)
                 if index == 0 and params.requires_grad:  # the loss's scalars enter once per step
-                    surrogate = surrogate + (params.float() * grad_temperature).sum()
+                    surrogate = surrogate + (params.float() * cached.loss_params).sum()
                 if stage == 0:
                     engine.set_gradient_accumulation_boundary(index == len(bounds) - 1)
                 _backward(engine, surrogate)
@@ -238,11 +196,11 @@ def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Opti
     phase = _phases(timer)
     with phase("pass1"):
         out = _forward(engine, _chunk_inputs(batch, 0, len(batch), options), mixup)
-        loss_params = _loss_parameters(out).float()
+        loss_params = options.loss.loss_params(out).float()
     with phase("loss"):
-        loss, output = _single_pass_loss(out["image_embeds"].float(), out["text_embeds"].float(), loss_params,
-                                         mixup, partner, options)
-    tau = _reported_temperature(loss_params)
+        loss, output = options.loss.single_pass(out["image_embeds"].float(), out["text_embeds"].float(),
+                                                loss_params, mixup, partner)
+    tau = options.loss.logged_temperature(loss_params)
     if not _is_finite(output.loss):
         return _skipped("non-finite loss", float(output.loss), tau)
     with phase("pass2"):
@@ -254,27 +212,3 @@ def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Opti
 
 
 RUNNERS: Dict[str, Callable[..., StepResult]] = {"clip_bsgs": dga_step, "clip": single_pass_step}
-
-
-class TrainingAborted(RuntimeError):
-    pass
-
-
-class SkipPolicy:
-    """Counts skipped steps; too many in a row means the run is diverging and must stop, not spin."""
-
-    def __init__(self, max_in_a_row: int, total: int = 0):
-        self.max_in_a_row = max_in_a_row
-        self.total = total
-        self.in_a_row = 0
-
-    def record(self, result: StepResult, step: int, last_checkpoint: Optional[str]) -> None:
-        if result.applied:
-            self.in_a_row = 0
-            return
-        self.total += 1
-        self.in_a_row += 1
-        if self.in_a_row >= self.max_in_a_row:
-            raise TrainingAborted(f"{self.in_a_row} consecutive steps skipped up to step {step} "
-                                  f"(last: {result.skip_reason}); last good checkpoint: "
-                                  f"{last_checkpoint or 'none written yet'}")

@@ -1,0 +1,270 @@
+"""The training loop: build the parts from a config, step, checkpoint and resume, evaluate, log.
+
+``Trainer`` wires the rooms together: the data stream (``data``), the model (``model``), the DeepSpeed engine with
+its optimizer and schedule (``runtime``), one configured step (``objective.build``), checkpoints and metrics
+(``runtime``) and evaluation (``evaluation``). ``train.py`` parses the command line and runs it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+import zvl_ds
+from zvl_ds.config import Config, ConfigError
+from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.data.failures import sum_counts
+from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
+from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
+from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, labelled_images, prompt_names, read_templates
+from zvl_ds.model.dual_encoder import build_model, compile_towers
+from zvl_ds.model.init_weights import initialise_from_config, selected_source
+from zvl_ds.model.safe_load import check_checkpoint_folder
+from zvl_ds.objective.build import build_step
+from zvl_ds.objective.skip import SkipPolicy
+from zvl_ds.objective.step import StepBatch, StepResult
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
+                                       load_checkpoint, needs_universal_conversion, read_latest, restore_rng_state,
+                                       save_checkpoint)
+from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
+from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
+from zvl_ds.runtime.optim import build_optimizer
+from zvl_ds.runtime.records import drop_rows_after
+from zvl_ds.runtime.schedule import learning_rate
+
+
+def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
+    if cfg.runner.train_steps > 0:
+        return cfg.runner.train_steps
+    if cfg.data.train_steps > 0:
+        return cfg.data.train_steps
+    return cfg.epoch * steps_per_epoch
+
+
+def check_zero_shot_sets(cfg: Config) -> None:
+    """Fail at the start, not at the first evaluation, when a ``data.zeroshot`` set cannot be read."""
+    for name, zeroshot in cfg.data.zeroshot.items():
+        try:
+            _, classes = labelled_images(zeroshot.path)
+            prompt_names(classes, zeroshot.classes)
+            read_templates(zeroshot.templates)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.zeroshot.{name}: {error}") from None
+
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: Dict, placement: Placement):
+        self.cfg = cfg
+        self.placement = placement
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.run_dir = cfg.run_dir
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.tokenizer = load_tokenizer(cfg.model.text_encoder)
+        model = build_model(cfg.model, cfg.loss)
+        self.zero_stage = zero_stage(ds_config)
+        # evaluating finetuned weights (LAVIS's load_finetuned) evaluates those, not the run folder's checkpoint
+        evaluating_finetuned = cfg.evaluate and cfg.model.load_finetuned
+        self.resume_point = (None if evaluating_finetuned else
+                             find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume))
+        self._refuse_code_in_checkpoint()
+        # whole-model weights only for a fresh start (a resumed run restores its own checkpoint), and before
+        # DeepSpeed wraps (and at ZeRO-3 partitions) the parameters
+        self.init_report = None if self.resume_point else initialise_from_config(model, cfg)
+        model = compile_towers(model, cfg.model.compile)
+        if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
+            self.resume_point = convert_to_universal(self.resume_point)
+            self._refuse_code_in_checkpoint()
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        optimizer = build_optimizer(model, cfg.optim, placement.device)
+        self.lr_scales = [group["lr_scale"] for group in optimizer.param_groups]
+        self.engine = initialize_engine(model, optimizer, ds_config)
+        check_zero_shot_sets(cfg)
+        # evaluation-only runs (evaluate: true) need no training data
+        self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
+        self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
+        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, self._prepare_images)
+        self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps)
+        if self.resume_point and selected_source(cfg):
+            self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
+                                 f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")
+        self.timer = PhaseTimer(placement.device)
+        self.step = 0
+        self.skips = SkipPolicy(cfg.runner.max_skipped_steps)
+        self.last_saved_step: Optional[int] = None
+
+    def _refuse_code_in_checkpoint(self) -> None:
+        """DeepSpeed (and its universal conversion) unpickles checkpoint files with ``weights_only=False``: every
+        file is checked with the weights-only unpickler first, so a crafted file is refused instead of run."""
+        point = self.resume_point
+        if point is not None and not self.cfg.ckpt.trust_checkpoint:
+            check_checkpoint_folder(os.path.join(point.run_dir, point.tag), CheckpointError,
+                                    "set ckpt.trust_checkpoint=true")
+
+    # ------------------------------------------------------------------ pieces the loop uses
+
+    def _prepare_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images_uint8, self.cfg.transforms.normalize, self.placement.device,
+                                self.placement.dtype)
+
+    def _to_step_batch(self, batch) -> StepBatch:
+        images = batch.images
+        if self.cfg.runner.offload_inputs and self.placement.device.type == "cuda":
+            # chunks travel to the device one at a time; the loader's pin thread has pinned them already
+            images = images if images.is_pinned() else images.pin_memory()
+        else:
+            images = images.to(self.placement.device, non_blocking=True)
+        return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def _record_keys(self, step: int, keys: List[str]) -> None:
+        folder = os.path.join(self.run_dir, "sample_keys")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank_{self.rank}.txt"), "a", encoding="utf-8") as handle:
+            handle.write(f"{step} {' '.join(keys)}\n")
+
+    def _shared_state(self) -> Dict:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "skipped_steps": self.skips.total,
+                "world_size": self.world_size, "config": self.cfg.to_dict(), "zvl_ds_version": zvl_ds.__version__}
+
+    def save(self) -> None:
+        rank_state = {"step": self.step, "loader": self.loader.state_dict(), "rng": capture_rng_state()}
+        tag = save_checkpoint(self.engine, self.run_dir, self.step, self._shared_state(), rank_state,
+                              self.cfg.to_yaml(), self.cfg.ckpt.keep_last)
+        self.last_saved_step = self.step
+        self.monitor.console(f"saved checkpoint {os.path.join(self.run_dir, tag)}")
+
+    def resume(self) -> None:
+        point = self.resume_point
+        if point is None:
+            return
+        shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage)
+        self.step = int(shared.get("step", 0))
+        self.skips.total = int(shared.get("skipped_steps", 0))
+        self.last_saved_step = self.step
+        if rank_state is not None and self.loader is not None:
+            try:
+                self.loader.load_state_dict(rank_state["loader"])
+            except ValueError as error:  # the data settings changed since the checkpoint
+                raise CheckpointError(f"cannot continue the data stream of {point.run_dir}/{point.tag}: {error}. "
+                                      "Resume with the data settings of the checkpoint, or start a new run "
+                                      "(another data.exp_name)") from None
+            restore_rng_state(rank_state["rng"])
+        self.monitor.console(f"resumed from {os.path.join(point.run_dir, point.tag)} at step {self.step}")
+
+    def _should_evaluate(self, step: int) -> bool:
+        if not self.cfg.data.enable_valid:
+            return False
+        if self.cfg.runner.val_interval_steps > 0:
+            return step % self.cfg.runner.val_interval_steps == 0 or step == self.total_steps
+        every = self.steps_per_epoch * max(1, self.cfg.runner.val_interval)
+        return step % every == 0 or step == self.total_steps
+
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        self.engine.eval()
+        try:
+            metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer,
+                                                    self.placement.device, self.placement.dtype,
+                                                    num_examples=max(0, self.cfg.log.num_image_samples))
+            metrics.update(evaluate_zero_shot(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                              self.placement.dtype))
+        finally:
+            self.engine.train()
+        log_retrieval_examples(self.monitor, grids, step)
+        for name, values in metrics.items():
+            self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
+                                        if isinstance(value, (int, float))})
+            self.monitor.console(f"eval {name} @ step {step}: " + "  ".join(
+                f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "top1", "top5")
+                if key in values))
+        if dist.is_main_process():
+            with open(os.path.join(self.run_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
+
+    def _data_error_counts(self) -> Dict[str, int]:
+        counts = self.loader.error_counts()
+        if self.world_size == 1:
+            return dict(counts)
+        gathered: List[Dict[str, int]] = [None] * self.world_size  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, dict(counts))
+        return sum_counts(gathered)
+
+    def _log_step(self, step: int, result: StepResult, lr: float, seconds: float, phases: Dict[str, float]) -> None:
+        samples_per_sec = self.cfg.data.batch_size / max(seconds, 1e-9)
+        values = {"train/loss": result.loss, "train/i2t_acc": result.i2t_acc, "train/t2i_acc": result.t2i_acc,
+                  "train/lr": lr, "train/temperature": result.temperature,
+                  "train/samples_per_sec": samples_per_sec,
+                  "train/samples_per_sec_per_device": samples_per_sec / self.world_size,
+                  "train/skipped_steps": self.skips.total,
+                  "memory/peak_device_bytes": peak_memory_bytes(self.placement.device)}
+        grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            values["train/grad_norm"] = float(grad_norm)
+        values.update({f"time/{name}": value for name, value in phases.items()})
+        on_interval = step % self.cfg.log.interval_train == 0 or step == self.total_steps
+        if on_interval:  # summing the counters over ranks is a collective: not on every step
+            values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
+        self.monitor.scalars(step, values)
+        if on_interval:
+            self.monitor.train_line(step, result.loss, lr, samples_per_sec, result.temperature)
+
+    def _count_skip(self, result: StepResult) -> None:
+        latest = None
+        if not result.applied:
+            self.monitor.console(f"step {self.step}: skipped ({result.skip_reason})")
+            latest = read_latest(self.run_dir)
+        self.skips.record(result, self.step, os.path.join(self.run_dir, latest) if latest else None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.monitor.text("config", "```\n" + cfg.to_yaml() + "\n```")
+        self.monitor.console(f"training {self.total_steps} steps of {cfg.data.batch_size} samples "
+                             f"({cfg.runner.name}, chunk {self.run_step.options.chunk}/rank, {self.world_size} ranks, "
+                             f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
+        drop_rows_after(self.run_dir, self.step, self.rank, dist.is_main_process())  # steps that are replayed
+        self.engine.train()
+        self.monitor.start(self.step)
+        batches = iter(self.loader)
+        while self.step < self.total_steps:
+            step_start = time.perf_counter()
+            with self.timer.phase("data_wait"):
+                batch = next(batches)
+            if cfg.log.record_sample_keys:
+                self._record_keys(self.step, batch.keys)
+            lr = learning_rate(cfg.optim.lr, self.step, self.total_steps, self.steps_per_epoch)
+            set_learning_rate(self.engine, lr, self.lr_scales)
+            result = self.run_step(self.engine, self._to_step_batch(batch), self.step, self.timer)
+            self.step += 1
+            self._count_skip(result)
+            self._log_step(self.step, result, lr, time.perf_counter() - step_start, self.timer.pop())
+            if self.step % cfg.ckpt.step_interval == 0 or self.step == self.total_steps:
+                self.save()
+            if self._should_evaluate(self.step):
+                self.evaluate(self.step)
+        if self.last_saved_step != self.step:
+            self.save()
+        self.monitor.flush()
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+        self.monitor.close()
+
+
+def check_data_sources(cfg: Config) -> None:
+    """Resolve the training and validation shards now: a wrong data path must fail in seconds, before the
+    model, the engine and the process group are built (raises DataSourceError, a user error)."""
+    if not cfg.evaluate:
+        resolve_train_datasets(cfg.data)
+    if cfg.evaluate or cfg.data.enable_valid:
+        for name in cfg.data.valid_name:
+            resolve_dataset(cfg.data, name, cfg.data.valid_splits)
