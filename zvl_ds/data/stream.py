@@ -18,27 +18,26 @@ step (no rank can hang the others). Counts reach the caller through ``error_coun
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from zvl_ds.config import Config
 from zvl_ds.data import failures
-from zvl_ds.data import reader
+from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _is_int64,
+                                _json_meta, _load_fields, _private_torch_rng)
 from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
+from zvl_ds.data.pieces import SourceStream, _read_part, buffer_shuffle, read_piece  # noqa: F401 (re-exported)
 from zvl_ds.data.reader import FieldLoader, RawSample, read_segment
-from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, Part, Piece, SamplingPlan, build_plan,
-                                  derive_seed, name_key, validation_part)
+from zvl_ds.data.sampling import (MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key,
+                                  validation_part)
 from zvl_ds.data.sources import (DataSourceError, ResolvedDataset, require_sizes, resolve_dataset,
                                   resolve_train_datasets)
-from zvl_ds.data.transforms import (CaptionAugmenter, ImageTransform, TooManyPixels, caption_preparer, to_uint8_chw,
-                                    tokenize)
+from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
 
 STATE_FORMAT = 1
 _VISIT_TAG, _VALID_TAG = 0x7151, 0x7152
@@ -87,169 +86,6 @@ class _BatchInfo:
     step: int
     cursors: List[List[int]]  # per source: [piece, samples consumed from it]
     faults: Dict[str, int]  # this worker's cumulative skip counts
-
-
-def _keep(item):
-    return item
-
-
-# --------------------------------------------------------------------------------------------------
-# Sample decoding
-# --------------------------------------------------------------------------------------------------
-
-
-def _load_fields(loader: FieldLoader, raw: RawSample) -> Dict[str, bytes]:
-    try:
-        return loader.load(raw)
-    except OSError as error:
-        raise SampleSkipped(failures.UNREADABLE_SHARD, f"{raw.path}: {error}") from None
-    except Exception as error:
-        if reader.is_truncation(error):
-            raise SampleSkipped(failures.TRUNCATED_SHARD, str(error)) from None
-        raise
-
-
-def _image_bytes(fields: Dict[str, bytes], where: str) -> bytes:
-    for ext in reader.IMAGE_EXTENSIONS:
-        if ext in fields:
-            return fields[ext]
-    raise SampleSkipped(failures.MISSING_IMAGE, f"{where}: no {'/'.join(reader.IMAGE_EXTENSIONS)} member")
-
-
-def _json_meta(fields: Dict[str, bytes], where: str) -> Optional[dict]:
-    if "json" not in fields:
-        return None
-    try:
-        meta = json.loads(fields["json"].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise SampleSkipped(failures.BAD_JSON, f"{where}: {error}") from None
-    except RecursionError:  # nesting deeper than the parser's stack
-        raise SampleSkipped(failures.BAD_JSON, f"{where}: json nested too deeply") from None
-    if not isinstance(meta, dict):
-        raise SampleSkipped(failures.BAD_JSON, f"{where}: json is a {type(meta).__name__}, not an object")
-    return meta
-
-
-def _captions(meta: Optional[dict], fields: Dict[str, bytes], where: str) -> List[str]:
-    """The json ``captions`` (or img2dataset's single ``caption``), else the ``.txt``; empty ones dropped."""
-    captions: List[str] = []
-    if meta is not None:
-        value = meta.get("captions")
-        if value is not None and not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
-            raise SampleSkipped(failures.BAD_JSON, f"{where}: json 'captions' is not a list of strings")
-        captions = [c for c in (value or []) if c.strip()]
-        if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
-            captions = [meta["caption"]]
-    if not captions and "txt" in fields:
-        try:
-            text = fields["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
-        if text:
-            captions = [text]
-    if not captions:
-        raise SampleSkipped(failures.MISSING_CAPTION, f"{where}: no caption in .json or .txt")
-    return captions
-
-
-def _decode_image(transform: ImageTransform, data: bytes, rng: random.Random, where: str) -> torch.Tensor:
-    try:
-        return to_uint8_chw(transform(data, rng))
-    except TooManyPixels as error:
-        raise SampleSkipped(failures.TOO_MANY_PIXELS, f"{where}: {error}") from None
-    except Exception as error:  # Pillow raises many types on bad bytes; every one means "skip this sample"
-        raise SampleSkipped(failures.CORRUPT_IMAGE, f"{where}: {type(error).__name__}: {error}") from None
-
-
-def _is_int64(value: object) -> bool:
-    """Ids become int64 tensors: larger ones (or bools, floats) cannot be collated."""
-    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
-
-
-def _describe(raw: RawSample) -> str:
-    return f"{raw.path} sample {raw.key!r}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading pieces
-# --------------------------------------------------------------------------------------------------
-
-
-def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Webdataset-style shuffle: hold ``size`` items, emit a random one as each new item arrives."""
-    held: list = []
-    for item in items:
-        if len(held) < size:
-            held.append(item)
-            continue
-        index = rng.randrange(size)
-        out, held[index] = held[index], item
-        yield out
-    rng.shuffle(held)
-    yield from held
-
-
-def _read_part(part: Part, dataset: ResolvedDataset, faults: FailureCounter) -> Iterator[RawSample]:
-    for segment in part.segments:
-        for raw in read_segment(dataset.shards[segment.shard], segment.shard, segment.start, segment.stop, faults):
-            raw.dataset, raw.pass_index = part.dataset, part.pass_index
-            yield raw
-
-
-def read_piece(piece: Piece, datasets: Sequence[ResolvedDataset], buffer_size: int,
-               faults: FailureCounter) -> Iterator[RawSample]:
-    """A piece's raw samples: its parts read in order (or interleaved by its pattern), then buffer-shuffled."""
-    streams = [_read_part(part, datasets[part.dataset], faults) for part in piece.parts]
-    if piece.pattern is None:
-        ordered: Iterator[RawSample] = (raw for stream in streams for raw in stream)
-    else:
-        ordered = (raw for raw in (next(streams[i], None) for i in piece.pattern.tolist()) if raw is not None)
-    return buffer_shuffle(ordered, max(1, buffer_size), random.Random(piece.shuffle_seed))
-
-
-class SourceStream:
-    """One role's endless stream of raw samples from one source, with its resumable cursor."""
-
-    def __init__(self, plan: SamplingPlan, source: int, role: int, cursor: Sequence[int],
-                 datasets: Sequence[ResolvedDataset], buffer_size: int, faults: FailureCounter):
-        self.plan, self.source, self.role = plan, source, role
-        self.piece_index, self.offset = int(cursor[0]), int(cursor[1])
-        self.datasets, self.buffer_size, self.faults = datasets, buffer_size, faults
-        self._samples: Optional[Iterator[RawSample]] = None
-        self._good_in_piece = False
-        self._barren_pieces = 0  # consecutive pieces that gave no usable sample
-
-    @property
-    def cursor(self) -> List[int]:
-        return [self.piece_index, self.offset]
-
-    def mark_good(self) -> None:
-        self._good_in_piece = True
-        self._barren_pieces = 0
-
-    def next_raw(self) -> RawSample:
-        while True:
-            if self._samples is None:
-                self._samples = read_piece(self.plan.piece(self.source, self.role, self.piece_index),
-                                           self.datasets, self.buffer_size, self.faults)
-                for _ in range(self.offset):  # resume: drop what was consumed, undecoded
-                    if next(self._samples, None) is None:
-                        break
-            raw = next(self._samples, None)
-            if raw is not None:
-                self.offset += 1
-                return raw
-            self._next_piece()
-
-    def _next_piece(self) -> None:
-        self._barren_pieces = 0 if self._good_in_piece else self._barren_pieces + 1
-        if self._barren_pieces > 2 * self.plan.roles + 2:
-            name = self.plan.source_names[self.source]
-            raise RuntimeError(f"data source {name!r}: no usable sample in {self._barren_pieces} consecutive "
-                               f"epochs/passes of rank {self.plan.rank} role {self.role}; skipped so far: "
-                               f"{self.faults.snapshot()}")
-        self.piece_index, self.offset = self.piece_index + 1, 0
-        self._samples, self._good_in_piece = None, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,16 +170,6 @@ class _TrainStream(IterableDataset):
         if spec.caption_aug is not None:
             caption = spec.caption_aug(caption, rng)
         return _decode_image(spec.transform, image_bytes, rng, where), caption
-
-
-@contextlib.contextmanager
-def _private_torch_rng(enabled: bool):
-    """AutoAugment seeds torch's global generator per sample; keep that from leaking into the caller's process."""
-    if not enabled:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        yield
 
 
 def _fingerprint(cfg: Config, plan: SamplingPlan) -> Dict[str, object]:
@@ -442,17 +268,6 @@ class TrainLoader:
 
 def _plain(value):
     return json.loads(json.dumps(value))
-
-
-def _data_loader(dataset: IterableDataset, num_workers: int, timeout: float) -> DataLoader:
-    if num_workers > 0:
-        # Workers are forked after the tokenizer has been used here; its thread pool must not be inherited.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # A private generator: the DataLoader otherwise draws its workers' base seed from the caller's global torch
-    # generator (the workers seed everything themselves), which would shift the trainer's random stream.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
-                      pin_memory=torch.cuda.is_available(), timeout=timeout if num_workers > 0 else 0,
-                      prefetch_factor=2 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer) -> TrainLoader:
