@@ -73,7 +73,7 @@ def _config(root: str, transforms: List[str], crop_size: int, workers: int, batc
 
 
 def _measure(cfg, tokenizer, batches: int, warmup: int) -> float:
-    from zvl_ds.data.stream import build_train_loader
+    from zvl_ds.data.train_stream import build_train_loader
 
     loader = build_train_loader(cfg, 0, 1, tokenizer)
     try:

@@ -1,0 +1,247 @@
+"""The training loader over tar shards: deterministic, resumable, fault-tolerant.
+
+Training (``build_train_loader``): the rank's DataLoader workers each play one *role* of ``sampling.py``: role
+``w`` makes the whole per-rank batch of every step ``g`` with ``g % R == w``, and the DataLoader hands the roles'
+batches out round-robin, so the loader yields steps 0, 1, 2, ... forever. A role reads, per source, a chain of
+pieces (contiguous runs of the rank's sample slice), shuffles each through a seeded buffer, and decodes only what
+goes into its batches. Every random choice about a sample (caption, crop, AutoAugment) is seeded by the sample's
+identity and pass, so it does not depend on the worker that happens to decode it.
+
+Exact resume: each batch carries its role's cursor per source (piece number, samples consumed from the piece's
+shuffled order). The loader keeps, per role, the cursor of the last batch the *caller* received, not what the
+workers prefetched. A resumed role re-reads its piece from the start through the same seeded buffer, dropping the
+consumed samples undecoded (for local tars they are not even read: only their headers are), and continues.
+
+Faults: a sample that cannot be used (``reader.py``'s reasons) is skipped and counted, and the role takes the next
+sample of its stream in its place, so batches always hold ``b`` samples and every rank always yields a batch per
+step (no rank can hang the others). Counts reach the caller through ``error_counts()``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from zvl_ds.config import Config
+from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _json_meta,
+                                _load_fields, _private_torch_rng)
+from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
+from zvl_ds.data.pieces import SourceStream
+from zvl_ds.data.reader import FieldLoader, RawSample
+from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
+from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_train_datasets
+from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
+
+STATE_FORMAT = 1
+_VISIT_TAG = 0x7151
+
+
+@dataclass
+class TrainBatch:
+    images: torch.Tensor  # uint8 [b, 3, S, S]
+    input_ids: torch.Tensor  # long [b, L]
+    attention_mask: torch.Tensor  # long [b, L]
+    keys: List[str]
+    dataset: str  # the source dataset; "mixed" in shuffle mode
+    step: int  # the global optimizer step this batch is for (0-based)
+
+    def pin_memory(self) -> "TrainBatch":
+        return replace(self, images=self.images.pin_memory(), input_ids=self.input_ids.pin_memory(),
+                       attention_mask=self.attention_mask.pin_memory())
+
+
+@dataclass
+class _BatchInfo:
+    """What a worker reports with each training batch (plain values; crosses the process boundary)."""
+
+    worker: int
+    role: int
+    step: int
+    cursors: List[List[int]]  # per source: [piece, samples consumed from it]
+    faults: Dict[str, int]  # this worker's cumulative skip counts
+
+
+@dataclass
+class _TrainSpec:
+    """Everything a worker needs (pickled to workers under the spawn start method)."""
+
+    plan: SamplingPlan
+    datasets: List[ResolvedDataset]
+    transform: ImageTransform
+    prepare_caption: Optional[Callable[[str], str]]  # transforms.caption_train; None: captions as written
+    caption_aug: Optional[CaptionAugmenter]
+    tokenizer: object
+    max_length: int
+    seed: int
+    buffer_size: int
+    max_warnings: int
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, spec: _TrainSpec, start_step: int, cursors: List[List[List[int]]]):
+        super().__init__()
+        self.spec, self.start_step, self.cursors = spec, start_step, cursors
+
+    def __iter__(self) -> Iterator[Tuple[TrainBatch, _BatchInfo]]:
+        spec, plan = self.spec, self.spec.plan
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        step = self.start_step + worker
+        role = step % plan.roles
+        faults = FailureCounter(spec.max_warnings)
+        fields = FieldLoader()
+        streams = [SourceStream(plan, source, role, self.cursors[role][source], spec.datasets, spec.buffer_size,
+                                faults) for source in range(len(plan.source_names))]
+        try:
+            while True:
+                source = plan.source_of_step(step)
+                with _private_torch_rng(spec.transform.uses_torch_rng):
+                    batch = self._make_batch(streams[source], step, fields, faults)
+                yield batch, _BatchInfo(worker, role, step, [s.cursor for s in streams], faults.snapshot())
+                step += plan.roles
+        finally:
+            fields.close()
+
+    def _make_batch(self, stream: SourceStream, step: int, fields: FieldLoader, faults: FailureCounter) -> TrainBatch:
+        spec = self.spec
+        size = spec.transform.size
+        count = spec.plan.batch_size
+        images = torch.empty((count, 3, size, size), dtype=torch.uint8)
+        captions: List[str] = []
+        keys: List[str] = []
+        while len(keys) < count:
+            raw = stream.next_raw()
+            try:
+                image, caption = self._decode(raw, fields)
+            except SampleSkipped as skipped:
+                faults.add(skipped.reason, str(skipped))
+                continue
+            stream.mark_good()
+            images[len(keys)] = image
+            captions.append(caption)
+            keys.append(raw.key)
+        input_ids, attention_mask = tokenize(spec.tokenizer, captions, spec.max_length)
+        label = MIXED if spec.plan.mode == SHUFFLE else spec.plan.source_names[stream.source]
+        return TrainBatch(images, input_ids, attention_mask, keys, label, step)
+
+    def _decode(self, raw: RawSample, fields: FieldLoader) -> Tuple[torch.Tensor, str]:
+        spec = self.spec
+        where = _describe(raw)
+        rng = random.Random(derive_seed(spec.seed, _VISIT_TAG, name_key(spec.datasets[raw.dataset].name),
+                                        raw.pass_index, raw.shard, raw.position))
+        data = _load_fields(fields, raw)
+        image_bytes = _image_bytes(data, where)
+        captions = _captions(_json_meta(data, where), data, where)
+        caption = captions[rng.randrange(len(captions))]
+        if spec.prepare_caption is not None:
+            caption = spec.prepare_caption(caption)
+        if spec.caption_aug is not None:
+            caption = spec.caption_aug(caption, rng)
+        return _decode_image(spec.transform, image_bytes, rng, where), caption
+
+
+
+def _fingerprint(cfg: Config, plan: SamplingPlan) -> Dict[str, object]:
+    return {"train_type": plan.mode, "seed": cfg.seed, "rank": plan.rank, "world_size": plan.world_size,
+            "roles": plan.roles, "batch_size": plan.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
+            "datasets": [[d.name, d.size] for d in plan.datasets]}
+
+
+class TrainLoader:
+    """This rank's endless stream of ``TrainBatch``es, one per optimizer step, resumable exactly."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, tokenizer):
+        data = cfg.data
+        if data.batch_size % world_size:
+            raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
+        self.cfg = cfg
+        self.num_workers = data.num_workers
+        datasets = resolve_train_datasets(data)
+        layouts = [DatasetLayout(d.name, require_sizes(d, f"training (data.train_type={data.train_type})"))
+                   for d in datasets]
+        self.plan = build_plan(data.train_type, layouts, cfg.seed, rank, world_size, max(1, data.num_workers),
+                               data.batch_size // world_size)
+        caption_aug = (CaptionAugmenter(cfg.transforms.caption_aug, tokenizer)
+                       if cfg.transforms.caption_aug.enable else None)
+        self._spec = _TrainSpec(self.plan, datasets, ImageTransform(cfg.transforms.train_transforms, cfg.transforms),
+                                caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer,
+                                cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings)
+        self._fingerprint = _fingerprint(cfg, self.plan)
+        self._step = 0
+        self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]
+        self._faults_before: Dict[str, int] = {}  # from DataLoaders already closed
+        self._faults_by_worker: Dict[int, Dict[str, int]] = {}
+        self._iterator = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def image_size(self) -> int:
+        return self._spec.transform.size
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"format": STATE_FORMAT, "step": self._step, "cursors": [[list(c) for c in role]
+                                                                         for role in self._cursors],
+                "fingerprint": dict(self._fingerprint)}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
+        saved = state.get("fingerprint", {})
+        differences = [f"{key}: saved {saved.get(key)!r}, now {value!r}"
+                       for key, value in self._fingerprint.items() if _plain(saved.get(key)) != _plain(value)]
+        if differences:
+            raise ValueError("cannot resume the data stream exactly; the loader was saved with different "
+                             "settings (" + "; ".join(differences) + ")")
+        cursors = state["cursors"]
+        if len(cursors) != self.plan.roles or any(len(role) != len(self.plan.source_names) for role in cursors):
+            raise ValueError("loader state: cursor table does not match the roles and sources")
+        self._close_iterator()
+        self._step = int(state["step"])
+        self._cursors = [[[int(c[0]), int(c[1])] for c in role] for role in cursors]
+
+    def error_counts(self) -> Dict[str, int]:
+        return sum_counts([self._faults_before, *self._faults_by_worker.values()])
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        self._close_iterator()
+        stream = _TrainStream(self._spec, self._step, [[list(c) for c in role] for role in self._cursors])
+        loader = _data_loader(stream, self.num_workers, self.cfg.data.loader_timeout)
+        iterator = iter(loader)
+        self._iterator = iterator
+        return self._batches(iterator)
+
+    def _batches(self, iterator) -> Iterator[TrainBatch]:
+        for batch, info in iterator:
+            if info.step != self._step:  # would mean the round-robin assumption broke: never yield a wrong step
+                raise RuntimeError(f"data loader delivered step {info.step}, expected {self._step}")
+            self._cursors[info.role] = [list(c) for c in info.cursors]
+            self._faults_by_worker[info.worker] = info.faults
+            self._step += 1
+            yield batch
+
+    def _close_iterator(self) -> None:
+        if self._iterator is not None:
+            shutdown = getattr(self._iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._iterator = None
+        self._faults_before = self.error_counts()
+        self._faults_by_worker = {}
+
+    def close(self) -> None:
+        self._close_iterator()
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer) -> TrainLoader:
+    return TrainLoader(cfg, rank, world_size, tokenizer)
