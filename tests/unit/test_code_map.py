@@ -61,7 +61,8 @@ def package_paths():
 
 def test_code_map_parses_into_the_package_and_the_other_folders():
     paths = mapped_paths(code_map_block())
-    assert len(paths) == len(set(paths)), f"code map lists these twice: {sorted(p for p in paths if paths.count(p) > 1)}"
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    assert not twice, f"the code map lists these twice: {twice}"
     for folder in ("zvl_ds/", "tools/", "configs/", "ds_configs/", "docs/", "tests/"):
         assert folder in paths, f"the code map has no line for {folder}"
 
