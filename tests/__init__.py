@@ -2,5 +2,5 @@
 
 Kinds live in folders, and tests/conftest.py marks each test by its folder: ``unit/`` (one process),
 ``dist/`` (real processes: gloo workers, torchrun), ``e2e/`` (the entry points and tools run as a user runs
-them, and README's commands). ``helpers/`` holds what several tests share.
+them, and the commands of README.md and docs/). ``helpers/`` holds what several tests share.
 """

@@ -1,4 +1,5 @@
-"""The generated config reference: complete, true to the dataclass defaults, and identical to README.md's copy."""
+"""The generated config reference: complete, true to the dataclass defaults, and identical to the copy on its docs page
+(docs/configuration.md, docs/lavis-zerovl.md; ``reference.TABLE_PAGES`` says which)."""
 import dataclasses
 import os
 import re
@@ -12,15 +13,14 @@ import yaml
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.config import reference as config_module
 from zvl_ds.config.compat import LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
-from zvl_ds.config.reference import (README_TABLES, lavis_mapping_markdown, lavis_model_markdown, presets_markdown,
-                                     reference_markdown)
+from zvl_ds.config.reference import (README_TABLES, TABLE_PAGES, lavis_mapping_markdown, lavis_model_markdown,
+                                     presets_markdown, reference_markdown)
 from zvl_ds.config.schema import Config
 from zvl_ds.config.reference import key_help
 
 KEY_HELP = key_help()  # each key's meaning, read from the docstring under its field in zvl_ds/config/schema.py
 from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
-README = os.path.join(REPO_ROOT, "README.md")
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
               "lavis-model": "--lavis-model", "presets": "--presets", "lavis-datasets": "--lavis-datasets"}
 
@@ -95,7 +95,7 @@ def test_reference_table_lists_every_key_in_order_with_its_true_default_and_help
         rendered = unquote(row[1])
         assert "\n" not in rendered and yaml.safe_load(rendered) == default, (key, rendered, default)
         assert row[2] == KEY_HELP[key].replace("|", "\\|")
-    # spot checks of the compact flow style the README shows
+    # spot checks of the compact flow style docs/configuration.md shows
     cells = {unquote(row[0]): unquote(row[1]) for row in rows}
     assert cells["optim.param.betas"] == "[0.9, 0.98]"
     assert cells["precision"] == "null" and cells["data.datasets"] == "{}" and cells["data.batch_size"] == "1024"
@@ -159,18 +159,35 @@ def test_cli_prints_each_table(name):
     assert done.stdout == README_TABLES[name]()
 
 
+def documentation_pages():
+    """README.md and every docs/*.md page, relative to the repository root."""
+    docs = os.path.join(REPO_ROOT, "docs")
+    return ["README.md"] + sorted(f"docs/{name}" for name in os.listdir(docs) if name.endswith(".md"))
+
+
+def test_every_table_has_a_page():
+    assert set(TABLE_PAGES) == set(README_TABLES), "reference.TABLE_PAGES must name the page of every table"
+
+
 @pytest.mark.parametrize("name", sorted(README_TABLES))
-def test_readme_carries_the_current_table(name):
+def test_docs_page_carries_the_current_table(name):
+    page = TABLE_PAGES[name]
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     command = f"python -m zvl_ds.config {REGENERATE[name]}"
-    assert os.path.isfile(README), "README.md is missing"
-    with open(README, encoding="utf-8") as handle:
+    # exactly one page holds the table, so a copy left behind on another page cannot go stale unnoticed
+    holders = []
+    for other in documentation_pages():
+        with open(os.path.join(REPO_ROOT, other), encoding="utf-8") as handle:
+            if start in handle.read():
+                holders.append(other)
+    assert holders == [page], f"the {name} table must be on {page} only (reference.TABLE_PAGES), found on {holders}"
+    with open(os.path.join(REPO_ROOT, page), encoding="utf-8") as handle:
         text = handle.read()
     assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end), (
-        f"README.md must hold the generated table once between {start} and {end}; paste the output of `{command}`")
+        f"{page} must hold the generated table once between {start} and {end}; paste the output of `{command}`")
     between = text[text.index(start) + len(start):text.index(end)]
     assert between.strip() == README_TABLES[name]().strip(), (
-        f"README.md's table between {start} and {end} is out of date; regenerate it with `{command}`")
+        f"{page}'s table between {start} and {end} is out of date; regenerate it with `{command}`")
 
 
 def test_accepted_keys_table_lists_every_key_without_effect_and_none_of_the_schema():

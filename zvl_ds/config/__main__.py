@@ -1,6 +1,6 @@
 """``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config a run would use (config errors exit
 with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--lavis-model``, ``--presets`` and
-``--lavis-datasets`` print the README's tables."""
+``--lavis-datasets`` print the generated tables of docs/configuration.md and docs/lavis-zerovl.md."""
 from __future__ import annotations
 
 import sys
@@ -18,9 +18,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "Prints the fully resolved config as YAML (what a run would use).\n"
               "       python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --presets | "
               "--lavis-datasets\n"
-              "Prints the README's Markdown table of every config key / of the ZeroVL keys accepted without "
-              "effect / of LAVIS run: keys / of LAVIS model: options / of model.arch presets and their "
-              "model.model_type variants / of LAVIS datasets: options.")
+              "Prints the Markdown table (as in docs/configuration.md and docs/lavis-zerovl.md) of every config "
+              "key / of the ZeroVL keys accepted without effect / of LAVIS run: keys / of LAVIS model: options / "
+              "of model.arch presets and their model.model_type variants / of LAVIS datasets: options.")
         return 0 if argv else 2
     if argv[0] in README_TABLE_FLAGS:
         sys.stdout.write(README_TABLES[README_TABLE_FLAGS[argv[0]]]())

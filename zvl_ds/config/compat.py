@@ -2,8 +2,8 @@
 
 * ``run:`` (LAVIS's runtime options) is mapped onto our own keys by ``LAVIS_RUN_MAP``; a value given both ways must
   agree. LAVIS's ``model:`` options that act here have the same names in ``model:`` (``LAVIS_MODEL_OPTIONS`` says
-  what each does, for the README's table); the others stay unknown keys, whose message names the zvl_ds key doing
-  their job (``LAVIS_MODEL_COUNTERPARTS``).
+  what each does, for the table in docs/lavis-zerovl.md); the others stay unknown keys, whose message names the
+  zvl_ds key doing their job (``LAVIS_MODEL_COUNTERPARTS``).
 * ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (a logger it does not have, an apex
   option, a checkpoint file name DeepSpeed chooses itself, ...). They are not part of the schema
   (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are

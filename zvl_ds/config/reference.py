@@ -1,6 +1,7 @@
-"""The README's reference tables, generated from the code so they cannot drift (tests/unit/test_config_docs.py
-compares): every key of the schema, the ZeroVL keys accepted without effect, the LAVIS ``run:`` mapping, the LAVIS
-``model:`` options, the model presets with their variants and the LAVIS ``datasets:`` options. ``python -m
+"""The documentation's reference tables (docs/configuration.md, docs/lavis-zerovl.md), generated from the code so they
+cannot drift (tests/unit/test_config_docs.py compares): every key of the schema, the ZeroVL keys accepted without
+effect, the LAVIS ``run:`` mapping, the LAVIS ``model:`` options, the model presets with their variants and the LAVIS
+``datasets:`` options (``TABLE_PAGES`` says which page carries which). ``python -m
 zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --presets | --lavis-datasets`` prints them.
 """
 from __future__ import annotations
@@ -140,10 +141,16 @@ def accepted_keys_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-# README marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each
+# Marker name (<!-- NAME:start --> / <!-- NAME:end -->) -> generator, and the CLI flag of each. The name README_TABLES
+# stays from when the tables lived in README.md; code imports it, so it is kept rather than renamed.
 README_TABLES = {"config-reference": reference_markdown, "accepted-keys": accepted_keys_markdown,
                  "lavis-mapping": lavis_mapping_markdown, "lavis-model": lavis_model_markdown,
                  "presets": presets_markdown, "lavis-datasets": lavis_datasets_markdown}
+# The documentation page (relative to the repository root) that carries each table between its markers: the
+# config keys with the config page, LAVIS's options with the LAVIS page. tests/unit/test_config_docs.py checks it.
+TABLE_PAGES = {"config-reference": "docs/configuration.md", "accepted-keys": "docs/configuration.md",
+               "presets": "docs/configuration.md", "lavis-mapping": "docs/lavis-zerovl.md",
+               "lavis-model": "docs/lavis-zerovl.md", "lavis-datasets": "docs/lavis-zerovl.md"}
 README_TABLE_FLAGS = {"--reference": "config-reference", "--accepted": "accepted-keys",
                       "--lavis-mapping": "lavis-mapping", "--lavis-model": "lavis-model", "--presets": "presets",
                       "--lavis-datasets": "lavis-datasets"}
