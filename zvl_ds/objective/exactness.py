@@ -1,7 +1,7 @@
 """A plain-PyTorch full-batch reference for the distributed step, and the comparison against it.
 
-The reference shares nothing with ``dga.py`` or ``loss.py``: one process holds the whole global batch, one
-autograd graph spans every chunk of every rank, and the loss is ``dense_loss``'s textbook symmetric InfoNCE with
+The reference shares nothing with ``objective/step.py`` or the loss kernels: one process holds the whole global
+batch, one autograd graph spans every chunk of every rank, and the loss is ``dense_reference``'s symmetric InfoNCE with
 soft targets (or its dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
 chunks as the trainer does (``runner.stable_random: step``), so masks are identical and the two computations
 must agree to rounding.

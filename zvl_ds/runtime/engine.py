@@ -65,7 +65,7 @@ def build_ds_config(ds_config: Union[str, Dict[str, Any], None], cfg: Config, wo
     """Fill a DeepSpeed config's "auto" fields from the YAML.
 
     DeepSpeed sees one micro-batch per optimizer step (gradient_accumulation_steps 1): zvl_ds runs its own
-    chunked accumulation inside the step and controls the gradient reduction itself (see dga.py).
+    chunked accumulation inside the step and controls the gradient reduction itself (see objective/step.py).
     """
     if ds_config is None:
         ds: Dict[str, Any] = {"zero_optimization": {"stage": 0}}
