@@ -75,8 +75,10 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(new_name)) if new_name else None
 
 
+# First in line: an old path inside an old package (zvl_ds.retrieval.metrics) would otherwise be found again through
+# the new package's __path__ and run a second time, as a different module object.
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
+    sys.meta_path.insert(0, _MovedModuleFinder())
 
 
 def __getattr__(name: str):
