@@ -1,11 +1,15 @@
 """The environment of a child process that a test starts (an entry point, torchrun, the deepspeed launcher)."""
 import os
 
+from tests.helpers.paths import REPO_ROOT
+
 
 def child_env():
     """This process's environment for a child: offline (no hub), on the CPU, one thread per process, unbuffered
-    output, and without a rank of its own (the child's launcher sets RANK and WORLD_SIZE)."""
-    variables = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    output, without a rank of its own (the child's launcher sets RANK and WORLD_SIZE), and importing zvl_ds from
+    this checkout (a script run by its path otherwise finds whichever zvl_ds is installed)."""
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    variables = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                      DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     variables.pop("RANK", None)
     variables.pop("WORLD_SIZE", None)

@@ -16,6 +16,7 @@ from typing import List, Optional
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.runtime.cli import run
 from zvl_ds.export.consolidate import export_model
+from zvl_ds.export.formats import DEFAULT_FORMAT, FORMATS
 from zvl_ds.export.model_folder import ExportError
 from zvl_ds.runtime.logs import setup_logging
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="training run folder (ckpt.dir/data.exp_name)")
     parser.add_argument("--tag", help="checkpoint to export, e.g. step_00000100 (default: the one 'latest' names)")
     parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--format", dest="folder_format", default=DEFAULT_FORMAT, choices=sorted(FORMATS),
+                        help=f"the folder to write (default {DEFAULT_FORMAT}: the folder zvl_ds.load_model reads)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
     return parser
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint)
+        out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint, args.folder_format)
     except (ExportError, FileNotFoundError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

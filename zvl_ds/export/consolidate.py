@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from zvl_ds.runtime.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, load_config
 from zvl_ds.data import load_tokenizer
-from zvl_ds.export.model_folder import ExportError, load_state_strict, offline_model_config, write_model_folder
+from zvl_ds.export.model_folder import ExportError, load_state_strict, offline_model_config
 from zvl_ds.model.dual_encoder import DualEncoder, build_model
 from zvl_ds.runtime.optim import optimizer_groups
 from zvl_ds.model.safe_load import check_checkpoint_folder, load_weights_only
@@ -181,9 +181,14 @@ def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = F
     return cfg, model.eval(), tag
 
 
-def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False) -> str:
-    """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into the model folder ``out_dir``."""
+def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
+                 folder_format: str = "zvl_ds") -> str:
+    """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into a model folder ``out_dir`` in
+    ``folder_format`` (``export.formats.FORMATS``)."""
+    from zvl_ds.export.formats import FORMATS
+
+    if folder_format not in FORMATS:
+        raise ExportError(f"unknown export format {folder_format!r}; choose one of {sorted(FORMATS)}")
     cfg, model, tag = load_run(run_dir, tag, trust_checkpoint)
     tokenizer = load_tokenizer(cfg.model.text_encoder)
-    return write_model_folder(out_dir, cfg, model, tokenizer,
-                              {"run_dir": os.path.abspath(run_dir), "tag": tag})
+    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag})
