@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from zvl_ds.config.load import load_config
-from zvl_ds.config.reference import README_TABLE_FLAGS, README_TABLES
+from zvl_ds.config.reference import README_TABLE_FLAGS, README_TABLES, write_docs_tables
 from zvl_ds.config.schema import ConfigError
 
 
@@ -20,8 +20,16 @@ def main(argv: Optional[List[str]] = None) -> int:
               "--lavis-datasets\n"
               "Prints the Markdown table (as in docs/configuration.md and docs/lavis-zerovl.md) of every config "
               "key / of the ZeroVL keys accepted without effect / of LAVIS run: keys / of LAVIS model: options / "
-              "of model.arch presets and their model.model_type variants / of LAVIS datasets: options.")
+              "of model.arch presets and their model.model_type variants / of LAVIS datasets: options.\n"
+              "       python -m zvl_ds.config --write-docs [REPO]\n"
+              "Regenerates those tables in place in REPO's docs/ pages (default: the current folder).")
         return 0 if argv else 2
+    if argv[0] == "--write-docs":  # a developer's command: regenerate the tables in the checkout's docs/ pages
+        import os
+
+        root = argv[1] if len(argv) > 1 else os.getcwd()
+        print("\n".join(f"rewrote {page}" for page in write_docs_tables(root)) or "docs tables are current")
+        return 0
     if argv[0] in README_TABLE_FLAGS:
         sys.stdout.write(README_TABLES[README_TABLE_FLAGS[argv[0]]]())
         return 0

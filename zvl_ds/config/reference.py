@@ -154,3 +154,26 @@ TABLE_PAGES = {"config-reference": "docs/configuration.md", "accepted-keys": "do
 README_TABLE_FLAGS = {"--reference": "config-reference", "--accepted": "accepted-keys",
                       "--lavis-mapping": "lavis-mapping", "--lavis-model": "lavis-model", "--presets": "presets",
                       "--lavis-datasets": "lavis-datasets"}
+
+
+def write_docs_tables(repo_root: str) -> List[str]:
+    """Regenerate every table between its ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers on its page of
+    ``TABLE_PAGES``; returns the pages that changed. Run after adding or documenting a key."""
+    import re
+
+    changed = []
+    for page in sorted(set(TABLE_PAGES.values())):
+        path = f"{repo_root}/{page}"
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        new = text
+        for name in (name for name, where in TABLE_PAGES.items() if where == page):
+            pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+            new, count = pattern.subn(lambda m: m.group(1) + README_TABLES[name]() + m.group(2), new)
+            if count != 1:
+                raise ValueError(f"{page} must hold the markers of table {name!r} exactly once, found {count}")
+        if new != text:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(new)
+            changed.append(page)
+    return changed
