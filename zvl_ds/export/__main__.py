@@ -3,9 +3,12 @@
 Examples:
   python -m zvl_ds.export output/demo --out exported/demo
   python -m zvl_ds.export output/demo --tag step_00000100 --out exported/demo_step100
+  python -m zvl_ds.export output/demo --format open_clip --out exported/demo_open_clip
 
 Writes MODEL_DIR/model.safetensors (fp32, consolidated from any ZeRO stage), model_config.json,
-preprocess.json and tokenizer/. Exit codes: 0 done; 2 bad input (message, no traceback).
+preprocess.json and tokenizer/. --format open_clip writes a folder open_clip loads as local-dir:MODEL_DIR
+(open_clip_config.json, open_clip_model.safetensors, the tokenizer, image_tower/ and text_tower/ configs); a model
+open_clip cannot describe is refused. Exit codes: 0 done; 2 bad input (message, no traceback).
 """
 from __future__ import annotations
 
