@@ -5,6 +5,12 @@ Examples:
   python -m zvl_ds.make_shards --data-root data --dataset demo_flat demo_sketch demo_val --out shards
   python -m zvl_ds.make_shards --csv data/coco/valid_anno.csv --images data/coco/valid --dataset coco --out shards
   python -m zvl_ds.make_shards --benchmark --bench-images 512
+  python -m zvl_ds.make_shards --clip-benchmark --data-root data --dataset demo_val --out clip_benchmark
+  python -m zvl_ds.make_shards --clip-benchmark --labelled data/demo_classify --dataset demo_classify --out clip_benchmark
+
+--clip-benchmark writes clip_benchmark's WebDataset layout instead (OUT/<name>/test/N.tar, nshards.txt,
+dataset_type.txt, classnames.txt, zeroshot_classification_templates.txt; see zvl_ds/data/writing/clip_benchmark.py):
+a retrieval set per ZeroVL CSV, or with --labelled a classification set from a folder by class or an image,label CSV.
 
 Exit codes: 0 done; 1 nothing written, or anything skipped under --strict; 2 bad input (message, no traceback).
 """
@@ -18,9 +24,11 @@ from typing import List, Optional
 
 from zvl_ds.bench import data as bench
 from zvl_ds.runtime.cli import run
-from zvl_ds.data.writing import annotations
+from zvl_ds.data.writing import annotations, clip_benchmark
 from zvl_ds.data.writing import shard_writer as shards
 from zvl_ds.data.writing.images import DEFAULT_MAX_PIXELS
+from zvl_ds.evaluation import zero_shot
+from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.logs import setup_logging
 
 
@@ -47,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--allow-outside-images", action="store_true",
                         help="accept absolute or '..' paths in the CSV image column (by default such rows are "
                              "skipped as path_outside_images: a CSV is data and should not read other files)")
+    source.add_argument("--labelled", metavar="PATH",
+                        help="with --clip-benchmark: labelled images (PATH/<class>/<image> or an image,label CSV) "
+                             "written as the classification set named by one --dataset")
+    source.add_argument("--classes", help="with --labelled: class names for the prompts, one per line in class order "
+                                          "(default: the folder names / labels, _ read as a space)")
+    source.add_argument("--templates", help="with --labelled: prompt templates, one per line, {} = the class name "
+                                            "(default: python -m zvl_ds.classify's photo prompts)")
     output = parser.add_argument_group("output")
+    output.add_argument("--clip-benchmark", action="store_true",
+                        help="write clip_benchmark's WebDataset layout (clip_benchmark eval --dataset wds/<name> "
+                             "--dataset_root OUT/<name>): ZeroVL CSVs become retrieval sets, --labelled a "
+                             "classification set")
     output.add_argument("--out", default="shards", help="output root; shards go to OUT/<dataset>/")
     output.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar")
     output.add_argument("--max-size", type=int, default=256,
@@ -88,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.benchmark:
         return run_benchmark(args)
+    if args.clip_benchmark or args.labelled:
+        return write_clip_benchmark_sets(args)
     policy = "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
     try:
         if args.workers < 1:
@@ -116,6 +137,54 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = "nothing was written" if not sum(r.images_written for r in reports) else "--strict: rows were skipped"
         print(f"make_shards: exit 1 ({reason})", file=sys.stderr)
     return status
+
+
+def _clip_benchmark_reports(args: argparse.Namespace, settings: shards.ShardSettings
+                            ) -> List[clip_benchmark.BenchmarkSetReport]:
+    if not args.clip_benchmark:
+        raise annotations.InputError("--labelled writes a clip_benchmark set: add --clip-benchmark")
+    if args.resume:
+        raise annotations.InputError("--resume does not apply to --clip-benchmark (a set is written whole); use "
+                                     "--overwrite to replace one")
+    if args.labelled:
+        if len(args.dataset) != 1 or args.csv:
+            raise annotations.InputError("--labelled writes one set: name it with exactly one --dataset (no --csv)")
+        samples, classes = zero_shot.labelled_images(args.labelled)
+        names = zero_shot.prompt_names(classes, args.classes)
+        return [clip_benchmark.write_classification_set(
+            os.path.join(args.out, args.dataset[0]), samples, names, zero_shot.read_templates(args.templates),
+            args.samples_per_shard, args.overwrite)]
+    if args.classes or args.templates:
+        raise annotations.InputError("--classes and --templates go with --labelled")
+    sources, _ = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv, args.images)
+    names = [source.dataset for source in sources]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise annotations.InputError(f"{', '.join(twice)}: a clip_benchmark set holds one split; choose it with "
+                                     f"--split valid (or train)")
+    return [clip_benchmark.write_retrieval_set(os.path.join(args.out, source.dataset), source, settings,
+                                               args.overwrite, args.allow_outside_images) for source in sources]
+
+
+def write_clip_benchmark_sets(args: argparse.Namespace) -> int:
+    """``--clip-benchmark``: one set per ZeroVL CSV (retrieval) or the --labelled images (classification)."""
+    try:
+        settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
+                                        max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
+                                        resample=args.resample)
+        reports = _clip_benchmark_reports(args, settings)
+    except (UserError, FileNotFoundError, ValueError) as error:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.summary())
+        for reason, count in sorted(report.failures.counts.items()):
+            print(f"  skipped {count} [{reason}], e.g. {report.failures.examples[reason][0]}")
+    skipped = sum(report.failures.total for report in reports)
+    if skipped and args.strict:
+        print("make_shards: exit 1 (--strict: images were skipped)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cli() -> int:

@@ -20,7 +20,7 @@ from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
 from zvl_ds.data.failures import sum_counts
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
-from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, labelled_images, prompt_names, read_templates
+from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
 from zvl_ds.model.dual_encoder import build_model, compile_towers
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
@@ -31,6 +31,7 @@ from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
                                        load_checkpoint, needs_universal_conversion, read_latest, restore_rng_state,
                                        save_checkpoint)
+from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
 from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
 from zvl_ds.runtime.optim import build_optimizer
@@ -50,10 +51,8 @@ def check_zero_shot_sets(cfg: Config) -> None:
     """Fail at the start, not at the first evaluation, when a ``data.zeroshot`` set cannot be read."""
     for name, zeroshot in cfg.data.zeroshot.items():
         try:
-            _, classes = labelled_images(zeroshot.path)
-            prompt_names(classes, zeroshot.classes)
-            read_templates(zeroshot.templates)
-        except (OSError, ValueError) as error:
+            zero_shot_set(zeroshot.path, zeroshot.classes, zeroshot.templates)
+        except (OSError, ValueError, UserError) as error:
             raise ConfigError(f"data.zeroshot.{name}: {error}") from None
 
 

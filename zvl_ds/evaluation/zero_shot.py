@@ -7,15 +7,17 @@ matrix, top-1/top-5 accuracy of labelled images (a folder laid out by class, or 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as tdist
 from PIL import Image
 from torch import Tensor
 
+from zvl_ds.data.clip_benchmark_sets import TarImage, is_benchmark_set, read_classification_set
 from zvl_ds.runtime import dist
 from zvl_ds.data import normalize_images
 from zvl_ds.data import tokenize
@@ -164,13 +166,21 @@ def read_labelled_csv(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
 MAX_UNREADABLE_WARNINGS = 5  # per classification run; every unreadable image is counted all the same
 
 
-def _load_images(paths: Sequence[str], preprocess, warnings_left: int) -> Tuple[List[Tensor], List[int], int]:
+ImageSource = Union[str, TarImage]  # a file path, or an image inside a clip_benchmark tar
+
+
+def _open_image(source: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(source.read())) if isinstance(source, TarImage) else Image.open(source)
+
+
+def _load_images(paths: Sequence[ImageSource], preprocess, warnings_left: int
+                 ) -> Tuple[List[Tensor], List[int], int]:
     """(preprocessed images, their positions in ``paths``, number unreadable); the first unreadable files are
     reported (``warnings_left``)."""
     images, kept, skipped = [], [], 0
     for position, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with _open_image(path) as image:
                 images.append(preprocess(image.convert("RGB")))
         except (OSError, ValueError) as error:  # unreadable, missing or truncated file: skip it, count it
             skipped += 1
@@ -286,6 +296,20 @@ def labelled_images(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return read_labelled_csv(path) if path.lower().endswith(".csv") else list_class_folder_images(path)
 
 
+def zero_shot_set(path: str, classes_file: Optional[str], templates_file: Optional[str]
+                  ) -> Tuple[List[Tuple[ImageSource, int]], List[str], List[str]]:
+    """(samples, prompt class names, templates) of a ``data.zeroshot`` set: a folder by class or an image,label CSV
+    (names from the labels, the built-in templates), or a clip_benchmark classification folder (its
+    classnames.txt and templates); ``classes_file`` / ``templates_file`` replace either when given."""
+    if is_benchmark_set(path):
+        samples, names, templates = read_classification_set(path)
+        if classes_file is not None:
+            names = prompt_names(names, classes_file)
+        return samples, names, read_templates(templates_file) if templates_file is not None else templates
+    samples, classes = labelled_images(path)
+    return samples, prompt_names(classes, classes_file), read_templates(templates_file)
+
+
 def evaluate_zero_shot(cfg, model, tokenizer, device: torch.device, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
     """``{set: {"top1", "top5", ...}}`` for every ``data.zeroshot`` set, the same on every rank.
 
@@ -300,9 +324,8 @@ def evaluate_zero_shot(cfg, model, tokenizer, device: torch.device, dtype: torch
     results: Dict[str, Dict[str, float]] = {}
     try:
         for name, zs in cfg.data.zeroshot.items():
-            samples, classes = labelled_images(zs.path)
-            names = prompt_names(classes, zs.classes)
-            classifier = build_zero_shot_classifier(model, tokenizer, names, read_templates(zs.templates),
+            samples, names, templates = zero_shot_set(zs.path, zs.classes, zs.templates)
+            classifier = build_zero_shot_classifier(model, tokenizer, names, templates,
                                                     cfg.model.max_length, device,
                                                     prepare_text=caption_preparer(cfg.transforms.caption_eval))
             mine = samples[rank::world_size]
@@ -314,7 +337,7 @@ def evaluate_zero_shot(cfg, model, tokenizer, device: torch.device, dtype: torch
             if world_size > 1:
                 counts = counts.to(device)
                 tdist.all_reduce(counts)
-            results[name] = accuracy_summary(counts.cpu(), len(classes), len(samples))
+            results[name] = accuracy_summary(counts.cpu(), len(names), len(samples))
     finally:
         model.train(was_training)
     return results
