@@ -267,7 +267,8 @@ def _validate(cfg: Config) -> None:
                               f"data.batch_size={data.batch_size}")
     for name, zeroshot in data.zeroshot.items():
         if not zeroshot.path:
-            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder or an image,label CSV")
+            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder, an image,label CSV or a clip_benchmark "
+                              "classification folder")
         if name in data.valid_name:
             raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
                               "would share eval/<name>/; rename one")

@@ -55,15 +55,18 @@ class ZeroShotSetConfig:
     """A zero-shot classification set evaluated at the validation interval (logged as eval/<name>/top1, top5)."""
 
     path: str = ""
-    """A folder laid out by class (`PATH/<class>/<image>`, class c = the c-th sorted sub-folder) or a `.csv` of
-    `image,label` rows (paths relative to the CSV).
+    """A folder laid out by class (`PATH/<class>/<image>`, class c = the c-th sorted sub-folder), a `.csv` of
+    `image,label` rows (paths relative to the CSV), or a clip_benchmark classification folder (`make_shards
+    --clip-benchmark`: `test/*.tar`, `classnames.txt`, `zeroshot_classification_templates.txt`).
     """
     classes: Optional[str] = None
     """File of the class names the prompts use, one per line in class order; `null`: the folder names or labels with
-    `_` as a space.
+    `_` as a space (a clip_benchmark folder: its `classnames.txt`).
     """
     templates: Optional[str] = None
-    """File of prompt templates, one per line, `{}` for the class name; `null`: ten built-in photo prompts."""
+    """File of prompt templates, one per line, `{}` for the class name; `null`: ten built-in photo prompts (a
+    clip_benchmark folder: its own templates).
+    """
 
 
 @dataclass
