@@ -33,3 +33,17 @@ def test_verify_exactness_tool_accepts_siglip():
     assert "loss SigLIP" in done.stdout
     for group in ("image tower", "text tower", "sigmoid scale/bias", "PASS"):
         assert group in done.stdout
+
+
+def test_verify_exactness_tool_accepts_patch_dropout():
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
+               "--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+               "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"),
+               "data.batch_size=16", "data.batch_size_train=4", "model.image_encoder.patch_dropout=0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(done.stdout)  # the per-group table, with pytest -s
+    for group in ("image tower", "text tower", "PASS"):
+        assert group in done.stdout
