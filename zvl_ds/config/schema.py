@@ -276,9 +276,9 @@ class ImageEncoderConfig:
     vit: VitOptions = field(default_factory=VitOptions)
     unlocked_groups: Optional[int] = None
     """Partial locking (OpenCLIP's `--lock-image --lock-image-unlocked-groups N`): freeze the tower except its last N
-    groups of blocks, in timm's grouping (a ViT: the stem, each block, the final norm). Frozen parameters get no
-    gradient and are not in the optimizer; `0` freezes every group. More than the tower has is an error naming the
-    count. `null`: no partial locking (`trainable` decides).
+    groups of blocks, in timm's grouping (a ViT: the stem, then each block, the final norm joining the last). Frozen
+    parameters get no gradient and are not in the optimizer; `0` freezes every group. More than the tower has is an
+    error naming the count. `null`: no partial locking (`trainable` decides).
     """
     freeze_bn_stats: bool = False
     """With `unlocked_groups`: BatchNorm layers in the frozen groups keep their running statistics (eval mode), as
