@@ -19,7 +19,6 @@ Evaluation swaps the average into the weights (``swapped_in``) and back, bit for
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import re
@@ -179,7 +178,3 @@ def build_ema(cfg: EmaConfig, engine, zero_stage: int) -> Optional[ModelEma]:
     if cfg.decay is None:
         return None
     return ModelEma(cfg, engine.module, partitioned=zero_stage == 3)
-
-
-def has_ema_files(folder: str) -> bool:
-    return bool(glob.glob(os.path.join(folder, "zvl_ema_rank_*.pt")))
