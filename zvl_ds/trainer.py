@@ -30,7 +30,8 @@ from zvl_ds.objective.step import StepBatch, StepResult
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
                                        load_checkpoint, needs_universal_conversion, read_latest, restore_rng_state,
-                                       save_checkpoint)
+                                       save_checkpoint, written_folder)
+from zvl_ds.runtime.ema import EmaFileError, build_ema
 from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
 from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
@@ -84,6 +85,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, placement.device)
         self.lr_scales = [group["lr_scale"] for group in optimizer.param_groups]
         self.engine = initialize_engine(model, optimizer, ds_config)
+        self.ema = build_ema(cfg.model.ema, self.engine, self.zero_stage)  # None unless model.ema.decay is set
         check_zero_shot_sets(cfg)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
@@ -98,6 +100,9 @@ class Trainer:
         self.step = 0
         self.skips = SkipPolicy(cfg.runner.max_skipped_steps)
         self.last_saved_step: Optional[int] = None
+        for tower, lock in getattr(self.engine.module, "tower_locks", {}).items():
+            self.monitor.console(f"{tower}: the last {lock.unlocked} of {lock.groups} groups of blocks train, "
+                                 f"{len(lock.frozen_parameters)} parameter tensors frozen")
 
     def _refuse_code_in_checkpoint(self) -> None:
         """DeepSpeed (and its universal conversion) unpickles checkpoint files with ``weights_only=False``: every
@@ -135,7 +140,8 @@ class Trainer:
     def save(self) -> None:
         rank_state = {"step": self.step, "loader": self.loader.state_dict(), "rng": capture_rng_state()}
         tag = save_checkpoint(self.engine, self.run_dir, self.step, self._shared_state(), rank_state,
-                              self.cfg.to_yaml(), self.cfg.ckpt.keep_last)
+                              self.cfg.to_yaml(), self.cfg.ckpt.keep_last,
+                              self.ema.checkpoint_files() if self.ema else None)
         self.last_saved_step = self.step
         self.monitor.console(f"saved checkpoint {os.path.join(self.run_dir, tag)}")
 
@@ -144,6 +150,11 @@ class Trainer:
         if point is None:
             return
         shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage)
+        if self.ema is not None:
+            try:
+                self.ema.restore(written_folder(point))
+            except EmaFileError as error:
+                raise CheckpointError(str(error)) from None
         self.step = int(shared.get("step", 0))
         self.skips.total = int(shared.get("skipped_steps", 0))
         self.last_saved_step = self.step
@@ -165,14 +176,21 @@ class Trainer:
         every = self.steps_per_epoch * max(1, self.cfg.runner.val_interval)
         return step % every == 0 or step == self.total_steps
 
+    def _evaluate_weights(self, num_examples: int):
+        metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                                self.placement.dtype, num_examples=num_examples)
+        metrics.update(evaluate_zero_shot(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
+                                          self.placement.dtype))
+        return metrics, grids
+
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
         self.engine.eval()
         try:
-            metrics, grids = evaluate_with_examples(self.cfg, self.engine.module, self.tokenizer,
-                                                    self.placement.device, self.placement.dtype,
-                                                    num_examples=max(0, self.cfg.log.num_image_samples))
-            metrics.update(evaluate_zero_shot(self.cfg, self.engine.module, self.tokenizer, self.placement.device,
-                                              self.placement.dtype))
+            metrics, grids = self._evaluate_weights(max(0, self.cfg.log.num_image_samples))
+            if self.ema is not None:  # the same sets with the averaged weights, as <set>_ema
+                with self.ema.swapped_in(self.engine):
+                    averaged, _ = self._evaluate_weights(0)
+                metrics.update({f"{name}_ema": values for name, values in averaged.items()})
         finally:
             self.engine.train()
         log_retrieval_examples(self.monitor, grids, step)
@@ -242,6 +260,8 @@ class Trainer:
             lr = learning_rate(cfg.optim.lr, self.step, self.total_steps, self.steps_per_epoch)
             set_learning_rate(self.engine, lr, self.lr_scales)
             result = self.run_step(self.engine, self._to_step_batch(batch), self.step, self.timer)
+            if self.ema is not None and result.applied:
+                self.ema.update()
             self.step += 1
             self._count_skip(result)
             self._log_step(self.step, result, lr, time.perf_counter() - step_start, self.timer.pop())

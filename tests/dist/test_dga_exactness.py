@@ -20,7 +20,7 @@ LR = 0.5
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4, chunk_cols=None):
+def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4, chunk_cols=None, extra=()):
     overrides = [
         "model.arch=tiny", "seed=3", f"data.batch_size={GLOBAL_BATCH}", f"data.batch_size_train={chunk}",
         f"loss.name={loss_name}", "loss.temperature.value=0.1", "loss.chunk_rows=5", "optim.name=SGD",
@@ -37,7 +37,7 @@ def make_cfg(loss_name="MixUpNCE", dropout=True, chunk=4, chunk_cols=None):
     else:
         overrides += ["model.text_encoder.config.hidden_dropout_prob=0.0",
                       "model.text_encoder.config.attention_probs_dropout_prob=0.0"]
-    return load_config(None, overrides)
+    return load_config(None, overrides + list(extra))
 
 
 def global_batch(cfg):
@@ -62,7 +62,7 @@ def draws_for(loss_name, sides):
 
 
 def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision, optimizer, runner,
-            implementation="auto", compile_backend=None, chunk_cols=None):
+            implementation="auto", compile_backend=None, chunk_cols=None, extra=()):
     import deepspeed
 
     from zvl_ds.objective.build import build_step
@@ -71,7 +71,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     from zvl_ds.model.dual_encoder import build_model, compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
-    cfg = make_cfg(loss_name, dropout, chunk, chunk_cols)
+    cfg = make_cfg(loss_name, dropout, chunk, chunk_cols, extra)
     cfg.precision = precision
     cfg.optim.name = optimizer
     cfg.optim.implementation = implementation
@@ -102,14 +102,15 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
         state = {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
-    return {"params": state if rank == 0 else None, "losses": losses}
+    trainable = sum(p.ds_numel if stage == 3 else p.numel() for p in params if p.requires_grad)
+    return {"params": state if rank == 0 else None, "losses": losses, "trainable": trainable}
 
 
-def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", runner="clip_bsgs"):
+def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", runner="clip_bsgs", extra=()):
     from zvl_ds.model.dual_encoder import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
-    cfg = make_cfg(loss_name, dropout, chunk)
+    cfg = make_cfg(loss_name, dropout, chunk, extra=extra)
     cfg.optim.name = optimizer
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loss)
@@ -130,10 +131,12 @@ def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", run
 
 def run(world_size, stage, loss_name="MixUpNCE", sides=("image", "text"), chunk=4, dropout=True,
         precision="fp32", optimizer="SGD", runner="clip_bsgs", implementation="auto", compile_backend=None,
-        chunk_cols=None):
+        chunk_cols=None, extra=(), with_counts=False):
     results = run_distributed(_worker, world_size, (stage, loss_name, sides, chunk, dropout, precision, optimizer,
-                                                    runner, implementation, compile_backend, chunk_cols),
+                                                    runner, implementation, compile_backend, chunk_cols, extra),
                               timeout=300)
+    if with_counts:
+        return results[0]["params"], results[0]["losses"], [result["trainable"] for result in results]
     return results[0]["params"], results[0]["losses"]
 
 
@@ -142,6 +145,7 @@ def assert_close_to_reference(params, expected, tolerance):
     name, value = max(worst.items(), key=lambda item: item[1])
     print(f"worst relative difference {value:.2e} ({name})")  # shown with pytest -s
     assert value <= tolerance, f"{name}: relative difference {value:.2e} > {tolerance:.0e}"
+    return value
 
 
 @pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3),
@@ -250,3 +254,47 @@ def test_compiled_towers_replay_dropout_and_match_eager_reference():
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, 1)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
+
+
+PATCH_DROPOUT = ["model.image_encoder.patch_dropout=0.5"]
+
+
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2), (2, 3)])
+def test_patch_dropout_dga_matches_full_batch_reference_with_the_same_masks(world_size, stage):
+    # pass 2 must drop the patches pass 1 dropped (the runner restores each chunk's RNG state); the reference draws
+    # the same masks by seeding each rank's chunks as the trainer does, without any DGA code
+    params, losses = run(world_size, stage, extra=PATCH_DROPOUT)
+    expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, extra=PATCH_DROPOUT)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    worst = assert_close_to_reference(params, expected, 1e-5)
+    print(f"patch dropout 0.5, {world_size} rank(s), ZeRO-{stage}: worst relative error {worst:.2e}")
+    # the masks really acted: without patch dropout the same step ends elsewhere
+    without, _ = reference("MixUpNCE", ("image", "text"), 4, True, world_size)
+    assert max(compare_tensors(expected, without).values()) > 1e-3
+
+
+LOCKED = ["model.image_encoder.unlocked_groups=1", "model.text_encoder.unlocked_layers=2",
+          "model.text_encoder.freeze_layer_norm=true"]
+
+
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 1), (2, 2), (2, 3)])
+def test_partly_locked_towers_train_only_their_last_groups_at_every_zero_stage(world_size, stage):
+    from zvl_ds.model.dual_encoder import build_model
+
+    params, losses, trainable = run(world_size, stage, extra=LOCKED, with_counts=True)
+    expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, extra=LOCKED)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_close_to_reference(params, expected, 1e-5)
+    cfg = make_cfg(extra=LOCKED)
+    torch.manual_seed(cfg.seed)
+    initial = dict(build_model(cfg.model, cfg.loss).named_parameters())
+    # counted by name, independently of the locking code: the image tower's last block (with the final norm), the
+    # text tower's 2 layers (of 2; its embeddings frozen), projections and temperature
+    image_tower = sum(p.numel() for n, p in initial.items() if n.startswith(("image_tower.blocks.1.", "image_tower.norm.")))
+    text_tower = sum(p.numel() for n, p in initial.items() if n.startswith("text_tower.encoder.layer."))
+    rest = sum(p.numel() for n, p in initial.items() if not n.startswith(("image_tower.", "text_tower.")))
+    assert trainable == [image_tower + text_tower + rest] * world_size
+    for name, value in params.items():
+        frozen = name.startswith("image_tower.") and not name.startswith(("image_tower.blocks.1.", "image_tower.norm."))
+        frozen |= name.startswith("text_tower.embeddings.")
+        assert torch.equal(value, initial[name].detach()) == frozen, name

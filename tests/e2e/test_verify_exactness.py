@@ -7,6 +7,16 @@ from tests.helpers.paths import REPO_ROOT
 from zvl_ds.runtime.dist import free_port
 
 
+def verify(args):
+    """python -m zvl_ds.verify_exactness --synthetic ARGS under torchrun on 2 CPU ranks; it must pass."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_verify_exactness_tool_passes_under_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
@@ -32,4 +42,14 @@ def test_verify_exactness_tool_accepts_siglip():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "loss SigLIP" in done.stdout
     for group in ("image tower", "text tower", "sigmoid scale/bias", "PASS"):
+        assert group in done.stdout
+
+
+def test_verify_exactness_tool_accepts_patch_dropout():
+    # ZeRO-3, 2 ranks: pass 2 of each chunk must drop the patches of its pass 1 for the update to match
+    done = verify(["--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+                   "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.batch_size=16",
+                   "data.batch_size_train=4", "model.image_encoder.patch_dropout=0.5"])
+    print(done.stdout)  # the per-group table, with pytest -s
+    for group in ("image tower", "text tower", "PASS"):
         assert group in done.stdout

@@ -1,4 +1,4 @@
-"""``python -m zvl_ds.bench {shards,data,loss,dga,memory,gpu,profile,openclip,max-chunk,all} [--out bench_results]``.
+"""``python -m zvl_ds.bench {shards,data,loss,dga,patch-dropout,memory,gpu,profile,openclip,max-chunk,all} [--out DIR]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
@@ -18,7 +18,7 @@ from zvl_ds.runtime.atomic_write import write_text_atomic
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
 from zvl_ds.bench.loss import benchmark_loss
 from zvl_ds.bench.step import (TINY, VIT_B16_BERT_BASE, bench_dga, bench_gpu, bench_max_chunk, bench_memory,
-                               bench_openclip, bench_profile)
+                               bench_openclip, bench_patch_dropout, bench_profile)
 from zvl_ds.runtime.cli import run
 
 
@@ -56,6 +56,17 @@ def run_dga(args) -> Dict:
           f"global batch {result['global_batch']}): "
           f"{result['dga_ms_per_sample']:.3f} vs {result['single_pass_ms_per_sample']:.3f} ms/sample, "
           f"ratio {result['ratio']:.2f}x (target <= 1.4x; one extra forward ~ 1.33x)")
+    return result
+
+
+def run_patch_dropout(args) -> Dict:
+    result = bench_patch_dropout(model_overrides(args), chunk=args.chunk, chunks=args.chunks, stage=args.stage)
+    print(f"DGA step with patch dropout ({args.arch}, {args.precision}, chunk {result['chunk']}, "
+          f"global batch {result['global_batch']}):")
+    for row in result["rows"]:
+        print(f"  patch_dropout {row['patch_dropout']:<5} {1e3 * row['step_seconds']:9.1f} ms/step "
+              f"{row['samples_per_sec']:9.1f} samples/s  speed-up {row['speedup']:.2f}x "
+              f"(CPU time {1e3 * row['cpu_seconds']:.1f} ms, {row['cpu_speedup']:.2f}x)")
     return result
 
 
@@ -116,7 +127,7 @@ def run_max_chunk(args) -> Dict:
 
 
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
-                                "memory": run_memory, "gpu": run_gpu, "profile": run_profile,
+                                "patch-dropout": run_patch_dropout, "memory": run_memory, "gpu": run_gpu, "profile": run_profile,
                                 "openclip": run_openclip, "max-chunk": run_max_chunk}
 
 
@@ -126,8 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("which", choices=list(BENCHES) + ["all"])
     parser.add_argument("--out", default="bench_results", help="folder for the JSON results")
     parser.add_argument("--images", type=int, default=512, help="shards: JPEGs to convert")
-    parser.add_argument("--chunk", type=int, default=64, help="dga/memory: per-forward chunk")
-    parser.add_argument("--chunks", type=int, default=8, help="dga: chunks per DGA step")
+    parser.add_argument("--chunk", type=int, default=64, help="dga/patch-dropout/memory: per-forward chunk")
+    parser.add_argument("--chunks", type=int, default=8, help="dga/patch-dropout: chunks per DGA step")
     parser.add_argument("--arch", choices=["tiny", "vit_b16_bert_base"], default="tiny", help="dga/memory: model")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="dga/memory")
     parser.add_argument("--stage", type=int, default=0, help="dga/memory: ZeRO stage (one process)")

@@ -89,6 +89,39 @@ def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8,
             "dga_ms_per_sample": 1e3 * dga / (chunk * chunks), "ratio": (dga / (chunk * chunks)) / (single / chunk)}
 
 
+def bench_patch_dropout(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8,
+                        shares: Sequence[float] = (0.0, 0.25, 0.5), steps: int = 3, warmup: int = 1,
+                        stage: int = 0) -> Dict[str, object]:
+    """Time of a DGA step (``chunks`` chunks of ``chunk``) with ``model.image_encoder.patch_dropout`` at each share,
+    side by side in this process; the speed-up is relative to the first share (0: no patch dropout).
+
+    The shares take turns step by step and each keeps its fastest step, so a machine busy with other work slows
+    them alike; the process's CPU time per step is reported too (what a busy shared CPU cannot inflate).
+    """
+    setups = []
+    for share in shares:
+        cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
+                                                   "loss.name=MixUpNCE", f"model.image_encoder.patch_dropout={share}"])
+        engine, placement = _setup_engine(cfg, stage)
+        setups.append((share, engine, _bench_step(cfg, placement), _synthetic_batch(cfg, chunk * chunks,
+                                                                                    placement.device), placement))
+    best = {share: (float("inf"), float("inf")) for share in shares}
+    for index in range(warmup + steps):
+        for share, engine, step, batch, placement in setups:
+            wall, cpu = time.perf_counter(), time.process_time()
+            assert step(engine, batch, index).applied
+            if placement.device.type == "cuda":
+                torch.cuda.synchronize()
+            if index >= warmup:
+                elapsed = (time.perf_counter() - wall, time.process_time() - cpu)
+                best[share] = (min(best[share][0], elapsed[0]), min(best[share][1], elapsed[1]))
+    first = best[shares[0]]
+    rows = [{"patch_dropout": share, "step_seconds": wall, "cpu_seconds": cpu,
+             "samples_per_sec": chunk * chunks / wall, "speedup": first[0] / wall, "cpu_speedup": first[1] / cpu}
+            for share, (wall, cpu) in best.items()]
+    return {"chunk": chunk, "global_batch": chunk * chunks, "rows": rows}
+
+
 def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 1,
                   warmup: int = 1, stage: int = 0, trace_path: Optional[str] = None,
                   offload_inputs: bool = False) -> Dict[str, object]:

@@ -17,7 +17,7 @@ from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply
                                   lavis_model_hint, report_without_effect, take_accepted_keys)
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
-from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig
+from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
 from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 
@@ -301,6 +301,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
     _validate_part_lrs(cfg.optim)
     _validate_whole_model_weights(cfg)
+    _validate_tuning_options(cfg.model)
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
     code_key = _code_loading_key(cfg.model.text_encoder.config)
@@ -352,6 +353,30 @@ def _validate_part_lrs(optim: OptimConfig) -> None:
         decay = getattr(optim.layer_decay, tower)
         if not 0 < decay <= 1:
             raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
+
+
+def _validate_tuning_options(model: ModelConfig) -> None:
+    """Partial locking, patch dropout and the model EMA (the counts of groups are checked when the towers exist)."""
+    for section, count_key, norm_key in (("image_encoder", "unlocked_groups", "freeze_bn_stats"),
+                                         ("text_encoder", "unlocked_layers", "freeze_layer_norm")):
+        tower = getattr(model, section)
+        unlocked = getattr(tower, count_key)
+        where = f"model.{section}"
+        if unlocked is not None and unlocked < 0:
+            raise ConfigError(f"{where}.{count_key}: must be >= 0 (0 freezes every group) or null, got {unlocked}")
+        if unlocked is not None and not tower.trainable:
+            raise ConfigError(f"{where}.{count_key}={unlocked} with {where}.trainable=false: a frozen tower has "
+                              f"nothing to unlock; give one of the two")
+        if getattr(tower, norm_key) and unlocked is None:
+            raise ConfigError(f"{where}.{norm_key}=true acts on the groups {where}.{count_key} freezes; set "
+                              f"{where}.{count_key} too")
+    share = model.image_encoder.patch_dropout
+    if not 0.0 <= share < 1.0:
+        raise ConfigError(f"model.image_encoder.patch_dropout: a share of patches in [0, 1), got {share}")
+    if model.ema.decay is not None and not 0.0 < model.ema.decay < 1.0:
+        raise ConfigError(f"model.ema.decay: must be in (0, 1) (e.g. 0.999) or null (off), got {model.ema.decay}")
+    if model.ema.warmup_steps < 0:
+        raise ConfigError(f"model.ema.warmup_steps: must be >= 0, got {model.ema.warmup_steps}")
 
 
 def _validate_sigmoid(cfg: Config) -> None:

@@ -277,6 +277,21 @@ class ImageEncoderConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra `timm.create_model` arguments, e.g. `{depth: 2, embed_dim: 64}`."""
     vit: VitOptions = field(default_factory=VitOptions)
+    unlocked_groups: Optional[int] = None
+    """Partial locking (OpenCLIP's `--lock-image --lock-image-unlocked-groups N`): freeze the tower except its last N
+    groups of blocks, in timm's grouping (a ViT: the stem, then each block, the final norm joining the last). Frozen
+    parameters get no gradient and are not in the optimizer; `0` freezes every group. More than the tower has is an
+    error naming the count. `null`: no partial locking (`trainable` decides).
+    """
+    freeze_bn_stats: bool = False
+    """With `unlocked_groups`: BatchNorm layers in the frozen groups keep their running statistics (eval mode), as
+    OpenCLIP's `--lock-image-freeze-bn-stats`.
+    """
+    patch_dropout: float = 0.0
+    """Patch dropout (FLIP; OpenCLIP's `--force-patch-dropout`): in training only, each image keeps a random
+    `1 - share` of its patch tokens (the class token always stays); a share in [0, 1), 0 = off. Needs a timm ViT tower.
+    Exact under `clip_bsgs`: DGA's recomputation drops the same patches as its first pass.
+    """
 
 
 @dataclass
@@ -315,6 +330,16 @@ class TextEncoderConfig:
     """Hugging Face config fields. With `model_type` (and `pretrained: false`) the tower is built from them alone;
     otherwise they override the loaded config.
     """
+    unlocked_layers: Optional[int] = None
+    """Partial locking (OpenCLIP's `--lock-text --lock-text-unlocked-layers N`): freeze the tower except its last N
+    groups, the groups being the embeddings, then each encoder layer (then what follows the layers, if anything).
+    Frozen parameters get no gradient and are not in the optimizer; `0` freezes every group. More than the tower has
+    is an error naming the count. `null`: no partial locking (`trainable` decides).
+    """
+    freeze_layer_norm: bool = False
+    """With `unlocked_layers`: freeze the LayerNorms of the frozen groups too (OpenCLIP's
+    `--lock-text-freeze-layer-norm`); `false`, as OpenCLIP's default: they stay trainable.
+    """
 
 
 @dataclass
@@ -333,6 +358,22 @@ class ProjectionConfig:
 class PoolConfig:
     name: Literal["identity"] = "identity"
     """Only `identity` is accepted (ZeroVL's pooling option); no effect."""
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, updated after every applied optimizer step."""
+
+    decay: Optional[float] = None
+    """Model EMA: after every applied optimizer step, `ema = d * ema + (1 - d) * weights` over the trainable
+    parameters (fp32, kept partitioned like the weights at ZeRO-3). Saved in checkpoints, evaluated next to the raw
+    weights (`eval/<set>_ema/...`), exported with `python -m zvl_ds.export --ema`. A value in (0, 1), e.g. 0.999;
+    `null`: off.
+    """
+    warmup_steps: int = 0
+    """> 0: the decay ramps up linearly, update t (1, 2, ...) using `decay * min(1, t / warmup_steps)`, so the early
+    average follows the fast-moving weights; 0: `decay` from the first update.
+    """
 
 
 @dataclass
@@ -391,6 +432,7 @@ class ModelConfig:
     """`sdpa`: both towers use fused `scaled_dot_product_attention` (flash/memory-efficient kernels on GPUs); `eager`:
     the plain matmul-softmax attention (a reference for debugging).
     """
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

@@ -4,6 +4,7 @@ Examples:
   python -m zvl_ds.export output/demo --out exported/demo
   python -m zvl_ds.export output/demo --tag step_00000100 --out exported/demo_step100
   python -m zvl_ds.export output/demo --format open_clip --out exported/demo_open_clip
+  python -m zvl_ds.export output/demo --ema --out exported/demo_ema
 
 Writes MODEL_DIR/model.safetensors (fp32, consolidated from any ZeRO stage), model_config.json,
 preprocess.json and tokenizer/. --format open_clip writes a folder open_clip loads as local-dir:MODEL_DIR
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--format", dest="folder_format", default=DEFAULT_FORMAT, choices=sorted(FORMATS),
                         help=f"the folder to write (default {DEFAULT_FORMAT}: the folder zvl_ds.load_model reads)")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the model EMA (model.ema.decay) of the checkpoint instead of its trained weights")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
     return parser
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint, args.folder_format)
+        out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint, args.folder_format,
+                           args.ema)
     except (ExportError, FileNotFoundError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

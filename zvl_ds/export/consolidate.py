@@ -20,6 +20,7 @@ from zvl_ds.config import Config, ConfigError, load_config
 from zvl_ds.data import load_tokenizer
 from zvl_ds.export.model_folder import ExportError, load_state_strict, offline_model_config
 from zvl_ds.model.dual_encoder import DualEncoder, build_model
+from zvl_ds.runtime.ema import EmaFileError, merge_ema_files
 from zvl_ds.runtime.optim import optimizer_groups
 from zvl_ds.model.safe_load import check_checkpoint_folder, load_weights_only
 
@@ -167,28 +168,49 @@ def consolidate_state_dict(run_dir: str, tag: str, model: DualEncoder, cfg: Conf
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False
+def ema_state_dict(run_dir: str, tag: str, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``state`` with every averaged parameter replaced by the checkpoint's model EMA (``runtime.ema``)."""
+    folder = os.path.join(run_dir, tag)
+    try:
+        merged = merge_ema_files(folder)
+    except (EmaFileError, OSError, RuntimeError, KeyError) as error:  # RuntimeError: a file torch cannot read
+        raise ExportError(f"cannot read the model EMA of {folder}: {error}") from None
+    if merged is None:
+        raise ExportError(f"{folder} holds no model EMA (zvl_ema_rank_*.pt): the run was trained without "
+                          "model.ema.decay; export without --ema")
+    _, average = merged
+    unknown = sorted(set(average) - set(state))
+    if unknown:
+        raise ExportError(f"{folder}: the model EMA names tensors the model does not have, e.g. {unknown[0]}")
+    return {**state, **average}
+
+
+def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False, ema: bool = False
              ) -> Tuple[Config, DualEncoder, str]:
     """Rebuild a run's model on CPU in fp32 with its checkpoint's weights: (config, model in eval mode, tag).
 
-    The towers are built without pretrained weights (the checkpoint replaces every tensor).
+    The towers are built without pretrained weights (the checkpoint replaces every tensor). ``ema``: the weights
+    are the checkpoint's model EMA (the trainable parameters' averages; everything else as trained).
     """
     tag = resolve_tag(run_dir, tag)
     cfg = run_config(run_dir, tag)
     model = build_model(offline_model_config(cfg), cfg.loss)
     state = consolidate_state_dict(run_dir, tag, model, cfg, trust_checkpoint)
+    if ema:
+        state = ema_state_dict(run_dir, tag, state)
     load_state_strict(model, state, os.path.join(run_dir, tag))
     return cfg, model.eval(), tag
 
 
 def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
-                 folder_format: str = "zvl_ds") -> str:
+                 folder_format: str = "zvl_ds", ema: bool = False) -> str:
     """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into a model folder ``out_dir`` in
-    ``folder_format`` (``export.formats.FORMATS``)."""
+    ``folder_format`` (``export.formats.FORMATS``); ``ema``: its model EMA instead of the trained weights."""
     from zvl_ds.export.formats import FORMATS
 
     if folder_format not in FORMATS:
         raise ExportError(f"unknown export format {folder_format!r}; choose one of {sorted(FORMATS)}")
-    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint)
+    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema)
     tokenizer = load_tokenizer(cfg.model.text_encoder)
-    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag})
+    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag,
+                                                                  "weights": "ema" if ema else "trained"})

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
 from zvl_ds.config import (ImageEncoderConfig, LossConfig, ModelConfig, SigmoidConfig, TextEncoderConfig,
                            TemperatureConfig)
+from zvl_ds.model.locking import lock_towers
+from zvl_ds.model.patch_dropout import set_patch_dropout
 from zvl_ds.objective.mixup import MixupDraw, mix_images, mix_with_reversed
 from zvl_ds.runtime.profile_ranges import profile_range
 
@@ -362,13 +364,15 @@ class DualEncoder(nn.Module):
                                                             ("text_tower", text_trainable)) if not trainable]
         for name in self.frozen_towers:
             getattr(self, name).requires_grad_(False)
+        # BatchNorm layers of partly locked towers whose statistics stay fixed (model.locking, freeze_bn_stats)
+        self.frozen_norm_modules: List[str] = []
         self.image_weights_report: Optional[WeightsReport] = None
         self.train(True)
 
     def train(self, mode: bool = True) -> "DualEncoder":
         super().train(mode)
-        for name in getattr(self, "frozen_towers", []):
-            getattr(self, name).eval()
+        for name in getattr(self, "frozen_towers", []) + getattr(self, "frozen_norm_modules", []):
+            self.get_submodule(name).eval()
         return self
 
     def temperature(self) -> torch.Tensor:
@@ -439,6 +443,7 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
     image_cfg, text_cfg, proj_cfg = model_cfg.image_encoder, model_cfg.text_encoder, model_cfg.projection
     image_tower, image_width, report = build_image_tower(image_cfg)
     set_image_attention(image_tower, model_cfg.attention)
+    set_patch_dropout(image_tower, image_cfg.patch_dropout)
     text_tower, text_width = build_text_tower(text_cfg, model_cfg.attention)
     image_projection = build_projection(proj_cfg.name, image_width, proj_cfg.dim)
     text_projection = build_projection(proj_cfg.name, text_width, proj_cfg.dim)
@@ -450,6 +455,7 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
                         image_trainable=image_cfg.trainable, text_trainable=text_cfg.trainable,
                         sigmoid=loss_cfg.sigmoid if loss_cfg.name == "SigLIP" else None)
     model.image_weights_report = report
+    model.tower_locks = lock_towers(model, model_cfg)
     return model
 
 

@@ -4,7 +4,8 @@ The reference shares nothing with ``objective/step.py`` or the loss kernels: one
 batch, one autograd graph spans every chunk of every rank, and the loss is ``dense_reference``'s symmetric InfoNCE with
 soft targets (or its dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
 chunks as the trainer does (``runner.stable_random: step``), so masks are identical and the two computations
-must agree to rounding.
+must agree to rounding. Patch dropout (``model.image_encoder.patch_dropout``) draws its kept patches from the same
+generator, so the reference drops the patches the distributed step dropped in both of its passes.
 """
 from __future__ import annotations
 

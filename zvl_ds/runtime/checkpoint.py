@@ -108,9 +108,10 @@ def rank_file(rank: int) -> str:
 
 
 def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any], rank_state: Dict[str, Any],
-                    config_yaml: str, keep_last: int) -> str:
+                    config_yaml: str, keep_last: int, extra_files: Optional[Dict[str, Any]] = None) -> str:
     """Save on every rank; ``latest`` moves to the new tag only after every rank reported that its writes
-    succeeded. Otherwise raises CheckpointError naming the failed ranks and their errors, on every rank."""
+    succeeded. Otherwise raises CheckpointError naming the failed ranks and their errors, on every rank.
+    ``extra_files``: more ``{file name: weights-only contents}`` this rank writes into the folder (the model EMA)."""
     tag = tag_for_step(step)
     folder = os.path.join(run_dir, tag)
     if dist.is_main_process():
@@ -119,8 +120,9 @@ def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any
     failure = None
     try:
         engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
-        with atomic_path(os.path.join(folder, rank_file(dist.get_rank()))) as temp:
-            torch.save(rank_state, temp)
+        for name, contents in [(rank_file(dist.get_rank()), rank_state), *(extra_files or {}).items()]:
+            with atomic_path(os.path.join(folder, name)) as temp:
+                torch.save(contents, temp)
     except Exception as error:  # noqa: BLE001  (reported to every rank below, then raised there)
         failure = f"{type(error).__name__}: {error}"
     failures = gather_failures(failure)
@@ -225,6 +227,12 @@ class ResumePoint:
     run_dir: str
     tag: str
     universal: bool = False  # converted to DeepSpeed's universal format for another world size
+
+
+def written_folder(point: ResumePoint) -> str:
+    """The folder the run wrote for ``point`` (a converted universal checkpoint holds DeepSpeed's files only)."""
+    run_dir = os.path.dirname(point.run_dir) if point.universal else point.run_dir
+    return os.path.join(run_dir, point.tag)
 
 
 def find_resume_point(run_dir: str, resume_ckpt_path: Optional[str], auto_resume: bool) -> Optional[ResumePoint]:
