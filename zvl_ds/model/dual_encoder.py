@@ -1,4 +1,5 @@
-"""The dual encoder: a timm image tower, a Hugging Face text tower, projections, and the temperature.
+"""The dual encoder: a timm image tower, a Hugging Face text tower, projections, and the temperature (another
+library's whole model as towers: ``zvl_ds.model.sources``).
 
 Attributes: ``image_tower`` (timm model, ``num_classes=0``), ``text_tower`` (``transformers.AutoModel``, no
 pooler), ``image_projection`` / ``text_projection`` (see ``build_projection``), and the temperature, read
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
 from zvl_ds.config import (ImageEncoderConfig, LossConfig, ModelConfig, SigmoidConfig, TextEncoderConfig,
                            TemperatureConfig)
+from zvl_ds.model.presets import SOURCE_ARCHS
 from zvl_ds.objective.mixup import MixupDraw, mix_images, mix_with_reversed
 from zvl_ds.runtime.profile_ranges import profile_range
 
@@ -267,14 +269,19 @@ def build_text_tower(cfg: TextEncoderConfig, attention: str = "sdpa") -> Tuple[n
     if width is None:
         raise ValueError(f"model.text_encoder: cannot tell the hidden width of {type(tower).__name__}")
     if cfg.grad_checkpointing:
-        if not getattr(tower, "supports_gradient_checkpointing", False):
-            raise ValueError(f"model.text_encoder.grad_checkpointing: {type(tower).__name__} does not support it")
-        # non-reentrant: works with frozen inputs and replays the dropout RNG state in the recompute
-        if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_hf_checkpointing(tower, "model.text_encoder.grad_checkpointing")
     return tower, int(width)
+
+
+def enable_hf_checkpointing(tower: nn.Module, key: str) -> None:
+    """Activation checkpointing in a transformers model; non-reentrant: works with frozen inputs and replays the
+    dropout RNG state in the recompute."""
+    if not getattr(tower, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{key}: {type(tower).__name__} does not support it")
+    if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def set_image_attention(tower: nn.Module, attention: str) -> None:
@@ -436,6 +443,10 @@ class DualEncoder(nn.Module):
 
 def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
     """The dual encoder a config describes (``model.arch`` presets are already merged by zvl_ds.config)."""
+    if model_cfg.arch in SOURCE_ARCHS:  # another library's whole model: zvl_ds.model.sources
+        from zvl_ds.model.sources import build_sourced_model
+
+        return build_sourced_model(model_cfg, loss_cfg)
     image_cfg, text_cfg, proj_cfg = model_cfg.image_encoder, model_cfg.text_encoder, model_cfg.projection
     image_tower, image_width, report = build_image_tower(image_cfg)
     set_image_attention(image_tower, model_cfg.attention)
