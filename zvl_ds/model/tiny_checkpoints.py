@@ -37,8 +37,8 @@ def tiny_hf_config(kind: str, dropout: float = 0.0):
 
     text = {**_tower_sizes(dropout), "vocab_size": DEMO_VOCAB, "max_position_embeddings": TOKENS}
     vision = {**_tower_sizes(dropout), "image_size": IMAGE_SIZE, "patch_size": 8}
-    if kind == "hf_clip":  # the demo tokenizer's [PAD] 0, [CLS] 2, [SEP] 3
-        text.update(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    text.update(pad_token_id=0, bos_token_id=2, eos_token_id=3)  # the demo tokenizer's [PAD], [CLS], [SEP]
+    if kind == "hf_clip":
         return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     return SiglipConfig(text_config=text, vision_config=vision)
 
@@ -55,6 +55,11 @@ def write_tiny_hf_folder(out_dir: str, kind: str = "hf_clip", weights: bool = Tr
     torch.manual_seed(seed)
     model = (CLIPModel if kind == "hf_clip" else SiglipModel)(config)
     with torch.no_grad():
+        # trained checkpoints have no zero biases (transformers initialises them to zero): a key bias of zero gets
+        # only rounding noise as its gradient, so comparisons against a reference would measure noise
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
         if kind == "hf_clip":
             model.logit_scale.fill_(math.log(1.0 / CLIP_TEMPERATURE))
         else:
