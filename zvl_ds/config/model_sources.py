@@ -76,6 +76,22 @@ def hf_folder_config(folder: str, arch: str) -> Dict[str, Any]:
     return config
 
 
+def hf_model_config(folder: Optional[str], fields: Dict[str, Any], arch: str) -> Dict[str, Any]:
+    """The Hugging Face config the towers are built from: the folder's config.json with ``model.hf_config``'s
+    fields over it (nested sections merged), or ``model.hf_config`` alone without a folder (exported models)."""
+    from zvl_ds.config.keys import deep_merge
+
+    if not folder:
+        if not fields:
+            raise ConfigError(f"model.arch={arch} needs model.hf_folder: a local Hugging Face "
+                              f"{'CLIPModel' if arch == 'hf_clip' else 'SiglipModel'} folder")
+        check_hf_config(fields, arch, "model.hf_config")
+        return dict(fields)
+    config = deep_merge(hf_folder_config(folder, arch), dict(fields or {}))
+    check_hf_config(config, arch, f"model.hf_config over {folder}/{HF_CONFIG_FILE}")
+    return config
+
+
 def hf_weights_file(folder: Optional[str]) -> Optional[str]:
     """The folder's weights file, or None (the model is then built with random weights)."""
     for name in HF_WEIGHTS_FILES:
@@ -120,16 +136,10 @@ def hf_preprocessing(folder: str) -> Dict[str, Any]:
 
 def _hf_source_keys(model: Dict[str, Any], arch: str) -> Dict[str, Any]:
     folder = model.get("hf_folder")
-    config = model.get("hf_config") or {}
-    if config:
-        check_hf_config(config, arch, "model.hf_config")
+    config = hf_model_config(str(folder) if folder else None, model.get("hf_config") or {}, arch)
     if not folder:
-        if not config:
-            raise ConfigError(f"model.arch={arch} needs model.hf_folder: a local Hugging Face "
-                              f"{'CLIPModel' if arch == 'hf_clip' else 'SiglipModel'} folder")
         return {}  # an exported model: everything is already in its config
-    folder_config = hf_folder_config(str(folder), arch)
-    text_config = (config or folder_config).get("text_config") or {}
+    text_config = config.get("text_config") or {}
     keys: Dict[str, Any] = {"model.max_length": int(text_config.get("max_position_embeddings",
                                                                     64 if arch == "hf_siglip" else 77))}
     keys.update(hf_preprocessing(str(folder)))

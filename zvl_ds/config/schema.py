@@ -397,8 +397,9 @@ class ModelConfig:
     them. Without a weights file the weights are random (the run says so).
     """
     hf_config: Dict[str, Any] = field(default_factory=dict)
-    """The Hugging Face model config (`config.json`) the towers are built from; empty: read from `hf_folder`. Exported
-    model folders record it, so they rebuild without the source folder.
+    """Hugging Face config fields over the folder's `config.json` (nested sections merged, e.g.
+    `vision_config.attention_dropout`); without `hf_folder`, the whole config the towers are built from (exported
+    model folders record it, so they rebuild without the source folder).
     """
     open_clip: OpenClipSourceConfig = field(default_factory=OpenClipSourceConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)

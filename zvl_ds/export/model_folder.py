@@ -88,14 +88,14 @@ def offline_model_config(cfg: Config):
 def offline_source_config(model_cfg):
     """A model source (``hf_clip``, ``hf_siglip``, ``open_clip``) with its architecture config recorded in the model
     section instead of read from the user's folder, and no weights file: an export rebuilds it anywhere."""
-    from zvl_ds.config.model_sources import hf_folder_config, open_clip_source
+    from zvl_ds.config.model_sources import hf_model_config, open_clip_source
 
     if model_cfg.arch == "open_clip":
         options = model_cfg.open_clip
         recorded = open_clip_source(options.name, options.pretrained, options.config).model_cfg
         model_cfg.open_clip = dataclasses.replace(options, pretrained=None, config=recorded)
     else:
-        model_cfg.hf_config = model_cfg.hf_config or hf_folder_config(model_cfg.hf_folder, model_cfg.arch)
+        model_cfg.hf_config = hf_model_config(model_cfg.hf_folder, model_cfg.hf_config, model_cfg.arch)
         model_cfg.hf_folder = None
     return model_cfg
 

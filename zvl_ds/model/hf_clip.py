@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from zvl_ds.config import ConfigError, ModelConfig
-from zvl_ds.config.model_sources import check_hf_config, hf_folder_config, hf_weights_file
+from zvl_ds.config.model_sources import hf_model_config, hf_weights_file
 from zvl_ds.model.dual_encoder import enable_hf_checkpointing
 from zvl_ds.model.sources import TRANSFORMERS, SourceParts
 
@@ -36,8 +36,7 @@ def build_hf_library_model(model_cfg: ModelConfig) -> nn.Module:
     """The whole ``CLIPModel`` / ``SiglipModel`` of ``model.hf_config`` or ``model.hf_folder``, in fp32, with the
     folder's weights when it has them (every tensor present) and random weights otherwise."""
     arch, folder = str(model_cfg.arch), model_cfg.hf_folder
-    config_dict: Dict[str, Any] = dict(model_cfg.hf_config) if model_cfg.hf_config else hf_folder_config(folder, arch)
-    check_hf_config(config_dict, arch, "model.hf_config" if model_cfg.hf_config else f"{folder}/config.json")
+    config_dict: Dict[str, Any] = hf_model_config(folder, model_cfg.hf_config, arch)
     config_class, model_class = hf_classes(arch)
     config = config_class.from_dict(config_dict)
     weights = hf_weights_file(folder)
