@@ -288,7 +288,9 @@ def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     elif arch == "open_clip":
         keys = _open_clip_source_keys(model)
     else:
-        used = [key for key in SOURCE_ONLY_KEYS if model.get(key)]
+        # an exported model's section holds every key, empty ones included
+        used = [key for key in SOURCE_ONLY_KEYS if model.get(key) and not (
+            isinstance(model[key], dict) and key == "open_clip" and not any(model[key].values()))]
         if used:
             raise ConfigError(f"model.{used[0]} is set but model.arch={arch!r}: it belongs to model.arch "
                               f"{'open_clip' if used[0] == 'open_clip' else 'hf_clip or hf_siglip'}")
