@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError
+from zvl_ds.export.model_folder import ExportError, as_shapes_of, load_state_strict
 from zvl_ds.runtime.atomic_write import atomic_folder
 
 HF_ARCHS = ("hf_clip", "hf_siglip")
@@ -79,14 +79,8 @@ def write_hf_folder(out_dir: str, cfg: Config, model, tokenizer, source: Dict[st
     arch = check_exportable(cfg, model)
     config_class, model_class = hf_classes(arch)
     library = model_class(config_class.from_dict(model.source_config))
-    state = library_state_dict(model, arch)
-    expected = library.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ExportError(f"--format hf: the model does not map onto {model_class.__name__}: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    library.load_state_dict({k: v.reshape(expected[k].shape) for k, v in state.items()}, strict=True)
+    load_state_strict(library, as_shapes_of(library, library_state_dict(model, arch)),
+                      f"--format hf: the model mapped onto {model_class.__name__}")
     with atomic_folder(out_dir) as folder:
         library.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -72,6 +72,14 @@ def load_state_strict(model: nn.Module, state: Dict[str, Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+def as_shapes_of(model: nn.Module, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``state`` with each tensor the model also has reshaped to the model's shape when the sizes agree (a scalar
+    written as shape (1,) or ()), contiguous, for a strict load that still names what does not fit."""
+    expected = model.state_dict()
+    return {k: (v.reshape(expected[k].shape) if k in expected and v.numel() == expected[k].numel() else v).contiguous()
+            for k, v in state.items()}
+
+
 def offline_model_config(cfg: Config):
     """The model section with both towers built from configs only (no weights loaded, nothing downloaded)."""
     model_cfg = dataclasses.replace(cfg.model)

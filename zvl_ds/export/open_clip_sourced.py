@@ -18,7 +18,7 @@ from typing import Any, Dict
 import torch
 
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError
+from zvl_ds.export.model_folder import ExportError, as_shapes_of, load_state_strict
 from zvl_ds.runtime.atomic_write import atomic_folder
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
@@ -69,15 +69,8 @@ def write_open_clip_sourced_folder(out_dir: str, cfg: Config, model, tokenizer, 
     plain_clip = not build_cfg.pop("custom_text", False)
     model_class = open_clip.model.CLIP if plain_clip else open_clip.model.CustomTextCLIP
     library = model_class(**build_cfg)
-    state = open_clip_state_dict(model, model_cfg, plain_clip)
-    expected = library.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ExportError(f"--format open_clip: the model does not map onto OpenCLIP's {model_class.__name__}: "
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    state = {k: v.reshape(expected[k].shape).contiguous() for k, v in state.items()}
-    library.load_state_dict(state, strict=True)
+    state = as_shapes_of(library, open_clip_state_dict(model, model_cfg, plain_clip))
+    load_state_strict(library, state, f"--format open_clip: the model mapped onto OpenCLIP's {model_class.__name__}")
     from safetensors.torch import save_file
 
     with atomic_folder(out_dir) as folder:
