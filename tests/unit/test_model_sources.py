@@ -200,3 +200,18 @@ def test_open_clip_blocks_take_layer_decay(tmp_path):
     assert scales["text_tower.token_embedding.weight"] == 0.125
     assert scales["text_tower.transformer.resblocks.0.attn.in_proj_weight"] == 0.25
     assert scales["text_tower.ln_final.weight"] == 1.0
+
+
+def test_open_clip_sources_are_refused_by_name(tmp_path):
+    pytest.importorskip("open_clip")
+    folder = write_tiny_open_clip_folder(str(tmp_path / "oc"), weights=False)
+    source = ["model.arch=open_clip", f"model.open_clip.name=local-dir:{folder}"]
+    with pytest.raises(ConfigError, match="caption_aug.enable=true with model.arch=open_clip"):
+        load_config(None, source + ["transforms.caption_aug.enable=true"])
+    with pytest.raises(ConfigError, match="not an OpenCLIP architecture"):
+        load_config(None, ["model.arch=open_clip", "model.open_clip.name=ViT-Nonexistent"])
+    with pytest.raises(ConfigError, match="pretrained tags are refused"):
+        load_config(None, ["model.arch=open_clip", "model.open_clip.name=ViT-B-32", "model.open_clip.pretrained=openai"])
+    os.remove(os.path.join(folder, "open_clip_config.json"))
+    with pytest.raises(ConfigError, match="missing open_clip_config.json"):
+        load_config(None, source)

@@ -287,6 +287,9 @@ def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         keys = _hf_source_keys(model, arch)
     elif arch == "open_clip":
         keys = _open_clip_source_keys(model)
+        if _has_path(raw, "transforms.caption_aug.enable") and raw["transforms"]["caption_aug"]["enable"]:
+            raise ConfigError("transforms.caption_aug.enable=true with model.arch=open_clip: the word-piece "
+                              "augmentation needs a Hugging Face word-piece tokenizer, and OpenCLIP's is BPE")
     else:
         # an exported model's section holds every key, empty ones included
         used = [key for key in SOURCE_ONLY_KEYS if model.get(key) and not (
