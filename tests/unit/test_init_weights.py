@@ -36,11 +36,25 @@ def cloned_state(model):
 # -------------------------------------------------------------------------------------------------- model_type
 
 
+def model_source_keys(arch, folder):
+    """The keys naming a model source (model.arch hf_clip / hf_siglip / open_clip): a tiny one without weights."""
+    from zvl_ds.model.presets import SOURCE_ARCHS
+    from zvl_ds.model.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
+
+    if arch not in SOURCE_ARCHS:
+        return {}
+    if arch == "open_clip":
+        pytest.importorskip("open_clip")
+        return {"open_clip": {"name": f"local-dir:{write_tiny_open_clip_folder(str(folder), weights=False)}"}}
+    return {"hf_folder": write_tiny_hf_folder(str(folder), arch, weights=False)}
+
+
 @pytest.mark.parametrize("arch", sorted(MODEL_VARIANTS))
-def test_every_variant_overlays_its_keys_on_the_preset(arch):
+def test_every_variant_overlays_its_keys_on_the_preset(arch, tmp_path):
     assert DEFAULT_VARIANT[arch] in MODEL_VARIANTS[arch] and set(MODEL_VARIANTS) == set(MODEL_PRESETS)
+    source = model_source_keys(arch, tmp_path / arch)
     for variant, overlay in MODEL_VARIANTS[arch].items():
-        model = config_from_dict({"model": {"arch": arch, "model_type": variant}}).to_dict()["model"]
+        model = config_from_dict({"model": {"arch": arch, "model_type": variant, **source}}).to_dict()["model"]
         assert model["model_type"] == variant
 
         def check(expected, got, path):  # every key the variant sets, else the preset's value

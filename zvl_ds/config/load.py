@@ -16,6 +16,7 @@ import yaml
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
                                   lavis_model_hint, report_without_effect, take_accepted_keys)
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
+from zvl_ds.config.model_sources import apply_model_source
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
 from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
@@ -415,6 +416,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     raw = apply_lavis_run_block(raw)
     raw = apply_lavis_datasets_block(raw)  # after run:, whose valid_splits it reads
     raw = _apply_model_preset(raw)
+    raw, _ = apply_model_source(raw)  # after the preset: model.arch names the source
     without_effect = {key: _convert(value, ACCEPTED_WITHOUT_EFFECT[key].type, key)
                       for key, value in take_accepted_keys(raw).items()}
     cfg = _build(Config, raw)

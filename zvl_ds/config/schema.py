@@ -377,6 +377,26 @@ class EmaConfig:
 
 
 @dataclass
+class OpenClipSourceConfig:
+    """``model.arch: open_clip``: the OpenCLIP model the towers come from (needs the ``open_clip`` extra)."""
+
+    name: str = ""
+    """`model.arch: open_clip`: an OpenCLIP architecture name (`ViT-B-32`, as `open_clip.list_models()` names them) or
+    `local-dir:FOLDER`, a folder holding `open_clip_config.json` and its weights (`open_clip_model.safetensors`).
+    `hf-hub:` names are refused (nothing is downloaded).
+    """
+    pretrained: Optional[str] = None
+    """A local weights file for an architecture name (`.safetensors`, or a weights-only torch file); `null`: the
+    `local-dir` folder's weights, or random weights for a bare name (the run says so). Pretrained tags are refused
+    (nothing is downloaded).
+    """
+    config: Dict[str, Any] = field(default_factory=dict)
+    """The OpenCLIP model config (`model_cfg`) the towers are built from; empty: the one `name` gives. Exported model
+    folders record it, so they rebuild without the source.
+    """
+
+
+@dataclass
 class ModelConfig:
     name: Literal["clip"] = "clip"
     """Only `clip` is accepted (the dual encoder); no effect."""
@@ -413,6 +433,19 @@ class ModelConfig:
     """
     max_length: int = 25
     """Tokens per caption: captions are padded and truncated to this length."""
+    hf_folder: Optional[str] = None
+    """`model.arch: hf_clip` / `hf_siglip`: a local Hugging Face `CLIPModel` / `SiglipModel` folder (`config.json`,
+    `model.safetensors` or `pytorch_model.bin`, tokenizer files, `preprocessor_config.json`), as a hub download
+    leaves it. The towers are the library's own, with its pooling and projections; the folder also sets the
+    tokenizer, `max_length`, the image transforms and the loss (see docs/fine-tuning.md) unless the config sets
+    them. Without a weights file the weights are random (the run says so).
+    """
+    hf_config: Dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config fields over the folder's `config.json` (nested sections merged, e.g.
+    `vision_config.attention_dropout`); without `hf_folder`, the whole config the towers are built from (exported
+    model folders record it, so they rebuild without the source folder).
+    """
+    open_clip: OpenClipSourceConfig = field(default_factory=OpenClipSourceConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
@@ -580,10 +613,16 @@ class LayerDecayConfig:
 
     image_tower: float = 1.0
     """Layer-wise LR decay of a ViT image tower (EVA-CLIP): with L blocks, block i (0-based) gets `decay ** (L - i)`,
-    patch/position embeddings and tokens `decay ** (L + 1)`, the final norm 1; 1.0 = off.
+    patch/position embeddings and tokens `decay ** (L + 1)`, the final norm and pooling 1; 1.0 = off. Blocks: timm
+    `blocks.N` (embeddings `patch_embed`, `pos_embed`, tokens), Hugging Face CLIP/SigLIP `encoder.layers.N`
+    (embeddings `embeddings`, `pre_layrnorm`), OpenCLIP `transformer.resblocks.N` (embeddings `conv1`,
+    `class_embedding`, `positional_embedding`, `ln_pre`).
     """
     text_tower: float = 1.0
-    """The same for a BERT-like text tower (`encoder.layer.N`; the embeddings are layer 0); 1.0 = off."""
+    """The same for the text tower: BERT-like `encoder.layer.N` (embeddings `embeddings`), Hugging Face CLIP/SigLIP
+    `encoder.layers.N` (embeddings `embeddings`), OpenCLIP `transformer.resblocks.N` (embeddings `token_embedding`,
+    `positional_embedding`); 1.0 = off.
+    """
 
 
 @dataclass

@@ -237,6 +237,10 @@ def load_tokenizer(text_cfg: TextEncoderConfig):
     pretrained_dir = text_cfg.pretrained if isinstance(text_cfg.pretrained, str) else None
     name = text_cfg.tokenizer or pretrained_dir or text_cfg.tag
     path = resolve_tokenizer_path(name)
+    from zvl_ds.data.open_clip_tokenizer import is_open_clip_tokenizer, load_open_clip_tokenizer
+
+    if is_open_clip_tokenizer(path):  # model.arch: open_clip, or a model folder exported from one
+        return load_open_clip_tokenizer(path)
     try:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:

@@ -44,6 +44,7 @@ from zvl_ds.data.transforms import (ImageTransform, caption_preparer, load_rgb, 
                                     to_uint8_chw, tokenize)
 from zvl_ds.runtime.errors import UserError
 from zvl_ds.model.dual_encoder import DualEncoder, build_model
+from zvl_ds.model.presets import SOURCE_ARCHS
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -71,14 +72,39 @@ def load_state_strict(model: nn.Module, state: Dict[str, Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+def as_shapes_of(model: nn.Module, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``state`` with each tensor the model also has reshaped to the model's shape when the sizes agree (a scalar
+    written as shape (1,) or ()), contiguous, for a strict load that still names what does not fit."""
+    expected = model.state_dict()
+    return {k: (v.reshape(expected[k].shape) if k in expected and v.numel() == expected[k].numel() else v).contiguous()
+            for k, v in state.items()}
+
+
 def offline_model_config(cfg: Config):
     """The model section with both towers built from configs only (no weights loaded, nothing downloaded)."""
     model_cfg = dataclasses.replace(cfg.model)
+    if model_cfg.arch in SOURCE_ARCHS:
+        return offline_source_config(model_cfg)
     model_cfg.image_encoder = dataclasses.replace(cfg.model.image_encoder, pretrained=False)
     text = cfg.model.text_encoder
     # a text tower loaded from a local folder takes its architecture from that folder, not from the tag
     tag = text.pretrained if isinstance(text.pretrained, str) and text.pretrained else text.tag
     model_cfg.text_encoder = dataclasses.replace(text, pretrained=False, tag=tag)
+    return model_cfg
+
+
+def offline_source_config(model_cfg):
+    """A model source (``hf_clip``, ``hf_siglip``, ``open_clip``) with its architecture config recorded in the model
+    section instead of read from the user's folder, and no weights file: an export rebuilds it anywhere."""
+    from zvl_ds.config.model_sources import hf_model_config, open_clip_source
+
+    if model_cfg.arch == "open_clip":
+        options = model_cfg.open_clip
+        recorded = open_clip_source(options.name, options.pretrained, options.config).model_cfg
+        model_cfg.open_clip = dataclasses.replace(options, pretrained=None, config=recorded)
+    else:
+        model_cfg.hf_config = hf_model_config(model_cfg.hf_folder, model_cfg.hf_config, model_cfg.arch)
+        model_cfg.hf_folder = None
     return model_cfg
 
 
@@ -128,13 +154,16 @@ class Preprocessing:
 def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
     """The model section for a model folder: towers from configs only, the text tower's config embedded."""
     model_cfg = offline_model_config(cfg)
-    # the preset and its variant are already merged into the explicit keys, and the folder's own weights replace
-    # whatever the run was initialised from
-    model_cfg.arch = model_cfg.model_type = None
+    # the preset and its variant are already merged into the explicit keys (a model source keeps its arch: it
+    # names the library the towers come from), and the folder's own weights replace whatever the run was
+    # initialised from
+    if model_cfg.arch not in SOURCE_ARCHS:
+        model_cfg.arch = None
+        model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, config=model.text_tower.config.to_dict())
+    model_cfg.model_type = None
     model_cfg.load_pretrained, model_cfg.pretrained = False, None
     model_cfg.load_finetuned, model_cfg.finetuned = False, None
-    model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, tokenizer=None,
-                                                 config=model.text_tower.config.to_dict())
+    model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, tokenizer=None)
     model_cfg.image_encoder = dataclasses.replace(model_cfg.image_encoder, grad_checkpointing=False)
     model_cfg.text_encoder.grad_checkpointing = False
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "zvl_ds_version": zvl_ds.__version__,

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from zvl_ds.config import Config
 from zvl_ds.export.model_folder import ExportError
 from zvl_ds.model.dual_encoder import DualEncoder
-from zvl_ds.model.presets import MODEL_PRESETS
+from zvl_ds.model.presets import MODEL_PRESETS, SOURCE_ARCHS
 from zvl_ds.runtime.atomic_write import atomic_folder, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ def _refuse(part: str, problem: str, offers: str) -> ExportError:
 def check_describable(cfg: Config, model: DualEncoder, tokenizer) -> None:
     """Raise ``ExportError`` naming the first part of the model open_clip cannot describe."""
     arch = cfg.model.arch
+    if arch in SOURCE_ARCHS:  # trained from a checkpoint users hold: it goes back in that checkpoint's own form
+        raise _refuse(f"model.arch={arch}", "this writer describes zvl_ds's own timm + Hugging Face dual encoders; "
+                      "a model trained from a Hugging Face CLIP/SigLIP folder is written by --format hf",
+                      "--format hf (a CLIPModel / SiglipModel folder) or the zvl_ds format")
     if arch is not None and arch not in MODEL_PRESETS:
         raise _refuse(f"model.arch={arch}", "this writer describes zvl_ds's own timm + Hugging Face dual encoders "
                       "(the presets and explicit towers), not this architecture",

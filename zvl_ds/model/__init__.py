@@ -5,7 +5,8 @@
 the config, which reads the presets, does not import torch, timm and transformers.
 """
 _DUAL_ENCODER = "zvl_ds.model.dual_encoder"
-_SUBMODULES = ("dual_encoder", "presets", "init_weights", "safe_load")
+_SUBMODULES = ("dual_encoder", "presets", "init_weights", "safe_load", "weights_files", "sources", "hf_clip",
+               "open_clip_towers", "tiny_checkpoints")
 
 
 def __getattr__(name: str):

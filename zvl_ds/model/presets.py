@@ -36,7 +36,15 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
         },
         "projection": {"name": "simple", "dim": 64},
     },
+    # Whole models of another library (zvl_ds.model.sources): the towers, projections, tokenizer, caption length,
+    # image transforms and loss come from model.hf_folder / model.open_clip (zvl_ds.config.model_sources)
+    "hf_clip": {},
+    "hf_siglip": {},
+    "open_clip": {},
 }
+
+# model.arch values whose towers are another library's whole model, not a timm + Hugging Face pair
+SOURCE_ARCHS = ("hf_clip", "hf_siglip", "open_clip")
 
 # model.arch preset -> model.model_type variant -> the keys it overlays on the preset (the default variant is {})
 MODEL_VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
@@ -50,10 +58,14 @@ MODEL_VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # 64 image tokens at 32 px instead of 16: learns positions and shapes faster (what configs/demo.yaml uses)
         "patch4": {"image_encoder": {"kwargs": {"patch_size": 4}}},
     },
+    "hf_clip": {"base": {}},
+    "hf_siglip": {"base": {}},
+    "open_clip": {"base": {}},
 }
 
 # model.arch preset -> the variant used when model.model_type is not given
-DEFAULT_VARIANT: Dict[str, str] = {"vit_b16_bert_base": "base", "tiny": "base"}
+DEFAULT_VARIANT: Dict[str, str] = {"vit_b16_bert_base": "base", "tiny": "base", "hf_clip": "base",
+                                   "hf_siglip": "base", "open_clip": "base"}
 
 # model.arch preset -> model.model_type variant -> one line for the generated presets table
 VARIANT_HELP: Dict[str, Dict[str, str]] = {
@@ -66,6 +78,9 @@ VARIANT_HELP: Dict[str, Dict[str, str]] = {
         "base": "patch 8 (16 image tokens)",
         "patch4": "patch 4 (64 image tokens), as `configs/demo.yaml` sets explicitly",
     },
+    "hf_clip": {"base": "the folder's model as it is"},
+    "hf_siglip": {"base": "the folder's model as it is"},
+    "open_clip": {"base": "the named model as it is"},
 }
 
 # model.arch preset -> one line for the generated presets table (python -m zvl_ds.config --presets)
@@ -74,4 +89,10 @@ PRESET_HELP: Dict[str, str] = {
                          "simple projections, 25 tokens. Needs both models in the local caches.",
     "tiny": "A CPU-sized model built from configs, no weights: a 2-block ViT at 32 px (patch 8, width 64) and a "
             "2-layer BERT (width 64) with the packaged demo tokenizer, 64-d projections, 16 tokens.",
+    "hf_clip": "A Hugging Face `CLIPModel` folder (`model.hf_folder`): its vision and text models, projections, "
+               "logit scale (the learnable temperature), tokenizer and preprocessing.",
+    "hf_siglip": "A Hugging Face `SiglipModel` folder (`model.hf_folder`): its vision model with the attention-pooling "
+                 "head, its text model with its head, scale and bias (loss `SigLIP`), tokenizer and preprocessing.",
+    "open_clip": "An OpenCLIP model (`model.open_clip.name`, optional `model.open_clip.pretrained`; the `open_clip` "
+                 "extra): its image and text towers, logit scale (and bias), tokenizer and preprocessing.",
 }

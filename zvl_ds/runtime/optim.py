@@ -2,7 +2,8 @@
 
 Each group carries ``lr_scale``: the multiple of the schedule's learning rate it receives
 (``engine.set_learning_rate``). The scale of a parameter is its part's multiplier (``optim.lr_mult`` /
-``optim.lr_abs``) times, inside a ViT or BERT tower with ``optim.layer_decay`` < 1, ``decay ** (L + 1 - layer)``
+``optim.lr_abs``) times, inside a tower with blocks (timm ViT ``blocks.N``, BERT ``encoder.layer.N``, Hugging Face
+CLIP/SigLIP ``encoder.layers.N``, OpenCLIP ``transformer.resblocks.N``) with ``optim.layer_decay`` < 1, ``decay ** (L + 1 - layer)``
 with layer 0 the embeddings, layer i + 1 block i and layer L + 1 what follows the last block (EVA-CLIP's rule).
 Parameters with equal decay and scale share a group, so the default config keeps ZeroVL's two groups.
 """
@@ -18,7 +19,9 @@ from zvl_ds.config import ConfigError, OptimConfig
 
 # Parameters that should not be pulled towards zero: biases and norm gains (all 1-d), the temperature, and the
 # ViT's learned tokens and position embeddings. ZeroVL lists the same rule but leaves it commented out.
-_NO_DECAY_NAME_PARTS = ("pos_embed", "cls_token", "mask_token", "temperature", "position_embeddings")
+# Hugging Face CLIP/SigLIP call theirs position_embedding, OpenCLIP positional_embedding and class_embedding.
+_NO_DECAY_NAME_PARTS = ("pos_embed", "cls_token", "mask_token", "temperature", "position_embedding",
+                        "positional_embedding", "class_embedding")
 
 
 def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -46,6 +49,12 @@ _VIT_EMBEDDINGS = ("cls_token", "reg_token", "mask_token", "pos_embed", "patch_e
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _BERT_EMBEDDINGS = ("embeddings.",)
 _BERT_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.")
+# Hugging Face CLIP / SigLIP vision and text models (model.arch hf_clip / hf_siglip)
+_HF_CLIP_EMBEDDINGS = ("embeddings.", "pre_layrnorm.")
+_HF_CLIP_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.")
+# OpenCLIP's vision and text transformers (model.arch open_clip)
+_OPEN_CLIP_EMBEDDINGS = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "token_embedding.")
+_OPEN_CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 
 
 def model_part(name: str) -> Optional[str]:
@@ -73,6 +82,12 @@ def _tower_layout(tower: nn.Module) -> Optional[Tuple[Tuple[str, ...], "re.Patte
     layers = getattr(getattr(tower, "encoder", None), "layer", None)
     if hasattr(tower, "embeddings") and isinstance(layers, nn.ModuleList):
         return _BERT_EMBEDDINGS, _BERT_BLOCK, len(layers)
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if hasattr(tower, "embeddings") and isinstance(layers, nn.ModuleList):
+        return _HF_CLIP_EMBEDDINGS, _HF_CLIP_BLOCK, len(layers)
+    resblocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if isinstance(resblocks, nn.ModuleList):
+        return _OPEN_CLIP_EMBEDDINGS, _OPEN_CLIP_BLOCK, len(resblocks)
     return None
 
 
@@ -94,8 +109,9 @@ def layer_decay_scales(model: nn.Module, optim_cfg: OptimConfig) -> Dict[str, fl
         tower = getattr(model, tower_name, None)
         layout = _tower_layout(tower) if tower is not None else None
         if layout is None:
-            kind = "ViT (patch_embed + blocks.N)" if tower_name == "image_tower" else "BERT-like (encoder.layer.N)"
-            raise ConfigError(f"optim.layer_decay.{tower_name}={decay} needs a {kind} tower; this "
+            kind = "ViT (timm blocks.N)" if tower_name == "image_tower" else "BERT-like (encoder.layer.N)"
+            raise ConfigError(f"optim.layer_decay.{tower_name}={decay} needs a {kind}, Hugging Face CLIP/SigLIP "
+                              f"(encoder.layers.N) or OpenCLIP (transformer.resblocks.N) tower; this "
                               f"{type(tower).__name__} has no such blocks (set it to 1.0)")
         prefixes, block, num_blocks = layout
         for name, _ in tower.named_parameters():
