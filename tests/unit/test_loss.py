@@ -395,15 +395,18 @@ def test_benchmark_runs_both_methods_in_fresh_processes_and_skips_what_cannot_fi
     assert "GiB available" in huge["skipped"]
 
 
+@pytest.mark.slow  # three fresh interpreters and a B = 4096 loss in each: about 20 s on a 2-core CPU
 def test_benchmark_kernels_agree_and_tiles_need_less_working_memory():
     from zvl_ds.bench.loss import benchmark_loss
 
-    # B = 4096: the rows' logits block is far above the few MiB by which a process's resident size moves on its
-    # own (allocator arenas, page granularity), which is what the benchmark measures
-    results = benchmark_loss(batch_sizes=(4096,), dim=32, chunk_rows=512, chunk_cols=64,
+    # One resident-size measurement per kernel, so the margins are set far above the few MiB by which a
+    # process's resident size moves on its own (allocator arenas reusing the warm-up's pages, page granularity):
+    # rows of 2048 x 4096 fp32 logits are a 32 MiB block plus a temporary of its size (measured 65 MiB), tiles of
+    # 2048 x 64 are 512 KiB each (measured 2 MiB). The figures themselves belong to python -m zvl_ds.bench loss.
+    results = benchmark_loss(batch_sizes=(4096,), dim=32, chunk_rows=2048, chunk_cols=64,
                              methods=("rows", "tiled", "siglip"), verbose=False)
     rows, tiled, siglip = results["rows@4096"], results["tiled@4096"], results["siglip@4096"]
     assert tiled["loss"] == pytest.approx(rows["loss"], rel=1e-5)  # same NCE loss, two tilings
     assert siglip["loss"] > 0 and siglip["seconds"] > 0
-    # rows hold a 512 x 4096 fp32 logits block (8 MiB) plus a temporary of its size; tiles 512 x 64 (128 KiB)
-    assert rows["working_mib"] >= 8.0 > tiled["working_mib"]
+    assert rows["working_mib"] >= 32.0, rows  # at least the one logits block, whatever the allocator reuses
+    assert tiled["working_mib"] < 16.0, tiled  # 16 MiB above the tiles: no noise of a few MiB crosses it
