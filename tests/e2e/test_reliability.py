@@ -53,6 +53,21 @@ if FAULT == "step" and RANK == 1:
 
     train.Trainer._to_step_batch = to_step_batch
 
+if FAULT == "stop" and RANK == 1:  # a hung rank: stopped by SIGSTOP before its step 3, never resumed
+    import signal
+
+    original_stop_batch = train.Trainer._to_step_batch
+
+    def stop_at_step_3(self, batch):
+        if self.step == 3:
+            with open(os.environ["ZVL_TEST_FAULT_MARK"] + ".pid", "w") as handle:
+                handle.write(str(os.getpid()))
+            mark()
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return original_stop_batch(self, batch)
+
+    train.Trainer._to_step_batch = stop_at_step_3
+
 if FAULT == "eval" and RANK == 0:
     from zvl_ds.evaluation import embed
 
@@ -114,6 +129,33 @@ def test_a_failing_rank_ends_every_rank_within_a_minute(shards, tmp_path, launch
     assert message in output, output[-3000:]
     if fault == "eval":  # rank 1 learns rank 0's error instead of waiting for numbers that never come
         assert "[rank 1]" in output and "evaluation of demo_val failed on rank 0" in output, output[-3000:]
+
+
+COLLECTIVE_TIMEOUT_S = 20
+
+
+def test_a_hung_rank_fails_the_others_after_the_collective_timeout(shards, tmp_path):
+    import signal
+
+    extra = QUIET + [f"runner.collective_timeout={COLLECTIVE_TIMEOUT_S}"]
+    try:
+        done, fired, ended = run_with_fault(tmp_path, "torchrun", "stop",
+                                            common_args(shards, tmp_path, "run", 6, extra))
+    finally:  # the stopped rank cannot act on the launcher's SIGTERM; make sure it does not outlive the test
+        pid_file = tmp_path / "fault_stop.time.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = done.stdout + done.stderr
+    assert fired is not None, "rank 1 never stopped: " + output[-3000:]
+    assert done.returncode != 0
+    # rank 0 waits in the step's all-reduce for the stopped rank: no earlier than the timeout, and not forever
+    # (the launcher then takes its own grace period to end the stopped rank)
+    assert COLLECTIVE_TIMEOUT_S - 1 <= ended - fired < COLLECTIVE_TIMEOUT_S + 120, \
+        f"the job ended {ended - fired:.0f} s after rank 1 hung: " + output[-3000:]
+    assert "timed out" in output.lower() or "timeout" in output.lower(), output[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
