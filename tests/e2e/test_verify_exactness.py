@@ -47,4 +47,7 @@ def test_verify_exactness_exits_1_on_a_step_that_is_not_exact():
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAIL: tolerance" in done.stdout and "<-- exceeds tolerance" in done.stdout, done.stdout[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    print(done.stdout[-2000:])  # the report, shown with pytest -s
+    # exit 1 is the verdict, not a crash: no traceback through the tool's own code (torchrun prints its own
+    # ChildFailedError traceback for any rank that exits non-zero)
+    assert 'zvl_ds/verify_exactness.py", line' not in done.stderr, done.stderr[-3000:]
