@@ -171,6 +171,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
                       + (f" ({mixup.side} mixup, lambda {mixup.lam:.3f})" if mixup else ""))
                 ok = report(compare_by_group(update, expected), tolerance)
+        # the report is out before any rank can exit: with exit code 1 on every rank, the launcher ends the ranks
+        # still running as soon as one exits, and a block-buffered report of rank 0 would be lost
+        sys.stdout.flush()
+        sys.stderr.flush()
         flag = torch.tensor([0 if ok else 1], device=placement.device)
         if dist.is_distributed():
             torch.distributed.broadcast(flag, 0)

@@ -66,7 +66,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     import deepspeed
 
     from zvl_ds.objective.build import build_step
-    from zvl_ds.objective.step import RUNNERS, StepBatch, step_seed
+    from zvl_ds.objective.step import RUNNERS, StepBatch
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
     from zvl_ds.model.dual_encoder import build_model, compile_towers
     from zvl_ds.runtime.optim import build_optimizer
@@ -88,14 +88,15 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     batch = StepBatch(images[local], input_ids[local], attention_mask[local])
     cfg.runner.name = runner
-    # the trainer's options and partner map; the mixup draws are the test's own (both sides, asymmetric lambdas)
-    step = build_step(cfg, world_size, rank, prepare_images=lambda x: normalise(x, dtype))
+    # the trainer's options, partner map and per-step seeding; the mixup draws are the test's own (both sides,
+    # asymmetric lambdas). The reference seeds each rank from its own derivation (reference_rank_seed)
+    configured = build_step(cfg, world_size, rank, prepare_images=lambda x: normalise(x, dtype))
     per_rank_chunk = chunk // world_size if runner == "clip_bsgs" else per_rank
-    assert step.options.chunk == per_rank_chunk
-    options, partner = step.options, step.partner
+    assert configured.options.chunk == per_rank_chunk
+    options, partner = configured.options, configured.partner
     losses = []
-    for step, mixup in enumerate(draws_for(loss_name, sides)):
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
+    for index, mixup in enumerate(draws_for(loss_name, sides)):
+        configured.seed_rng(index)
         result = RUNNERS[runner](engine, batch, options, mixup, partner)
         assert result.applied, result.skip_reason
         losses.append(result.loss)

@@ -108,8 +108,8 @@ def test_profile_of_a_dga_step_on_cpu():
     for part in ("pass1", "loss", "pass2", "optimizer", "host_to_device", "deepspeed", "host_other"):
         assert split[part] >= 0.0, part
     assert min(split["pass1"], split["pass2"], split["optimizer"]) > 0.0
-    # three chunks: pass 2 does a forward and a backward per chunk, pass 1 only the forward
-    assert split["pass2"] > split["pass1"]
+    # only what holds in every single measurement: the phases are disjoint ranges inside the step. Which phase
+    # takes longer is a figure of python -m zvl_ds.bench profile, not a test (one profiled step is noisy)
     phases = split["pass1"] + split["loss"] + split["pass2"] + split["optimizer"]
     assert phases <= split["step_wall"] * 1.01
     assert split["host_to_device"] < split["pass1"] + split["pass2"]

@@ -53,6 +53,21 @@ if FAULT == "step" and RANK == 1:
 
     train.Trainer._to_step_batch = to_step_batch
 
+if FAULT == "stop" and RANK == 1:  # a hung rank: stopped by SIGSTOP before its step 3, never resumed
+    import signal
+
+    original_stop_batch = train.Trainer._to_step_batch
+
+    def stop_at_step_3(self, batch):
+        if self.step == 3:
+            with open(os.environ["ZVL_TEST_FAULT_MARK"] + ".pid", "w") as handle:
+                handle.write(str(os.getpid()))
+            mark()
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return original_stop_batch(self, batch)
+
+    train.Trainer._to_step_batch = stop_at_step_3
+
 if FAULT == "eval" and RANK == 0:
     from zvl_ds.evaluation import embed
 
@@ -114,6 +129,47 @@ def test_a_failing_rank_ends_every_rank_within_a_minute(shards, tmp_path, launch
     assert message in output, output[-3000:]
     if fault == "eval":  # rank 1 learns rank 0's error instead of waiting for numbers that never come
         assert "[rank 1]" in output and "evaluation of demo_val failed on rank 0" in output, output[-3000:]
+
+
+COLLECTIVE_TIMEOUT_S = 20
+
+
+def test_a_hung_rank_fails_the_others_after_the_collective_timeout(shards, tmp_path):
+    import signal
+
+    from tests.e2e.test_train import kill_tree
+
+    script = tmp_path / "faulty_train.py"
+    script.write_text(FAULTY_TRAIN)
+    mark = tmp_path / "fault_stop.time"
+    args = common_args(shards, tmp_path, "run", 6, QUIET + [f"runner.collective_timeout={COLLECTIVE_TIMEOUT_S}"])
+    process = subprocess.Popen(launch("torchrun", str(script), args), cwd=tmp_path, text=True,
+                               env=dict(child_env(), ZVL_TEST_FAULT="stop", ZVL_TEST_FAULT_MARK=str(mark)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # bounded here too: without the collective timeout the job would wait 600 s or forever
+        stdout, stderr = process.communicate(timeout=COLLECTIVE_TIMEOUT_S + 240)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        stdout, stderr = process.communicate()
+    finally:  # the stopped rank cannot act on the launcher's SIGTERM; make sure it does not outlive the test
+        pid_file = tmp_path / "fault_stop.time.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    ended = time.time()
+    output = stdout + stderr
+    assert mark.exists(), "rank 1 never stopped: " + output[-3000:]
+    took = ended - float(mark.read_text())
+    print(f"the job ended {took:.0f} s after rank 1 was stopped")  # shown with pytest -s
+    assert process.returncode != 0, f"exit code 0 {took:.0f} s after rank 1 was stopped: " + output[-3000:]
+    # rank 0 waits in the step's all-reduce for the stopped rank: no earlier than the timeout, and not forever
+    # (the launcher then takes its own grace period to end the stopped rank)
+    assert COLLECTIVE_TIMEOUT_S - 1 <= took < COLLECTIVE_TIMEOUT_S + 120, \
+        f"the job ended {took:.0f} s after rank 1 hung: " + output[-3000:]
+    assert "timed out" in output.lower() or "timeout" in output.lower(), output[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

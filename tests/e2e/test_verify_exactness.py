@@ -53,3 +53,21 @@ def test_verify_exactness_tool_accepts_patch_dropout():
     print(done.stdout)  # the per-group table, with pytest -s
     for group in ("image tower", "text tower", "PASS"):
         assert group in done.stdout
+
+
+def test_verify_exactness_exits_1_on_a_step_that_is_not_exact():
+    # gather_backward=false is ZeroVL's option to stop the gradient at the gathered keys of other ranks: a real
+    # configuration whose step is NOT the full-batch gradient at 2 ranks, so the tool must fail it
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
+               "--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
+               "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.batch_size=8",
+               "data.batch_size_train=8", "runner.name=clip", "loss.nce_loss.gather_backward=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FAIL: tolerance" in done.stdout and "<-- exceeds tolerance" in done.stdout, done.stdout[-3000:]
+    print(done.stdout[-2000:])  # the report, shown with pytest -s
+    # exit 1 is the verdict, not a crash: no traceback through the tool's own code (torchrun prints its own
+    # ChildFailedError traceback for any rank that exits non-zero)
+    assert 'zvl_ds/verify_exactness.py", line' not in done.stderr, done.stderr[-3000:]

@@ -188,6 +188,40 @@ def test_resume_skips_consumed_samples_without_decoding(tmp_path, tokenizer, mon
     assert batch.step == 7 and len(calls) == 4  # only the 4 samples of the new batch were decoded
 
 
+def test_a_stalled_shard_ends_the_loader_after_loader_timeout_naming_the_shards(tmp_path, tokenizer):
+    import time
+
+    from zvl_ds.data.train_stream import LoaderTimeout
+
+    root = str(tmp_path)
+    write_dataset(root, "flat", "train", [4, 4])
+    stalled = os.path.join(root, "flat", "train-000001.tar")
+    os.remove(stalled)
+    os.mkfifo(stalled)  # opening a pipe with no writer blocks forever: a shard on a hung filesystem
+    import threading
+
+    loader = build_train_loader(make_config(root, batch_size=4, num_workers=1, loader_timeout=3), 0, 1, tokenizer)
+    outcome = []
+
+    def read():
+        try:
+            take(loader, 2)
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 (the test inspects whichever error ends the loader)
+            outcome.append(error)
+
+    start = time.monotonic()
+    reader_thread = threading.Thread(target=read, daemon=True)  # the test's own wait is bounded even if the loader's is not
+    reader_thread.start()
+    reader_thread.join(45)
+    assert outcome, "the loader still waits on the stalled shard 45 s later: data.loader_timeout had no effect"
+    loader.close()
+    assert time.monotonic() - start < 3 + 30
+    assert isinstance(outcome[0], LoaderTimeout), repr(outcome[0])
+    message = str(outcome[0])
+    assert "data.loader_timeout" in message and "within 3 s" in message and stalled in message, message
+
+
 def test_state_from_other_settings_is_refused(tmp_path, tokenizer):
     root = str(tmp_path)
     write_dataset(root, "flat", "train", [16])

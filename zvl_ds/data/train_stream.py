@@ -34,6 +34,7 @@ from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
 from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_train_datasets
+from zvl_ds.runtime.errors import UserError
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
 
 STATE_FORMAT = 1
@@ -79,6 +80,10 @@ class _TrainSpec:
     seed: int
     buffer_size: int
     max_warnings: int
+
+
+class LoaderTimeout(UserError, RuntimeError):
+    """The loader workers gave no batch within ``data.loader_timeout``; the message names the step's shards."""
 
 
 class _TrainStream(IterableDataset):
@@ -218,13 +223,30 @@ class TrainLoader:
         return self._batches(iterator)
 
     def _batches(self, iterator) -> Iterator[TrainBatch]:
-        for batch, info in iterator:
+        while True:
+            try:
+                batch, info = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as error:  # torch's "DataLoader timed out after N seconds" says nothing of the data
+                if "DataLoader timed out" not in str(error):
+                    raise
+                raise LoaderTimeout(self._timeout_message()) from error
             if info.step != self._step:  # would mean the round-robin assumption broke: never yield a wrong step
                 raise RuntimeError(f"data loader delivered step {info.step}, expected {self._step}")
             self._cursors[info.role] = [list(c) for c in info.cursors]
             self._faults_by_worker[info.worker] = info.faults
             self._step += 1
             yield batch
+
+    def _timeout_message(self) -> str:
+        names = ([dataset.name for dataset in self._spec.datasets] if self.plan.mode == SHUFFLE
+                 else [self.plan.source_names[self.plan.source_of_step(self._step)]])
+        shards = [shard for dataset in self._spec.datasets if dataset.name in names for shard in dataset.shards]
+        listed = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
+        return (f"data.loader_timeout: the loader workers produced no batch for step {self._step} within "
+                f"{self.cfg.data.loader_timeout:g} s; a shard read may be stalled (a hung network filesystem, a "
+                f"pipe or device instead of a file). The step reads dataset(s) {', '.join(names)}: shards {listed}")
 
     def _close_iterator(self) -> None:
         if self._iterator is not None:

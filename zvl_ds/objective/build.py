@@ -33,9 +33,13 @@ class Step:
         """Step ``index``'s mixup draw: the same on every rank and on a resumed run."""
         return draw_mixup(self.seed, index, self.mixup_beta) if self.mixup_beta is not None else None
 
-    def __call__(self, engine, batch: StepBatch, index: int, timer=None) -> StepResult:
+    def seed_rng(self, index: int) -> None:
+        """Seed the global RNG for step ``index`` on this rank (``runner.stable_random: step``; else nothing)."""
         if self.reseed_each_step:
             torch.manual_seed(step_seed(self.seed, index, self.rank))
+
+    def __call__(self, engine, batch: StepBatch, index: int, timer=None) -> StepResult:
+        self.seed_rng(index)
         return self.runner(engine, batch, self.options, self.mixup(index), self.partner, timer)
 
 

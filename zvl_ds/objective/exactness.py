@@ -4,20 +4,31 @@ The reference shares nothing with ``objective/step.py`` or the loss kernels: one
 batch, one autograd graph spans every chunk of every rank, and the loss is ``dense_reference``'s symmetric InfoNCE with
 soft targets (or its dense pairwise sigmoid loss for a SigLIP model). Dropout is replayed by seeding each rank's
 chunks as the trainer does (``runner.stable_random: step``), so masks are identical and the two computations
-must agree to rounding. Patch dropout (``model.image_encoder.patch_dropout``) draws its kept patches from the same
-generator, so the reference drops the patches the distributed step dropped in both of its passes.
+must agree to rounding. The per-rank, per-step seeds are derived here from their documented definition, not
+through the trainer's ``step_seed``: a seeding fault in the trainer (every rank drawing the same masks, say)
+makes the two disagree instead of agreeing with itself. Patch dropout
+(``model.image_encoder.patch_dropout``) draws its kept patches from the same generator, so the reference drops the
+patches the distributed step dropped in both of its passes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from zvl_ds.objective.dense_reference import dense_contrastive_loss, dense_sigmoid_loss
-from zvl_ds.objective.step import step_seed
 from zvl_ds.objective.mixup import MixupDraw
+
+
+def reference_rank_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of ``rank`` at optimizer step ``step``, as `runner.stable_random: step` defines it: the first 64 bits that numpy's
+    ``SeedSequence`` draws from the entropy ``(seed, step, rank)``, top bit cleared (torch takes a signed 64-bit
+    seed). Assembled from two 32-bit words, low word first, as SeedSequence lays out its 64-bit state."""
+    low, high = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32).tolist()
+    return ((high & 0x7FFFFFFF) << 32) | low
 
 
 def reference_partner(global_batch: int, world_size: int, chunk: int) -> torch.Tensor:
@@ -41,7 +52,7 @@ def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tens
     temperature = scale_bias = None
     for rank in range(world_size):
         if replay_rng:
-            torch.manual_seed(step_seed(seed, step, rank))
+            torch.manual_seed(reference_rank_seed(seed, step, rank))
         for start in range(rank * per_rank, (rank + 1) * per_rank, chunk):
             out = model(images=images[start:start + chunk], input_ids=input_ids[start:start + chunk],
                         attention_mask=attention_mask[start:start + chunk], mixup=mixup)
