@@ -16,6 +16,7 @@ import zvl_ds  # noqa: F401  (before transformers / open_clip)
 from zvl_ds.config import load_config
 from zvl_ds.data import load_tokenizer, tokenize
 from zvl_ds.export.formats import FORMATS
+from zvl_ds.export.open_clip_sourced import write_open_clip_sourced_folder
 from zvl_ds.export.model_folder import ExportError, load_model
 from zvl_ds.model.dual_encoder import build_model
 from zvl_ds.model.tiny_checkpoints import IMAGE_SIZE, write_tiny_hf_folder, write_tiny_open_clip_folder
@@ -122,12 +123,17 @@ def test_formats_refuse_models_of_another_source(tmp_path):
     model, tokenizer = build_model(cfg.model, cfg.loss), load_tokenizer(cfg.model.text_encoder)
     with pytest.raises(ExportError, match="model.arch hf_clip or hf_siglip; this run's model.arch is 'tiny'"):
         FORMATS["hf"](str(tmp_path / "hf"), cfg, model, tokenizer, SOURCE)
+    # --format open_clip describes a tiny model with open_clip's timm + HF towers; the writer for OpenCLIP-sourced
+    # models behind it refuses every other model
     with pytest.raises(ExportError, match="models trained from model.arch open_clip"):
-        FORMATS["open_clip"](str(tmp_path / "oc"), cfg, model, tokenizer, SOURCE)
+        write_open_clip_sourced_folder(str(tmp_path / "oc"), cfg, model, tokenizer, SOURCE)
     source = write_tiny_hf_folder(str(tmp_path / "source"), "hf_clip")
     siglip_loss = load_config(None, ["model.arch=hf_clip", f"model.hf_folder={source}", "loss.name=SigLIP",
                                      "loss.temperature.name=constant"])
     with pytest.raises(ExportError, match="trained with loss.name=SigLIP"):
         FORMATS["hf"](str(tmp_path / "hf"), siglip_loss, build_model(siglip_loss.model, siglip_loss.loss),
                       load_tokenizer(siglip_loss.model.text_encoder), SOURCE)
+    with pytest.raises(ExportError, match="--format hf"):  # a Hugging Face-sourced model goes back as one
+        FORMATS["open_clip"](str(tmp_path / "oc"), siglip_loss, build_model(siglip_loss.model, siglip_loss.loss),
+                             load_tokenizer(siglip_loss.model.text_encoder), SOURCE)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "oc").exists()
