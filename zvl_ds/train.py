@@ -25,6 +25,7 @@ from zvl_ds.runtime.checkpoint import refuse_overwrite
 from zvl_ds.runtime.cli import run
 from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
 from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.runtime.wandb_sink import require_wandb
 from zvl_ds.trainer import Trainer, check_data_sources
 
 
@@ -56,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     check_data_sources(cfg)
+    require_wandb(cfg)
     if not cfg.evaluate:
         refuse_overwrite(cfg.run_dir, cfg.ckpt.auto_resume or bool(cfg.resume_ckpt_path), cfg.ckpt.overwrite)
     dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))

@@ -5,8 +5,8 @@
   agree. LAVIS's ``model:`` options that act here have the same names in ``model:`` (``LAVIS_MODEL_OPTIONS`` says
   what each does, for the table in docs/lavis-zerovl.md); the others stay unknown keys, whose message names the
   zvl_ds key doing their job (``LAVIS_MODEL_COUNTERPARTS``).
-* ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (a logger it does not have, an apex
-  option, a checkpoint file name DeepSpeed chooses itself, ...). They are not part of the schema
+* ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (an apex option, a checkpoint file
+  name DeepSpeed chooses itself, ...). They are not part of the schema
   (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are
   type-checked, and each one a config sets is reported once per process with a warning saying it has no effect.
 """
@@ -179,9 +179,6 @@ ACCEPTED_WITHOUT_EFFECT: Dict[str, AcceptedKey] = {
     "log.interval_val": AcceptedKey(1, int, "Evaluation is logged whenever it runs (see `runner.val_interval*`)."),
     "dist.name": AcceptedKey("torch", str, "The launcher and DeepSpeed set up the processes."),
     "dist.param.opt_level": AcceptedKey("O1", str, "apex's opt level; precision comes from `precision`."),
-    "wandb.enable": AcceptedKey(False, bool, "No Weights & Biases logging; see `log.tensorboard`."),
-    "wandb.project": AcceptedKey("your_proj", str, "No Weights & Biases logging."),
-    "wandb.entity": AcceptedKey("your_entity", str, "No Weights & Biases logging."),
 }
 
 
@@ -205,7 +202,7 @@ def _parents(key: str) -> List[str]:
 def take_accepted_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
     """Remove the keys of ``ACCEPTED_WITHOUT_EFFECT`` from ``raw``; return those it set, by dotted key.
 
-    A section made only of such keys (``wandb``, ``dist.param``) goes too; a key in it that is not one of them is
+    A section made only of such keys (``dist.param``) goes too; a key in it that is not one of them is
     an unknown key, named with the close matches."""
     taken: Dict[str, Any] = {}
     for key in ACCEPTED_WITHOUT_EFFECT:
