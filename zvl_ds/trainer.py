@@ -93,7 +93,8 @@ class Trainer:
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
         self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, self._prepare_images)
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
-                               sinks_for(cfg, self.run_dir) if dist.is_main_process() else ())
+                               sinks_for(cfg, self.run_dir, self.resume_point is not None)
+                               if dist.is_main_process() else ())
         if self.resume_point and selected_source(cfg):
             self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
                                  f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")

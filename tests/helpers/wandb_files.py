@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 import zlib
 from typing import Any, Dict, Iterator, List
@@ -62,9 +63,15 @@ def item_key(item) -> str:
 
 
 def offline_runs(wandb_dir: str, run_id: str) -> List[str]:
-    """The offline run folders of ``run_id`` under ``wandb_dir``, oldest first (their names start with the time)."""
-    folders = glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}"))
-    return sorted(folders, key=lambda folder: os.path.basename(folder))
+    """The offline run folders of ``run_id`` under ``wandb_dir``, oldest first: ``offline-run-<time>-<id>``, and
+    ``offline-run-<time>-<id>-<n>`` for the n-th other one started within the same second."""
+    name = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for folder in glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")):
+        match = name.fullmatch(os.path.basename(folder))
+        if match:
+            found.append(((match.group(1), int(match.group(2) or 0)), folder))
+    return [folder for _, folder in sorted(found)]
 
 
 def history(folder: str) -> List[Dict[str, Any]]:

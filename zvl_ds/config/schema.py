@@ -643,7 +643,8 @@ class WandbConfig:
     enable: bool = False
     """Log to Weights & Biases from rank 0: every scalar TensorBoard gets (training, evaluation, data counters,
     memory), the resolved config and the retrieval example grids. The W&B run id is kept in `RUN/wandb_run.json`, so a
-    resumed run continues the same W&B run, without logging a replayed step twice. Without the `wandb` package the
+    resumed run continues the same W&B run, without logging a replayed step twice (a run started from scratch starts
+    a new one). Without the `wandb` package the
     run stops before building the model (exit 2). `WANDB_MODE=offline` and `WANDB_DIR` work as in W&B; the local
     files go to `RUN/` unless `WANDB_DIR` is set.
     """

@@ -2,7 +2,8 @@
 
 Rank 0 only (the ``Monitor`` calls it only there). The run id is kept in ``RUN/wandb_run.json`` with the last step
 logged, so a resumed run continues the same W&B run, and the steps it replays (those after its checkpoint that
-had already been logged before the stop) are not logged a second time: W&B's history keeps one row per step.
+had already been logged before the stop) are not logged a second time: W&B's history keeps one row per step. A
+run that starts from scratch in the folder starts a new W&B run.
 """
 from __future__ import annotations
 
@@ -67,12 +68,14 @@ class WandbSink:
         self.logged_through = logged_through
 
     @classmethod
-    def open(cls, cfg: Config, run_dir: str) -> "WandbSink":
+    def open(cls, cfg: Config, run_dir: str, resuming: bool) -> "WandbSink":
+        """``resuming``: the run continues a checkpoint of ``run_dir``, so it continues its W&B run; a run that
+        starts from scratch there (``ckpt.overwrite``, or no checkpoint yet) starts a new W&B run."""
         require_wandb(cfg)
         import wandb
 
         os.makedirs(run_dir, exist_ok=True)
-        record = read_run_record(run_dir) or {"id": new_run_id(), "last_step": 0}
+        record = (read_run_record(run_dir) if resuming else None) or {"id": new_run_id(), "last_step": 0}
         _write_run_record(run_dir, record)  # before init: a run stopped during init still resumes this id
         options = cfg.wandb
         run = wandb.init(project=options.project, entity=options.entity, name=options.name or cfg.data.exp_name,
@@ -102,6 +105,6 @@ class WandbSink:
         self.run.finish()
 
 
-def sinks_for(cfg: Config, run_dir: str) -> List[WandbSink]:
+def sinks_for(cfg: Config, run_dir: str, resuming: bool) -> List[WandbSink]:
     """The metric sinks a config asks for besides TensorBoard, opened (call it on rank 0 only)."""
-    return [WandbSink.open(cfg, run_dir)] if cfg.wandb.enable else []
+    return [WandbSink.open(cfg, run_dir, resuming)] if cfg.wandb.enable else []
