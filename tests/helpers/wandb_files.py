@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import time
 import zlib
 from typing import Any, Dict, Iterator, List
 
@@ -34,6 +35,8 @@ def record_payloads(path: str) -> Iterator[bytes]:
         checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
         if kind == 0 and length == 0:  # zero padding: the end of what was written
             break
+        if position + 7 + length > len(data):  # a record still being written
+            break
         payload = data[position + 7:position + 7 + length]
         assert zlib.crc32(bytes([kind]) + payload) == checksum, f"{path}: bad checksum at byte {position}"
         position += 7 + length
@@ -47,15 +50,24 @@ def record_payloads(path: str) -> Iterator[bytes]:
             yield pieces + payload
 
 
-def records(path: str) -> List[Any]:
+def records(path: str, timeout: float = 60.0) -> List[Any]:
+    """Every record of a finished run's log. W&B's service writes the log on its own after ``run.finish()``
+    returns (in a process that goes on, the file may hold only its header for a moment), so this waits, within
+    ``timeout`` seconds, for the run's last record: its exit record."""
     from wandb.proto import wandb_internal_pb2
 
-    parsed = []
-    for payload in record_payloads(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        parsed.append(record)
-    return parsed
+    deadline = time.monotonic() + timeout
+    while True:
+        parsed = []
+        if os.path.getsize(path) >= len(HEADER):
+            for payload in record_payloads(path):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                parsed.append(record)
+        if any(record.WhichOneof("record_type") == "exit" for record in parsed):
+            return parsed
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s: the run did not finish"
+        time.sleep(0.2)
 
 
 def item_key(item) -> str:
