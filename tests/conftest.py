@@ -40,3 +40,36 @@ def _restore_zvl_ds_logger():
     logger.handlers[:] = handlers
     logger.propagate = propagate
     logger.setLevel(level)
+
+
+# CI (.ci/run) sets this: there a test skipped because a package does not import (pytest.importorskip) fails
+# instead, since tools/install.sh --test installs every test dependency and a missing one is a broken install.
+REQUIRE_TEST_DEPS = os.environ.get("ZVL_REQUIRE_TEST_DEPS") == "1"
+
+
+def _missing_dependency(report) -> str:
+    """The skip message of a report skipped by ``pytest.importorskip``, else ""."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return ""
+    message = str(report.longrepr[2])
+    return message if "could not import" in message else ""
+
+
+def _fail_missing_dependency(report) -> None:
+    message = _missing_dependency(report)
+    if REQUIRE_TEST_DEPS and message:
+        report.outcome = "failed"
+        report.longrepr = (f"{message}: a test dependency is missing and ZVL_REQUIRE_TEST_DEPS=1 (CI); "
+                           "install them with bash tools/install.sh --test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_dependency(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module-level importorskip skips the whole file at collection
+    _fail_missing_dependency(outcome.get_result())

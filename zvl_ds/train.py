@@ -1,7 +1,8 @@
 """Train a dual encoder: ``deepspeed zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg CFG [k=v ...]``.
 
 Also runs as ``deepspeed --module zvl_ds.train``, ``python -m zvl_ds.train``, ``zvl-train``, under ``torchrun``
-and as a plain ``python zvl_ds/train.py``. Run by its path, Python puts ``zvl_ds/`` first on ``sys.path``; that
+(LAVIS's ``python -m torch.distributed.run --nproc_per_node=N zvl_ds/train.py --cfg-path CFG``: ``--cfg-path`` is
+another name for ``--cfg``) and as a plain ``python zvl_ds/train.py``. Run by its path, Python puts ``zvl_ds/`` first on ``sys.path``; that
 is harmless because no module of the package is named like an installed package (a unit test keeps it so).
 This module only parses the command line, sets up the processes and the DeepSpeed config, and runs the
 ``Trainer`` (``trainer.py``), which wires the parts together.
@@ -24,12 +25,15 @@ from zvl_ds.runtime.checkpoint import refuse_overwrite
 from zvl_ds.runtime.cli import run
 from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
 from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.runtime.wandb_sink import require_wandb
 from zvl_ds.trainer import Trainer, check_data_sources
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", required=True, help="YAML config (ZeroVL keys; _base_ inheritance)")
+    parser.add_argument("--cfg", "--cfg-path", dest="cfg", required=True,
+                        help="YAML config (ZeroVL keys, LAVIS run:/model:/datasets: blocks; _base_ inheritance); "
+                             "--cfg-path is LAVIS's name for it")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                         help="DeepSpeed JSON (ds_configs/zero*.json); default: ZeRO-0 with everything from the YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -53,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     check_data_sources(cfg)
+    require_wandb(cfg)
     if not cfg.evaluate:
         refuse_overwrite(cfg.run_dir, cfg.ckpt.auto_resume or bool(cfg.resume_ckpt_path), cfg.ckpt.overwrite)
     dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))

@@ -38,6 +38,7 @@ from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
 from zvl_ds.runtime.optim import build_optimizer
 from zvl_ds.runtime.records import drop_rows_after
 from zvl_ds.runtime.schedule import learning_rate
+from zvl_ds.runtime.wandb_sink import sinks_for
 
 
 def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -92,7 +93,9 @@ class Trainer:
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
         self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, self._prepare_images)
-        self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps)
+        self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
+                               sinks_for(cfg, self.run_dir, self.resume_point is not None)
+                               if dist.is_main_process() else ())
         if self.resume_point and selected_source(cfg):
             self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
                                  f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")

@@ -119,8 +119,9 @@ def test_flags_and_config_overrides_are_real(page, command):
             flag = arg.split("=", 1)[0]
             assert flag in usage, f"{script} has no flag {flag} ({page}: {command})"
     overrides = [with_tiny_model_source(a) for a in args if re.match(r"^[a-z_]+(\.[a-z_0-9]+)*=", a)]
-    if "--cfg" in args:
-        cfg_path = os.path.join(REPO_ROOT, args[args.index("--cfg") + 1])
+    cfg_option = next((option for option in ("--cfg", "--cfg-path") if option in args), None)  # LAVIS's name too
+    if cfg_option:
+        cfg_path = os.path.join(REPO_ROOT, args[args.index(cfg_option) + 1])
         load_config(cfg_path, overrides)  # raises on an unknown key or a bad value
     elif script == "zvl_ds.config" and args and not args[0].startswith("--"):
         load_config(os.path.join(REPO_ROOT, args[0]), args[1:])

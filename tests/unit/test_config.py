@@ -225,17 +225,18 @@ def test_keys_that_load_code_from_a_model_folder_are_refused(tmp_path, key, name
 def test_keys_without_effect_are_accepted_type_checked_and_kept_out_of_the_schema():
     from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT
 
-    cfg = load_config(None, ["wandb.enable=true", "dist.param.opt_level=O2", "data.val_steps=5", "inference=true"])
+    cfg = load_config(None, ["ckpt.soft_resume=true", "dist.param.opt_level=O2", "data.val_steps=5", "inference=true"])
     assert cfg == load_config(None)  # read, checked, and changing nothing
-    assert "wandb" not in cfg.to_dict() and "inference" not in cfg.to_dict() and "param" not in cfg.to_dict()["dist"]
+    assert "inference" not in cfg.to_dict() and "param" not in cfg.to_dict()["dist"]
+    assert "soft_resume" not in cfg.to_dict()["ckpt"]
     for key, accepted in ACCEPTED_WITHOUT_EFFECT.items():
         assert load_config(None, [f"{key}={yaml.safe_dump(accepted.default).splitlines()[0]}"]) == cfg, key
-    with pytest.raises(ConfigError, match="wandb.enable.*bool"):
-        load_config(None, ["wandb.enable=3"])
+    with pytest.raises(ConfigError, match="data.single_eval.*bool"):
+        load_config(None, ["data.single_eval=3"])
     with pytest.raises(ConfigError, match="data.name: invalid choice 'webdataset'"):
         load_config(None, ["data.name=webdataset"])
-    with pytest.raises(ConfigError, match="unknown config key wandb.enabel; did you mean wandb.enable"):
-        load_config(None, ["wandb.enabel=true"])
+    with pytest.raises(ConfigError, match="unknown config key dist.param.opt_levl; did you mean dist.param.opt_level"):
+        load_config(None, ["dist.param.opt_levl=O1"])
     with pytest.raises(ConfigError, match="did you mean data.single_eval"):
         load_config(None, ["data.single_evl=true"])
 
@@ -244,11 +245,30 @@ def test_each_key_without_effect_that_a_config_sets_is_reported_once(tmp_path, m
     from zvl_ds.config import compat
 
     monkeypatch.setattr(compat, "_REPORTED", set())  # a fresh process as far as the reports go
-    path = write(tmp_path / "zerovl_style.yaml", "ckpt:\n  soft_resume: true\nwandb:\n  project: mine\n")
+    path = write(tmp_path / "zerovl_style.yaml", "ckpt:\n  soft_resume: true\ndist:\n  param:\n    opt_level: O2\n")
     with caplog.at_level("WARNING", logger="zvl_ds.config.compat"):
         load_config(path)
         load_config(path, ["log.interval_val=3"])
         load_config(None)
     reported = [record.getMessage() for record in caplog.records]
-    assert [message.split()[2] for message in reported] == ["ckpt.soft_resume", "wandb.project", "log.interval_val"]
+    assert [message.split()[2] for message in reported] == ["ckpt.soft_resume", "dist.param.opt_level",
+                                                             "log.interval_val"]
     assert all("has no effect" in message for message in reported)
+
+
+def test_zerovl_wandb_section_is_real_typed_config():
+    """ZeroVL's ``wandb: {enable, project, entity}`` acts now (zvl_ds/runtime/wandb_sink.py): typed, validated."""
+    cfg = load_config(os.path.join(CONFIGS, "clip", "zerovl.yaml"))
+    assert (cfg.wandb.enable, cfg.wandb.project, cfg.wandb.entity) == (False, "your_proj", "your_entity")
+    assert load_config(None).wandb.enable is False  # TensorBoard alone by default
+    cfg = load_config(None, ["wandb.enable=true", "wandb.project=p", "wandb.entity=null", "wandb.tags=[a, b]",
+                             "wandb.mode=offline"])
+    assert (cfg.wandb.enable, cfg.wandb.project, cfg.wandb.entity, cfg.wandb.tags, cfg.wandb.mode) == (
+        True, "p", None, ["a", "b"], "offline")
+    assert cfg.to_dict()["wandb"]["project"] == "p"  # in the resolved config a run records
+    with pytest.raises(ConfigError, match="wandb.enable.*bool"):
+        load_config(None, ["wandb.enable=3"])
+    with pytest.raises(ConfigError, match="wandb.mode: invalid choice 'offlne'"):
+        load_config(None, ["wandb.mode=offlne"])
+    with pytest.raises(ConfigError, match="unknown config key wandb.enabel; did you mean wandb.enable"):
+        load_config(None, ["wandb.enabel=true"])

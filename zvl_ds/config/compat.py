@@ -1,11 +1,12 @@
 """Configs written for ZeroVL and LAVIS load as written: LAVIS's ``run:`` block, and ZeroVL's keys without effect here.
 
-* ``run:`` (LAVIS's runtime options) is mapped onto our own keys by ``LAVIS_RUN_MAP``; a value given both ways must
+* ``run:`` (LAVIS's runtime options) is mapped onto our own keys by ``LAVIS_RUN_MAP``, file by file before
+  ``_base_`` merging (so the child wins whichever spelling each file uses); a value one file gives both ways must
   agree. LAVIS's ``model:`` options that act here have the same names in ``model:`` (``LAVIS_MODEL_OPTIONS`` says
   what each does, for the table in docs/lavis-zerovl.md); the others stay unknown keys, whose message names the
   zvl_ds key doing their job (``LAVIS_MODEL_COUNTERPARTS``).
-* ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (a logger it does not have, an apex
-  option, a checkpoint file name DeepSpeed chooses itself, ...). They are not part of the schema
+* ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (an apex option, a checkpoint file
+  name DeepSpeed chooses itself, ...). They are not part of the schema
   (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are
   type-checked, and each one a config sets is reported once per process with a warning saying it has no effect.
 """
@@ -63,22 +64,32 @@ def lavis_task(task: Any) -> str:
     return task
 
 
-def apply_lavis_run_block(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Move ``run.<key>`` values onto the keys ``LAVIS_RUN_MAP`` names; ``raw`` loses its ``run`` block."""
+def lavis_run_target(key: str, value: Any) -> Tuple[List[str], Any]:
+    """``run.<key>: value`` -> (the path of the zvl_ds key ``LAVIS_RUN_MAP`` names, the value converted for it)."""
+    if key not in LAVIS_RUN_MAP:
+        raise ConfigError(unknown_key_message(f"run.{key}", key, list(LAVIS_RUN_MAP)))
+    target, convert = LAVIS_RUN_MAP[key]
+    return target.split("."), convert(value) if convert else value
+
+
+def apply_lavis_run_block(raw: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """Move ``run.<key>`` values onto the keys ``LAVIS_RUN_MAP`` names; ``raw`` loses its ``run`` block.
+
+    ``raw`` is one source (one YAML file, named by ``where``, before its ``_base_`` files are merged under it): a
+    value it gives both ways must agree. Between files, the child's value wins whichever way each file spells it,
+    because each file is mapped here before the merge."""
     run = raw.pop("run", None)
     if run is None:
         return raw
+    prefix = f"{where}: " if where else ""
     if not isinstance(run, dict):
-        raise ConfigError("run: must be a mapping of LAVIS runtime options")
+        raise ConfigError(f"{prefix}run: must be a mapping of LAVIS runtime options")
     for key, value in run.items():
-        if key not in LAVIS_RUN_MAP:
-            raise ConfigError(unknown_key_message(f"run.{key}", key, list(LAVIS_RUN_MAP)))
-        target, convert = LAVIS_RUN_MAP[key]
-        mapped = convert(value) if convert else value
-        path = target.split(".")
+        path, mapped = lavis_run_target(key, value)
         present, existing = get_path(raw, path)
         if present and existing != mapped:
-            raise ConfigError(f"run.{key}={value!r} conflicts with {target}={existing!r}; give the value one way")
+            raise ConfigError(f"{prefix}run.{key}={value!r} conflicts with {'.'.join(path)}={existing!r} in the same "
+                              "file; give the value one way")
         set_path(raw, path, mapped)
     return raw
 
@@ -168,9 +179,6 @@ ACCEPTED_WITHOUT_EFFECT: Dict[str, AcceptedKey] = {
     "log.interval_val": AcceptedKey(1, int, "Evaluation is logged whenever it runs (see `runner.val_interval*`)."),
     "dist.name": AcceptedKey("torch", str, "The launcher and DeepSpeed set up the processes."),
     "dist.param.opt_level": AcceptedKey("O1", str, "apex's opt level; precision comes from `precision`."),
-    "wandb.enable": AcceptedKey(False, bool, "No Weights & Biases logging; see `log.tensorboard`."),
-    "wandb.project": AcceptedKey("your_proj", str, "No Weights & Biases logging."),
-    "wandb.entity": AcceptedKey("your_entity", str, "No Weights & Biases logging."),
 }
 
 
@@ -194,7 +202,7 @@ def _parents(key: str) -> List[str]:
 def take_accepted_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
     """Remove the keys of ``ACCEPTED_WITHOUT_EFFECT`` from ``raw``; return those it set, by dotted key.
 
-    A section made only of such keys (``wandb``, ``dist.param``) goes too; a key in it that is not one of them is
+    A section made only of such keys (``dist.param``) goes too; a key in it that is not one of them is
     an unknown key, named with the close matches."""
     taken: Dict[str, Any] = {}
     for key in ACCEPTED_WITHOUT_EFFECT:

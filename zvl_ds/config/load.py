@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
-                                  lavis_model_hint, report_without_effect, take_accepted_keys)
+                                  lavis_model_hint, lavis_run_target, report_without_effect, take_accepted_keys)
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.model_sources import apply_model_source
 from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
@@ -51,12 +51,16 @@ def _read_yaml(path: str) -> Dict[str, Any]:
 
 
 def load_yaml_with_bases(path: str, _chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read a YAML file, resolving ``_base_`` (a path or list of paths, relative to the file) depth-first."""
+    """Read a YAML file, resolving ``_base_`` (a path or list of paths, relative to the file) depth-first.
+
+    Each file's LAVIS ``run:`` block is mapped onto zvl_ds keys before the merge, so a child's value wins over its
+    base's whichever spelling each of them uses."""
     real = os.path.realpath(path)
     if real in _chain:
         raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(_chain + (real,))}")
     data = _read_yaml(path)
     bases = data.pop("_base_", None)
+    data = apply_lavis_run_block(data, where=path)
     if bases is None:
         return data
     if isinstance(bases, str):
@@ -433,5 +437,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     raw = load_yaml_with_bases(path) if path else {}
     for text in overrides or []:
         keys, value = parse_override(text)
+        if len(keys) == 2 and keys[0] == "run":  # a LAVIS spelling on the command line wins like any override
+            keys, value = lavis_run_target(keys[1], value)
         set_path(raw, keys, value)
     return config_from_dict(raw)

@@ -720,6 +720,35 @@ class LogConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging, ZeroVL's ``wandb:`` section, next to TensorBoard (which stays on, see
+    ``log.tensorboard``). Needs the optional ``wandb`` package (``pip install -e .[wandb]``)."""
+
+    enable: bool = False
+    """Log to Weights & Biases from rank 0: every scalar TensorBoard gets (training, evaluation, data counters,
+    memory), the resolved config and the retrieval example grids. The W&B run id is kept in `RUN/wandb_run.json`, so a
+    resumed run continues the same W&B run, without logging a replayed step twice (a run started from scratch starts
+    a new one). Without the `wandb` package the
+    run stops before building the model (exit 2). `WANDB_MODE=offline` and `WANDB_DIR` work as in W&B; the local
+    files go to `RUN/` unless `WANDB_DIR` is set.
+    """
+    project: str = "zvl_ds"
+    """W&B project (ZeroVL's configs write the placeholder `your_proj`: set your own)."""
+    entity: Optional[str] = None
+    """W&B entity (user or team); `null`: your default entity (ZeroVL's configs write the placeholder `your_entity`:
+    set your own or `null`).
+    """
+    name: Optional[str] = None
+    """Display name of the W&B run; `null`: `data.exp_name`."""
+    tags: List[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """`online`, `offline` (local files only, `wandb sync` uploads them later) or `disabled`; `null`: W&B's own
+    choice (`WANDB_MODE`, `wandb offline`, else `online`).
+    """
+
+
+@dataclass
 class DistConfig:
     """ZeroVL's launcher section: ``fp16: true`` selects precision fp16. ``url`` and ``distributed`` have no effect
     (the launcher decides both); they stay here because LAVIS's ``run.dist_url`` / ``run.distributed`` map onto them."""
@@ -767,6 +796,7 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @property

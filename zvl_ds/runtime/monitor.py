@@ -1,4 +1,5 @@
-"""Metrics: TensorBoard scalars/text/images on rank 0, a console line, and per-phase step timing."""
+"""Metrics: TensorBoard scalars/text/images on rank 0 (and the same to any other sink, such as Weights & Biases in
+``wandb_sink.py``), a console line, and per-phase step timing."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -61,12 +62,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Monitor:
-    """Writes on rank 0 only; other ranks get a silent monitor so call sites need no rank checks."""
+    """Writes on rank 0 only; other ranks get a silent monitor so call sites need no rank checks.
 
-    def __init__(self, run_dir: str, enabled: bool, use_tensorboard: bool, total_steps: int):
+    ``sinks`` get every scalar and image TensorBoard gets (each has ``scalars``, ``image`` and ``close``), whether
+    TensorBoard is on or not."""
+
+    def __init__(self, run_dir: str, enabled: bool, use_tensorboard: bool, total_steps: int, sinks: Sequence = ()):
         self.enabled = enabled
         self.total_steps = total_steps
         self.writer = None
+        self.sinks = list(sinks) if enabled else []
         self._start_time: Optional[float] = None
         self._start_step = 0
         if enabled and use_tensorboard:
@@ -79,11 +84,12 @@ class Monitor:
         self._start_step = step
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for name, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(name, float(value), step)
+        if self.writer is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(name, float(value), step)
+        for sink in self.sinks:
+            sink.scalars(step, values)
 
     def text(self, name: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
@@ -92,6 +98,8 @@ class Monitor:
     def image(self, name: str, image_hwc_uint8, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(name, image_hwc_uint8, step, dataformats="HWC")
+        for sink in self.sinks:
+            sink.image(name, image_hwc_uint8, step)
 
     def eta_seconds(self, step: int) -> float:
         if self._start_time is None or step <= self._start_step:
@@ -114,3 +122,6 @@ class Monitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
