@@ -62,6 +62,11 @@ def _bench_step(cfg: Config, placement):
 
 
 def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
+    return _timed_steps(engine, step, batch, steps, warmup, device)[0]
+
+
+def _timed_steps(engine, step, batch, steps: int, warmup: int, device):
+    """(seconds per step after ``warmup`` untimed steps, the last step's ``StepResult``)."""
     for _ in range(warmup):
         step(engine, batch, 0)
     if device.type == "cuda":
@@ -69,10 +74,11 @@ def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         result = step(engine, batch, 0)
-        assert result.applied, result.skip_reason
+        if not result.applied:
+            raise RuntimeError(f"a benchmark step was skipped: {result.skip_reason}")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, result
 
 
 def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 5, warmup: int = 2,
