@@ -157,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="gpu-report: every stage on the CPU with tiny towers, fp32 and small batches")
     parser.add_argument("--stages", nargs="+", default=None, help="gpu-report: only these stages, in their order")
     parser.add_argument("--total-seconds", type=float, default=None,
-                        help="gpu-report: the whole run's time budget (default 540 s on a GPU)")
+                        help="gpu-report: the whole run's time budget (default 520 s on a GPU)")
     parser.add_argument("report", nargs="?", default=None,
                         help="gpu-table: a gpu-report folder (default: the report committed in docs/)")
     parser.add_argument("--write", action="store_true",

@@ -93,12 +93,10 @@ def _rows(report: Optional[Mapping]) -> List[List[str]]:
 def render_table(report: Optional[Mapping]) -> str:
     """The markdown block between README's markers, from a report (None: no GPU run yet)."""
     if report is None:
-        head = (f"GPU figures: {NOT_MEASURED} yet. One call measures all of them on one GPU: "
-                "[docs/gpu-report.md](docs/gpu-report.md).")
+        head = f"No GPU run yet: every figure is {NOT_MEASURED}."
     else:
         head = (f"Measured on {report.get('gpu') or 'no GPU'} ({report.get('cpu')}), torch {report.get('torch')} "
-                f"(CUDA {report.get('cuda')}), commit `{report.get('commit')}`, {report.get('started')}, by "
-                "`python -m zvl_ds.bench gpu-report` ([docs/gpu-report.md](docs/gpu-report.md)).")
+                f"(CUDA {report.get('cuda')}), commit `{report.get('commit')}`, {report.get('started')}.")
     lines = [head, "", "| measurement | result |", "| --- | --- |"]
     lines += [f"| {name} | {cell} |" for name, cell in _rows(report)]
     return "\n".join(lines) + "\n"
