@@ -390,6 +390,12 @@ def _common(sizes: ReportSizes) -> Dict:
     return {"towers": list(sizes.towers), "device": sizes.device, "precision": sizes.precision}
 
 
+def _step_kwargs(sizes: ReportSizes, global_batch: int, chunk: int, **extra) -> Dict:
+    """The arguments of a stage that measures zvl_ds's step in the report's configuration."""
+    return {**_common(sizes), "global_batch": global_batch, "chunk": chunk, "tile_cols": sizes.tile_cols,
+            "zero_stage": sizes.zero_stage, **extra}
+
+
 def _dga_kwargs(sizes, records, out, budget, compile_mode="none", chunk=None):
     dga = _ok_result(records, "dga")
     return {**_common(sizes), "global_batch": sizes.global_batch, "chunks": list(sizes.chunks),
@@ -403,9 +409,7 @@ STAGES: List[Stage] = [
     Stage("dga", f"{__name__}:dga_throughput", lambda s, r, o, b: _dga_kwargs(s, r, o, b),
           "DGA samples/s, MFU and peak memory; row-chunked and tiled loss"),
     Stage("profile", f"{__name__}:step_profile",
-          lambda s, r, o, b: {**_common(s), "global_batch": s.global_batch, "chunk": _chunk(s, r),
-                              "tile_cols": s.tile_cols, "zero_stage": s.zero_stage},
-          "where one DGA step's time goes"),
+          lambda s, r, o, b: _step_kwargs(s, s.global_batch, _chunk(s, r)), "where one DGA step's time goes"),
     Stage("openclip", f"{__name__}:openclip_throughput",
           lambda s, r, o, b: {**_common(s), "global_batch": s.global_batch, "chunk": _chunk(s, r),
                               "steps": s.openclip_steps, "workers": s.openclip_workers,
@@ -413,13 +417,11 @@ STAGES: List[Stage] = [
                               "zvl_ds_samples_per_sec": (_ok_result(r, "dga") or {}).get("samples_per_sec")},
           "open_clip_train --accum-freq on the same towers and batch"),
     Stage("big_step", f"{__name__}:big_step",
-          lambda s, r, o, b: {**_common(s), "global_batch": s.big_batch, "chunk": _chunk(s, r),
-                              "tile_cols": s.tile_cols, "zero_stage": s.zero_stage},
+          lambda s, r, o, b: _step_kwargs(s, s.big_batch, _chunk(s, r)),
           "one exact DGA step at the largest global batch, inputs in pinned host memory"),
     Stage("verify_exactness", f"{__name__}:verify_exactness_small",
-          lambda s, r, o, b: {**_common(s), "global_batch": s.verify_batch, "chunk": s.verify_chunk,
-                              "tile_cols": s.tile_cols, "zero_stage": s.zero_stage,
-                              "folder": os.path.join(o, "verify_exactness"), "timeout_s": b},
+          lambda s, r, o, b: _step_kwargs(s, s.verify_batch, s.verify_chunk,
+                                          folder=os.path.join(o, "verify_exactness"), timeout_s=b),
           "verify_exactness at a small batch, same configuration"),
     Stage("dga_compiled", f"{__name__}:dga_throughput",
           lambda s, r, o, b: _dga_kwargs(s, r, o, b, compile_mode="default", chunk=_chunk(s, r)),
