@@ -47,8 +47,11 @@ def _dga_cell(result: Mapping) -> str:
 
 def _rows(report: Optional[Mapping]) -> List[List[str]]:
     rows = []
+    sizes = (report or {}).get("sizes") or {}  # a report's own sizes; the GPU run's before any report exists
+    towers = "tiny smoke towers" if (report or {}).get("smoke") else "vit_b16_bert_base"
+    setting = f"{towers} {sizes.get('precision', 'bf16')}"
     dga, compiled = _ok(report, "dga"), _ok(report, "dga_compiled")
-    rows.append(["DGA, global batch 16,384, vit_b16_bert_base bf16, eager",
+    rows.append([f"DGA, global batch {sizes.get('global_batch', 16384):,}, {setting}, eager",
                  _dga_cell(dga) if dga else _missing(report, "dga")])
     rows.append(["the same with `model.compile=default`",
                  _dga_cell(compiled) if compiled else _missing(report, "dga_compiled")])
@@ -71,14 +74,18 @@ def _rows(report: Optional[Mapping]) -> List[List[str]]:
         cell = _missing(report, "openclip")
     rows.append(["OpenCLIP's `open_clip_train`, same towers and batch", cell])
     big = _ok(report, "big_step")
-    if big:
-        cell = (f"{big['step_seconds']:,.1f} s, peak {big['peak_device_memory_bytes'] / _GIB:.1f} GiB on the GPU, "
-                f"host peak {big['host_peak_rss_bytes'] / _GIB:.1f} GiB ({big['input_bytes'] / _GIB:.1f} GiB pinned "
-                f"inputs); loss {big['loss']:.4f}, accuracy i2t {big['i2t_acc']:.4f} / t2i {big['t2i_acc']:.4f}"
-                if big["applied"] else f"skipped ({big['skip_reason']})")
+    if big and not big["applied"]:
+        cell = f"skipped ({big['skip_reason']})"
+    elif big:
+        device = big["peak_device_memory_bytes"]  # None on a CPU (a smoke run)
+        device_text = f"{device / _GIB:.1f} GiB on the GPU" if device is not None else "device memory n/a (CPU)"
+        inputs = f"{big['input_bytes'] / _GIB:.1f} GiB of inputs" + (", pinned" if big["inputs_pinned"] else "")
+        cell = (f"{big['step_seconds']:,.1f} s, peak {device_text}, host peak "
+                f"{big['host_peak_rss_bytes'] / _GIB:.1f} GiB ({inputs}); loss {big['loss']:.4f}, accuracy i2t "
+                f"{big['i2t_acc']:.4f} / t2i {big['t2i_acc']:.4f}")
     else:
         cell = _missing(report, "big_step")
-    rows.append(["one exact DGA step at global batch 262,144", cell])
+    rows.append([f"one exact DGA step at global batch {sizes.get('big_batch', 262144):,}", cell])
     verify = _ok(report, "verify_exactness")
     if verify:
         worst = max((g["relative"] for g in verify["groups"].values()), default=float("nan"))
