@@ -2,6 +2,10 @@
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
+
+``gpu-report --out DIR [--smoke]`` runs every GPU measurement in one call of at most nine minutes (stages in
+fresh processes, each with its own time budget; ``zvl_ds/bench/gpu_report.py``); ``gpu-table [DIR] [--write]``
+prints README's GPU table from a report (or writes it, and the report, into the checkout).
 """
 from __future__ import annotations
 
@@ -134,7 +138,7 @@ BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zvl_ds.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=list(BENCHES) + ["all"])
+    parser.add_argument("which", choices=list(BENCHES) + ["all", "gpu-report", "gpu-table"])
     parser.add_argument("--out", default="bench_results", help="folder for the JSON results")
     parser.add_argument("--images", type=int, default=512, help="shards: JPEGs to convert")
     parser.add_argument("--chunk", type=int, default=64, help="dga/patch-dropout/memory: per-forward chunk")
@@ -160,7 +164,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--try-chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
                         help="max-chunk: candidate per-forward chunks")
     parser.add_argument("--trace", action="store_true", help="profile: also write OUT/profile_trace.json (Chrome)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="gpu-report: every stage on the CPU with tiny towers, fp32 and small batches")
+    parser.add_argument("--stages", nargs="+", default=None, help="gpu-report: only these stages, in their order")
+    parser.add_argument("--total-seconds", type=float, default=None,
+                        help="gpu-report: the whole run's time budget (default 520 s on a GPU)")
+    parser.add_argument("report", nargs="?", default=None,
+                        help="gpu-table: a gpu-report folder (default: the report committed in docs/)")
+    parser.add_argument("--write", action="store_true",
+                        help="gpu-table: copy the report into docs/ and rewrite the table in README.md")
     args = parser.parse_args(argv)
+    if args.which == "gpu-report":
+        from zvl_ds.bench.gpu_report import main_gpu_report
+
+        return main_gpu_report(args.out, args.smoke, args.stages, args.total_seconds, args.peak_tflops)
+    if args.which == "gpu-table":
+        from zvl_ds.bench.gpu_table import main_gpu_table
+
+        return main_gpu_table(args.report, args.write)
     optional = {"gpu", "profile", "openclip", "max-chunk"}  # not part of "all": GPU-only, or a closer look at one step
     names = ([n for n in BENCHES if n not in optional or (n == "gpu" and torch.cuda.is_available())]
              if args.which == "all" else [args.which])

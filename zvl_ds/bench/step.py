@@ -25,9 +25,11 @@ VIT_B16_BERT_BASE = [
     "model.text_encoder.config={model_type: bert, vocab_size: 30522, hidden_size: 768, num_hidden_layers: 12, "
     "num_attention_heads: 12, intermediate_size: 3072, max_position_embeddings: 512}",
 ]
+# The DGA runner (ZeroVL's clip_bsgs); the default runner, clip, would run the whole batch in one pass.
+DGA = ["runner.name=clip_bsgs"]
 
 
-def _setup_engine(cfg: Config, stage: int):
+def _setup_engine(cfg: Config, stage: int, compile_backend: str = "inductor"):
     from zvl_ds.runtime import dist
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
     from zvl_ds.model.dual_encoder import build_model, compile_towers
@@ -36,7 +38,7 @@ def _setup_engine(cfg: Config, stage: int):
     dist.init_distributed()
     placement = resolve_placement(cfg)
     torch.manual_seed(cfg.seed)
-    model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile)
+    model = compile_towers(build_model(cfg.model, cfg.loss), cfg.model.compile, compile_backend)
     engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device),
                                build_ds_config({"zero_optimization": {"stage": stage}}, cfg, 1))
     engine.train()
@@ -60,6 +62,11 @@ def _bench_step(cfg: Config, placement):
 
 
 def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
+    return _timed_steps(engine, step, batch, steps, warmup, device)[0]
+
+
+def _timed_steps(engine, step, batch, steps: int, warmup: int, device):
+    """(seconds per step after ``warmup`` untimed steps, the last step's ``StepResult``)."""
     for _ in range(warmup):
         step(engine, batch, 0)
     if device.type == "cuda":
@@ -67,17 +74,18 @@ def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         result = step(engine, batch, 0)
-        assert result.applied, result.skip_reason
+        if not result.applied:
+            raise RuntimeError(f"a benchmark step was skipped: {result.skip_reason}")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, result
 
 
 def bench_dga(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 5, warmup: int = 2,
               stage: int = 0) -> Dict[str, float]:
     """Time per sample of a DGA step (``chunks`` chunks of ``chunk``) vs a single-pass step of ``chunk``."""
-    cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
-                                               "loss.name=MixUpNCE"])
+    cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={chunk * chunks}",
+                                                     f"data.batch_size_train={chunk}", "loss.name=MixUpNCE"])
     single_cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk}", "loss.name=MixUpNCE",
                                                       "runner.name=clip"])
     engine, placement = _setup_engine(cfg, stage)
@@ -124,13 +132,13 @@ def bench_patch_dropout(overrides: Sequence[str] = TINY, chunk: int = 32, chunks
 
 def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int = 8, steps: int = 1,
                   warmup: int = 1, stage: int = 0, trace_path: Optional[str] = None,
-                  offload_inputs: bool = False) -> Dict[str, object]:
+                  offload_inputs: bool = False, loss: str = "MixUpNCE") -> Dict[str, object]:
     """Where one DGA step's time goes (see ``zvl_ds.bench.step_profile``), ms per step."""
     from zvl_ds.bench.step_profile import profile_steps
 
     global_batch = chunk * chunks
-    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
-                                               "loss.name=MixUpNCE"])
+    cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
+                                                     f"data.batch_size_train={chunk}", f"loss.name={loss}"])
     engine, placement = _setup_engine(cfg, stage)
     offload = offload_inputs and placement.device.type == "cuda"
     batch = _synthetic_batch(cfg, global_batch, torch.device("cpu") if offload else placement.device)
@@ -156,8 +164,9 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     from zvl_ds.runtime.optim import build_optimizer
 
     global_batch = chunk * chunks
-    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
-                                               "loss.name=NCE", f"precision={precision}"])
+    cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
+                                                     f"data.batch_size_train={chunk}", "loss.name=NCE",
+                                                     f"precision={precision}"])
     engine, placement = _setup_engine(cfg, 0)
     batch = _synthetic_batch(cfg, global_batch, placement.device)
     ours = _time_steps(engine, _bench_step(cfg, placement), batch, steps, warmup, placement.device)
@@ -204,8 +213,8 @@ def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stag
     """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
     from zvl_ds.runtime.monitor import peak_memory_bytes
 
-    cfg = load_config(None, list(overrides) + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
-                                               "loss.name=MixUpNCE"])
+    cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
+                                                     f"data.batch_size_train={chunk}", "loss.name=MixUpNCE"])
     engine, placement = _setup_engine(cfg, stage)
     batch = _synthetic_batch(cfg, global_batch, placement.device)
     step = _bench_step(cfg, placement)
@@ -289,7 +298,7 @@ def bench_gpu(global_batch: int = 16384, chunk: int = 512, steps: int = 2, preci
     """
     if not torch.cuda.is_available():
         raise RuntimeError("bench gpu needs a CUDA device")
-    overrides = VIT_B16_BERT_BASE + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
+    overrides = VIT_B16_BERT_BASE + DGA + [f"data.batch_size={global_batch}", f"data.batch_size_train={chunk}",
                                      f"precision={precision}", "loss.name=MixUpNCE", "device=cuda"]
     cfg = load_config(None, overrides)
     flops = model_flops_per_sample(cfg)
