@@ -261,6 +261,10 @@ def _validate(cfg: Config) -> None:
         minimum = 0 if key == "num_workers" else 1
         if getattr(data, key) < minimum:
             raise ConfigError(f"data.{key}: must be >= {minimum}, got {getattr(data, key)}")
+    if not 0.0 <= data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1] (1: never stop), got {data.max_skip_fraction}")
+    if data.skip_window < 1:
+        raise ConfigError(f"data.skip_window: must be >= 1 sample, got {data.skip_window}")
     if data.batch_size_train is not None:
         if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
             raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "
