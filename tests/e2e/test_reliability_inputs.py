@@ -2,18 +2,21 @@
 crafted model folders. Each runs the real entry point and checks what users see: exit code, message, files left.
 """
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 
-from tests.helpers.data_fixtures import write_dataset
+import pytest
+
+from tests.helpers.data_fixtures import make_demo_shards, write_dataset
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
 from tests.e2e.test_train import TRAIN
-from zvl_ds.runtime.checkpoint import find_resume_point
+from zvl_ds.runtime.checkpoint import CheckpointError, find_resume_point
 
 TINY_RUN = ["--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.train_type=shuffle",
             "data.enable_valid=false", "log.tensorboard=false", "data.batch_size=8", "data.batch_size_train=8",
@@ -60,3 +63,63 @@ def test_shards_deleted_mid_run_stop_every_rank_after_a_last_checkpoint(tmp_path
     point = find_resume_point(str(run_dir), None, True)
     assert point.tag == latest and f"saved checkpoint {run_dir / latest}" in output
     assert 4 < int(latest[len("step_"):]) < 150
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint bytes
+
+def _flip_bytes_inside_a_tensor(path, count=16):
+    """Change ``count`` bytes in the middle of the largest tensor record of a torch zip file; returns its name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        start = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        handle.seek(start)
+        original = handle.read(count)
+        handle.seek(start)
+        handle.write(bytes(b ^ 0xFF for b in original))
+    return record.filename
+
+
+def test_a_checkpoint_with_16_bytes_changed_in_a_tensor_is_refused_by_file_name(tmp_path):
+    _, shards = make_demo_shards(tmp_path / "demo", train_size=32, valid_size=8, captions_per_image=1,
+                                 samples_per_shard=16)
+    args = [sys.executable, TRAIN, *TINY_RUN, f"data.data_path={shards}", f"ckpt.dir={tmp_path}",
+            "data.exp_name=run", "ckpt.step_interval=2"]
+    first = subprocess.run([*args, "runner.train_steps=2"], env=child_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    folder = tmp_path / "run" / "step_00000002"
+    intact = tmp_path / "intact"
+    shutil.copytree(folder, intact)
+    damaged_file = folder / "mp_rank_00_model_states.pt"
+    _flip_bytes_inside_a_tensor(str(damaged_file))
+    assert damaged_file.stat().st_size == (intact / damaged_file.name).stat().st_size  # the size check passes
+
+    refused = subprocess.run([*args, "runner.train_steps=4"], env=child_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "error: checkpoint" in refused.stderr and "damaged, refused" in refused.stderr
+    assert "mp_rank_00_model_states.pt does not match its SHA-256" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "run" / "step_00000004").exists()
+
+    # a checkpoint from before checksums: its torch files' own zip CRC-32 shows the damage
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({key: value for key, value in manifest.items() if key != "sha256"}))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: member .* fails its CRC-32"):
+        find_resume_point(str(tmp_path / "run"), None, True)
+
+    # the intact files resume
+    shutil.rmtree(folder)
+    shutil.copytree(intact, folder)
+    resumed = subprocess.run([*args, "runner.train_steps=4"], env=child_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "at step 2" in resumed.stdout and (tmp_path / "run" / "latest").read_text().strip() == "step_00000004"
+    assert set(json.loads((tmp_path / "run" / "step_00000004" / "manifest.json").read_text())["sha256"]) == {
+        "config.yaml", "mp_rank_00_model_states.pt", "zvl_rank_00000.pt"}

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.runtime.checksums import file_sha256
 from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
 from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MALFORMED_ROW, MISSING_FILE,
@@ -245,14 +246,6 @@ def shard_input_hash(task: ShardTask) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_json_atomic(path: str, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", TEMP_SUFFIX)
 
@@ -316,7 +309,7 @@ def _shard_stats(task: ShardTask, successes: int, captions: int, failures: Failu
         "settings": asdict(task.settings),
         "input_hash": input_hash,
         "tar": {"name": os.path.basename(task.tar_path), "bytes": os.path.getsize(task.tar_path),
-                "sha256": _file_sha256(task.tar_path), "members": successes * len(TAR_SUFFIXES)},
+                "sha256": file_sha256(task.tar_path), "members": successes * len(TAR_SUFFIXES)},
     }
 
 
