@@ -123,3 +123,21 @@ def test_a_checkpoint_with_16_bytes_changed_in_a_tensor_is_refused_by_file_name(
     assert "at step 2" in resumed.stdout and (tmp_path / "run" / "latest").read_text().strip() == "step_00000004"
     assert set(json.loads((tmp_path / "run" / "step_00000004" / "manifest.json").read_text())["sha256"]) == {
         "config.yaml", "mp_rank_00_model_states.pt", "zvl_rank_00000.pt"}
+
+
+# ------------------------------------------------------------------------------------------------ bounded inputs
+
+def test_a_yaml_alias_bomb_in_the_text_config_ends_train_py_at_once(tmp_path):
+    from tests.unit.test_input_bounds import alias_bomb
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"_base_: {os.path.join(REPO_ROOT, 'configs', 'demo.yaml')}\n" + alias_bomb())
+    started = time.time()
+    try:
+        done = subprocess.run([sys.executable, TRAIN, "--cfg", str(bomb), f"ckpt.dir={tmp_path}"], env=child_env(),
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("train.py still reading the config after 120 s")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "bomb.yaml: YAML aliases" in done.stderr and "Traceback" not in done.stderr
+    assert time.time() - started < 120
