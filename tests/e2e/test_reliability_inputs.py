@@ -141,3 +141,60 @@ def test_a_yaml_alias_bomb_in_the_text_config_ends_train_py_at_once(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "bomb.yaml: YAML aliases" in done.stderr and "Traceback" not in done.stderr
     assert time.time() - started < 120
+
+
+def _limited_memory():
+    """A make_shards that reads a device whole must fail here, not take the test machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+def _make_shards(args, timeout=120):
+    try:
+        return subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", *args, "--quiet", "--workers", "1"],
+                              env=child_env(), capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_limited_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"make_shards still running after {timeout} s (blocked on a file?)")
+
+
+def test_make_shards_reads_only_bounded_regular_files_inside_the_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.helpers.data_fixtures import image_bytes
+
+    folder = tmp_path / "data" / "ds"
+    images = folder / "train"
+    images.mkdir(parents=True)
+    (images / "ok.jpg").write_bytes(image_bytes(1))
+    os.mkfifo(images / "fifo.jpg")  # opening it for reading blocks until a writer comes: none will
+    with open(images / "sparse.jpg", "wb") as handle:  # 3 GB that take no disk space
+        handle.truncate(3 << 30)
+    os.symlink("/dev/zero", images / "zero.jpg")
+    (tmp_path / "data" / "secret.jpg").write_bytes(image_bytes(2))
+    os.symlink("../../secret.jpg", images / "linked_out.jpg")  # the path has no '..'; the link has
+    os.symlink("ok.jpg", images / "linked_in.jpg")  # a link that stays inside is an ordinary image
+    Image.fromarray(np.linspace(0.0, 1.0, 32 * 40, dtype=np.float32).reshape(32, 40), mode="F").save(
+        images / "float.tif")
+    names = ["ok.jpg", "fifo.jpg", "sparse.jpg", "zero.jpg", "linked_out.jpg", "linked_in.jpg", "float.tif"]
+    (folder / "train_anno.csv").write_text("image,caption\n" + "".join(f"{n},caption of {n}\n" for n in names))
+
+    done = _make_shards(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "out")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "ds" / "train_stats.json").read_text())
+    failures = {reason: item["count"] for reason, item in stats["failures"]["images"].items()}
+    assert failures == {"not_a_regular_file": 1, "file_too_large": 1, "path_outside_images": 2, "float_image": 1}
+    assert stats["images_written"] == 2
+    examples = json.dumps(stats["failures"]["images"])
+    assert "fifo.jpg" in examples and "a FIFO" in examples and "/dev/zero" in examples and "secret.jpg" in examples
+
+    # opting in reads the image the link leads to; a device stays refused
+    done = _make_shards(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "out2"),
+                         "--allow-outside-images"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "out2" / "ds" / "train_stats.json").read_text())
+    failures = {reason: item["count"] for reason, item in stats["failures"]["images"].items()}
+    assert failures == {"not_a_regular_file": 2, "file_too_large": 1, "float_image": 1}
+    assert stats["images_written"] == 3

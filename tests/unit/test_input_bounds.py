@@ -40,3 +40,43 @@ def test_ordinary_anchors_still_load(tmp_path):
     wide.write_text("model:\n  text_encoder:\n    config:\n      a: &a [" + ",".join(["1"] * 99) + "]\n"
                     "      b: [" + ",".join(["*a"] * (MAX_EXPANDED_YAML_NODES // 120)) + "]\n")
     assert len(load_config(str(wide)).model.text_encoder.config["b"]) == MAX_EXPANDED_YAML_NODES // 120
+
+
+def test_image_files_are_read_up_to_the_size_limit_only(tmp_path):
+    from zvl_ds.data.failures import SampleSkipped
+    from zvl_ds.data.writing.images import read_image_file
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x" * 1000)
+    assert read_image_file(str(image), str(tmp_path), max_bytes=1000) == b"x" * 1000
+    with pytest.raises(SampleSkipped, match=r"1000 bytes > limit 999") as skipped:
+        read_image_file(str(image), str(tmp_path), max_bytes=999)
+    assert skipped.value.reason == "file_too_large"
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(SampleSkipped, match="a folder") as skipped:
+        read_image_file(str(tmp_path / "folder.jpg"), str(tmp_path))
+    assert skipped.value.reason == "not_a_regular_file"
+    with pytest.raises(SampleSkipped) as skipped:
+        read_image_file(str(tmp_path / "gone.jpg"), str(tmp_path))
+    assert skipped.value.reason == "missing_file"
+
+
+def test_float_pixels_are_a_bad_row_not_a_black_image():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from zvl_ds.data.failures import SampleSkipped
+    from zvl_ds.data.writing.images import convert_image
+    from zvl_ds.data.writing.shard_writer import ShardSettings
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 0.75, dtype=np.float32), mode="F").save(buffer, format="TIFF")
+    with pytest.raises(SampleSkipped, match="floating-point pixels") as skipped:
+        convert_image(buffer.getvalue(), ShardSettings())
+    assert skipped.value.reason == "float_image"
+    buffer = io.BytesIO()  # 8-bit grey still converts, with its values
+    Image.fromarray(np.full((8, 8), 191, dtype=np.uint8), mode="L").save(buffer, format="TIFF")
+    converted = convert_image(buffer.getvalue(), ShardSettings())
+    assert abs(int(np.asarray(Image.open(io.BytesIO(converted.jpeg))).mean()) - 191) <= 2

@@ -22,13 +22,16 @@ EMPTY_CAPTION = "empty_caption"
 INVALID_ID = "invalid_id"
 MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
 INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
-PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` image path (unless allowed explicitly)
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` path, or a link out (unless allowed explicitly)
 
 # Shard writer, per image.
 NO_VALID_CAPTION = "no_valid_caption"  # every caption row of the image was skipped
 MISSING_FILE = "missing_file"
 EMPTY_FILE = "empty_file"
+NOT_A_REGULAR_FILE = "not_a_regular_file"  # a FIFO, device, socket or folder named like an image
+FILE_TOO_LARGE = "file_too_large"  # larger than make_shards --max-file-mb (a sparse or runaway file)
 NOT_AN_IMAGE = "not_an_image"
+FLOAT_IMAGE = "float_image"  # floating-point pixels (a float TIFF): no defined 0..255 range to convert from
 OTHER_ERROR = "other_error"
 
 # Both: image bytes that cannot be decoded, or that exceed the pixel limit (a decompression bomb).
