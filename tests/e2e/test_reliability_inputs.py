@@ -198,3 +198,38 @@ def test_make_shards_reads_only_bounded_regular_files_inside_the_image_folder(tm
     failures = {reason: item["count"] for reason, item in stats["failures"]["images"].items()}
     assert failures == {"not_a_regular_file": 2, "file_too_large": 1, "float_image": 1}
     assert stats["images_written"] == 3
+
+
+def test_a_stray_quote_that_swallows_rows_is_counted_not_dropped(tmp_path):
+    from tests.helpers.data_fixtures import image_bytes
+
+    folder = tmp_path / "data" / "ds"
+    (folder / "train").mkdir(parents=True)
+    for index in range(8):
+        (folder / "train" / f"{index}.jpg").write_bytes(image_bytes(index))
+    # row 2's caption opens a quote that closes only at the end of row 4: rows 3 and 4 vanish into its caption.
+    # Row 6 is a real two-line caption with a comma (not a row: its second line names no file) and is kept.
+    (folder / "train_anno.csv").write_bytes(
+        b'image,caption\n'
+        b'0.jpg,a red circle\n'
+        b'1.jpg,"a blue square\n'
+        b'2.jpg,a green triangle\n'
+        b'3.jpg,a yellow star"\n'
+        b'4.jpg,a black dot\n'
+        b'5.jpg,"a cat, sitting\non a mat, asleep"\n'
+        b'6.jpg,a dog\n')
+    done = _make_shards(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "out")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "ds" / "train_stats.json").read_text())
+    rows = stats["failures"]["caption_rows"]
+    assert rows["malformed_row"]["count"] == 3, rows  # the swallowing row and the two it swallowed
+    assert "1.jpg (data row 2)" in rows["malformed_row"]["examples"][0]
+    assert "2 following line(s)" in rows["malformed_row"]["examples"][0]
+    assert stats["rows_read"] == 7 and stats["images_written"] == 4  # 0, 4, 5, 6
+    assert stats["skipped_caption_rows"] == 3
+    assert "3 skipped" in done.stdout  # the summary says so
+
+    # with --strict a swallowed row is an error, as every other bad row
+    strict = _make_shards(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "o2"),
+                           "--strict"])
+    assert strict.returncode == 1, strict.stderr[-2000:]

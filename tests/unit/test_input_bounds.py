@@ -80,3 +80,15 @@ def test_float_pixels_are_a_bad_row_not_a_black_image():
     Image.fromarray(np.full((8, 8), 191, dtype=np.uint8), mode="L").save(buffer, format="TIFF")
     converted = convert_image(buffer.getvalue(), ShardSettings())
     assert abs(int(np.asarray(Image.open(io.BytesIO(converted.jpeg))).mean()) - 191) <= 2
+
+
+def test_lines_the_csv_parser_leaves_in_no_row_are_counted(tmp_path):
+    from zvl_ds.data.writing.annotations import read_annotations
+
+    csv_path = tmp_path / "train_anno.csv"
+    csv_path.write_text("image,caption\na.jpg,one\nb.jpg,two,extra\nc.jpg,\"three\nstill three\"\n\n")
+    annotations = read_annotations(str(csv_path))
+    # b.jpg has a field too many (the parser skips it); c.jpg's caption spans two lines (kept); the blank line is none
+    assert annotations.row_failures.counts == {"malformed_row": 1}
+    assert annotations.rows_read == 3
+    assert [entry.captions for entry in annotations.entries] == [["one"], ["three\nstill three"]]

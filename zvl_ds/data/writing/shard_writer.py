@@ -37,7 +37,7 @@ from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
 from zvl_ds.runtime.checksums import file_sha256
 from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
-from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MALFORMED_ROW, MISSING_FILE,
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE,
                                   NO_VALID_CAPTION, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter,
                                   SampleSkipped)
 from zvl_ds.data.writing.images import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage, convert_image, pixel_limit,
@@ -467,7 +467,7 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
     update_sizes(out_dir, source.split, {task.name + ".tar": results[task.index].successes for task in tasks})
     report = SplitReport(
         source=source, out_dir=out_dir,
-        rows_read=annotations.rows_read + annotations.row_failures.counts.get(MALFORMED_ROW, 0),  # pandas drops those
+        rows_read=annotations.rows_read,
         unique_images=len(annotations.entries), images_written=sum(r.successes for r in ordered),
         captions_written=sum(r.captions for r in ordered), shards=len(tasks),
         shards_reused=sum(r.reused for r in ordered), image_failures=image_failures,
