@@ -4,6 +4,7 @@ crafted model folders. Each runs the real entry point and checks what users see:
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,3 +234,93 @@ def test_a_stray_quote_that_swallows_rows_is_counted_not_dropped(tmp_path):
     strict = _make_shards(["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--out", str(tmp_path / "o2"),
                            "--strict"])
     assert strict.returncode == 1, strict.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny random model written as a model folder (what zvl_ds.export writes)."""
+    import torch
+
+    from zvl_ds.config import load_config
+    from zvl_ds.data import load_tokenizer
+    from zvl_ds.export.model_folder import write_model_folder
+    from zvl_ds.model.dual_encoder import build_model
+
+    cfg = load_config(None, ["model.arch=tiny", "transforms.resize.size=32", "transforms.center_crop.size=32",
+                             "transforms.input_size=32"])
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    write_model_folder(str(out), cfg, build_model(cfg.model, cfg.loss).eval(), load_tokenizer(cfg.model.text_encoder),
+                       {"test": "faults"})
+    return out
+
+
+def _no_tokenizer_json(folder):
+    os.remove(folder / "tokenizer" / "tokenizer.json")
+    return "tokenizer", "has only 5 tokens, all of them special"
+
+
+def _huge_safetensors_header(folder):
+    import struct
+
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    return "model.safetensors", "not a readable safetensors file"
+
+
+def _truncated_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return "model.safetensors", "not a readable safetensors file"
+
+
+def _deep_json(folder):
+    (folder / "model_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return "model_config.json", "nested too deeply"
+
+
+def _unknown_preprocess_key(folder):
+    path = folder / "preprocess.json"
+    payload = json.loads(path.read_text())
+    path.write_text(json.dumps({**payload, "resize_mode": "nearest"}))
+    return "preprocess.json", "unknown key(s) resize_mode"
+
+
+@pytest.mark.parametrize("plant", [_no_tokenizer_json, _huge_safetensors_header, _truncated_weights, _deep_json,
+                                   _unknown_preprocess_key])
+def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folder, tmp_path, plant):
+    from PIL import Image
+
+    from zvl_ds.export.model_folder import load_model
+    from zvl_ds.runtime.errors import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    load_model(str(folder))  # intact, it loads
+    name, message = plant(folder)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(str(folder))
+    images = tmp_path / "images"
+    for label in ("red", "blue"):
+        (images / label).mkdir(parents=True)
+        Image.new("RGB", (40, 36), (200, 20, 20) if label == "red" else (20, 20, 200)).save(images / label / "0.png")
+    done = subprocess.run([sys.executable, "-m", "zvl_ds.classify", "--model", str(folder), "--images", str(images),
+                           "--out", str(tmp_path / "out.json")], env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert str(folder / name) in done.stderr and message in done.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_eval_retrieval_refuses_a_model_folder_whose_tokenizer_lost_its_vocabulary(model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    _no_tokenizer_json(folder)
+    done = subprocess.run([sys.executable, "-m", "zvl_ds.eval_retrieval", "--model", str(folder), "--cfg",
+                           os.path.join(REPO_ROOT, "configs", "demo.yaml"), "--out", str(tmp_path / "m.json")],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: " in done.stderr and "Traceback" not in done.stderr
+    assert str(folder / "tokenizer") in done.stderr and "only 5 tokens" in done.stderr
