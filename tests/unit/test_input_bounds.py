@@ -92,3 +92,23 @@ def test_lines_the_csv_parser_leaves_in_no_row_are_counted(tmp_path):
     assert annotations.row_failures.counts == {"malformed_row": 1}
     assert annotations.rows_read == 3
     assert [entry.captions for entry in annotations.entries] == [["one"], ["three\nstill three"]]
+
+
+def test_json_nested_100k_deep_is_a_clear_error_in_every_file_the_project_reads(tmp_path):
+    from zvl_ds.config import Config
+    from zvl_ds.data.sources import shard_sizes_from_files
+    from zvl_ds.runtime.checkpoint import CheckpointError, read_manifest
+    from zvl_ds.runtime.engine import build_ds_config
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "manifest.json").write_text(deep)
+    with pytest.raises(CheckpointError, match=r"manifest\.json is not a valid checkpoint manifest: RecursionError"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "ds.json").write_text(deep)
+    with pytest.raises(ConfigError, match=r"ds\.json: JSON nested too deeply"):
+        build_ds_config(str(tmp_path / "ds.json"), Config(), 1)
+    (tmp_path / "sizes.json").write_text(deep)  # a size file that cannot be read leaves the sizes unknown
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"")
+    sizes, unknown = shard_sizes_from_files([str(shard)])
+    assert sizes == [None] and unknown == [str(shard)]

@@ -184,8 +184,8 @@ def read_manifest(folder: str) -> Optional[Dict[str, Any]]:
         return {"world_size": int(manifest["world_size"]),
                 "files": {str(k): int(v) for k, v in manifest["files"].items()},
                 "sha256": {str(k): str(v) for k, v in manifest.get("sha256", {}).items()}}  # none before checksums
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{path} is not a valid checkpoint manifest: {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise CheckpointError(f"{path} is not a valid checkpoint manifest: {type(error).__name__}: {error}") from None
 
 
 def check_complete(folder: str) -> None:

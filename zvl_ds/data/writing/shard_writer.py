@@ -339,7 +339,7 @@ def completed_shard(task: ShardTask) -> Optional[ShardResult]:
             return None
         return ShardResult(task.index, int(stats["count"]), int(stats["successes"]), int(stats["captions"]),
                            FailureCounter.from_json(stats["failures"]), float(stats["duration"]), reused=True)
-    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, tarfile.TarError):
         return None
 
 
@@ -398,7 +398,7 @@ def update_sizes(out_dir: str, split: str, sizes: Dict[str, int]) -> None:
             loaded = json.load(handle)
         if isinstance(loaded, dict):
             merged = {k: v for k, v in loaded.items() if not (k.startswith(f"{split}-") and k.endswith(".tar"))}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     merged.update(sizes)
     write_json_atomic(path, dict(sorted(merged.items())))
