@@ -14,7 +14,9 @@ consumed samples undecoded (for local tars they are not even read: only their he
 
 Faults: a sample that cannot be used (``reader.py``'s reasons) is skipped and counted, and the role takes the next
 sample of its stream in its place, so batches always hold ``b`` samples and every rank always yields a batch per
-step (no rank can hang the others). Counts reach the caller through ``error_counts()``.
+step (no rank can hang the others). Counts reach the caller through ``error_counts()``; skipping is bounded:
+the caller sums every rank's ``skip_report()`` and ``check_skips`` raises ``DataLossError`` (the same on every rank)
+when one reason exceeds ``data.max_skip_fraction`` of the samples read within ``data.skip_window``.
 """
 from __future__ import annotations
 
