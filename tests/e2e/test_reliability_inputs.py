@@ -35,11 +35,12 @@ def _wait_for(path, process, timeout=300):
 
 def test_shards_deleted_mid_run_stop_every_rank_after_a_last_checkpoint(tmp_path):
     shards = tmp_path / "shards"
-    write_dataset(str(shards), "big", "train", [16] * 12)
+    write_dataset(str(shards), "big", "train", [100] * 12)
     run_dir = tmp_path / "run"
+    # the default budget: 1% of a 100000-sample window, so 1000 skips of one reason before the window is full
     args = [*TINY_RUN, f"data.data_path={shards}", "data.train_name=[big]", "log.interval_train=2",
-            "ckpt.step_interval=4", "runner.train_steps=150", f"ckpt.dir={tmp_path}", "data.exp_name=run",
-            "data.skip_window=200", "ckpt.keep_last=5"]
+            "ckpt.step_interval=4", "runner.train_steps=500", f"ckpt.dir={tmp_path}", "data.exp_name=run",
+            "ckpt.keep_last=5"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), TRAIN, *args]
     process = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -58,12 +59,12 @@ def test_shards_deleted_mid_run_stop_every_rank_after_a_last_checkpoint(tmp_path
         assert f"error: [rank {rank}] data: too many samples skipped" in output, output[-4000:]
     assert "[unreadable_shard]" in output and "dataset 'big'" in output
     assert any(os.path.basename(shard) in output.split("too many samples skipped", 1)[1] for shard in deleted)
-    assert "step 150/150" not in output
+    assert "step 500/500" not in output
     # the good state up to the stop is saved and complete; the run did not go on for the remaining steps
     latest = (run_dir / "latest").read_text().strip()
     point = find_resume_point(str(run_dir), None, True)
     assert point.tag == latest and f"saved checkpoint {run_dir / latest}" in output
-    assert 4 < int(latest[len("step_"):]) < 150
+    assert 4 < int(latest[len("step_"):]) < 500
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint bytes
@@ -131,12 +132,15 @@ def test_a_checkpoint_with_16_bytes_changed_in_a_tensor_is_refused_by_file_name(
 def test_a_yaml_alias_bomb_in_the_text_config_ends_train_py_at_once(tmp_path):
     from tests.unit.test_input_bounds import alias_bomb
 
+    _, shards = make_demo_shards(tmp_path / "demo", train_size=16, valid_size=8, captions_per_image=1,
+                                 samples_per_shard=16)
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"_base_: {os.path.join(REPO_ROOT, 'configs', 'demo.yaml')}\n" + alias_bomb())
     started = time.time()
     try:
-        done = subprocess.run([sys.executable, TRAIN, "--cfg", str(bomb), f"ckpt.dir={tmp_path}"], env=child_env(),
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, TRAIN, "--cfg", str(bomb), f"ckpt.dir={tmp_path}",
+                               f"data.data_path={shards}"], env=child_env(), capture_output=True, text=True,
+                              timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("train.py still reading the config after 120 s")
     assert done.returncode == 2, done.stderr[-2000:]
