@@ -319,12 +319,15 @@ def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folde
 
 
 def test_eval_retrieval_refuses_a_model_folder_whose_tokenizer_lost_its_vocabulary(model_folder, tmp_path):
+    _, shards = make_demo_shards(tmp_path / "demo", train_size=8, valid_size=8, captions_per_image=1,
+                                 samples_per_shard=8)
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
     _no_tokenizer_json(folder)
     done = subprocess.run([sys.executable, "-m", "zvl_ds.eval_retrieval", "--model", str(folder), "--cfg",
-                           os.path.join(REPO_ROOT, "configs", "demo.yaml"), "--out", str(tmp_path / "m.json")],
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+                           os.path.join(REPO_ROOT, "configs", "demo.yaml"), "--out", str(tmp_path / "m.json"),
+                           f"data.data_path={shards}"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: " in done.stderr and "Traceback" not in done.stderr
     assert str(folder / "tokenizer") in done.stderr and "only 5 tokens" in done.stderr
+    assert not (tmp_path / "m.json").exists()
