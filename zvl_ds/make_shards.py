@@ -26,7 +26,7 @@ from zvl_ds.bench import data as bench
 from zvl_ds.runtime.cli import run
 from zvl_ds.data.writing import annotations, clip_benchmark
 from zvl_ds.data.writing import shard_writer as shards
-from zvl_ds.data.writing.images import DEFAULT_MAX_PIXELS
+from zvl_ds.data.writing.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from zvl_ds.evaluation import zero_shot
 from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.logs import setup_logging
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder DATA_ROOT/<name>/<split>/. Also writes <split>-NNNNNN_stats.json per shard, "
                     "<split>_stats.json per split and sizes.json. Same input -> byte-identical tars.",
         epilog="Bad rows are skipped and counted by reason (missing_file, empty_file, not_an_image, corrupt_image, "
-               "too_many_pixels, no_valid_caption, invalid_utf8, empty_caption, invalid_id, malformed_row, "
-               "path_outside_images, other_error). Exit codes: 0 done; 1 nothing written or (with --strict) "
+               "too_many_pixels, float_image, not_a_regular_file, file_too_large, no_valid_caption, "
+               "invalid_utf8, empty_caption, invalid_id, malformed_row, path_outside_images, other_error). Exit codes: 0 done; 1 nothing written or (with --strict) "
                "anything skipped; 2 bad input.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_argument_group("input")
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--csv", help="one annotation CSV named explicitly (instead of --data-root layout)")
     source.add_argument("--images", help="image folder for --csv (default: <csv folder>/<split>)")
     source.add_argument("--allow-outside-images", action="store_true",
-                        help="accept absolute or '..' paths in the CSV image column (by default such rows are "
+                        help="accept image paths that leave the image folder: absolute or '..' paths in the CSV "
+                             "image column, and symbolic links that point outside it (by default such rows are "
                              "skipped as path_outside_images: a CSV is data and should not read other files)")
     source.add_argument("--labelled", metavar="PATH",
                         help="with --clip-benchmark: labelled images (PATH/<class>/<image> or an image,label CSV) "
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resize so the shorter side is at most this (0 = keep size); aspect kept")
     output.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels than this (decompression bombs)")
+    output.add_argument("--max-file-mb", type=int, default=DEFAULT_MAX_FILE_MB,
+                        help="skip image files larger than this many MiB unread (file_too_large); FIFOs, devices "
+                             "and other non-regular files are always skipped (not_a_regular_file)")
     output.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
     output.add_argument("--resample", default="box", choices=["box", "bilinear", "bicubic", "lanczos"],
                         help="Pillow filter for downscaling; box = area averaging (img2dataset's default)")
@@ -117,11 +121,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise annotations.InputError(f"--out {args.out} is a file; name a folder for the shards")
         settings = shards.ShardSettings(samples_per_shard=args.samples_per_shard, max_size=args.max_size,
                                         max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
-                                        resample=args.resample)
+                                        resample=args.resample, max_file_mb=args.max_file_mb,
+                                        allow_outside_images=args.allow_outside_images)
         sources, notes = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv,
                                                      args.images)
         reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
-                                         progress=not args.quiet, allow_outside_images=args.allow_outside_images)
+                                         progress=not args.quiet)
     except annotations.InputError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import torch
 import zvl_ds
 from zvl_ds.config import Config, ConfigError
 from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
-from zvl_ds.data.failures import sum_counts
+from zvl_ds.data.failures import DataLossError
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
 from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
@@ -209,12 +209,12 @@ class Trainer:
         return metrics
 
     def _data_error_counts(self) -> Dict[str, int]:
-        counts = self.loader.error_counts()
-        if self.world_size == 1:
-            return dict(counts)
-        gathered: List[Dict[str, int]] = [None] * self.world_size  # type: ignore[list-item]
-        torch.distributed.all_gather_object(gathered, dict(counts))
-        return sum_counts(gathered)
+        """Skip counts summed over ranks; raises DataLossError on every rank alike when too many were skipped."""
+        reports = [self.loader.skip_report()]
+        if self.world_size > 1:
+            reports = [None] * self.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(reports, self.loader.skip_report())
+        return self.loader.check_skips(reports)
 
     def _log_step(self, step: int, result: StepResult, lr: float, seconds: float, phases: Dict[str, float]) -> None:
         samples_per_sec = self.cfg.data.batch_size / max(seconds, 1e-9)
@@ -267,7 +267,11 @@ class Trainer:
                 self.ema.update()
             self.step += 1
             self._count_skip(result)
-            self._log_step(self.step, result, lr, time.perf_counter() - step_start, self.timer.pop())
+            try:
+                self._log_step(self.step, result, lr, time.perf_counter() - step_start, self.timer.pop())
+            except DataLossError:  # raised on every rank at this step: keep the good state, then stop
+                self.save()
+                raise
             if self.step % cfg.ckpt.step_interval == 0 or self.step == self.total_steps:
                 self.save()
             if self._should_evaluate(self.step):

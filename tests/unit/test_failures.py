@@ -61,3 +61,30 @@ def test_sum_counts_adds_reason_wise_and_tolerates_empty_parts():
 def test_skip_carries_its_reason_and_message():
     error = SampleSkipped("too_many_pixels", "9000x9000")
     assert error.reason == "too_many_pixels" and str(error) == "9000x9000"
+
+
+def test_skip_budget_measures_each_reason_over_the_window():
+    from zvl_ds.data.failures import SkipBudget
+
+    budget = SkipBudget(max_fraction=0.1, window=100)
+    # before 100 samples were read, up to 0.1 * 100 = 10 skips of one reason pass
+    assert budget.over_budget(40, {"corrupt_image": 10, "bad_json": 3}) == []
+    assert budget.over_budget(60, {"corrupt_image": 11, "bad_json": 3}) == [("corrupt_image", 11, 74)]
+    # reasons are judged apart: 8 + 8 = 16 skips of two reasons in 116 reads is within budget for each
+    budget = SkipBudget(max_fraction=0.1, window=100)
+    assert budget.over_budget(100, {"a": 8, "b": 8}) == []
+    # the window moves: reads 116 -> 232 hold 116 reads with 12 - 8 = 4 and 20 - 8 = 12 skips; 12 > 11.6
+    assert budget.over_budget(200, {"a": 12, "b": 20}) == [("b", 12, 116)]
+    # an old burst leaves the window: from read 232 on, 2 more skips of b in 202 reads pass
+    assert budget.over_budget(400, {"a": 12, "b": 22}) == []
+    # a fraction of 1 never stops
+    assert SkipBudget(1.0, 10).over_budget(0, {"unreadable_shard": 10 ** 6}) == []
+
+
+def test_shards_named_by_the_skip_examples():
+    from zvl_ds.data.failures import shards_named
+
+    shards = {"cc3m": ["/d/cc3m/train-0.tar", "/d/cc3m/train-01.tar"], "coco": ["/d/coco/train-0.tar"]}
+    examples = ["/d/cc3m/train-01.tar: FileNotFoundError: gone", "/d/coco/train-0.tar sample 'k'",
+                "/d/cc3m/train-01.tar: truncated", "elsewhere"]
+    assert shards_named(examples, shards) == {"cc3m": ["/d/cc3m/train-01.tar"], "coco": ["/d/coco/train-0.tar"]}

@@ -29,6 +29,42 @@ MAKE_SHARDS = ["-m", "zvl_ds.make_shards"]
 PYTHON = sys.executable
 CLI = make_shards
 
+# make_shards with a disk that never answers for one image: reading ZVL_TEST_BLOCKED_IMAGE blocks on the FIFO
+# ZVL_TEST_FIFO, which nobody writes (make_shards refuses a FIFO named as an image, so the stall is planted in the
+# read; the workers are forked and inherit it).
+STALLING_MAKE_SHARDS = """
+import os, sys
+
+from zvl_ds import make_shards
+from zvl_ds.data.writing import shard_writer
+
+BLOCKED, FIFO = os.environ["ZVL_TEST_BLOCKED_IMAGE"], os.environ["ZVL_TEST_FIFO"]
+read_image_file = shard_writer.read_image_file
+
+
+def stalling_read(path, *args, **kwargs):
+    if os.path.basename(path) == BLOCKED:
+        with open(FIFO, "rb") as handle:
+            return handle.read()
+    return read_image_file(path, *args, **kwargs)
+
+
+shard_writer.read_image_file = stalling_read
+sys.exit(make_shards.cli())
+"""
+
+
+def stalling_make_shards(tmp_path, blocked_image, args):
+    script = tmp_path / "stalling_make_shards.py"
+    script.write_text(STALLING_MAKE_SHARDS)
+    fifo = tmp_path / "slow_disk"
+    os.mkfifo(fifo)
+    from tests.helpers.processes import child_env
+
+    env = dict(child_env(), ZVL_TEST_BLOCKED_IMAGE=blocked_image, ZVL_TEST_FIFO=str(fifo))
+    return subprocess.Popen([PYTHON, str(script), *args], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -431,19 +467,14 @@ def test_resume_after_simulated_kill_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_real_sigkill_matches_uninterrupted_run(tmp_path):
-    """SIGKILL a 2-worker run while one worker is blocked reading an image (a FIFO stands in for a slow disk),
-    then --resume once the file is there: the shards equal an uninterrupted run's."""
+    """SIGKILL a 2-worker run while one worker is blocked reading an image (a read that stalls on a FIFO stands in
+    for a slow disk), then --resume: the shards equal an uninterrupted run's."""
     make_dataset(tmp_path / "data", images=12, size=(50, 40))
-    images = tmp_path / "data" / "ds" / "train"
-    real_bytes = (images / "img_7.jpg").read_bytes()
     args = ["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--samples-per-shard", "2", "--max-size", "32",
             "--quiet", "--workers", "2"]
     assert CLI.main([*args, "--out", str(tmp_path / "ref")]) == 0
     reference = tar_bytes(tmp_path / "ref" / "ds")
-    os.remove(images / "img_7.jpg")
-    os.mkfifo(images / "img_7.jpg")  # shard 3 blocks here until killed
-    process = subprocess.Popen([PYTHON, *MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = stalling_make_shards(tmp_path, "img_7.jpg", [*args, "--out", str(tmp_path / "out")])  # shard 3 stalls
     out_dir = tmp_path / "out" / "ds"
     try:
         deadline = time.monotonic() + 60
@@ -463,8 +494,6 @@ def test_resume_after_real_sigkill_matches_uninterrupted_run(tmp_path):
     for path in finished:  # whatever made it to a final name is complete
         with tarfile.open(path) as archive:
             assert len(archive.getmembers()) == 6
-    os.remove(images / "img_7.jpg")
-    (images / "img_7.jpg").write_bytes(real_bytes)
     assert CLI.main([*args, "--out", str(tmp_path / "out"), "--resume"]) == 0
     assert tar_bytes(out_dir) == reference
     assert json.load(open(out_dir / "train_stats.json"))["shards_reused"] == len(finished)
@@ -556,19 +585,15 @@ def _children(pid):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to find the worker processes")
 def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
-    """SIGKILL one of 2 workers (as the OOM killer would) while another is blocked on a FIFO: the run stops with
+    """SIGKILL one of 2 workers (as the OOM killer would) while another is stalled reading: the run stops with
     an error within a bounded time, and --resume then completes it as an uninterrupted run would."""
     make_dataset(tmp_path / "data", images=12, size=(50, 40))
-    images = tmp_path / "data" / "ds" / "train"
-    real_bytes = (images / "img_7.jpg").read_bytes()
     args = ["--data-root", str(tmp_path / "data"), "--dataset", "ds", "--samples-per-shard", "2", "--max-size", "32",
             "--quiet", "--workers", "2"]
     assert CLI.main([*args, "--out", str(tmp_path / "ref")]) == 0
     reference = tar_bytes(tmp_path / "ref" / "ds")
-    os.remove(images / "img_7.jpg")
-    os.mkfifo(images / "img_7.jpg")  # the worker that takes shard 3 blocks here
-    process = subprocess.Popen([PYTHON, *MAKE_SHARDS, *args, "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # the worker that takes shard 3 stalls reading img_7.jpg
+    process = stalling_make_shards(tmp_path, "img_7.jpg", [*args, "--out", str(tmp_path / "out")])
     out_dir = tmp_path / "out" / "ds"
     try:
         deadline = time.monotonic() + 60
@@ -589,7 +614,5 @@ def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
     for path in glob.glob(str(out_dir / "train-*.tar")):  # whatever made it to a final name is complete
         with tarfile.open(path) as archive:
             assert len(archive.getmembers()) == 6
-    os.remove(images / "img_7.jpg")
-    (images / "img_7.jpg").write_bytes(real_bytes)
     assert CLI.main([*args, "--out", str(tmp_path / "out"), "--resume"]) == 0
     assert tar_bytes(out_dir) == reference

@@ -27,8 +27,56 @@ from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 # --------------------------------------------------------------------------------------------------
 
 
+# Nodes a YAML document may stand for once its aliases are expanded. A config has hundreds; an alias bomb (each
+# level a list of aliases to the level below) stands for billions, and walking it (validation, printing) never ends.
+MAX_EXPANDED_YAML_NODES = 100_000
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``!!python/tuple`` (ZeroVL writes ``betas: !!python/tuple [0.9, 0.98]``)."""
+    """SafeLoader that also reads ``!!python/tuple`` (ZeroVL writes ``betas: !!python/tuple [0.9, 0.98]``) and
+    refuses a document whose aliases expand beyond ``MAX_EXPANDED_YAML_NODES`` nodes or refer to themselves."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            check_alias_expansion(node, str(getattr(self, "name", "YAML")))
+        return node
+
+
+def _children(node: yaml.Node) -> List[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_alias_expansion(root: yaml.Node, source: str, limit: int = MAX_EXPANDED_YAML_NODES) -> None:
+    """Raise ConfigError when the composed document stands for more than ``limit`` nodes with its aliases expanded
+    (each shared node counted once per use), or when an alias refers to a node that contains it. Linear in the
+    document's own size: a shared node's expanded size is computed once."""
+    expanded: Dict[int, int] = {}
+    on_path = set()
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(child)] for child in _children(node))
+            if expanded[key] > limit:
+                raise ConfigError(f"{source}: YAML aliases (*name) expand this document to more than {limit} values "
+                                  f"(line {node.start_mark.line + 1}); write the values out instead of nesting "
+                                  "aliases of aliases")
+            continue
+        if key in expanded:
+            continue
+        if key in on_path:
+            raise ConfigError(f"{source}: a YAML alias at line {node.start_mark.line + 1} refers to a value that "
+                              "contains it (a recursive structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in expanded)
 
 
 _SafeLoader.add_constructor("tag:yaml.org,2002:python/tuple",
@@ -43,6 +91,8 @@ def _read_yaml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -84,7 +134,7 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
         raise ConfigError(f"override {text!r}: empty key")
     try:
         value = yaml.load(raw, Loader=_SafeLoader) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -266,6 +316,10 @@ def _validate(cfg: Config) -> None:
         minimum = 0 if key == "num_workers" else 1
         if getattr(data, key) < minimum:
             raise ConfigError(f"data.{key}: must be >= {minimum}, got {getattr(data, key)}")
+    if not 0.0 <= data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1] (1: never stop), got {data.max_skip_fraction}")
+    if data.skip_window < 1:
+        raise ConfigError(f"data.skip_window: must be >= 1 sample, got {data.skip_window}")
     if data.batch_size_train is not None:
         if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
             raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "

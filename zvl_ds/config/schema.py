@@ -140,6 +140,16 @@ class DataConfig:
     """Seconds a loader worker may take for one batch before the run fails instead of hanging (applies when
     `num_workers` > 0).
     """
+    max_skip_fraction: float = 0.01
+    """Largest fraction of the training samples read within `data.skip_window` that may be skipped for any one
+    reason (unreadable or missing shard, corrupt image, missing caption ...; summed over ranks, checked every
+    `log.interval_train` steps). Above it every rank stops with exit code 2, naming the datasets, shards and reason,
+    after saving a checkpoint of the last good step. `1.0` never stops.
+    """
+    skip_window: int = 100000
+    """Samples read (good and skipped, all ranks) over which `data.max_skip_fraction` is measured; until that many
+    were read, `max_skip_fraction * skip_window` skips of one reason are allowed.
+    """
 
 
 @dataclass

@@ -8,7 +8,10 @@ it to a ``FailureCounter`` and carries on. Counts from several workers or ranks 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Mapping, Optional
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from zvl_ds.runtime.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -19,13 +22,16 @@ EMPTY_CAPTION = "empty_caption"
 INVALID_ID = "invalid_id"
 MALFORMED_ROW = "malformed_row"  # wrong number of fields; pandas skips the line
 INVALID_UTF8 = "invalid_utf8"  # also a per-image reason when the file name is not UTF-8
-PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` image path (unless allowed explicitly)
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # an absolute or `..` path, or a link out (unless allowed explicitly)
 
 # Shard writer, per image.
 NO_VALID_CAPTION = "no_valid_caption"  # every caption row of the image was skipped
 MISSING_FILE = "missing_file"
 EMPTY_FILE = "empty_file"
+NOT_A_REGULAR_FILE = "not_a_regular_file"  # a FIFO, device, socket or folder named like an image
+FILE_TOO_LARGE = "file_too_large"  # larger than make_shards --max-file-mb (a sparse or runaway file)
 NOT_AN_IMAGE = "not_an_image"
+FLOAT_IMAGE = "float_image"  # floating-point pixels (a float TIFF): no defined 0..255 range to convert from
 OTHER_ERROR = "other_error"
 
 # Both: image bytes that cannot be decoded, or that exceed the pixel limit (a decompression bomb).
@@ -67,7 +73,7 @@ class FailureCounter:
             return
         self.counts[reason] = self.counts.get(reason, 0) + count
         kept = self.examples.setdefault(reason, [])
-        if len(kept) < MAX_EXAMPLES:
+        if len(kept) < MAX_EXAMPLES and example not in kept:  # a shard read again fails the same way
             kept.append(example)
         if self.max_warnings is not None:
             self._warn(reason, example, count, self.max_warnings)
@@ -115,3 +121,50 @@ def sum_counts(parts: Iterable[Optional[Mapping[str, int]]]) -> Dict[str, int]:
         for reason, count in (part or {}).items():
             total[reason] = total.get(reason, 0) + count
     return total
+
+
+class DataLossError(UserError):
+    """Too many samples of one reason were skipped within the window (``SkipBudget``): the run would go on with a
+    fraction of its data. Every rank raises it at the same step (the counts are summed over ranks first), so the
+    trainer can save a last checkpoint of the good state before the job exits with code 2."""
+
+
+class SkipBudget:
+    """At most ``max_fraction`` of the samples read within the last ``window`` samples (good ones and skipped ones
+    of every reason) may be skipped for any one reason.
+
+    ``check`` is given cumulative figures (samples delivered, skips by reason) at intervals; the window runs from
+    the newest earlier check that lies at least ``window`` samples back (the start, until that many were read),
+    so it covers at least ``window`` samples once the run has read them. Before that the allowance is
+    ``max_fraction * window`` skips, so a run is not stopped by its first few bad samples."""
+
+    def __init__(self, max_fraction: float, window: int):
+        self.max_fraction, self.window = max_fraction, window
+        self._checks: Deque[Tuple[int, Dict[str, int]]] = deque([(0, {})])  # (samples read, skips), oldest first
+
+    def over_budget(self, delivered: int, counts: Mapping[str, int]) -> List[Tuple[str, int, int]]:
+        """(reason, skipped in the window, samples read in the window) of every reason above the budget."""
+        read = delivered + sum(counts.values())
+        self._checks.append((read, dict(counts)))
+        while len(self._checks) > 1 and self._checks[1][0] <= read - self.window:
+            self._checks.popleft()
+        start_read, start_counts = self._checks[0]
+        window_read = read - start_read
+        allowed = self.max_fraction * max(self.window, window_read)
+        return [(reason, count - start_counts.get(reason, 0), window_read) for reason, count in sorted(counts.items())
+                if count - start_counts.get(reason, 0) > allowed]
+
+
+def shards_named(examples: Iterable[str], shards_by_dataset: Mapping[str, Sequence[str]]) -> Dict[str, List[str]]:
+    """The shards that skip examples name (every example starts with its shard's path), by dataset."""
+    named: Dict[str, List[str]] = {}
+    for example in examples:
+        for dataset, shards in shards_by_dataset.items():
+            shard = next((s for s in shards if example.startswith(s) and example[len(s):len(s) + 1] in (":", " ", "")),
+                         None)
+            if shard is not None:
+                found = named.setdefault(dataset, [])
+                if shard not in found:
+                    found.append(shard)
+                break
+    return named

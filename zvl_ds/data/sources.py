@@ -150,7 +150,7 @@ def _read_json(path: str) -> Optional[object]:
             return json.load(handle)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deeply
         LOG.warning("ignoring unreadable size file %s: %s", path, error)
         return None
 

@@ -14,7 +14,9 @@ consumed samples undecoded (for local tars they are not even read: only their he
 
 Faults: a sample that cannot be used (``reader.py``'s reasons) is skipped and counted, and the role takes the next
 sample of its stream in its place, so batches always hold ``b`` samples and every rank always yields a batch per
-step (no rank can hang the others). Counts reach the caller through ``error_counts()``.
+step (no rank can hang the others). Counts reach the caller through ``error_counts()``; skipping is bounded:
+the caller sums every rank's ``skip_report()`` and ``check_skips`` raises ``DataLossError`` (the same on every rank)
+when one reason exceeds ``data.max_skip_fraction`` of the samples read within ``data.skip_window``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from zvl_ds.config import Config
 from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _json_meta,
                                 _load_fields, _private_torch_rng)
-from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
+from zvl_ds.data.failures import (MAX_EXAMPLES, DataLossError, FailureCounter, SampleSkipped, SkipBudget,
+                                  shards_named, sum_counts)
 from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
@@ -64,6 +67,7 @@ class _BatchInfo:
     step: int
     cursors: List[List[int]]  # per source: [piece, samples consumed from it]
     faults: Dict[str, int]  # this worker's cumulative skip counts
+    examples: Dict[str, List[str]]  # and the first few examples of each reason (they name the shards)
 
 
 @dataclass
@@ -106,7 +110,8 @@ class _TrainStream(IterableDataset):
                 source = plan.source_of_step(step)
                 with _private_torch_rng(spec.transform.uses_torch_rng):
                     batch = self._make_batch(streams[source], step, fields, faults)
-                yield batch, _BatchInfo(worker, role, step, [s.cursor for s in streams], faults.snapshot())
+                yield batch, _BatchInfo(worker, role, step, [s.cursor for s in streams], faults.snapshot(),
+                                        {reason: list(kept) for reason, kept in faults.examples.items()})
                 step += plan.roles
         finally:
             fields.close()
@@ -180,6 +185,9 @@ class TrainLoader:
         self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]
         self._faults_before: Dict[str, int] = {}  # from DataLoaders already closed
         self._faults_by_worker: Dict[int, Dict[str, int]] = {}
+        self._examples: Dict[str, List[str]] = {}  # the first few skip examples per reason, from any worker
+        self._delivered = 0  # samples this rank delivered since the loader was built (or its state loaded)
+        self._skip_budget = SkipBudget(data.max_skip_fraction, data.skip_window)
         self._iterator = None
 
     @property
@@ -214,6 +222,37 @@ class TrainLoader:
     def error_counts(self) -> Dict[str, int]:
         return sum_counts([self._faults_before, *self._faults_by_worker.values()])
 
+    def skip_report(self) -> Dict[str, object]:
+        """This rank's samples delivered, skips by reason and skip examples (what ``check_skips`` sums over ranks)."""
+        return {"delivered": self._delivered, "counts": self.error_counts(),
+                "examples": {reason: list(kept) for reason, kept in self._examples.items()}}
+
+    def check_skips(self, reports: List[Dict[str, object]]) -> Dict[str, int]:
+        """The skip counts summed over the ranks' ``skip_report``s; raises ``DataLossError`` when one reason is above
+        ``data.max_skip_fraction`` of the window. Given the same reports, every rank decides the same."""
+        counts = sum_counts(report["counts"] for report in reports)  # type: ignore[misc]
+        delivered = sum(int(report["delivered"]) for report in reports)  # type: ignore[call-overload]
+        over = self._skip_budget.over_budget(delivered, counts)
+        if over:
+            raise DataLossError(self._data_loss_message(over, reports))
+        return counts
+
+    def _data_loss_message(self, over, reports: List[Dict[str, object]]) -> str:
+        data = self.cfg.data
+        lines = []
+        for reason, skipped, read in over:
+            examples = [e for report in reports for e in report["examples"].get(reason, [])]  # type: ignore[union-attr]
+            named = shards_named(examples, {d.name: d.shards for d in self._spec.datasets})
+            where = "; ".join(f"dataset {name!r}: {', '.join(shards[:MAX_EXAMPLES])}"
+                              + (" ..." if len(shards) > MAX_EXAMPLES else "") for name, shards in named.items())
+            lines.append(f"[{reason}] {skipped} of the last {read} samples read were skipped "
+                         f"({100.0 * skipped / max(read, 1):.1f}%); {where or 'no shard named'}; e.g. "
+                         f"{examples[0] if examples else '-'}")
+        return (f"data: too many samples skipped, above data.max_skip_fraction={data.max_skip_fraction} of a "
+                f"window of data.skip_window={data.skip_window} samples; training stops rather than go on with "
+                "part of its data (a checkpoint of the last good step is saved first; fix the shards, or raise "
+                "data.max_skip_fraction, and resume):\n  " + "\n  ".join(lines))
+
     def __iter__(self) -> Iterator[TrainBatch]:
         self._close_iterator()
         stream = _TrainStream(self._spec, self._step, [[list(c) for c in role] for role in self._cursors])
@@ -236,6 +275,12 @@ class TrainLoader:
                 raise RuntimeError(f"data loader delivered step {info.step}, expected {self._step}")
             self._cursors[info.role] = [list(c) for c in info.cursors]
             self._faults_by_worker[info.worker] = info.faults
+            for reason, examples in info.examples.items():
+                kept = self._examples.setdefault(reason, [])
+                for example in examples:
+                    if example not in kept and len(kept) < MAX_EXAMPLES:
+                        kept.append(example)
+            self._delivered += self.plan.batch_size
             self._step += 1
             yield batch
 

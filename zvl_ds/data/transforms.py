@@ -229,9 +229,33 @@ def resolve_tokenizer_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(text_cfg: TextEncoderConfig):
+class TokenizerMismatch(UserError, OSError):
+    """A tokenizer that cannot serve the text tower: only special tokens (its vocabulary file is missing), or more
+    or far fewer tokens than the tower's vocabulary."""
+
+
+# a tokenizer may have a few tokens fewer than the embedding has rows (vocabularies padded to a round size), not more
+MIN_VOCABULARY_SHARE = 0.9
+
+
+def check_tokenizer(tokenizer, where: str, vocab_size: Optional[int] = None) -> None:
+    """Refuse a tokenizer with no ordinary token (every word would become the unknown token), or, given the text
+    tower's ``vocab_size``, one whose token ids would not fit it or cover only part of it."""
+    size = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    if size <= len(special):
+        raise TokenizerMismatch(f"tokenizer {where} has only {size} tokens, all of them special "
+                                f"({', '.join(sorted(special))}): its vocabulary file (tokenizer.json, vocab.txt ...) "
+                                "is missing, and every word would become the unknown token")
+    if vocab_size is not None and not MIN_VOCABULARY_SHARE * vocab_size <= size <= vocab_size:
+        raise TokenizerMismatch(f"tokenizer {where} has {size} tokens, the text tower's vocabulary {vocab_size}: it is "
+                                "not the tokenizer the tower was trained with")
+
+
+def load_tokenizer(text_cfg: TextEncoderConfig, vocab_size: Optional[int] = None):
     """The Hugging Face tokenizer of ``text_cfg.tokenizer``, else of the weights folder ``text_cfg.pretrained``
-    names, else of ``text_cfg.tag``; from local files only."""
+    names, else of ``text_cfg.tag``; from local files only. Refused (``check_tokenizer``) when it has no ordinary
+    token, or, given the text tower's ``vocab_size``, when its vocabulary does not match the tower's."""
     import transformers
 
     pretrained_dir = text_cfg.pretrained if isinstance(text_cfg.pretrained, str) else None
@@ -242,11 +266,13 @@ def load_tokenizer(text_cfg: TextEncoderConfig):
     if is_open_clip_tokenizer(path):  # model.arch: open_clip, or a model folder exported from one
         return load_open_clip_tokenizer(path)
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise OSError(f"cannot load tokenizer {name!r} (model.text_encoder.tokenizer or .tag) from local files; "
                       f"nothing is downloaded: give a local folder, a name already in the Hugging Face cache, or "
                       f"'zvl_ds:demo_tokenizer' ({error})") from error
+    check_tokenizer(tokenizer, path, vocab_size)
+    return tokenizer
 
 
 # LAVIS's blip_caption removes these characters (replaced by spaces, so the words around them stay apart)

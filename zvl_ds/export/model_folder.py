@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -213,11 +214,41 @@ def is_model_folder(path: str) -> bool:
 
 
 def _read_json(path: str) -> Dict:
+    """A JSON object from a model folder file; anything else (invalid, nested too deeply, not an object) is an
+    ExportError naming the file."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
+            payload = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ExportError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(payload, dict):
+        raise ExportError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def read_preprocessing(path: str) -> Preprocessing:
+    """``preprocess.json``: unknown or missing keys are refused by name (a typo must not be silently ignored)."""
+    payload = _read_json(path)
+    fields = {field.name: field for field in dataclasses.fields(Preprocessing)}
+    unknown = sorted(set(payload) - set(fields))
+    if unknown:
+        raise ExportError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    missing = [name for name, field in fields.items() if name not in payload
+               and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ExportError(f"{path}: missing key(s) {', '.join(missing)}")
+    return Preprocessing(**payload)
+
+
+def read_weights(path: str) -> Dict[str, Tensor]:
+    """The tensors of a safetensors file; a damaged one (truncated, a header too large or not JSON) is an
+    ExportError naming the file."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ExportError(f"{path}: not a readable safetensors file ({error}); export the model again") from None
 
 
 class ZvlModel:
@@ -331,14 +362,14 @@ def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlM
     if int(meta.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
         raise ExportError(f"{model_dir} was written by a newer zvl_ds (format {meta['format_version']}); "
                           f"this one reads up to {EXPORT_FORMAT_VERSION}")
-    preprocessing = Preprocessing(**_read_json(os.path.join(model_dir, PREPROCESS_FILE)))
+    preprocessing = read_preprocessing(os.path.join(model_dir, PREPROCESS_FILE))
     try:
         cfg = config_from_dict({"model": meta["model"], "loss": meta["loss"]})
-    except (ConfigError, KeyError) as error:
-        raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)}: {error}") from None
+    except (ConfigError, KeyError, TypeError, AttributeError) as error:
+        raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)}: {type(error).__name__}: {error}") from None
     preprocessing.apply_to(cfg)
     model = build_model(cfg.model, cfg.loss)
-    load_state_strict(model, load_file(os.path.join(model_dir, WEIGHTS_FILE)), model_dir)
+    load_state_strict(model, read_weights(os.path.join(model_dir, WEIGHTS_FILE)), model_dir)
     cfg.model.text_encoder.tokenizer = os.path.abspath(os.path.join(model_dir, TOKENIZER_DIR))
-    tokenizer = load_tokenizer(cfg.model.text_encoder)
+    tokenizer = load_tokenizer(cfg.model.text_encoder, vocab_size=model.text_tower.config.vocab_size)
     return ZvlModel(model, tokenizer, preprocessing, cfg, device)

@@ -77,6 +77,8 @@ def build_ds_config(ds_config: Union[str, Dict[str, Any], None], cfg: Config, wo
             raise ConfigError(f"DeepSpeed config not found: {ds_config}") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"DeepSpeed config {ds_config} is not valid JSON: {error}") from None
+        except RecursionError:
+            raise ConfigError(f"DeepSpeed config {ds_config}: JSON nested too deeply") from None
     else:
         ds = copy.deepcopy(ds_config)
     _fill(ds, "train_batch_size", cfg.data.batch_size, "")

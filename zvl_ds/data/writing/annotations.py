@@ -4,13 +4,18 @@ Input (ZeroVL layout): ``DATA_ROOT/<name>/<split>_anno.csv`` with columns ``imag
 ``DATA_ROOT/<name>/<split>/``), ``caption`` and optionally ``image_id`` / ``caption_id``; one row per caption.
 
 Captions and file names lose surrounding whitespace; rows of one image keep their CSV order. Rows that cannot
-be used (empty caption, caption bytes not UTF-8, unparsable id, wrong field count) are skipped and counted.
+be used (empty caption, caption bytes not UTF-8, unparsable id, wrong field count) are skipped and counted. So
+are rows that do not parse as the header says: a stray quote makes the CSV parser read the following lines into
+one field, and a field whose later lines look like rows of their own (the header's field count, a file name in the
+`image` column) is a ``malformed_row``, counted with the rows it swallowed; lines of the file that end up in no
+row at all are counted too. Nothing is dropped silently.
 
 Ids: when ``image_id`` is missing it is derived from the image file name (63-bit positive int from BLAKE2b);
 when ``caption_id`` is missing it is the caption's 0-based data row in the CSV. Both are stable for the same CSV.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
@@ -58,7 +63,7 @@ class Annotations:
     """A CSV read and grouped by image."""
 
     entries: List[ImageEntry]
-    rows_read: int
+    rows_read: int  # rows of the file: parsed, swallowed into another row's field, or skipped by the parser
     row_failures: FailureCounter
     derived_ids: List[str]  # id columns that were missing and derived
     image_id_conflicts: int  # rows whose image_id differs from the image's first row (the first one is kept)
@@ -150,6 +155,20 @@ def _checked_source(name: str, split: str, csv_path: str, images_dir: str) -> Sp
 # --------------------------------------------------------------------------------------------------
 
 
+def _data_lines(csv_path: str) -> int:
+    """Non-blank lines after the header (streamed: the file may be large)."""
+    with open(csv_path, "rb") as handle:
+        return max(0, sum(1 for line in handle if line.strip()) - 1)
+
+
+def _unaccounted_lines(csv_path: str, frame: pd.DataFrame, dropped: int) -> int:
+    """Data lines of the file that are in no row: not a parsed row, not a line the parser skipped and not a line
+    inside a quoted multi-line field. (Blank lines inside fields make this an undercount, never a false alarm.)"""
+    inside_fields = sum(value.count("\n") for column in frame.columns for value in frame[column].tolist()
+                        if isinstance(value, str))
+    return _data_lines(csv_path) - (len(frame) + dropped + inside_fields)
+
+
 def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
     """All columns as text. Undecodable bytes become lone surrogates (surrogateescape) so that one bad row is
     detected and skipped rather than killing the read; lines with the wrong field count are skipped and counted."""
@@ -168,6 +187,10 @@ def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
             for line in re.findall(r"Skipping line \d+:[^\n]*", str(warning.message)):
                 malformed.add(MALFORMED_ROW, line)
     _check_frame(frame, csv_path)
+    lost = _unaccounted_lines(csv_path, frame, malformed.counts.get(MALFORMED_ROW, 0))
+    if lost > 0:
+        malformed.add(MALFORMED_ROW, f"{csv_path}: {lost} line(s) of the file are in no row (the CSV parser "
+                                     "disagrees with the file's lines)", count=lost)
     return frame, malformed
 
 
@@ -241,6 +264,20 @@ def stays_inside_folder(image_name: str) -> bool:
     return not os.path.isabs(image_name) and ".." not in parts
 
 
+_FILE_NAME = re.compile(r"^[^\s,]+\.[A-Za-z0-9]{2,5}$")
+
+
+def swallowed_rows(value: str, columns: int, image_column: int) -> int:
+    """Lines after the first of a multi-line field that read as whole rows of the CSV: as many fields as the
+    header and a file name in the image column (what a stray quote pulls into one caption)."""
+    count = 0
+    for line in value.splitlines()[1:]:
+        fields = next(csv.reader([line]), [])
+        if len(fields) == columns and _FILE_NAME.match(fields[image_column].strip()):
+            count += 1
+    return count
+
+
 def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureCounter] = None,
                    allow_outside_images: bool = False) -> Annotations:
     """One entry per unique image name in order of first appearance, each with its valid captions in row order.
@@ -255,11 +292,21 @@ def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureCounter] =
     image_ids = _column(frame, "image_id")
     caption_ids = _column(frame, "caption_id")
     derived = [name for name, values in (("image_id", image_ids), ("caption_id", caption_ids)) if values is None]
+    columns = [_column(frame, name) or [] for name in frame.columns]
+    image_column = list(frame.columns).index("image")
     by_name: Dict[str, ImageEntry] = {}
-    conflicts = 0
+    conflicts = swallowed_total = 0
     for row, (image, caption) in enumerate(zip(images, captions)):
         image = image.strip()
         where = f"{image or '<empty file name>'} (data row {row + 1})"
+        swallowed = sum(swallowed_rows(values[row], len(columns), image_column)
+                        for values in columns if "\n" in values[row])
+        if swallowed:
+            swallowed_total += swallowed
+            failures.add(MALFORMED_ROW, f"{where}: a field runs over {swallowed} following line(s) that read as "
+                                        "rows of their own (a stray quote?); this row and those are skipped",
+                         count=1 + swallowed)
+            continue
         image_id = derived_image_id(image) if image_ids is None else parse_id(image_ids[row])
         caption_id = row if caption_ids is None else parse_id(caption_ids[row])
         if image_id is None or caption_id is None:
@@ -284,9 +331,12 @@ def group_by_image(frame: pd.DataFrame, row_failures: Optional[FailureCounter] =
         else:
             entry.captions.append(caption)
             entry.caption_ids.append(caption_id)
-    return Annotations(list(by_name.values()), len(images), failures, derived, conflicts)
+    return Annotations(list(by_name.values()), len(images) + swallowed_total, failures, derived, conflicts)
 
 
 def read_annotations(csv_path: str, allow_outside_images: bool = False) -> Annotations:
     frame, malformed = read_csv_frame(csv_path)
-    return group_by_image(frame, malformed, allow_outside_images)
+    not_in_frame = malformed.counts.get(MALFORMED_ROW, 0)  # lines the parser skipped or left in no row
+    annotations = group_by_image(frame, malformed, allow_outside_images)
+    annotations.rows_read += not_in_frame
+    return annotations

@@ -1,25 +1,32 @@
 """Decoding one image file and converting it to the JPEG stored in a shard (upright RGB, shorter side limited).
 
-Images that cannot be used (missing, empty, not an image, truncated, over the pixel limit) raise ``SampleSkipped``
-with the reason they are counted under. ``original_width``/``original_height`` are the size after EXIF orientation.
+Images that cannot be used (missing, empty, not a regular file, too large, outside the image folder, not an image,
+truncated, over the pixel limit, float pixels) raise ``SampleSkipped`` with the reason they are counted under.
+Reading is bounded: a FIFO, a device or a link to one is refused before a byte is read, and no file is read past
+the size limit. ``original_width``/``original_height`` are the size after EXIF orientation.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Tuple
+from typing import Iterator, Optional, Protocol, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, MISSING_FILE, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS,
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, FILE_TOO_LARGE, FLOAT_IMAGE, MISSING_FILE,
+                                  NOT_A_REGULAR_FILE, NOT_AN_IMAGE, OTHER_ERROR, PATH_OUTSIDE_IMAGES, TOO_MANY_PIXELS,
                                   SampleSkipped)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS
+# An uncompressed RGB image at the pixel limit is ~270 MB; a larger file is no image we would accept.
+DEFAULT_MAX_FILE_MB = 256
 
 
 RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
@@ -51,17 +58,50 @@ class ImageSettings(Protocol):
     def resample(self) -> str: ...
 
 
-def read_image_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def read_image_file(path: str, folder: Optional[str] = None, max_bytes: int = DEFAULT_MAX_FILE_MB << 20,
+                    allow_outside: bool = False) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. Unless ``allow_outside``, the file must lie inside
+    ``folder`` once symbolic links are resolved (a link may not lead where a `..` path may not go)."""
+    if folder is not None and not allow_outside:
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if not _inside(real, root):
+            raise SampleSkipped(PATH_OUTSIDE_IMAGES, f"a symbolic link leads out of the image folder (to {real}); "
+                                                     "--allow-outside-images accepts it")
+    try:  # non-blocking: opening a FIFO for reading would otherwise wait for a writer forever
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
         raise SampleSkipped(MISSING_FILE, "no such file") from None
     except OSError as error:
-        raise SampleSkipped(OTHER_ERROR, f"cannot read: {error}") from None
+        raise SampleSkipped(OTHER_ERROR, f"cannot open: {error}") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise SampleSkipped(NOT_A_REGULAR_FILE, f"not a regular file ({_file_kind(status.st_mode)})")
+    if status.st_size > max_bytes:
+        os.close(descriptor)
+        raise SampleSkipped(FILE_TOO_LARGE, f"{status.st_size} bytes > limit {max_bytes} (--max-file-mb)")
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            data = handle.read(max_bytes + 1)  # a file that grows while read is still cut off at the limit
+        except OSError as error:
+            raise SampleSkipped(OTHER_ERROR, f"cannot read: {error}") from None
+    if len(data) > max_bytes:
+        raise SampleSkipped(FILE_TOO_LARGE, f"more than the limit of {max_bytes} bytes (--max-file-mb)")
     if not data:
         raise SampleSkipped(EMPTY_FILE, "zero bytes")
     return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def scaled_size(width: int, height: int, max_size: int) -> Tuple[int, int]:
@@ -122,6 +162,9 @@ def convert_image(data: bytes, settings: ImageSettings) -> ConvertedImage:
     decode that proves it is complete); anything else is decoded (JPEG draft mode for cheap downscaling),
     turned upright, converted to RGB, resized so the shorter side is max_size and encoded at jpeg_quality."""
     image = _open_image(data)
+    if image.mode == "F" or image.mode.startswith("F;"):
+        raise SampleSkipped(FLOAT_IMAGE, f"floating-point pixels (mode {image.mode}) have no defined 0..255 range; "
+                                         "convert the image to 8-bit first")
     width, height = image.size
     if width * height > settings.max_pixels:
         raise SampleSkipped(TOO_MANY_PIXELS,

@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.runtime.checksums import file_sha256
 from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
-from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MALFORMED_ROW, MISSING_FILE,
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE,
                                   NO_VALID_CAPTION, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter,
                                   SampleSkipped)
-from zvl_ds.data.writing.images import (DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage, convert_image, pixel_limit,
+from zvl_ds.data.writing.images import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage, convert_image, pixel_limit,
                                 read_image_file)
 
 TAR_SUFFIXES = ("jpg", "json", "txt")  # fixed member order inside a sample
@@ -68,6 +69,8 @@ class ShardSettings:
     # "box" is area averaging, img2dataset's default for downscaling (cv2 INTER_AREA); in Pillow it is ~1.2x
     # faster than bilinear and ~1.5x faster than bicubic, and training transforms resize the image again anyway.
     resample: Literal["box", "bilinear", "bicubic", "lanczos"] = "box"
+    max_file_mb: int = DEFAULT_MAX_FILE_MB  # larger image files are skipped unread (file_too_large)
+    allow_outside_images: bool = False  # accept image paths (absolute, `..`, links) that leave the image folder
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -76,6 +79,8 @@ class ShardSettings:
             raise InputError(f"--max-size must be >= 0 (0 keeps the original size), got {self.max_size}")
         if self.max_pixels < 1:
             raise InputError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_file_mb < 1:
+            raise InputError(f"--max-file-mb must be >= 1, got {self.max_file_mb}")
         if not 1 <= self.jpeg_quality <= 100:
             raise InputError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.resample not in RESAMPLING:
@@ -245,14 +250,6 @@ def shard_input_hash(task: ShardTask) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_json_atomic(path: str, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", TEMP_SUFFIX)
 
@@ -264,7 +261,9 @@ def _convert_entry(task: ShardTask, entry: ImageEntry) -> ConvertedImage:
         raise SampleSkipped(NO_VALID_CAPTION, "no valid caption left")
     if not entry.image:
         raise SampleSkipped(MISSING_FILE, "empty file name")
-    data = read_image_file(os.path.join(task.source.images_dir, entry.image))
+    settings = task.settings
+    data = read_image_file(os.path.join(task.source.images_dir, entry.image), task.source.images_dir,
+                           settings.max_file_mb << 20, settings.allow_outside_images)
     return convert_image(data, task.settings)
 
 
@@ -316,7 +315,7 @@ def _shard_stats(task: ShardTask, successes: int, captions: int, failures: Failu
         "settings": asdict(task.settings),
         "input_hash": input_hash,
         "tar": {"name": os.path.basename(task.tar_path), "bytes": os.path.getsize(task.tar_path),
-                "sha256": _file_sha256(task.tar_path), "members": successes * len(TAR_SUFFIXES)},
+                "sha256": file_sha256(task.tar_path), "members": successes * len(TAR_SUFFIXES)},
     }
 
 
@@ -340,7 +339,7 @@ def completed_shard(task: ShardTask) -> Optional[ShardResult]:
             return None
         return ShardResult(task.index, int(stats["count"]), int(stats["successes"]), int(stats["captions"]),
                            FailureCounter.from_json(stats["failures"]), float(stats["duration"]), reused=True)
-    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, tarfile.TarError):
         return None
 
 
@@ -399,7 +398,7 @@ def update_sizes(out_dir: str, split: str, sizes: Dict[str, int]) -> None:
             loaded = json.load(handle)
         if isinstance(loaded, dict):
             merged = {k: v for k, v in loaded.items() if not (k.startswith(f"{split}-") and k.endswith(".tar"))}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     merged.update(sizes)
     write_json_atomic(path, dict(sorted(merged.items())))
@@ -441,12 +440,11 @@ def _progress_bar(total: int, label: str, enabled: bool):
 
 
 def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, workers: int = 1,
-                  policy: ExistingPolicy = "refuse", progress: bool = False,
-                  allow_outside_images: bool = False) -> SplitReport:
+                  policy: ExistingPolicy = "refuse", progress: bool = False) -> SplitReport:
     """Write all shards of one split; see the module docstring for the output format. Image paths that leave
-    the image folder (absolute, `..`) are bad rows unless ``allow_outside_images``."""
+    the image folder (absolute, `..`, a link out) are bad rows unless ``settings.allow_outside_images``."""
     start = time.time()
-    annotations = read_annotations(source.csv_path, allow_outside_images)
+    annotations = read_annotations(source.csv_path, settings.allow_outside_images)
     out_dir = os.path.join(out_root, source.dataset)
     tasks = make_tasks(source, annotations.entries, out_dir, settings)
     notes = _prepare_output(out_dir, source.split, len(tasks), policy)
@@ -469,7 +467,7 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
     update_sizes(out_dir, source.split, {task.name + ".tar": results[task.index].successes for task in tasks})
     report = SplitReport(
         source=source, out_dir=out_dir,
-        rows_read=annotations.rows_read + annotations.row_failures.counts.get(MALFORMED_ROW, 0),  # pandas drops those
+        rows_read=annotations.rows_read,
         unique_images=len(annotations.entries), images_written=sum(r.successes for r in ordered),
         captions_written=sum(r.captions for r in ordered), shards=len(tasks),
         shards_reused=sum(r.reused for r in ordered), image_failures=image_failures,
@@ -481,8 +479,7 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
 
 
 def convert_sources(sources: Sequence[SplitSource], out_root: str, settings: ShardSettings, workers: int = 1,
-                    policy: ExistingPolicy = "refuse", progress: bool = False,
-                    allow_outside_images: bool = False) -> List[SplitReport]:
+                    policy: ExistingPolicy = "refuse", progress: bool = False) -> List[SplitReport]:
     """All splits in order. Every CSV is read and checked before anything is written, so input errors fail fast."""
     for source in sources:
         check_csv(source.csv_path)
@@ -490,7 +487,7 @@ def convert_sources(sources: Sequence[SplitSource], out_root: str, settings: Sha
         existing = split_output_files(out_dir, source.split)
         if existing and policy == "refuse":
             _prepare_output(out_dir, source.split, 0, policy)  # raises with the message
-    return [convert_split(source, out_root, settings, workers, policy, progress, allow_outside_images)
+    return [convert_split(source, out_root, settings, workers, policy, progress)
             for source in sources]
 
 
