@@ -344,6 +344,12 @@ class ZvlModel:
             return float(self.model.temperature())
 
 
+def text_vocabulary_size(text_tower: nn.Module) -> int:
+    """Rows of the text tower's token embedding: a Hugging Face encoder's or OpenCLIP's, whichever it is."""
+    return int(text_tower.get_input_embeddings().num_embeddings if hasattr(text_tower, "get_input_embeddings")
+               else text_tower.token_embedding.num_embeddings)
+
+
 def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlModel:
     """Load a folder written by ``write_model_folder`` (``python -m zvl_ds.export``); no DeepSpeed, hub access
     or pretrained weights needed."""
@@ -371,5 +377,5 @@ def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlM
     model = build_model(cfg.model, cfg.loss)
     load_state_strict(model, read_weights(os.path.join(model_dir, WEIGHTS_FILE)), model_dir)
     cfg.model.text_encoder.tokenizer = os.path.abspath(os.path.join(model_dir, TOKENIZER_DIR))
-    tokenizer = load_tokenizer(cfg.model.text_encoder, vocab_size=model.text_tower.config.vocab_size)
+    tokenizer = load_tokenizer(cfg.model.text_encoder, vocab_size=text_vocabulary_size(model.text_tower))
     return ZvlModel(model, tokenizer, preprocessing, cfg, device)
