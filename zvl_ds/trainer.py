@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -38,6 +39,8 @@ from zvl_ds.runtime.optim import build_optimizer
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, signal_name
 from zvl_ds.runtime.records import drop_rows_after
 from zvl_ds.runtime.schedule import learning_rate
+
+LOG = logging.getLogger(__name__)
 
 
 def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -328,7 +331,10 @@ class Trainer:
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
-        self.monitor.close()
+        try:
+            self.monitor.close()
+        except SideOutputError as error:  # must not hide the error the run may be stopping with
+            LOG.warning(str(error))
 
 
 def check_data_sources(cfg: Config) -> None:
