@@ -5,6 +5,12 @@ and as a plain ``python zvl_ds/train.py``. Run by its path, Python puts ``zvl_ds
 is harmless because no module of the package is named like an installed package (a unit test keeps it so).
 This module only parses the command line, sets up the processes and the DeepSpeed config, and runs the
 ``Trainer`` (``trainer.py``), which wires the parts together.
+
+Exit codes: 0 done; 2 a user error (``error: ...``; the run folder in use by another job included); 75
+(``PREEMPTED_EXIT_CODE``) stopped by SIGTERM or SIGUSR1 after saving a complete checkpoint: start the same command
+again to resume; 128 + N ended at once by a second signal N or ``runner.preempt_timeout``; 1 a bug (traceback).
+Ranks come from torchrun's or the deepspeed launcher's variables, or from SLURM's under ``srun``
+(``runtime/dist.py``).
 """
 from __future__ import annotations
 
