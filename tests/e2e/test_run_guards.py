@@ -4,7 +4,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
