@@ -6,6 +6,12 @@ another name for ``--cfg``) and as a plain ``python zvl_ds/train.py``. Run by it
 is harmless because no module of the package is named like an installed package (a unit test keeps it so).
 This module only parses the command line, sets up the processes and the DeepSpeed config, and runs the
 ``Trainer`` (``trainer.py``), which wires the parts together.
+
+Exit codes: 0 done; 2 a user error (``error: ...``; the run folder in use by another job included); 75
+(``PREEMPTED_EXIT_CODE``) stopped by SIGTERM or SIGUSR1 after saving a complete checkpoint: start the same command
+again to resume; 128 + N ended at once by a second signal N or ``runner.preempt_timeout``; 1 a bug (traceback).
+Ranks come from torchrun's or the deepspeed launcher's variables, or from SLURM's under ``srun``
+(``runtime/dist.py``).
 """
 from __future__ import annotations
 
@@ -21,10 +27,12 @@ import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.config import ConfigError, check_world_size, load_config
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.atomic_write import write_text_atomic
-from zvl_ds.runtime.checkpoint import refuse_overwrite
+from zvl_ds.runtime.checkpoint import gather_failures, refuse_overwrite
 from zvl_ds.runtime.cli import run
 from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
 from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE
+from zvl_ds.runtime.run_lock import RunFolderBusy, acquire_run_lock
 from zvl_ds.runtime.wandb_sink import require_wandb
 from zvl_ds.trainer import Trainer, check_data_sources
 
@@ -69,12 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
     limit_cpu_threads(placement)
     ds_config = build_ds_config(args.deepspeed_config, cfg, world_size)
-    if dist.is_main_process():
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        write_text_atomic(os.path.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
+    lock_run_folder(cfg.run_dir)  # before anything is written there
     trainer = Trainer(cfg, ds_config, placement)
     try:
-        trainer.resume()
+        trainer.resume()  # refuses changed settings: config.yaml is rewritten only for a run that goes ahead
+        if dist.is_main_process():
+            write_text_atomic(os.path.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
         if cfg.evaluate:
             trainer.evaluate(trainer.step)
         else:
@@ -82,7 +90,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         trainer.close()
     dist.cleanup()
-    return 0
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
+
+
+def lock_run_folder(run_dir: str) -> None:
+    """Rank 0 locks the run folder for the life of the job; every rank stops (exit 2) when another job holds it."""
+    refusal = None
+    if dist.is_main_process():
+        try:
+            acquire_run_lock(run_dir)
+        except RunFolderBusy as error:
+            refusal = str(error)
+    refusals = gather_failures(refusal)
+    if refusals:
+        raise RunFolderBusy(refusals[0][1])
 
 
 def cli() -> int:

@@ -6,11 +6,13 @@ its optimizer and schedule (``runtime``), one configured step (``objective.build
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,20 +27,23 @@ from zvl_ds.model.dual_encoder import build_model, compile_towers
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
 from zvl_ds.objective.build import build_step
-from zvl_ds.objective.skip import SkipPolicy
+from zvl_ds.objective.skip import NonFiniteWeights, SkipPolicy, local_weights_finite, non_finite_weights_message
 from zvl_ds.objective.step import StepBatch, StepResult
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
-                                       load_checkpoint, needs_universal_conversion, read_latest, restore_rng_state,
-                                       save_checkpoint, written_folder)
+                                       gather_failures, load_checkpoint, needs_universal_conversion, read_latest,
+                                       restore_rng_state, save_checkpoint, written_folder)
 from zvl_ds.runtime.ema import EmaFileError, build_ema
 from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
-from zvl_ds.runtime.monitor import Monitor, PhaseTimer, peak_memory_bytes
+from zvl_ds.runtime.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
 from zvl_ds.runtime.optim import build_optimizer
+from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, signal_name
 from zvl_ds.runtime.records import drop_rows_after
 from zvl_ds.runtime.schedule import learning_rate
 from zvl_ds.runtime.wandb_sink import sinks_for
+
+LOG = logging.getLogger(__name__)
 
 
 def total_train_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -106,6 +111,9 @@ class Trainer:
         for tower, lock in getattr(self.engine.module, "tower_locks", {}).items():
             self.monitor.console(f"{tower}: the last {lock.unlocked} of {lock.groups} groups of blocks train, "
                                  f"{len(lock.frozen_parameters)} parameter tensors frozen")
+        self.preemption = PreemptionWatch(cfg.runner.preempt_timeout, self.rank)
+        self.preempted = False  # the run stopped on a signal after saving: train.py exits with PREEMPTED_EXIT_CODE
+        self.side_output_failure: Optional[str] = None
 
     def _refuse_code_in_checkpoint(self) -> None:
         """DeepSpeed (and its universal conversion) unpickles checkpoint files with ``weights_only=False``: every
@@ -132,9 +140,25 @@ class Trainer:
 
     def _record_keys(self, step: int, keys: List[str]) -> None:
         folder = os.path.join(self.run_dir, "sample_keys")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"rank_{self.rank}.txt"), "a", encoding="utf-8") as handle:
-            handle.write(f"{step} {' '.join(keys)}\n")
+        path = os.path.join(folder, f"rank_{self.rank}.txt")
+        with self._side_output(path):
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"{step} {' '.join(keys)}\n")
+
+    @contextlib.contextmanager
+    def _side_output(self, path: str):
+        """TensorBoard, eval_metrics.jsonl and sample_keys are side outputs: when one cannot be written (a full
+        disk) the failure is noted, and at the next step boundary every rank saves the training state before the
+        run stops with a message naming the path. Outside training (evaluate: true) it stops at once."""
+        try:
+            yield
+        except (SideOutputError, OSError) as error:
+            text = str(error) if isinstance(error, SideOutputError) else \
+                f"writing {path} failed: {error.strerror or error}"
+            if self.cfg.evaluate:
+                raise SideOutputError(text) from error
+            self.side_output_failure = self.side_output_failure or text
 
     def _shared_state(self) -> Dict:
         return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "skipped_steps": self.skips.total,
@@ -196,15 +220,18 @@ class Trainer:
                 metrics.update({f"{name}_ema": values for name, values in averaged.items()})
         finally:
             self.engine.train()
-        log_retrieval_examples(self.monitor, grids, step)
+        with self._side_output(self.monitor.tensorboard_dir):
+            log_retrieval_examples(self.monitor, grids, step)
         for name, values in metrics.items():
-            self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
-                                        if isinstance(value, (int, float))})
+            with self._side_output(self.monitor.tensorboard_dir):
+                self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
+                                            if isinstance(value, (int, float))})
             self.monitor.console(f"eval {name} @ step {step}: " + "  ".join(
                 f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "top1", "top5")
                 if key in values))
         if dist.is_main_process():
-            with open(os.path.join(self.run_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
+            path = os.path.join(self.run_dir, "eval_metrics.jsonl")
+            with self._side_output(path), open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
         return metrics
 
@@ -231,7 +258,8 @@ class Trainer:
         on_interval = step % self.cfg.log.interval_train == 0 or step == self.total_steps
         if on_interval:  # summing the counters over ranks is a collective: not on every step
             values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
-        self.monitor.scalars(step, values)
+        with self._side_output(self.monitor.tensorboard_dir):
+            self.monitor.scalars(step, values)
         if on_interval:
             self.monitor.train_line(step, result.loss, lr, samples_per_sec, result.temperature)
 
@@ -242,11 +270,50 @@ class Trainer:
             latest = read_latest(self.run_dir)
         self.skips.record(result, self.step, os.path.join(self.run_dir, latest) if latest else None)
 
+    def _last_good_checkpoint(self) -> Optional[str]:
+        latest = read_latest(self.run_dir)
+        return os.path.join(self.run_dir, latest) if latest else None
+
+    def _step_boundary(self, weights_changed: bool) -> Tuple[int, bool]:
+        """What every rank agrees on after a step, in one small all-reduce: weights left non-finite by the step
+        (the run stops before any checkpoint is written from them), and whether any rank received a preemption
+        signal (its number) or failed to write a side output; for those two every rank saves, then stops."""
+        weights_bad = weights_changed and not local_weights_finite(self.engine.module)
+        weights_bad, signal_number, side_failed = dist.max_over_ranks(
+            [int(weights_bad), self.preemption.signal_number, int(self.side_output_failure is not None)],
+            self.placement.device)
+        if weights_bad:
+            raise NonFiniteWeights(non_finite_weights_message(self.step, self._last_good_checkpoint()))
+        return signal_number, bool(side_failed)
+
+    def _stop(self, signal_number: int) -> None:
+        """After an agreed stop: the checkpoint first, then the message (and for a side output, its error)."""
+        side_failures = gather_failures(self.side_output_failure)
+        try:
+            if self.last_saved_step != self.step:
+                self.save()
+        except CheckpointError as error:
+            if side_failures:
+                raise SideOutputError(f"{side_failures[0][1]}; the checkpoint attempted first failed too: "
+                                      f"{error}") from None
+            raise
+        saved = self._last_good_checkpoint()
+        self.preemption.saved = True
+        if side_failures:
+            raise SideOutputError(f"{side_failures[0][1]} (rank {side_failures[0][0]}); the training state is "
+                                  f"saved first, in {saved}: free the space and start the same command to resume")
+        self.preempted = True
+        self.monitor.console(f"{signal_name(signal_number)} received (preemption): stopped after step {self.step}; "
+                             f"checkpoint {saved} is complete. Exiting with code {PREEMPTED_EXIT_CODE}: start the "
+                             "same command again to resume from it")
+
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> None:
         cfg = self.cfg
-        self.monitor.text("config", "```\n" + cfg.to_yaml() + "\n```")
+        self.preemption.start()
+        with self._side_output(self.monitor.tensorboard_dir):
+            self.monitor.text("config", "```\n" + cfg.to_yaml() + "\n```")
         self.monitor.console(f"training {self.total_steps} steps of {cfg.data.batch_size} samples "
                              f"({cfg.runner.name}, chunk {self.run_step.options.chunk}/rank, {self.world_size} ranks, "
                              f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
@@ -272,18 +339,28 @@ class Trainer:
             except DataLossError:  # raised on every rank at this step: keep the good state, then stop
                 self.save()
                 raise
+            signal_number, side_failed = self._step_boundary(result.applied)
+            if signal_number or side_failed:
+                self._stop(signal_number)
+                return
             if self.step % cfg.ckpt.step_interval == 0 or self.step == self.total_steps:
                 self.save()
             if self._should_evaluate(self.step):
                 self.evaluate(self.step)
         if self.last_saved_step != self.step:
             self.save()
-        self.monitor.flush()
+        with self._side_output(self.monitor.tensorboard_dir):
+            self.monitor.flush()
+        if self._step_boundary(weights_changed=False)[1]:  # a side output of the last evaluation failed
+            self._stop(0)
 
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
-        self.monitor.close()
+        try:
+            self.monitor.close()
+        except SideOutputError as error:  # must not hide the error the run may be stopping with
+            LOG.warning(str(error))
 
 
 def check_data_sources(cfg: Config) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -368,12 +369,51 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.text_encoder.config.{code_key}: a key that makes Hugging Face load Python code "
                           "from a model folder is not accepted (configs and model folders are data); use a model "
                           "that transformers implements")
-    if cfg.ckpt.keep_last < 1:
-        raise ConfigError(f"ckpt.keep_last: must be >= 1, got {cfg.ckpt.keep_last}")
-    if cfg.runner.collective_timeout <= 0:
-        raise ConfigError(f"runner.collective_timeout: must be > 0 seconds, got {cfg.runner.collective_timeout}")
+    _validate_run_length_and_intervals(cfg)
+    _validate_optimizer_numbers(cfg.optim)
     if not cfg.data.exp_name or "/" in cfg.data.exp_name:
         raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
+
+
+def _validate_run_length_and_intervals(cfg: Config) -> None:
+    """Values that would only fail (or hang, or divide by zero) hours into a run are refused now."""
+    for key, value in (("ckpt.keep_last", cfg.ckpt.keep_last), ("ckpt.step_interval", cfg.ckpt.step_interval),
+                       ("log.interval_train", cfg.log.interval_train)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    # every wait is bounded: a timeout is a positive number of seconds
+    for key, seconds in (("runner.collective_timeout", cfg.runner.collective_timeout),
+                         ("runner.preempt_timeout", cfg.runner.preempt_timeout),
+                         ("data.loader_timeout", cfg.data.loader_timeout)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ConfigError(f"{key}: must be a finite number of seconds > 0, got {seconds}")
+    if cfg.runner.train_steps < -1 or cfg.data.train_steps < -1:
+        raise ConfigError(f"runner.train_steps={cfg.runner.train_steps}, data.train_steps={cfg.data.train_steps}: "
+                          "> 0 fixes the number of steps; -1 (or 0) leaves it to the other key or to `epoch`")
+    steps_fixed = cfg.runner.train_steps > 0 or cfg.data.train_steps > 0
+    if not cfg.evaluate and not steps_fixed and cfg.epoch < 1:
+        raise ConfigError(f"epoch: must be >= 1 when neither runner.train_steps nor data.train_steps is > 0 (the "
+                          f"run would train no step), got {cfg.epoch}")
+
+
+def _validate_optimizer_numbers(optim: OptimConfig) -> None:
+    """A NaN, infinite or negative learning rate (or schedule value) would poison the weights at the first step."""
+    lr = optim.lr
+    for key, value in (("optim.lr.init", lr.init), ("optim.lr.min_lr", lr.min_lr),
+                       ("optim.lr.warmup_lr", lr.warmup_lr), ("optim.lr.lr_decay_rate", lr.lr_decay_rate),
+                       ("optim.lr.param.min_lr_scale", lr.param.min_lr_scale),
+                       ("optim.lr.param.num_cycles", lr.param.num_cycles),
+                       ("optim.param.weight_decay", optim.param.weight_decay), ("optim.param.eps", optim.param.eps),
+                       ("optim.param.momentum", optim.param.momentum), ("optim.grad_clip", optim.grad_clip)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
+    if not 0 <= lr.warmup_proportion <= 1:  # NaN fails this too
+        raise ConfigError(f"optim.lr.warmup_proportion: must be in [0, 1], got {lr.warmup_proportion}")
+    if lr.warmup_steps is not None and lr.warmup_steps < 0:
+        raise ConfigError(f"optim.lr.warmup_steps: must be >= 0 or null, got {lr.warmup_steps}")
+    for index, beta in enumerate(optim.param.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"optim.param.betas[{index}]: must be in [0, 1), got {beta}")
 
 
 # Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
@@ -396,11 +436,11 @@ def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
 def _validate_part_lrs(optim: OptimConfig) -> None:
     for part in MODEL_PARTS:
         mult, absolute = getattr(optim.lr_mult, part), getattr(optim.lr_abs, part)
-        if mult < 0:
+        if not (math.isfinite(mult) and mult >= 0):
             raise ConfigError(f"optim.lr_mult.{part}: must be >= 0, got {mult}")
         if absolute is None:
             continue
-        if absolute < 0:
+        if not (math.isfinite(absolute) and absolute >= 0):
             raise ConfigError(f"optim.lr_abs.{part}: must be >= 0, got {absolute}")
         if mult != 1.0:
             raise ConfigError(f"optim.lr_abs.{part}={absolute} and optim.lr_mult.{part}={mult}: give the part's "

@@ -675,7 +675,9 @@ class RunnerConfig:
     independent across ranks; `none`: do not reseed.
     """
     train_steps: int = -1
-    """> 0 fixes the number of optimizer steps (wins over `data.train_steps` and `epoch`)."""
+    """> 0 fixes the number of optimizer steps (wins over `data.train_steps` and `epoch`); -1 (or 0): not set, the run
+    length comes from `data.train_steps` or `epoch`.
+    """
     offload_inputs: bool = False
     """On CUDA: keep the step's images in pinned host memory and move them one chunk at a time (saves device memory for
     large `clip_bsgs` batches). No effect on CPU.
@@ -688,6 +690,11 @@ class RunnerConfig:
     """Seconds a rank may wait in one collective (all-reduce, barrier, broadcast) before the job fails, e.g. when
     another rank hangs. A rank that raises ends the job at once regardless; raise this only for collectives that
     legitimately wait long (a universal checkpoint conversion of a large model on rank 0).
+    """
+    preempt_timeout: float = 300.0
+    """Seconds a rank may take, after SIGTERM or SIGUSR1 (preemption, `scancel`, SLURM's `--signal`), to finish its
+    step and save the preemption checkpoint; past it the job ends at once without one (`latest` keeps the previous
+    complete checkpoint). Set it a little under the scheduler's grace period.
     """
     world_size: int = -1
     """LAVIS `run.world_size`: > 0 must equal the number of ranks the launcher started; -1: not checked."""

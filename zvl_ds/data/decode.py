@@ -20,6 +20,8 @@ from zvl_ds.data import reader
 from zvl_ds.data.failures import SampleSkipped
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.transforms import ImageTransform, TooManyPixels, to_uint8_chw
+from zvl_ds.runtime.preemption import ignore_preemption_signals
+from zvl_ds.runtime.run_lock import close_inherited_locks
 
 
 def _load_fields(loader: FieldLoader, raw: RawSample) -> Dict[str, bytes]:
@@ -109,6 +111,12 @@ def _keep(item):
     return item
 
 
+def _init_worker(worker_id: int) -> None:
+    """A forked worker outlives no preemption signal of its rank and holds no copy of the run folder's lock."""
+    ignore_preemption_signals()
+    close_inherited_locks()
+
+
 def _data_loader(dataset: IterableDataset, num_workers: int, timeout: float) -> DataLoader:
     if num_workers > 0:
         # Workers are forked after the tokenizer has been used here; its thread pool must not be inherited.
@@ -117,4 +125,5 @@ def _data_loader(dataset: IterableDataset, num_workers: int, timeout: float) -> 
     # generator (the workers seed everything themselves), which would shift the trainer's random stream.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
                       pin_memory=torch.cuda.is_available(), timeout=timeout if num_workers > 0 else 0,
-                      prefetch_factor=2 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=2 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=_init_worker if num_workers > 0 else None)

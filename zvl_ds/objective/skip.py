@@ -1,13 +1,45 @@
 """Skipped steps: counted, and too many in a row end the run, since it is diverging and must stop, not spin."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Optional
+
+import torch
 
 from zvl_ds.objective.step import StepResult
 
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive steps were skipped (non-finite loss, fp16 overflow)."""
+
+
+class NonFiniteWeights(TrainingAborted):
+    """A step left a weight infinite or NaN (an infinite learning rate, an overflowing update)."""
+
+
+def local_weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every weight this rank holds is finite (at ZeRO-3: its partition of each parameter).
+
+    One max-norm per dtype group (a NaN or inf anywhere makes it non-finite) and one host sync, so it can run
+    after every step; the trainer agrees on the answer over ranks before a checkpoint may be written.
+    """
+    groups = defaultdict(list)
+    for parameter in module.parameters():
+        held = getattr(parameter, "ds_tensor", parameter).detach()  # ZeRO-3 keeps the rank's partition there
+        if held.numel():
+            groups[(held.device, held.dtype)].append(held)
+    if not groups:
+        return True
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
+             for tensors in groups.values()]
+    return bool(torch.stack(flags).all())
+
+
+def non_finite_weights_message(step: int, last_checkpoint: Optional[str]) -> str:
+    return (f"step {step} left non-finite weights (NaN or inf; e.g. too high a learning rate or an overflowing "
+            f"update): the run stops before any checkpoint is written from them. Last good checkpoint: "
+            f"{last_checkpoint or 'none written yet'}; resume from it with a lower optim.lr.init or "
+            "optim.grad_clip set")
 
 
 class SkipPolicy:

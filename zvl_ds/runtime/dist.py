@@ -1,10 +1,17 @@
-"""Process-group setup and rank helpers (gloo on CPU, NCCL on GPUs), plus the gathers the loss uses."""
+"""Process-group setup and rank helpers (gloo on CPU, NCCL on GPUs), plus the gathers the loss uses.
+
+Ranks come from the launcher's variables (torchrun, the deepspeed launcher: ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Without them, under SLURM's ``srun`` (one task per GPU) they come
+from SLURM's: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the first host of the step's or job's node list
+as the rendezvous address, and a port derived from the job id (``slurm_port``) unless ``MASTER_PORT`` is set.
+"""
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
-from typing import Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +27,51 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+SLURM_NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM host list, expanded without ``scontrol``: ``node[01-04,07],gpu5`` -> ``node01``,
+    ``rack[1-2]-n[3-4]`` -> ``rack1-n3``."""
+    depth, end = 0, len(nodelist)
+    for index, char in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    entry = nodelist[:end].strip()
+    # each bracket group stands for its first value: the start of its first range, zero padding kept
+    host = re.sub(r"\[([^\]]*)\]", lambda match: match.group(1).split(",")[0].split("-")[0], entry)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"cannot read the first host of the SLURM node list {nodelist!r}")
+    return host
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port every task of a job computes alike; jobs sharing a node get different ones."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else SLURM_PORT_BASE
+
+
+def slurm_launch_env(environ: Mapping[str, str]) -> Dict[str, str]:
+    """The launcher variables that ``srun`` implies: {} unless this process is a SLURM task and no launcher (torchrun,
+    the deepspeed launcher) set its own, which win."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return {}
+    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return {}
+    values = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+              "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    if "SLURM_NTASKS_PER_NODE" in environ:
+        values["LOCAL_WORLD_SIZE"] = environ["SLURM_NTASKS_PER_NODE"]
+    if "MASTER_ADDR" not in environ:
+        nodelist = next((environ[name] for name in SLURM_NODELIST_VARIABLES if environ.get(name)), None)
+        values["MASTER_ADDR"] = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        values["MASTER_PORT"] = str(slurm_port(environ.get("SLURM_JOB_ID", "")))
+    return values
 
 
 def _single_process_env() -> None:
@@ -48,6 +100,7 @@ def init_distributed(backend: Optional[str] = None, use_deepspeed: bool = True,
     """
     if dist.is_available() and dist.is_initialized():
         return
+    os.environ.update(slurm_launch_env(os.environ))
     _single_process_env()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -85,6 +138,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def max_over_ranks(values: Sequence[int], device: Optional[torch.device] = None) -> List[int]:
+    """Element-wise maximum of small integers over every rank: one tiny all-reduce (the step boundary's flags)."""
+    if get_world_size() == 1:
+        return [int(value) for value in values]
+    tensor = torch.tensor([int(value) for value in values], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(value) for value in tensor.tolist()]
 
 
 def cleanup() -> None:

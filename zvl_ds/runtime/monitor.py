@@ -11,7 +11,13 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
+from zvl_ds.runtime.errors import UserError
+
 LOG = logging.getLogger(__name__)
+
+
+class SideOutputError(UserError):
+    """A side output of a run (TensorBoard events, eval_metrics.jsonl, sample_keys) could not be written."""
 
 
 class PhaseTimer:
@@ -74,10 +80,22 @@ class Monitor:
         self.sinks = list(sinks) if enabled else []
         self._start_time: Optional[float] = None
         self._start_step = 0
+        self.tensorboard_dir = os.path.join(run_dir, "tensorboard")
         if enabled and use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            with self._writing():
+                self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk under the TensorBoard folder surfaces (often a write later, from the writer's thread) as an
+        OSError naming no file: name the folder."""
+        try:
+            yield
+        except OSError as error:
+            raise SideOutputError(f"writing TensorBoard events under {self.tensorboard_dir} failed: "
+                                  f"{error.strerror or error}") from error
 
     def start(self, step: int) -> None:
         self._start_time = time.time()
@@ -85,19 +103,22 @@ class Monitor:
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self.writer is not None:
-            for name, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(name, float(value), step)
+            with self._writing():
+                for name, value in values.items():
+                    if value is not None:
+                        self.writer.add_scalar(name, float(value), step)
         for sink in self.sinks:
             sink.scalars(step, values)
 
     def text(self, name: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
-            self.writer.add_text(name, text, step)
+            with self._writing():
+                self.writer.add_text(name, text, step)
 
     def image(self, name: str, image_hwc_uint8, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_image(name, image_hwc_uint8, step, dataformats="HWC")
+            with self._writing():
+                self.writer.add_image(name, image_hwc_uint8, step, dataformats="HWC")
         for sink in self.sinks:
             sink.image(name, image_hwc_uint8, step)
 
@@ -117,11 +138,14 @@ class Monitor:
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            with self._writing():
+                writer.close()
         for sink in self.sinks:
             sink.close()
         self.sinks = []
