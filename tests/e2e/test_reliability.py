@@ -294,12 +294,12 @@ def test_run_turns_user_errors_into_one_line_and_exit_2(capsys):
 
 
 def test_wrong_data_path_exits_2_before_the_model_is_built(tmp_path, monkeypatch, capsys):
-    from zvl_ds import train
+    from zvl_ds import train, trainer
 
     def built(*args, **kwargs):
         raise AssertionError("the model or the process group was set up before the data sources were checked")
 
-    monkeypatch.setattr(train, "build_model", built)
+    monkeypatch.setattr(trainer, "build_model", built)  # the Trainer builds the model
     monkeypatch.setattr(train.dist, "init_distributed", built)
     argv = ["--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), f"data.data_path={tmp_path / 'nowhere'}",
             f"ckpt.dir={tmp_path}"]
