@@ -216,6 +216,11 @@ def test_a_stalled_shard_ends_the_loader_after_loader_timeout_naming_the_shards(
     reader_thread.join(45)
     assert outcome, "the loader still waits on the stalled shard 45 s later: data.loader_timeout had no effect"
     loader.close()
+    # the stuck worker ignores SIGTERM (preemption is the rank's to handle): closing must end it all the same,
+    # or this process would wait for it forever at exit
+    import multiprocessing
+
+    assert not [child for child in multiprocessing.active_children() if child.is_alive()]
     assert time.monotonic() - start < 3 + 30
     assert isinstance(outcome[0], LoaderTimeout), repr(outcome[0])
     message = str(outcome[0])

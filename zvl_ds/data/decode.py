@@ -117,6 +117,19 @@ def _init_worker(worker_id: int) -> None:
     close_inherited_locks()
 
 
+def end_workers(iterator) -> None:
+    """Stop a DataLoader iterator's workers. They ignore the preemption signals (``_init_worker``), SIGTERM among
+    them, so the SIGTERM of DataLoader's own shutdown cannot end a worker stuck in a read (a hung filesystem, a pipe
+    with no writer); whatever is still alive after the shutdown is killed, so that closing never waits forever."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(iterator, "_workers", None) or []:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
 def _data_loader(dataset: IterableDataset, num_workers: int, timeout: float) -> DataLoader:
     if num_workers > 0:
         # Workers are forked after the tokenizer has been used here; its thread pool must not be inherited.

@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from zvl_ds.config import Config
 from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _json_meta,
-                                _load_fields, _private_torch_rng)
+                                _load_fields, _private_torch_rng, end_workers)
 from zvl_ds.data.failures import (MAX_EXAMPLES, DataLossError, FailureCounter, SampleSkipped, SkipBudget,
                                   shards_named, sum_counts)
 from zvl_ds.data.pieces import SourceStream
@@ -295,9 +295,7 @@ class TrainLoader:
 
     def _close_iterator(self) -> None:
         if self._iterator is not None:
-            shutdown = getattr(self._iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            end_workers(self._iterator)
             self._iterator = None
         self._faults_before = self.error_counts()
         self._faults_by_worker = {}
