@@ -16,7 +16,7 @@ from zvl_ds.config import ConfigError, load_config
 from zvl_ds.objective.skip import local_weights_finite
 from zvl_ds.runtime.dist import first_slurm_host, slurm_launch_env, slurm_port
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S
-from zvl_ds.runtime.run_lock import LOCK_FILE, RunFolderBusy, acquire_run_lock
+from zvl_ds.runtime.run_lock import LOCK_FILE, RunFolderBusy, acquire_run_lock, release_run_lock
 
 DEMO = os.path.join(REPO_ROOT, "configs", "demo.yaml")
 
@@ -115,7 +115,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_a_killed_holder_leaves_no
         holder.wait(timeout=30)
         fd = acquire_run_lock(run_dir)
         assert fd is not None and f'"pid": {os.getpid()}' in (tmp_path / "run" / LOCK_FILE).read_text()
-        os.close(fd)
+        release_run_lock(fd)
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # the holder's session: the forked child too
         holder.wait(timeout=30)
@@ -194,3 +194,25 @@ def test_local_weights_finite_finds_one_bad_value_in_any_dtype():
         with torch.no_grad():
             module[1].weight[1, 2] = 0.5
         assert local_weights_finite(module)
+
+
+def test_a_worker_closes_only_the_lock_never_a_reused_descriptor(tmp_path):
+    """The lock's descriptor closed in this process and its number reused (here by a pipe): a forked loader worker's
+    close_inherited_locks must leave the pipe alone (closing it hung the next DataLoader)."""
+    from zvl_ds.runtime import run_lock
+
+    fd = acquire_run_lock(str(tmp_path / "run"))
+    os.close(fd)  # closed behind the lock's back: the number is free again
+    read_end, write_end = os.pipe()
+    reused = read_end if read_end == fd else write_end if write_end == fd else None
+    try:
+        if reused is None:
+            pytest.skip("the operating system gave the pipe other descriptor numbers")
+        run_lock.close_inherited_locks()
+        os.fstat(reused)  # still open: raises OSError if the worker-side clean-up closed it
+    finally:
+        for end in (read_end, write_end):
+            try:
+                os.close(end)
+            except OSError:
+                pass

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import socket
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from zvl_ds.runtime.errors import UserError
 
@@ -26,9 +26,11 @@ LOG = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 
-# file descriptors of locks this process holds: a forked child (a DataLoader worker) closes its copies, so that the
-# lock goes away with this process and not with the last of its children
-_HELD: List[int] = []
+# locks this process holds, as (file descriptor, (device, inode) of the lock file): a forked child (a DataLoader
+# worker) closes its copies, so that the lock goes away with this process and not with the last of its children.
+# The file's identity is kept because a descriptor number closed elsewhere is reused (for a pipe, say), and a
+# child must never close what is no longer the lock.
+_HELD: List[Tuple[int, Tuple[int, int]]] = []
 
 
 class RunFolderBusy(UserError):
@@ -71,15 +73,29 @@ def acquire_run_lock(run_dir: str) -> Optional[int]:
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    _HELD.append(fd)
+    status = os.fstat(fd)
+    _HELD.append((fd, (status.st_dev, status.st_ino)))
     return fd
+
+
+def release_run_lock(fd: int) -> None:
+    """Give up a lock ``acquire_run_lock`` returned (close its descriptor and forget it)."""
+    _HELD[:] = [(held, identity) for held, identity in _HELD if held != fd]
+    os.close(fd)
+
+
+def _same_file(fd: int, identity: Tuple[int, int]) -> bool:
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return False
+    return (status.st_dev, status.st_ino) == identity
 
 
 def close_inherited_locks() -> None:
     """In a forked child (a loader worker): close the inherited lock descriptors, so the lock is released as soon
     as the process that took it ends, even if a child outlives it for a moment."""
     while _HELD:
-        try:
-            os.close(_HELD.pop())
-        except OSError:
-            pass
+        fd, identity = _HELD.pop()
+        if _same_file(fd, identity):
+            os.close(fd)
