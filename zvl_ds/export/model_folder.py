@@ -371,7 +371,9 @@ def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlM
     preprocessing = read_preprocessing(os.path.join(model_dir, PREPROCESS_FILE))
     try:
         cfg = config_from_dict({"model": meta["model"], "loss": meta["loss"]})
-    except (ConfigError, KeyError, TypeError, AttributeError) as error:
+    except ConfigError as error:  # its message names the key already
+        raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)}: {error}") from None
+    except (KeyError, TypeError, AttributeError) as error:
         raise ExportError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)}: {type(error).__name__}: {error}") from None
     preprocessing.apply_to(cfg)
     model = build_model(cfg.model, cfg.loss)
