@@ -69,9 +69,12 @@ def test_a_failing_or_late_stage_is_recorded_and_the_next_one_runs(tmp_path, mon
         assert json.loads((tmp_path / f"{name}.json").read_text())["status"] == records[name]["status"]
     assert json.loads((tmp_path / "report.json").read_text())["stages"].keys() == records.keys()
 
-    short = replace(SMOKE, budgets={"raises": 60}, total_seconds=24)  # too little left after the first stage
+    # too little left after the first stage, whatever the machine's speed: it uses its whole 25 s budget (it
+    # sleeps past it), which leaves at most 15 s of the run's 40 s, under the 20 s a stage needs to start
+    short = replace(SMOKE, budgets={"late": 25}, total_seconds=40)
     report = run_report(str(tmp_path / "short"), short, smoke=True, log=lambda line: None,
-                        stages=[stages[0], stages[4]])
+                        stages=[stages[1], stages[4]])
+    assert report["stages"]["late"]["status"] == "timeout"
     assert report["stages"]["no_time"]["status"] == "skipped"
 
 

@@ -234,20 +234,18 @@ class TokenizerMismatch(UserError, OSError):
     or far fewer tokens than the tower's vocabulary."""
 
 
-# a tokenizer may have a few tokens fewer than the embedding has rows (vocabularies padded to a round size), not more
-MIN_VOCABULARY_SHARE = 0.9
-
 
 def check_tokenizer(tokenizer, where: str, vocab_size: Optional[int] = None) -> None:
     """Refuse a tokenizer with no ordinary token (every word would become the unknown token), or, given the text
-    tower's ``vocab_size``, one whose token ids would not fit it or cover only part of it."""
+    tower's ``vocab_size``, one whose token ids would not fit it. Fewer tokens than rows is allowed: vocabularies
+    are padded to round sizes, and a tower built from a config may be wider than the tokenizer it is trained with."""
     size = len(tokenizer)
     special = set(getattr(tokenizer, "all_special_tokens", []))
     if size <= len(special):
         raise TokenizerMismatch(f"tokenizer {where} has only {size} tokens, all of them special "
                                 f"({', '.join(sorted(special))}): its vocabulary file (tokenizer.json, vocab.txt ...) "
                                 "is missing, and every word would become the unknown token")
-    if vocab_size is not None and not MIN_VOCABULARY_SHARE * vocab_size <= size <= vocab_size:
+    if vocab_size is not None and size > vocab_size:
         raise TokenizerMismatch(f"tokenizer {where} has {size} tokens, the text tower's vocabulary {vocab_size}: it is "
                                 "not the tokenizer the tower was trained with")
 
