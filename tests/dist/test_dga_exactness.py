@@ -12,7 +12,7 @@ import torch
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
 from zvl_ds.objective.exactness import compare_tensors, reference_loss
-from zvl_ds.objective.mixup import MixupDraw
+from zvl_ds.model.mixing import MixupDraw
 
 GLOBAL_BATCH = 16
 STEPS = 2
@@ -68,7 +68,8 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.step import RUNNERS, StepBatch
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
-    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.model.build import build_model
+    from zvl_ds.model.towers import compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk, chunk_cols, extra)
@@ -90,7 +91,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     cfg.runner.name = runner
     # the trainer's options, partner map and per-step seeding; the mixup draws are the test's own (both sides,
     # asymmetric lambdas). The reference seeds each rank from its own derivation (reference_rank_seed)
-    configured = build_step(cfg, world_size, rank, prepare_images=lambda x: normalise(x, dtype))
+    configured = build_step(cfg, world_size, rank, dtype=dtype)  # normalises as the test's normalise() does
     per_rank_chunk = chunk // world_size if runner == "clip_bsgs" else per_rank
     assert configured.options.chunk == per_rank_chunk
     options, partner = configured.options, configured.partner
@@ -108,7 +109,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
 
 
 def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", runner="clip_bsgs", extra=()):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk, extra=extra)
@@ -210,7 +211,7 @@ def test_single_pass_runner_matches_reference():
 
 def update_difference(params, expected):
     """||update - reference update|| / ||reference update|| over all parameters."""
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = make_cfg()
     torch.manual_seed(cfg.seed)
@@ -280,7 +281,7 @@ LOCKED = ["model.image_encoder.unlocked_groups=1", "model.text_encoder.unlocked_
 
 @pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 1), (2, 2), (2, 3)])
 def test_partly_locked_towers_train_only_their_last_groups_at_every_zero_stage(world_size, stage):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     params, losses, trainable = run(world_size, stage, extra=LOCKED, with_counts=True)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, extra=LOCKED)

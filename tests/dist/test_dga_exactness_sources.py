@@ -15,14 +15,14 @@ from tests.dist.test_dga_exactness import (GLOBAL_BATCH, LR, MEAN, STD, assert_c
 from tests.helpers.dist_utils import run_distributed
 from zvl_ds.config import load_config
 from zvl_ds.objective.exactness import reference_loss
-from zvl_ds.model.tiny_checkpoints import CLIP_TEMPERATURE, SIGLIP_BIAS, SIGLIP_SCALE
+from tools.tiny_checkpoints import CLIP_TEMPERATURE, SIGLIP_BIAS, SIGLIP_SCALE
 
 CHUNK = 4
 LOSS_OF = {"hf_clip": "MixUpNCE", "hf_siglip": "SigLIP", "open_clip": "NCE"}
 
 
 def write_source(kind, folder):
-    from zvl_ds.model.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
+    from tools.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
 
     if kind == "open_clip":
         pytest.importorskip("open_clip")
@@ -45,7 +45,7 @@ def make_cfg(kind, folder):
 def _worker(rank, world_size, kind, folder, stage):
     import deepspeed
 
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.step import RUNNERS, StepBatch, step_seed
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
@@ -62,7 +62,7 @@ def _worker(rank, world_size, kind, folder, stage):
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     batch = StepBatch(images[local], input_ids[local], attention_mask[local])
     cfg.runner.name = "clip_bsgs"
-    step = build_step(cfg, world_size, rank, prepare_images=normalise)
+    step = build_step(cfg, world_size, rank)  # normalises as the test's normalise() does
     losses = []
     for index, mixup in enumerate(draws_for(cfg.loss.name, ("image", "text"))):
         torch.manual_seed(step_seed(cfg.seed, index, rank))
@@ -76,7 +76,7 @@ def _worker(rank, world_size, kind, folder, stage):
 
 
 def reference(kind, folder, world_size):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(kind, folder)

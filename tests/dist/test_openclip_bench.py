@@ -19,7 +19,7 @@ def test_clip_loss_copy_is_symmetric_infonce_with_a_multiplied_scale():
 
 
 def test_accum_freq_step_applies_the_full_batch_gradient():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss_copy
 
     cfg = load_config(None, ["model.arch=tiny", "loss.temperature.name=parameter", "loss.temperature.value=0.1",

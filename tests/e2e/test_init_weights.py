@@ -32,7 +32,7 @@ def train(shards, out_dir, exp_name, extra, ds_config=None):
 @pytest.fixture(scope="module")
 def exported(shards, tmp_path_factory):
     """(output folder, exported model folder) of a 2-step run at a high learning rate (weights far from init)."""
-    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.formats import export_model
 
     out = tmp_path_factory.mktemp("init_weights")
     train(shards, out, "source", ["runner.train_steps=2", "optim.lr.init=1e-2", "optim.lr.warmup_steps=0"])
@@ -41,8 +41,8 @@ def exported(shards, tmp_path_factory):
 
 def test_fine_tuning_starts_from_the_exported_weights_and_resume_keeps_its_own(shards, exported):
     from zvl_ds.config import load_config
-    from zvl_ds.export.consolidate import load_run
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.saved_run import load_run
+    from zvl_ds.model.build import build_model
 
     out, folder = exported
     source = load_file(os.path.join(folder, "model.safetensors"))
@@ -75,7 +75,7 @@ def test_fine_tuning_starts_from_the_exported_weights_and_resume_keeps_its_own(s
 def test_zero3_run_starts_from_a_checkpoint_folder(shards, exported):
     """The source run's step folder, consolidated (its weights are the export's), loaded before DeepSpeed
     partitions the parameters: ZeRO-3 gets every weight of the source."""
-    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.model.saved_run import load_run
 
     out, folder = exported
     done = train(shards, out, "finetune_zero3", ["runner.train_steps=1", "optim.lr.init=0",

@@ -96,7 +96,7 @@ def tiny_model_source(kind):
     """A tiny checkpoint folder of ``kind`` (tools/make_tiny_checkpoint.py), standing in for the reader's own."""
     import tempfile
 
-    from zvl_ds.model.tiny_checkpoints import write_tiny_checkpoint
+    from tools.tiny_checkpoints import write_tiny_checkpoint
 
     return write_tiny_checkpoint(kind, os.path.join(tempfile.mkdtemp(prefix="readme_"), kind))
 

@@ -18,11 +18,11 @@ from tests.helpers.paths import REPO_ROOT
 from tests.helpers.dist_utils import free_port
 from tests.e2e.test_train import BIN, TRAIN, common_args
 from tests.helpers.processes import child_env
-from zvl_ds.runtime.atomic_write import atomic_folder, atomic_path
+from zvl_ds.base.atomic_write import atomic_folder, atomic_path
 from zvl_ds.runtime.checkpoint import CheckpointError, find_resume_point, refuse_overwrite
-from zvl_ds.runtime.cli import run
-from zvl_ds.runtime.errors import UserError
-from zvl_ds.runtime.records import drop_rows_after
+from zvl_ds.base.cli import run
+from zvl_ds.base.errors import UserError
+from zvl_ds.observe.records import drop_rows_after
 
 # Plants one fault, chosen by ZVL_TEST_FAULT, in one rank, then runs the trainer as zvl_ds/train.py would.
 # ZVL_TEST_FAULT_MARK receives the time the fault fired, so the test can measure how long the job took to end.
@@ -32,7 +32,7 @@ import errno, os, sys, time
 import torch
 
 from zvl_ds import train
-from zvl_ds.runtime.cli import run
+from zvl_ds.base.cli import run
 
 FAULT, RANK = os.environ["ZVL_TEST_FAULT"], int(os.environ["RANK"])
 

@@ -250,7 +250,7 @@ def model_folder(tmp_path_factory):
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
     from zvl_ds.export.model_folder import write_model_folder
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "transforms.resize.size=32", "transforms.center_crop.size=32",
                              "transforms.input_size=32"])
@@ -296,8 +296,8 @@ def _unknown_preprocess_key(folder):
 def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folder, tmp_path, plant):
     from PIL import Image
 
-    from zvl_ds.export.model_folder import load_model
-    from zvl_ds.runtime.errors import UserError
+    from zvl_ds.model.inference import load_model
+    from zvl_ds.base.errors import UserError
 
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)

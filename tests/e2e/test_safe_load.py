@@ -40,7 +40,7 @@ def test_the_payload_is_real(tmp_path):
 
 
 def test_check_refuses_a_crafted_file_by_name_without_running_it(tmp_path):
-    from zvl_ds.runtime.errors import UserError
+    from zvl_ds.base.errors import UserError
     from zvl_ds.model.safe_load import check_checkpoint_folder
 
     marker = tmp_path / "pwned"

@@ -37,7 +37,7 @@ def test_zero1_resumed_on_one_rank_re_splits_its_optimizer_state(shards, tmp_pat
 
 
 def test_zero3_resumed_on_one_rank_loads_the_weights_only_and_says_so(shards, tmp_path):
-    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.model.saved_run import load_run
 
     run_training(torchrun(args_for(3, shards, tmp_path, 2)), tmp_path)
     # learning rate 0 (AdamW's decay is scaled by it too): step 3 changes nothing, so its weights are the ones loaded

@@ -19,7 +19,7 @@ from zvl_ds.config.schema import Config
 from zvl_ds.config.reference import key_help
 
 KEY_HELP = key_help()  # each key's meaning, read from the docstring under its field in zvl_ds/config/schema.py
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
               "lavis-model": "--lavis-model", "presets": "--presets", "lavis-datasets": "--lavis-datasets"}

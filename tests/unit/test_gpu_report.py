@@ -17,7 +17,7 @@ from zvl_ds.bench.gpu_report import (GPU, SMOKE, STAGE_NAMES, Stage, fill_random
                                      predict_largest_chunk, run_report, run_stage)
 from zvl_ds.bench.openclip_train import openclip_model_config, samples_per_second, step_rates
 from zvl_ds.config import load_config
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 GIB = 2 ** 30
 
@@ -133,7 +133,7 @@ def test_openclip_builds_the_same_towers_as_zvl_ds(tmp_path):
     import open_clip
 
     from zvl_ds.bench.openclip_train import write_model_folder
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, list(SMOKE.towers))
     name = write_model_folder(cfg, str(tmp_path / "model"))

@@ -36,7 +36,7 @@ import torch
 
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.bench.step import DGA, VIT_B16_BERT_BASE
-from zvl_ds.runtime.atomic_write import write_text_atomic
+from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.runtime.dist import free_port
 
 REPORT_FILE = "report.json"
@@ -196,7 +196,7 @@ def dga_throughput(towers: Sequence[str], device: str, precision: str, global_ba
     engine. Without ``chunk``, two probe steps predict the largest of ``chunks`` that fits."""
     from zvl_ds.bench.step import _bench_step, _setup_engine, _timed_steps, model_flops_per_sample
     from zvl_ds.config import load_config
-    from zvl_ds.runtime.monitor import peak_memory_bytes
+    from zvl_ds.observe.monitor import peak_memory_bytes
 
     def config(batch: int, size: int, cols: int):
         return load_config(None, report_overrides(towers, device, precision, batch, size, cols)
@@ -260,7 +260,7 @@ def big_step(towers: Sequence[str], device: str, precision: str, global_batch: i
 
     from zvl_ds.bench.step import _bench_step, _setup_engine
     from zvl_ds.config import load_config
-    from zvl_ds.runtime.monitor import peak_memory_bytes
+    from zvl_ds.observe.monitor import peak_memory_bytes
 
     cfg = load_config(None, report_overrides(towers, device, precision, global_batch, chunk, tile_cols))
     engine, placement = _setup_engine(cfg, zero_stage)
@@ -571,12 +571,12 @@ def main_gpu_report(out: str, smoke: bool, stage_names: Optional[Sequence[str]] 
     if total_seconds:
         sizes = replace(sizes, total_seconds=total_seconds)
     if not smoke and not torch.cuda.is_available():
-        from zvl_ds.runtime.errors import UserError
+        from zvl_ds.base.errors import UserError
 
         raise UserError("gpu-report needs a CUDA device; --smoke runs every stage on the CPU at tiny sizes")
     unknown = sorted(set(stage_names or ()) - set(STAGE_NAMES))
     if unknown:
-        from zvl_ds.runtime.errors import UserError
+        from zvl_ds.base.errors import UserError
 
         raise UserError(f"--stages: unknown stage(s) {unknown} (valid: {', '.join(STAGE_NAMES)})")
     report = run_report(out, sizes, stage_names, smoke=smoke)

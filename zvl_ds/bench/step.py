@@ -14,7 +14,8 @@ import torch
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.config import Config, load_config
 from zvl_ds.runtime.dist import free_port
-from zvl_ds.runtime.engine import DTYPES, Placement
+from zvl_ds.objective.step import ImagePreparation
+from zvl_ds.runtime.engine import DTYPES
 
 _STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
 
@@ -32,7 +33,8 @@ DGA = ["runner.name=clip_bsgs"]
 def _setup_engine(cfg: Config, stage: int, compile_backend: str = "inductor"):
     from zvl_ds.runtime import dist
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
-    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.model.build import build_model
+    from zvl_ds.model.towers import compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
     dist.init_distributed()
@@ -58,7 +60,7 @@ def _bench_step(cfg: Config, placement):
     """The trainer's step for ``cfg`` on one rank (``objective.build``)."""
     from zvl_ds.objective.build import build_step
 
-    return build_step(cfg, 1, 0, placement.device, _normaliser(cfg, placement))
+    return build_step(cfg, 1, 0, placement.device, placement.dtype)
 
 
 def _time_steps(engine, step, batch, steps: int, warmup: int, device) -> float:
@@ -160,7 +162,8 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
     """
     from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
-    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.model.build import build_model
+    from zvl_ds.model.towers import compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
     global_batch = chunk * chunks
@@ -176,7 +179,7 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     optimizer = build_optimizer(model, cfg.optim, placement.device)
     loss_fn, loss_source = clip_loss()
     # open_clip's loader hands over normalised float images; they are ready on the device before timing starts
-    normalise = _normaliser(cfg, Placement(placement.device, torch.float32))
+    normalise = ImagePreparation(cfg.transforms.normalize, placement.device, torch.float32)
     micro = [(normalise(batch.images[i:i + chunk]), batch.input_ids[i:i + chunk], batch.attention_mask[i:i + chunk])
              for i in range(0, global_batch, chunk)]
     amp = DTYPES[precision]
@@ -203,15 +206,9 @@ def _time_calls(call, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _normaliser(cfg: Config, placement):
-    from zvl_ds.data import normalize_images
-
-    return lambda images: normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)
-
-
 def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stage: int) -> Dict[str, float]:
     """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
-    from zvl_ds.runtime.monitor import peak_memory_bytes
+    from zvl_ds.observe.monitor import peak_memory_bytes
 
     cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
                                                      f"data.batch_size_train={chunk}", "loss.name=MixUpNCE"])
@@ -279,7 +276,7 @@ def model_flops_per_sample(cfg: Config) -> float:
     """Forward FLOPs of one image-text pair, counted by torch's FLOP counter on the real model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     model = build_model(cfg.model, cfg.loss)
     size = cfg.model.image_encoder.img_size or cfg.transforms.input_size

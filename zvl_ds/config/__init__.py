@@ -3,7 +3,7 @@
 One concern per module: ``schema`` (the sections and the keys that act, with what each means), ``load`` (YAML,
 ``_base_``, overrides, presets, typed conversion, validation), ``compat`` (LAVIS's ``run:`` block and the ZeroVL keys
 accepted without effect), ``reference`` (the generated tables of docs/configuration.md and docs/lavis-zerovl.md);
-model presets live in ``zvl_ds.model.presets``.
+model presets live in ``zvl_ds.config.presets``.
 ``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config; config errors exit with code 2.
 
 The names below are what the rest of zvl_ds imports from here.

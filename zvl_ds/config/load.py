@@ -14,13 +14,14 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
+from zvl_ds.base.package_paths import is_package_path, resolve_package_path
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
                                   lavis_model_hint, lavis_run_target, report_without_effect, take_accepted_keys)
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.model_sources import apply_model_source
-from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
+from zvl_ds.config.keys import code_loading_key, deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,8 +273,6 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 def _resolve_package_paths(cfg: Config) -> None:
     """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
-    from zvl_ds.runtime.package_paths import is_package_path, resolve_package_path
-
     for section, key, where in ((cfg.model.image_encoder, "pretrained", "model.image_encoder"),
                                 (cfg.model.text_encoder, "tag", "model.text_encoder"),
                                 (cfg.model.text_encoder, "tokenizer", "model.text_encoder"),
@@ -364,7 +363,7 @@ def _validate(cfg: Config) -> None:
     _validate_tuning_options(cfg.model)
     if len(cfg.optim.param.betas) != 2:
         raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
-    code_key = _code_loading_key(cfg.model.text_encoder.config)
+    code_key = code_loading_key(cfg.model.text_encoder.config)
     if code_key:
         raise ConfigError(f"model.text_encoder.config.{code_key}: a key that makes Hugging Face load Python code "
                           "from a model folder is not accepted (configs and model folders are data); use a model "
@@ -414,23 +413,6 @@ def _validate_optimizer_numbers(optim: OptimConfig) -> None:
     for index, beta in enumerate(optim.param.betas):
         if not 0 <= beta < 1:
             raise ConfigError(f"optim.param.betas[{index}]: must be in [0, 1), got {beta}")
-
-
-# Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
-CODE_LOADING_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
-
-
-def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
-    """The dotted path of the first code-loading key in a (nested) Hugging Face config mapping, else None."""
-    if not isinstance(fields, dict):
-        return None
-    for key, value in fields.items():
-        if key in CODE_LOADING_KEYS:
-            return f"{prefix}{key}"
-        found = _code_loading_key(value, f"{prefix}{key}.")
-        if found:
-            return found
-    return None
 
 
 def _validate_part_lrs(optim: OptimConfig) -> None:

@@ -22,11 +22,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 
-from zvl_ds.runtime.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem the user must fix; the message names the key path."""
+from zvl_ds.base.errors import ConfigError  # noqa: F401  (zvl_ds.config.ConfigError: the sections raise it)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
 from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_train_datasets
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
 
 STATE_FORMAT = 1

@@ -32,7 +32,7 @@ from PIL import Image
 
 from zvl_ds.config import CaptionAugConfig, CaptionTextConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
 from zvl_ds.data.writing.images import DEFAULT_MAX_PIXELS
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 PACKAGE_PREFIX = "zvl_ds:"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from zvl_ds.config import Config
-from zvl_ds.data import failures
+import zvl_ds.data.failures as failures
 from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _is_int64,
                                 _json_meta, _load_fields, _private_torch_rng)
 from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts

@@ -16,8 +16,8 @@ from typing import Dict
 import torch
 
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError, as_shapes_of, load_state_strict
-from zvl_ds.runtime.atomic_write import atomic_folder
+from zvl_ds.model.inference import as_shapes_of, ExportError, load_state_strict
+from zvl_ds.base.atomic_write import atomic_folder
 
 HF_ARCHS = ("hf_clip", "hf_siglip")
 

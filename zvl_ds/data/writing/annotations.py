@@ -27,7 +27,7 @@ import pandas as pd
 
 from zvl_ds.data.failures import (EMPTY_CAPTION, INVALID_ID, INVALID_UTF8, MALFORMED_ROW, PATH_OUTSIDE_IMAGES,
                                   FailureCounter)
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 SPLITS = ("train", "valid")
 REQUIRED_COLUMNS = ("image", "caption")

@@ -33,8 +33,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
-from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
-from zvl_ds.runtime.checksums import file_sha256
+from zvl_ds.base.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.base.checksums import file_sha256
 from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
                                      read_annotations)
 from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE,
