@@ -22,13 +22,14 @@ from typing import Dict, List, Optional, Tuple
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.base.cli import run
-from zvl_ds.model.saved_run import load_run
-from zvl_ds.data import load_tokenizer
 from zvl_ds.base.errors import USER_ERROR_EXIT_CODE, UserError
-from zvl_ds.model.inference import is_model_folder, load_model, Preprocessing, ZvlModel
+from zvl_ds.data import load_tokenizer
+from zvl_ds.evaluation.zero_shot import (ClassifyInputError, build_zero_shot_classifier, chance_accuracy,
+                                         classify_samples, list_class_folder_images, prompt_names, read_labelled_csv,
+                                         read_templates)
+from zvl_ds.model.inference import Preprocessing, ZvlModel, is_model_folder, load_model
+from zvl_ds.model.saved_run import load_run
 from zvl_ds.observe.logs import setup_logging
-from zvl_ds.evaluation.zero_shot import (ClassifyInputError, build_zero_shot_classifier, chance_accuracy, classify_samples,
-                              list_class_folder_images, prompt_names, read_labelled_csv, read_templates)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,13 @@ import os
 import sys
 from typing import List, Optional
 
-from zvl_ds.bench import data as bench
 from zvl_ds.base.cli import run
+from zvl_ds.base.errors import UserError
+from zvl_ds.bench import data as bench
 from zvl_ds.data.writing import annotations, clip_benchmark
 from zvl_ds.data.writing import shard_writer as shards
 from zvl_ds.data.writing.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from zvl_ds.evaluation import zero_shot
-from zvl_ds.base.errors import UserError
 from zvl_ds.observe.logs import setup_logging
 
 

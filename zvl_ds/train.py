@@ -24,16 +24,16 @@ from typing import List, Optional
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds.config import ConfigError, check_world_size, load_config
-from zvl_ds.runtime import dist
 from zvl_ds.base.atomic_write import write_text_atomic
-from zvl_ds.runtime.checkpoint import gather_failures, refuse_overwrite
 from zvl_ds.base.cli import run
-from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
+from zvl_ds.config import ConfigError, check_world_size, load_config
 from zvl_ds.observe.logs import setup_logging
+from zvl_ds.observe.wandb_sink import require_wandb
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.checkpoint import gather_failures, refuse_overwrite
+from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE
 from zvl_ds.runtime.run_lock import RunFolderBusy, acquire_run_lock
-from zvl_ds.observe.wandb_sink import require_wandb
 from zvl_ds.trainer import Trainer, check_data_sources
 
 

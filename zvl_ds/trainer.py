@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import zvl_ds
+from zvl_ds.base.errors import UserError
 from zvl_ds.config import Config, ConfigError
 from zvl_ds.data import build_train_loader, load_tokenizer
 from zvl_ds.data.failures import DataLossError
@@ -24,25 +25,24 @@ from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
 from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
 from zvl_ds.model.build import build_model
-from zvl_ds.model.towers import compile_towers
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
+from zvl_ds.model.towers import compile_towers
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.skip import NonFiniteWeights, SkipPolicy, local_weights_finite, non_finite_weights_message
 from zvl_ds.objective.step import StepBatch, StepResult
+from zvl_ds.observe.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
+from zvl_ds.observe.records import drop_rows_after
+from zvl_ds.observe.wandb_sink import sinks_for
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
                                        gather_failures, load_checkpoint, needs_universal_conversion, read_latest,
                                        restore_rng_state, save_checkpoint, written_folder)
 from zvl_ds.runtime.ema import EmaFileError, build_ema
-from zvl_ds.base.errors import UserError
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
-from zvl_ds.observe.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
 from zvl_ds.runtime.optim import build_optimizer
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, signal_name
-from zvl_ds.observe.records import drop_rows_after
 from zvl_ds.runtime.schedule import learning_rate
-from zvl_ds.observe.wandb_sink import sinks_for
 
 LOG = logging.getLogger(__name__)
 

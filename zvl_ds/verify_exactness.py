@@ -22,6 +22,7 @@ import deepspeed
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds.base.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
 from zvl_ds.data import build_train_loader, load_tokenizer
 from zvl_ds.model.build import build_model
@@ -29,10 +30,9 @@ from zvl_ds.objective.build import build_step
 from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
 from zvl_ds.objective.mixup import draw_mixup
 from zvl_ds.objective.step import StepBatch
-from zvl_ds.runtime import dist
-from zvl_ds.base.cli import run
-from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
 from zvl_ds.observe.logs import setup_logging
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
 from zvl_ds.runtime.optim import build_optimizer
 
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",

@@ -19,11 +19,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from zvl_ds.base.atomic_write import write_text_atomic
+from zvl_ds.base.cli import run
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
 from zvl_ds.bench.loss import benchmark_loss
 from zvl_ds.bench.step import (TINY, VIT_B16_BERT_BASE, bench_dga, bench_gpu, bench_max_chunk, bench_memory,
                                bench_openclip, bench_patch_dropout, bench_profile)
-from zvl_ds.base.cli import run
 
 
 def machine() -> str:

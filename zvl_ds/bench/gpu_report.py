@@ -34,9 +34,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.bench.step import DGA, VIT_B16_BERT_BASE
-from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.runtime.dist import free_port
 
 REPORT_FILE = "report.json"
@@ -331,8 +331,8 @@ def openclip_throughput(towers: Sequence[str], device: str, precision: str, glob
                         zvl_ds_samples_per_sec: Optional[float] = None) -> Dict[str, object]:
     """open_clip_train's samples/s on the same towers and global batch (``bench/openclip_train.py``), and the
     ratio zvl_ds / OpenCLIP when stage 1's figure is given."""
-    from zvl_ds.bench.openclip_train import (OPENCLIP_PRECISION, openclip_train_command, samples_per_second,
-                                             step_rates, write_model_folder)
+    from zvl_ds.bench.openclip_train import (OPENCLIP_PRECISION, openclip_train_command, samples_per_second, step_rates,
+                                             write_model_folder)
     from zvl_ds.config import load_config
 
     cfg = load_config(None, list(towers))

@@ -59,8 +59,8 @@ def kernel_loss_and_gradients(method: str, image, text, chunk_rows: int, chunk_c
     """Loss value and the gradient buffers of one kernel method (see ``KERNEL_METHODS``)."""
     import torch
 
-    from zvl_ds.objective.softmax_loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets
     from zvl_ds.objective.sigmoid_loss import _sigmoid_pairs
+    from zvl_ds.objective.softmax_loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets
 
     batch = image.shape[0]
     if method == "siglip":

@@ -13,8 +13,8 @@ import torch
 
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.config import Config, load_config
-from zvl_ds.runtime.dist import free_port
 from zvl_ds.objective.step import ImagePreparation
+from zvl_ds.runtime.dist import free_port
 from zvl_ds.runtime.engine import DTYPES
 
 _STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
@@ -31,10 +31,10 @@ DGA = ["runner.name=clip_bsgs"]
 
 
 def _setup_engine(cfg: Config, stage: int, compile_backend: str = "inductor"):
-    from zvl_ds.runtime import dist
-    from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
     from zvl_ds.model.build import build_model
     from zvl_ds.model.towers import compile_towers
+    from zvl_ds.runtime import dist
+    from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
     from zvl_ds.runtime.optim import build_optimizer
 
     dist.init_distributed()

@@ -11,8 +11,8 @@ The names below are what the rest of zvl_ds imports from here.
 from zvl_ds.config.load import check_world_size, config_from_dict, load_config
 from zvl_ds.config.reference import README_TABLES
 from zvl_ds.config.schema import (CaptionAugConfig, CaptionTextConfig, Config, ConfigError, DataConfig, DatasetSource,
-                                  ImageEncoderConfig, LossConfig, LRConfig, ModelConfig, NormalizeConfig,
-                                  OptimConfig, SigmoidConfig, TemperatureConfig, TextEncoderConfig, TransformsConfig)
+                                  ImageEncoderConfig, LossConfig, LRConfig, ModelConfig, NormalizeConfig, OptimConfig,
+                                  SigmoidConfig, TemperatureConfig, TextEncoderConfig, TransformsConfig)
 
 __all__ = ["CaptionAugConfig", "CaptionTextConfig", "Config", "ConfigError", "DataConfig", "DatasetSource",
            "ImageEncoderConfig", "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig", "OptimConfig",

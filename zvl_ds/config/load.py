@@ -15,14 +15,13 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 
 from zvl_ds.base.package_paths import is_package_path, resolve_package_path
-from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
-                                  lavis_model_hint, lavis_run_target, report_without_effect, take_accepted_keys)
+from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block, lavis_model_hint,
+                                  lavis_run_target, report_without_effect, take_accepted_keys)
+from zvl_ds.config.keys import code_loading_key, deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.model_sources import apply_model_source
-from zvl_ds.config.keys import code_loading_key, deep_merge, set_path, unknown_choice_message, unknown_key_message
-from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
 from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
-
+from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
 
 # --------------------------------------------------------------------------------------------------
 # YAML loading

@@ -18,8 +18,8 @@ import yaml
 
 from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
 from zvl_ds.config.lavis_datasets import DATASET_KEY_NOTES, PROCESSOR_KINDS
-from zvl_ds.config.schema import Config, to_plain
 from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
+from zvl_ds.config.schema import Config, to_plain
 
 MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
 

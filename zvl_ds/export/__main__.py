@@ -19,8 +19,7 @@ from typing import List, Optional
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.base.cli import run
-from zvl_ds.export.formats import export_model
-from zvl_ds.export.formats import DEFAULT_FORMAT, FORMATS
+from zvl_ds.export.formats import DEFAULT_FORMAT, FORMATS, export_model
 from zvl_ds.model.inference import ExportError
 from zvl_ds.observe.logs import setup_logging
 
