@@ -75,7 +75,8 @@ def test_every_config_key_has_help_and_no_help_is_stale():
     missing = [key for key in keys if key not in KEY_HELP]
     empty = [key for key in keys if key in KEY_HELP and not KEY_HELP[key].strip()]
     stale = sorted(set(KEY_HELP) - set(keys))
-    assert not missing, f"config keys without a docstring under their field (zvl_ds/config/*_section(s).py): {missing}"
+    assert not missing, ("config keys without a docstring under their field (zvl_ds/config/schema.py or a section "
+                         f"module): {missing}")
     assert not empty, f"empty KEY_HELP entries: {empty}"
     assert not stale, f"KEY_HELP entries for keys that Config no longer has: {stale}"
 
