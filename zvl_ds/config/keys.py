@@ -1,9 +1,10 @@
-"""Dotted key paths in a raw (not yet typed) config mapping, the messages that name a wrong key or choice, and the
-keys that would make a library run code shipped with a model."""
+"""Dotted key paths in a raw (not yet typed) config mapping, the messages that name a wrong key or choice, the keys
+that would make a library run code shipped with a model, and the check every timeout key shares."""
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from zvl_ds.base.errors import ConfigError
@@ -71,3 +72,9 @@ def code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
         if found:
             return found
     return None
+
+
+def check_seconds(key: str, seconds: float) -> None:
+    """Every wait is bounded: a timeout key holds a finite number of seconds > 0 (NaN and infinity are refused)."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key}: must be a finite number of seconds > 0, got {seconds}")

@@ -28,8 +28,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from zvl_ds.base.errors import UserError
-from zvl_ds.config import Config
-from zvl_ds.config.load import is_remote_location
+from zvl_ds.config import Config, is_remote_location
 from zvl_ds.model.inference import WEIGHTS_FILE, ExportError
 from zvl_ds.model.saved_run import load_run
 from zvl_ds.model.weights_files import read_state_dict
