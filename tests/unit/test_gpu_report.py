@@ -1,5 +1,6 @@
 """gpu-report's parts: the chunk prediction, the input fill, the stage runner under planted faults, OpenCLIP's
 towers and log, README's generated GPU table, and the wheel list for a bare GPU machine."""
+import importlib
 import importlib.util
 import json
 import math
@@ -13,8 +14,9 @@ import torch
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.bench import gpu_table
-from zvl_ds.bench.gpu_report import (GPU, SMOKE, STAGE_NAMES, Stage, fill_random_images, parse_verify_output,
-                                     predict_largest_chunk, run_report, run_stage)
+from zvl_ds.bench.gpu_report import GPU, SMOKE, STAGE_NAMES, STAGES, Stage, run_report, run_stage
+from zvl_ds.bench.gpu_report_programs import parse_verify_output
+from zvl_ds.bench.gpu_report_step import fill_random_images, predict_largest_chunk
 from zvl_ds.bench.openclip_train import openclip_model_config, samples_per_second, step_rates
 from zvl_ds.config import load_config
 from zvl_ds.base.errors import UserError
@@ -89,6 +91,9 @@ def test_the_stage_order_puts_the_costly_compile_last():
     assert STAGE_NAMES == ["dga", "profile", "openclip", "big_step", "verify_exactness", "dga_compiled"]
     assert set(GPU.budgets) == set(STAGE_NAMES) == set(SMOKE.budgets)
     assert sum(GPU.budgets[name] for name in STAGE_NAMES[:-1]) < GPU.total_seconds <= 540
+    for stage in STAGES:  # what a fresh process imports and calls
+        module, _, function = stage.function.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), stage.function
 
 
 def test_verify_exactness_table_is_parsed():

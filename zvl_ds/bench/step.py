@@ -11,10 +11,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from zvl_ds.bench.fresh_process import call_in_fresh_process
+from zvl_ds.bench.fresh_process import call_in_fresh_process, single_rank_env
 from zvl_ds.config import Config, load_config
 from zvl_ds.objective.step import ImagePreparation
-from zvl_ds.runtime.dist import free_port
 from zvl_ds.runtime.engine import DTYPES
 
 _STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
@@ -239,11 +238,9 @@ def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] 
 
 def _step_in_fresh_process(overrides: Sequence[str], global_batch: int, chunk: int, stage: int):
     """(``_peak_memory_child``'s row, None) from a fresh process, or (None, the end of its stderr)."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
     return call_in_fresh_process(f"{__name__}:_peak_memory_child",
                                  {"overrides": list(overrides), "global_batch": global_batch, "chunk": chunk,
-                                  "stage": stage}, timeout_s=_STEP_TIMEOUT_S, env=env)
+                                  "stage": stage}, timeout_s=_STEP_TIMEOUT_S, env=single_rank_env())
 
 
 def _out_of_memory(error: str) -> bool:
