@@ -47,7 +47,7 @@ from zvl_ds.bench.step import VIT_B16_BERT_BASE
 REPORT_FILE = "report.json"
 STATUSES = ("ok", "failed", "timeout", "skipped")
 _ERROR_TAIL = 2000  # characters of a failed stage's error output kept in its record
-MIN_STAGE_SECONDS = 20.0  # a stage with less time left than this is skipped, not started (nor started again)
+MIN_STAGE_SECONDS = 20.0  # a stage with less time left than this is skipped (nor retried at a smaller chunk)
 _OOM_AT_CHUNK = re.compile(r"out of memory at chunk (\d+)")
 
 # The smoke towers: the tiny preset's text tower and, for the image, timm's registered test_vit (OpenCLIP's timm
