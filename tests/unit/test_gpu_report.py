@@ -52,6 +52,7 @@ LATE_BUDGET_S = 1.0
 MIN_STAGE_S = 0.5
 
 
+@pytest.mark.slow  # five fresh interpreters (one per stage): about 10 s, too much for the fast subset
 def test_a_failing_or_late_stage_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
     helpers = "tests.helpers.planted_stages"
