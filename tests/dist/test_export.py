@@ -374,7 +374,7 @@ def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
 
     from PIL import Image
 
-    import zvl_ds.export.model_folder as inference
+    import zvl_ds.model.inference as inference
     from zvl_ds.export.formats import export_model
 
     from PIL import ImageDraw
