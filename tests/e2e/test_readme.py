@@ -142,11 +142,11 @@ def test_test_command_is_what_ci_runs():
 
 
 def test_inference_example_is_the_tested_one():
-    """The load_model example (README.md and the workflow page) is the export module's docstring example, which
-    test_export runs."""
-    import zvl_ds.export.model_folder
+    """The load_model example (README.md and the workflow page) is the inference module's docstring example, which
+    tests/dist/test_export.py runs."""
+    import zvl_ds.model.inference
 
-    example = [line.strip() for line in zvl_ds.export.model_folder.__doc__.splitlines() if line.strip().startswith(
+    example = [line.strip() for line in zvl_ds.model.inference.__doc__.splitlines() if line.strip().startswith(
         ("import zvl_ds", "model = zvl_ds.load_model", "captions =", "image =", "scores =", "print("))]
     assert len(example) == 6
     pages = [page for page in PAGES if "zvl_ds.load_model(" in page_text(page)]
