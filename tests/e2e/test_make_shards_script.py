@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
 from PIL import Image
 
 from tests.helpers.data_fixtures import image_bytes
@@ -20,8 +21,10 @@ from tests.helpers.processes import child_env
 CAPTIONS = {"red.jpg": ["a red thing", "something red"], "blue.jpg": ["a blue thing"], "green.jpg": ["green"]}
 
 
-def fresh_clone(tmp_path):
-    clone = tmp_path / "clone"
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """One clone for the module's tests, which only run its script (their outputs go to their own folders)."""
+    clone = tmp_path_factory.mktemp("fresh") / "clone"
     done = subprocess.run(["git", "clone", "-q", REPO_ROOT, str(clone)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"git clone of {REPO_ROOT} failed: {done.stderr}"
     assert (clone / "tools" / "make_shards.py").is_file(), "tools/make_shards.py is not committed"
@@ -48,8 +51,8 @@ def shard_samples(path):
             for name, data in members.items() if name.endswith(".json")]
 
 
-def test_tools_make_shards_runs_from_a_fresh_clone_and_writes_the_modules_shards(tmp_path):
-    clone = fresh_clone(tmp_path)
+def test_tools_make_shards_runs_from_a_fresh_clone_and_writes_the_modules_shards(fresh_clone, tmp_path):
+    clone = fresh_clone
     data = tmp_path / "data"
     write_annotations(data)
     # the clone stands in for an installed zvl_ds (bash tools/install.sh installs the checkout it is run from)
@@ -71,8 +74,8 @@ def test_tools_make_shards_runs_from_a_fresh_clone_and_writes_the_modules_shards
     assert (tmp_path / "by_module" / "tiny" / "train-000000.tar").read_bytes() == tars[0].read_bytes()
 
 
-def test_tools_make_shards_without_zvl_ds_says_how_to_install_and_exits_2(tmp_path):
-    clone = fresh_clone(tmp_path)
+def test_tools_make_shards_without_zvl_ds_says_how_to_install_and_exits_2(fresh_clone):
+    clone = fresh_clone
     env = child_env()
     env.pop("PYTHONPATH")
     # -S: no site-packages, so this Python has no zvl_ds (nor anything else installed)

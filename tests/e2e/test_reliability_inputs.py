@@ -16,7 +16,7 @@ from tests.helpers.data_fixtures import make_demo_shards, write_dataset
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
-from tests.e2e.test_train import TRAIN
+from tests.helpers.training_runs import TRAIN
 from zvl_ds.runtime.checkpoint import CheckpointError, find_resume_point
 
 TINY_RUN = ["--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.train_type=shuffle",
@@ -89,7 +89,7 @@ def _flip_bytes_inside_a_tensor(path, count=16):
 
 def test_a_checkpoint_with_16_bytes_changed_in_a_tensor_is_refused_by_file_name(tmp_path):
     _, shards = make_demo_shards(tmp_path / "demo", train_size=32, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=16)
+                                 samples_per_shard=16, in_process=True)
     args = [sys.executable, TRAIN, *TINY_RUN, f"data.data_path={shards}", f"ckpt.dir={tmp_path}",
             "data.exp_name=run", "ckpt.step_interval=2"]
     first = subprocess.run([*args, "runner.train_steps=2"], env=child_env(), capture_output=True, text=True,
@@ -133,7 +133,7 @@ def test_a_yaml_alias_bomb_in_the_text_config_ends_train_py_at_once(tmp_path):
     from tests.unit.test_input_bounds import alias_bomb
 
     _, shards = make_demo_shards(tmp_path / "demo", train_size=16, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=16)
+                                 samples_per_shard=16, in_process=True)
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"_base_: {os.path.join(REPO_ROOT, 'configs', 'demo.yaml')}\n" + alias_bomb())
     started = time.time()
@@ -320,7 +320,7 @@ def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folde
 
 def test_eval_retrieval_refuses_a_model_folder_whose_tokenizer_lost_its_vocabulary(model_folder, tmp_path):
     _, shards = make_demo_shards(tmp_path / "demo", train_size=8, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=8)
+                                 samples_per_shard=8, in_process=True)
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
     _no_tokenizer_json(folder)
