@@ -14,10 +14,11 @@ import pytest
 
 from tests.helpers.docs_pages import COMMANDS, script_of
 from tests.helpers.paths import REPO_ROOT
-from tests.helpers.processes import child_env
+from tests.helpers.processes import child_env, run_side_by_side
 from zvl_ds.config import load_config
 
 HELP_TIMEOUT_S = 300  # interpreters importing torch and DeepSpeed side by side on a shared 2-core machine
+
 
 def help_command(script):
     return [sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, script]
@@ -25,30 +26,19 @@ def help_command(script):
 
 @functools.lru_cache(maxsize=None)
 def help_results():
-    """``--help`` of every script the pages' commands run, started side by side (each is mostly an interpreter's
-    start-up): {script: (exit code, stdout, stderr)}."""
+    """``--help`` of every script the pages' commands run, side by side: {script: finished process}."""
     # run by its path, a script has its own folder first on sys.path, not the checkout: PYTHONPATH makes it import
     # this checkout's zvl_ds even where the environment's editable install points at another copy
     env = dict(child_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
     scripts = sorted({script_of(shlex.split(command))[0] for _, command in COMMANDS} - {None})
-    processes = {script: subprocess.Popen(help_command(script) + ["--help"], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
-                 for script in scripts}
-    results = {}
-    for script, process in processes.items():
-        try:
-            out, err = process.communicate(timeout=HELP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results[script] = (process.returncode, out, err)
-    return results
+    return run_side_by_side({script: help_command(script) + ["--help"] for script in scripts}, HELP_TIMEOUT_S,
+                            cwd=REPO_ROOT, env=env)
 
 
 def help_text(script):
-    code, out, err = help_results()[script]
-    assert code == 0, f"{script} --help failed: {err[-1000:]}"
-    return out
+    done = help_results()[script]
+    assert done.returncode == 0, f"{script} --help failed: {done.stderr[-1000:]}"
+    return done.stdout
 
 
 @functools.lru_cache(maxsize=None)

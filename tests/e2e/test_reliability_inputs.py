@@ -15,7 +15,7 @@ import pytest
 from tests.helpers.data_fixtures import make_demo_shards, write_dataset
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
-from tests.helpers.processes import child_env
+from tests.helpers.processes import child_env, run_side_by_side
 from tests.helpers.training_runs import TRAIN
 from zvl_ds.runtime.checkpoint import CheckpointError, find_resume_point
 
@@ -291,31 +291,46 @@ def _unknown_preprocess_key(folder):
     return "preprocess.json", "unknown key(s) resize_mode"
 
 
-@pytest.mark.parametrize("plant", [_no_tokenizer_json, _huge_safetensors_header, _truncated_weights, _deep_json,
-                                   _unknown_preprocess_key])
-def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folder, tmp_path, plant):
+PLANTS = [_no_tokenizer_json, _huge_safetensors_header, _truncated_weights, _deep_json, _unknown_preprocess_key]
+
+
+@pytest.fixture(scope="module")
+def classify_on_damaged_folders(model_folder, tmp_path_factory):
+    """{plant: (folder, file named, message, --out path, finished process)}: each fault planted in its own copy of
+    the model folder (which loads while intact), then ``python -m zvl_ds.classify`` on each copy, side by side."""
     from PIL import Image
 
     from zvl_ds.model.inference import load_model
-    from zvl_ds.base.errors import UserError
 
-    folder = tmp_path / "model"
-    shutil.copytree(model_folder, folder)
-    load_model(str(folder))  # intact, it loads
-    name, message = plant(folder)
-    with pytest.raises(UserError, match=re.escape(message)):
-        load_model(str(folder))
-    images = tmp_path / "images"
+    root = tmp_path_factory.mktemp("damaged")
+    images = root / "images"
     for label in ("red", "blue"):
         (images / label).mkdir(parents=True)
         Image.new("RGB", (40, 36), (200, 20, 20) if label == "red" else (20, 20, 200)).save(images / label / "0.png")
-    done = subprocess.run([sys.executable, "-m", "zvl_ds.classify", "--model", str(folder), "--images", str(images),
-                           "--out", str(tmp_path / "out.json")], env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+    planted, commands = {}, {}
+    for plant in PLANTS:
+        folder, out = root / plant.__name__ / "model", root / plant.__name__ / "out.json"
+        shutil.copytree(model_folder, folder)
+        load_model(str(folder))  # intact, it loads
+        planted[plant] = (folder, *plant(folder), out)
+        commands[plant] = [sys.executable, "-m", "zvl_ds.classify", "--model", str(folder), "--images", str(images),
+                           "--out", str(out)]
+    done = run_side_by_side(commands, timeout=300, env=child_env())
+    return {plant: (*planted[plant], done[plant]) for plant in PLANTS}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(classify_on_damaged_folders, plant):
+    from zvl_ds.model.inference import load_model
+    from zvl_ds.base.errors import UserError
+
+    folder, name, message, out, done = classify_on_damaged_folders[plant]
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(str(folder))
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert str(folder / name) in done.stderr and message in done.stderr
-    assert not (tmp_path / "out.json").exists()
+    assert not out.exists()
 
 
 def test_eval_retrieval_refuses_a_model_folder_whose_tokenizer_lost_its_vocabulary(model_folder, tmp_path):
