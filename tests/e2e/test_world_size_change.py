@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from tests.e2e.test_train import TRAIN, common_args, torchrun
-from tests.helpers.processes import child_env
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import child_env
+from tests.helpers.training_runs import TRAIN, common_args, torchrun
 
 QUIET = ["data.enable_valid=false", "log.tensorboard=false", "runner.val_interval_steps=1000",
          "data.batch_size=8", "data.batch_size_train=4", "optim.lr.name=constant"]
