@@ -4,15 +4,13 @@
   python tools/make_tiny_checkpoint.py --kind hf_siglip --out tiny_siglip  # a Hugging Face SiglipModel folder
   python tools/make_tiny_checkpoint.py --kind open_clip --out tiny_oc      # an OpenCLIP local-dir folder
 
-Nothing is downloaded: the models are built from configs (zvl_ds.model.tiny_checkpoints).
+Nothing is downloaded: the models are built from configs (tools/tiny_checkpoints.py, which the tests use too).
+zvl_ds must be installed (bash tools/install.sh).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's zvl_ds
-
-from zvl_ds.model.tiny_checkpoints import KINDS, write_tiny_checkpoint  # noqa: E402
+from tiny_checkpoints import KINDS, write_tiny_checkpoint  # beside this script, which Python puts first on sys.path
 
 
 def main() -> int:

@@ -14,7 +14,6 @@ import argparse
 import configparser
 import importlib.metadata as metadata
 import os
-import re
 import sys
 from typing import Dict, Iterable, Set
 

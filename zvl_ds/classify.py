@@ -20,15 +20,16 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds.runtime.atomic_write import write_text_atomic
-from zvl_ds.runtime.cli import run
-from zvl_ds.export.consolidate import load_run
+from zvl_ds.base.atomic_write import write_text_atomic
+from zvl_ds.base.cli import run
+from zvl_ds.base.errors import USER_ERROR_EXIT_CODE, UserError
 from zvl_ds.data import load_tokenizer
-from zvl_ds.runtime.errors import USER_ERROR_EXIT_CODE, UserError
-from zvl_ds.export.model_folder import Preprocessing, ZvlModel, is_model_folder, load_model
-from zvl_ds.runtime.logs import setup_logging
-from zvl_ds.evaluation.zero_shot import (ClassifyInputError, build_zero_shot_classifier, chance_accuracy, classify_samples,
-                              list_class_folder_images, prompt_names, read_labelled_csv, read_templates)
+from zvl_ds.evaluation.zero_shot import (ClassifyInputError, build_zero_shot_classifier, chance_accuracy,
+                                         classify_samples, list_class_folder_images, prompt_names, read_labelled_csv,
+                                         read_templates)
+from zvl_ds.model.inference import Preprocessing, ZvlModel, is_model_folder, load_model
+from zvl_ds.model.saved_run import load_run
+from zvl_ds.observe.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.classify`` and the console script ``zvl-classify``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.classify`` and the console script ``zvl-classify``: errors exit through ``zvl_ds.base.cli.run``."""
     setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 

@@ -19,18 +19,17 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds.runtime import dist
-from zvl_ds.runtime.atomic_write import write_text_atomic
-from zvl_ds.runtime.cli import run
+from zvl_ds.base.atomic_write import write_text_atomic
+from zvl_ds.base.cli import run
 from zvl_ds.config import Config, ConfigError, load_config
-from zvl_ds.export.consolidate import load_run
-from zvl_ds.data import DataSourceError
-from zvl_ds.data import load_tokenizer
-from zvl_ds.runtime.engine import resolve_placement
-from zvl_ds.export.model_folder import ExportError, Preprocessing, is_model_folder, load_model
-from zvl_ds.runtime.logs import setup_logging
-from zvl_ds.evaluation.retrieval import evaluate_with_examples
+from zvl_ds.data import DataSourceError, load_tokenizer
 from zvl_ds.evaluation.metrics import chance_metrics
+from zvl_ds.evaluation.retrieval import evaluate_with_examples
+from zvl_ds.model.inference import ExportError, Preprocessing, is_model_folder, load_model
+from zvl_ds.model.saved_run import load_run
+from zvl_ds.observe.logs import setup_logging
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.engine import resolve_placement
 
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -96,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             progress=not args.no_progress)
     except (ConfigError, ExportError, DataSourceError, FileNotFoundError, OSError, ValueError) as error:
         if dist.get_world_size() > 1:
-            raise  # zvl_ds.runtime.cli.run ends this rank at once; a barrier here would wait for the others forever
+            raise  # zvl_ds.base.cli.run ends this rank at once; a barrier here would wait for the others forever
         print(f"error: {error}", file=sys.stderr)
         return 2
     if dist.is_main_process():
@@ -110,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.eval_retrieval`` and the console script ``zvl-eval-retrieval``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.eval_retrieval`` and the console script ``zvl-eval-retrieval``: errors exit through ``zvl_ds.base.cli.run``."""
     return run(main)
 
 

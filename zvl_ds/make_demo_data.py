@@ -12,9 +12,9 @@ import sys
 import time
 from typing import List, Optional
 
-from zvl_ds.runtime.cli import run
+from zvl_ds.base.cli import run
 from zvl_ds.data.writing.demo import TEMPLATES, make_demo_data
-from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.observe.logs import setup_logging
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.make_demo_data`` and the console script ``zvl-make-demo-data``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.make_demo_data`` and the console script ``zvl-make-demo-data``: errors exit through ``zvl_ds.base.cli.run``."""
     setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 

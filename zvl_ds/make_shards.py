@@ -22,14 +22,14 @@ import os
 import sys
 from typing import List, Optional
 
+from zvl_ds.base.cli import run
+from zvl_ds.base.errors import UserError
 from zvl_ds.bench import data as bench
-from zvl_ds.runtime.cli import run
 from zvl_ds.data.writing import annotations, clip_benchmark
 from zvl_ds.data.writing import shard_writer as shards
 from zvl_ds.data.writing.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from zvl_ds.evaluation import zero_shot
-from zvl_ds.runtime.errors import UserError
-from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.observe.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +193,7 @@ def write_clip_benchmark_sets(args: argparse.Namespace) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.make_shards`` and the console script ``zvl-make-shards``: errors exit through ``zvl_ds.base.cli.run``."""
     setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 

@@ -24,16 +24,16 @@ from typing import List, Optional
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds.base.atomic_write import write_text_atomic
+from zvl_ds.base.cli import run
 from zvl_ds.config import ConfigError, check_world_size, load_config
+from zvl_ds.observe.logs import setup_logging
+from zvl_ds.observe.wandb_sink import require_wandb
 from zvl_ds.runtime import dist
-from zvl_ds.runtime.atomic_write import write_text_atomic
 from zvl_ds.runtime.checkpoint import gather_failures, refuse_overwrite
-from zvl_ds.runtime.cli import run
 from zvl_ds.runtime.engine import Placement, build_ds_config, resolve_placement
-from zvl_ds.runtime.logs import setup_logging
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE
 from zvl_ds.runtime.run_lock import RunFolderBusy, acquire_run_lock
-from zvl_ds.runtime.wandb_sink import require_wandb
 from zvl_ds.trainer import Trainer, check_data_sources
 
 
@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_distributed(timeout=datetime.timedelta(seconds=cfg.runner.collective_timeout))
     setup_logging(dist.get_rank(), dist.get_world_size())
     # No `finally: dist.cleanup()`: its barrier would wait forever for a rank that failed. An error escapes to
-    # zvl_ds.runtime.cli.run, which ends this rank at once (and with it, through the launcher, the job).
+    # zvl_ds.base.cli.run, which ends this rank at once (and with it, through the launcher, the job).
     world_size = dist.get_world_size()
     check_world_size(cfg, world_size)
     placement = resolve_placement(cfg, int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
@@ -107,7 +107,7 @@ def lock_run_folder(run_dir: str) -> None:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.train`` and the console script ``zvl-train``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.train`` and the console script ``zvl-train``: errors exit through ``zvl_ds.base.cli.run``."""
     return run(main)
 
 

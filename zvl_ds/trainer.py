@@ -17,31 +17,32 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import zvl_ds
+from zvl_ds.base.errors import UserError
 from zvl_ds.config import Config, ConfigError
-from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
+from zvl_ds.data import build_train_loader, load_tokenizer
 from zvl_ds.data.failures import DataLossError
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
 from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
-from zvl_ds.model.dual_encoder import build_model, compile_towers
+from zvl_ds.model.build import build_model
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
+from zvl_ds.model.towers import compile_towers
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.skip import NonFiniteWeights, SkipPolicy, local_weights_finite, non_finite_weights_message
 from zvl_ds.objective.step import StepBatch, StepResult
+from zvl_ds.observe.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
+from zvl_ds.observe.records import drop_rows_after
+from zvl_ds.observe.wandb_sink import sinks_for
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
                                        gather_failures, load_checkpoint, needs_universal_conversion, read_latest,
                                        restore_rng_state, save_checkpoint, written_folder)
 from zvl_ds.runtime.ema import EmaFileError, build_ema
-from zvl_ds.runtime.errors import UserError
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
-from zvl_ds.runtime.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
 from zvl_ds.runtime.optim import build_optimizer
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, signal_name
-from zvl_ds.runtime.records import drop_rows_after
 from zvl_ds.runtime.schedule import learning_rate
-from zvl_ds.runtime.wandb_sink import sinks_for
 
 LOG = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Trainer:
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
-        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, self._prepare_images)
+        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, placement.dtype)
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
                                sinks_for(cfg, self.run_dir, self.resume_point is not None)
                                if dist.is_main_process() else ())
@@ -124,10 +125,6 @@ class Trainer:
                                     "set ckpt.trust_checkpoint=true")
 
     # ------------------------------------------------------------------ pieces the loop uses
-
-    def _prepare_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return normalize_images(images_uint8, self.cfg.transforms.normalize, self.placement.device,
-                                self.placement.dtype)
 
     def _to_step_batch(self, batch) -> StepBatch:
         images = batch.images

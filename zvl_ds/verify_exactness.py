@@ -22,17 +22,17 @@ import deepspeed
 import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
+from zvl_ds.base.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
-from zvl_ds.data import build_train_loader, load_tokenizer, normalize_images
-from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.data import build_train_loader, load_tokenizer
+from zvl_ds.model.build import build_model
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
 from zvl_ds.objective.mixup import draw_mixup
 from zvl_ds.objective.step import StepBatch
+from zvl_ds.observe.logs import setup_logging
 from zvl_ds.runtime import dist
-from zvl_ds.runtime.cli import run
 from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
-from zvl_ds.runtime.logs import setup_logging
 from zvl_ds.runtime.optim import build_optimizer
 
 SGD_OVERRIDES = ["optim.name=SGD", "optim.lr.init=1.0", "optim.param.weight_decay=0.0", "optim.param.momentum=0.0",
@@ -140,16 +140,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = build_model(cfg.model, cfg.loss)
         engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device), ds_config)
 
-        def normalise(images):
-            return normalize_images(images, cfg.transforms.normalize, placement.device, placement.dtype)
-
         batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer)
         chunk = cfg.per_rank_chunk(world_size)
         global_images = gather_to_all(batch.images, placement.device)
         global_ids = gather_to_all(batch.input_ids, placement.device)
         global_mask = gather_to_all(batch.attention_mask, placement.device)
         before = full_parameters(engine, stage)
-        step = build_step(cfg, world_size, rank, placement.device, normalise)  # the trainer's step, as built there
+        step = build_step(cfg, world_size, rank, placement.device, placement.dtype)  # the trainer's step, as built there
         mixup = step.mixup(0)
         engine.train()
         for _ in range(MAX_OVERFLOW_RETRIES):  # fp16: DeepSpeed lowers its loss scale after each overflow
@@ -165,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 update = {name: before[name] - after[name] for name in before}
                 expected = reference_gradients(cfg, global_images, global_ids, global_mask, world_size, chunk,
-                                               normalise, placement.device, placement.dtype)
+                                               step.options.prepare_images, placement.device, placement.dtype)
                 tolerance = args.tolerance or DEFAULT_TOLERANCE[cfg.precision or "fp32"]
                 print(f"one {cfg.runner.name} step, {world_size} rank(s), ZeRO-{stage}, {cfg.precision}, "
                       f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
@@ -187,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.verify_exactness`` and the console script ``zvl-verify-exactness``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.verify_exactness`` and the console script ``zvl-verify-exactness``: errors exit through ``zvl_ds.base.cli.run``."""
     return run(main)
 
 

@@ -3,16 +3,21 @@
 Two optimizer steps, because DeepSpeed's multi-backward bugs only show from the second step on; dropout and
 drop-path active (replayed per chunk), a learnable temperature, MixUpNCE on both sides of the coin, in row
 chunks and in 5 x 3 logits tiles; SigLIP with its learnable scale and bias and 5 x 3 logits tiles.
+
+Every run below is a case of one shared spawn per world size (1 and 2 ranks): each case builds its own engine
+in the same workers, starting from a fresh process's state (tests/helpers/dist_utils.py), and each test asserts
+on its own case. Running one test runs its world size's cases too.
 """
+import functools
 import math
 
 import pytest
 import torch
 
-from tests.helpers.dist_utils import run_distributed
+from tests.helpers.dist_utils import Case, SharedSpawn
 from zvl_ds.config import load_config
 from zvl_ds.objective.exactness import compare_tensors, reference_loss
-from zvl_ds.objective.mixup import MixupDraw
+from zvl_ds.model.mixing import MixupDraw
 
 GLOBAL_BATCH = 16
 STEPS = 2
@@ -68,7 +73,8 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.step import RUNNERS, StepBatch
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
-    from zvl_ds.model.dual_encoder import build_model, compile_towers
+    from zvl_ds.model.build import build_model
+    from zvl_ds.model.towers import compile_towers
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk, chunk_cols, extra)
@@ -90,7 +96,7 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
     cfg.runner.name = runner
     # the trainer's options, partner map and per-step seeding; the mixup draws are the test's own (both sides,
     # asymmetric lambdas). The reference seeds each rank from its own derivation (reference_rank_seed)
-    configured = build_step(cfg, world_size, rank, prepare_images=lambda x: normalise(x, dtype))
+    configured = build_step(cfg, world_size, rank, dtype=dtype)  # normalises as the test's normalise() does
     per_rank_chunk = chunk // world_size if runner == "clip_bsgs" else per_rank
     assert configured.options.chunk == per_rank_chunk
     options, partner = configured.options, configured.partner
@@ -108,7 +114,14 @@ def _worker(rank, world_size, stage, loss_name, sides, chunk, dropout, precision
 
 
 def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", runner="clip_bsgs", extra=()):
-    from zvl_ds.model.dual_encoder import build_model
+    """The full-batch plain-PyTorch steps (copies: several tests compare with the same reference)."""
+    params, losses = _reference(loss_name, tuple(sides), chunk, dropout, world_size, optimizer, runner, tuple(extra))
+    return {name: value.clone() for name, value in params.items()}, list(losses)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(loss_name, sides, chunk, dropout, world_size, optimizer, runner, extra):
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(loss_name, dropout, chunk, extra=extra)
@@ -127,15 +140,19 @@ def reference(loss_name, sides, chunk, dropout, world_size, optimizer="SGD", run
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, tuple(losses)
 
 
-def run(world_size, stage, loss_name="MixUpNCE", sides=("image", "text"), chunk=4, dropout=True,
-        precision="fp32", optimizer="SGD", runner="clip_bsgs", implementation="auto", compile_backend=None,
-        chunk_cols=None, extra=(), with_counts=False):
-    results = run_distributed(_worker, world_size, (stage, loss_name, sides, chunk, dropout, precision, optimizer,
-                                                    runner, implementation, compile_backend, chunk_cols, extra),
-                              timeout=300)
+def run_key(stage, loss_name="MixUpNCE", sides=("image", "text"), chunk=4, dropout=True, precision="fp32",
+            optimizer="SGD", runner="clip_bsgs", implementation="auto", compile_backend=None, chunk_cols=None,
+            extra=()):
+    """A run's options in _worker's order, with the defaults filled in: the case's key and its arguments."""
+    return (stage, loss_name, tuple(sides), chunk, dropout, precision, optimizer, runner, implementation,
+            compile_backend, chunk_cols, tuple(extra))
+
+
+def run(spawns, world_size, stage, with_counts=False, **options):
+    results = spawns[world_size][run_key(stage, **options)]
     if with_counts:
         return results[0]["params"], results[0]["losses"], [result["trainable"] for result in results]
     return results[0]["params"], results[0]["losses"]
@@ -149,10 +166,50 @@ def assert_close_to_reference(params, expected, tolerance):
     return value
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3),
-                                              (2, "2+offload")])
-def test_dga_matches_full_batch_reference(world_size, stage):
-    params, losses = run(world_size, stage)
+# ---------------------------------------------------------------------------------------- the runs, by spawn
+
+MIXUP_STAGES = [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3), (2, "2+offload")]
+SIGLIP_STAGES = [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
+TILED_RUNS = [(1, 0, "clip_bsgs"), (2, 1, "clip_bsgs"), (2, 3, "clip_bsgs"), (2, 2, "clip")]
+KERNEL_RUNS = [(2, 2, "foreach"), (2, 1, "fused"), (1, 0, "foreach")]
+PATCH_DROPOUT = ("model.image_encoder.patch_dropout=0.5",)
+PATCH_DROPOUT_STAGES = [(1, 0), (2, 2), (2, 3)]
+LOCKED = ("model.image_encoder.unlocked_groups=1", "model.text_encoder.unlocked_layers=2",
+          "model.text_encoder.freeze_layer_norm=true")
+LOCKED_STAGES = [(1, 0), (2, 1), (2, 2), (2, 3)]
+
+
+def every_run():
+    """(world size, stage, options) of every run the tests below ask for."""
+    yield from ((world_size, stage, {}) for world_size, stage in MIXUP_STAGES)
+    yield from ((world_size, stage, {"loss_name": "SigLIP"}) for world_size, stage in SIGLIP_STAGES)
+    yield from ((world_size, stage, {"runner": runner, "chunk_cols": 3}) for world_size, stage, runner in TILED_RUNS)
+    yield 2, 2, {"loss_name": "SigLIP", "runner": "clip"}
+    yield 2, 2, {"sides": ("text", "image")}
+    yield 2, 2, {"loss_name": "NCE", "chunk": GLOBAL_BATCH, "dropout": False}
+    yield 2, 2, {"loss_name": "NCE", "chunk": 4, "dropout": False}
+    yield 2, 2, {"runner": "clip"}
+    yield 2, 2, {"precision": "bf16"}
+    yield 2, 1, {"optimizer": "AdamW"}
+    yield from ((world_size, stage, {"implementation": kind}) for world_size, stage, kind in KERNEL_RUNS)
+    yield 1, 0, {"compile_backend": "aot_eager"}
+    yield from ((world_size, stage, {"extra": PATCH_DROPOUT}) for world_size, stage in PATCH_DROPOUT_STAGES)
+    yield from ((world_size, stage, {"extra": LOCKED}) for world_size, stage in LOCKED_STAGES)
+
+
+@pytest.fixture(scope="module")
+def spawns():
+    """One spawn of 1 rank and one of 2, each running its world size's runs (started when a test first asks)."""
+    cases = {1: {}, 2: {}}
+    for world_size, stage, options in every_run():
+        key = run_key(stage, **options)
+        cases[world_size][key] = Case(_worker, key)
+    return {world_size: SharedSpawn(world_size, by_key, timeout_per_case=90) for world_size, by_key in cases.items()}
+
+
+@pytest.mark.parametrize("world_size,stage", MIXUP_STAGES)
+def test_dga_matches_full_batch_reference(spawns, world_size, stage):
+    params, losses = run(spawns, world_size, stage)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
@@ -161,9 +218,9 @@ def test_dga_matches_full_batch_reference(world_size, stage):
     assert len(temperature) == 1 and abs(float(temperature[0].reshape(-1)[0]) - 0.1) > 1e-4
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)])
-def test_dga_siglip_matches_full_batch_reference(world_size, stage):
-    params, losses = run(world_size, stage, loss_name="SigLIP")
+@pytest.mark.parametrize("world_size,stage", SIGLIP_STAGES)
+def test_dga_siglip_matches_full_batch_reference(spawns, world_size, stage):
+    params, losses = run(spawns, world_size, stage, loss_name="SigLIP")
     expected, ref_losses = reference("SigLIP", (), 4, True, world_size)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
@@ -172,45 +229,44 @@ def test_dga_siglip_matches_full_batch_reference(world_size, stage):
         assert abs(float(params[name].reshape(-1)[0]) - initial) > 1e-4, name
 
 
-@pytest.mark.parametrize("world_size,stage,runner", [(1, 0, "clip_bsgs"), (2, 1, "clip_bsgs"), (2, 3, "clip_bsgs"),
-                                                     (2, 2, "clip")])
-def test_tiled_mixup_nce_matches_full_batch_reference(world_size, stage, runner):
+@pytest.mark.parametrize("world_size,stage,runner", TILED_RUNS)
+def test_tiled_mixup_nce_matches_full_batch_reference(spawns, world_size, stage, runner):
     # 5 x 3 logits tiles: the online log-sum-exp over columns, combined over ranks, under DGA and single pass
-    params, losses = run(world_size, stage, runner=runner, chunk_cols=3)
+    params, losses = run(spawns, world_size, stage, runner=runner, chunk_cols=3)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, runner=runner)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
 
 
-def test_single_pass_siglip_matches_reference():
-    params, _ = run(2, 2, loss_name="SigLIP", runner="clip")
+def test_single_pass_siglip_matches_reference(spawns):
+    params, _ = run(spawns, 2, 2, loss_name="SigLIP", runner="clip")
     expected, _ = reference("SigLIP", (), 4, True, 2, runner="clip")
     assert_close_to_reference(params, expected, 1e-5)
 
 
-def test_text_side_mixup_first():
-    params, _ = run(2, 2, sides=("text", "image"))
+def test_text_side_mixup_first(spawns):
+    params, _ = run(spawns, 2, 2, sides=("text", "image"))
     expected, _ = reference("MixUpNCE", ("text", "image"), 4, True, 2)
     assert_close_to_reference(params, expected, 1e-5)
 
 
-def test_one_chunk_equals_four_chunks():
-    one, _ = run(2, 2, loss_name="NCE", chunk=GLOBAL_BATCH, dropout=False)
-    four, _ = run(2, 2, loss_name="NCE", chunk=4, dropout=False)
+def test_one_chunk_equals_four_chunks(spawns):
+    one, _ = run(spawns, 2, 2, loss_name="NCE", chunk=GLOBAL_BATCH, dropout=False)
+    four, _ = run(spawns, 2, 2, loss_name="NCE", chunk=4, dropout=False)
     assert_close_to_reference(one, four, 1e-5)
     expected, _ = reference("NCE", (), 4, False, 2)
     assert_close_to_reference(four, expected, 1e-5)
 
 
-def test_single_pass_runner_matches_reference():
-    params, _ = run(2, 2, runner="clip")
+def test_single_pass_runner_matches_reference(spawns):
+    params, _ = run(spawns, 2, 2, runner="clip")
     expected, _ = reference("MixUpNCE", ("image", "text"), 4, True, 2, runner="clip")
     assert_close_to_reference(params, expected, 1e-5)
 
 
 def update_difference(params, expected):
     """||update - reference update|| / ||reference update|| over all parameters."""
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = make_cfg()
     torch.manual_seed(cfg.seed)
@@ -220,15 +276,15 @@ def update_difference(params, expected):
     return float((update - reference_update).norm() / reference_update.norm())
 
 
-def test_bf16_within_bf16_tolerance():
+def test_bf16_within_bf16_tolerance(spawns):
     # bf16 keeps 8 mantissa bits: judge the whole update against the fp32 reference's, not each tiny tensor
-    params, _ = run(2, 2, precision="bf16")
+    params, _ = run(spawns, 2, 2, precision="bf16")
     expected, _ = reference("MixUpNCE", ("image", "text"), 4, True, 2)
     assert update_difference(params, expected) < 5e-2
 
 
-def test_adamw_smoke():
-    params, losses = run(2, 1, optimizer="AdamW")
+def test_adamw_smoke(spawns):
+    params, losses = run(spawns, 2, 1, optimizer="AdamW")
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, 2, optimizer="AdamW")
     assert all(torch.isfinite(p).all() for p in params.values())
     assert losses[0] == pytest.approx(ref_losses[0], rel=1e-5)
@@ -237,34 +293,31 @@ def test_adamw_smoke():
     assert update_difference(params, expected) < 1e-2
 
 
-@pytest.mark.parametrize("world_size,stage,implementation", [(2, 2, "foreach"), (2, 1, "fused"), (1, 0, "foreach")])
-def test_foreach_and_fused_optimizers_under_zero_match_reference(world_size, stage, implementation):
+@pytest.mark.parametrize("world_size,stage,implementation", KERNEL_RUNS)
+def test_foreach_and_fused_optimizers_under_zero_match_reference(spawns, world_size, stage, implementation):
     # DeepSpeed hands the client torch optimizer its flat fp32 partitions (ZeRO 1/2) or the module's parameters
     # (ZeRO 0); the batched kernels must give the plain loop's update there too
-    params, losses = run(world_size, stage, implementation=implementation)
+    params, losses = run(spawns, world_size, stage, implementation=implementation)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
 
 
-def test_compiled_towers_replay_dropout_and_match_eager_reference():
+def test_compiled_towers_replay_dropout_and_match_eager_reference(spawns):
     # torch.compile's graph capture (aot_eager: inductor's C++ code generation takes minutes on a small CPU) with
     # dropout and drop-path active: pass 2 must replay pass 1's random masks inside the compiled graphs, or the
     # gradients would not match the uncompiled full-batch reference
-    params, losses = run(1, 0, compile_backend="aot_eager")
+    params, losses = run(spawns, 1, 0, compile_backend="aot_eager")
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, 1)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
 
 
-PATCH_DROPOUT = ["model.image_encoder.patch_dropout=0.5"]
-
-
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2), (2, 3)])
-def test_patch_dropout_dga_matches_full_batch_reference_with_the_same_masks(world_size, stage):
+@pytest.mark.parametrize("world_size,stage", PATCH_DROPOUT_STAGES)
+def test_patch_dropout_dga_matches_full_batch_reference_with_the_same_masks(spawns, world_size, stage):
     # pass 2 must drop the patches pass 1 dropped (the runner restores each chunk's RNG state); the reference draws
     # the same masks by seeding each rank's chunks as the trainer does, without any DGA code
-    params, losses = run(world_size, stage, extra=PATCH_DROPOUT)
+    params, losses = run(spawns, world_size, stage, extra=PATCH_DROPOUT)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, extra=PATCH_DROPOUT)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     worst = assert_close_to_reference(params, expected, 1e-5)
@@ -274,15 +327,11 @@ def test_patch_dropout_dga_matches_full_batch_reference_with_the_same_masks(worl
     assert max(compare_tensors(expected, without).values()) > 1e-3
 
 
-LOCKED = ["model.image_encoder.unlocked_groups=1", "model.text_encoder.unlocked_layers=2",
-          "model.text_encoder.freeze_layer_norm=true"]
+@pytest.mark.parametrize("world_size,stage", LOCKED_STAGES)
+def test_partly_locked_towers_train_only_their_last_groups_at_every_zero_stage(spawns, world_size, stage):
+    from zvl_ds.model.build import build_model
 
-
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 1), (2, 2), (2, 3)])
-def test_partly_locked_towers_train_only_their_last_groups_at_every_zero_stage(world_size, stage):
-    from zvl_ds.model.dual_encoder import build_model
-
-    params, losses, trainable = run(world_size, stage, extra=LOCKED, with_counts=True)
+    params, losses, trainable = run(spawns, world_size, stage, extra=LOCKED, with_counts=True)
     expected, ref_losses = reference("MixUpNCE", ("image", "text"), 4, True, world_size, extra=LOCKED)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_to_reference(params, expected, 1e-5)
@@ -291,7 +340,8 @@ def test_partly_locked_towers_train_only_their_last_groups_at_every_zero_stage(w
     initial = dict(build_model(cfg.model, cfg.loss).named_parameters())
     # counted by name, independently of the locking code: the image tower's last block (with the final norm), the
     # text tower's 2 layers (of 2; its embeddings frozen), projections and temperature
-    image_tower = sum(p.numel() for n, p in initial.items() if n.startswith(("image_tower.blocks.1.", "image_tower.norm.")))
+    image_tower = sum(p.numel() for n, p in initial.items()
+                      if n.startswith(("image_tower.blocks.1.", "image_tower.norm.")))
     text_tower = sum(p.numel() for n, p in initial.items() if n.startswith("text_tower.encoder.layer."))
     rest = sum(p.numel() for n, p in initial.items() if not n.startswith(("image_tower.", "text_tower.")))
     assert trainable == [image_tower + text_tower + rest] * world_size

@@ -4,7 +4,11 @@ optimizer steps equal two plain single-process full-batch steps within 1e-5, on 
 Tiny random checkpoints written in the test, with the randomness each model has switched on: attention dropout in
 the Hugging Face CLIP / SigLIP towers, patch dropout in the OpenCLIP image tower. CLIP learns the temperature
 taken from its logit scale (under MixUpNCE, both sides of the coin), SigLIP its scale and bias (in 5 x 3 tiles).
+
+The runs share one spawn per world size (1 and 2 ranks), each case with its own engine from a fresh process's state
+(tests/helpers/dist_utils.py); each kind's checkpoint is written once for all its cases.
 """
+import importlib.util
 import math
 
 import pytest
@@ -12,17 +16,17 @@ import torch
 
 from tests.dist.test_dga_exactness import (GLOBAL_BATCH, LR, MEAN, STD, assert_close_to_reference, draws_for,
                                            global_batch, normalise)
-from tests.helpers.dist_utils import run_distributed
+from tests.helpers.dist_utils import Case, SharedSpawn
 from zvl_ds.config import load_config
 from zvl_ds.objective.exactness import reference_loss
-from zvl_ds.model.tiny_checkpoints import CLIP_TEMPERATURE, SIGLIP_BIAS, SIGLIP_SCALE
+from tools.tiny_checkpoints import CLIP_TEMPERATURE, SIGLIP_BIAS, SIGLIP_SCALE
 
 CHUNK = 4
 LOSS_OF = {"hf_clip": "MixUpNCE", "hf_siglip": "SigLIP", "open_clip": "NCE"}
 
 
 def write_source(kind, folder):
-    from zvl_ds.model.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
+    from tools.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
 
     if kind == "open_clip":
         pytest.importorskip("open_clip")
@@ -45,7 +49,7 @@ def make_cfg(kind, folder):
 def _worker(rank, world_size, kind, folder, stage):
     import deepspeed
 
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.step import RUNNERS, StepBatch, step_seed
     from zvl_ds.runtime.engine import build_ds_config, initialize_engine
@@ -62,7 +66,7 @@ def _worker(rank, world_size, kind, folder, stage):
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     batch = StepBatch(images[local], input_ids[local], attention_mask[local])
     cfg.runner.name = "clip_bsgs"
-    step = build_step(cfg, world_size, rank, prepare_images=normalise)
+    step = build_step(cfg, world_size, rank)  # normalises as the test's normalise() does
     losses = []
     for index, mixup in enumerate(draws_for(cfg.loss.name, ("image", "text"))):
         torch.manual_seed(step_seed(cfg.seed, index, rank))
@@ -76,7 +80,7 @@ def _worker(rank, world_size, kind, folder, stage):
 
 
 def reference(kind, folder, world_size):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = make_cfg(kind, folder)
@@ -96,13 +100,34 @@ def reference(kind, folder, world_size):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses
 
 
-@pytest.mark.parametrize("kind,world_size,stage", [
-    ("hf_clip", 1, 0), ("hf_clip", 2, 1), ("hf_clip", 2, 2), ("hf_clip", 2, 3),
-    ("hf_siglip", 1, 3), ("hf_siglip", 2, 0), ("open_clip", 2, 2),
-])
-def test_dga_with_library_towers_matches_full_batch_reference(kind, world_size, stage, tmp_path):
-    folder = write_source(kind, str(tmp_path / kind))
-    results = run_distributed(_worker, world_size, (kind, folder, stage), timeout=300)
+RUNS = [("hf_clip", 1, 0), ("hf_clip", 2, 1), ("hf_clip", 2, 2), ("hf_clip", 2, 3), ("hf_siglip", 1, 3),
+        ("hf_siglip", 2, 0), ("open_clip", 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Each kind's tiny checkpoint, written once (open_clip's only where it imports: its test skips otherwise)."""
+    root = tmp_path_factory.mktemp("sources")
+    kinds = [kind for kind in LOSS_OF if kind != "open_clip" or importlib.util.find_spec("open_clip") is not None]
+    return {kind: write_source(kind, str(root / kind)) for kind in kinds}
+
+
+@pytest.fixture(scope="module")
+def spawns(sources):
+    """One spawn of 1 rank and one of 2, each running its world size's runs (started when a test first asks)."""
+    cases = {1: {}, 2: {}}
+    for kind, world_size, stage in RUNS:
+        if kind in sources:
+            cases[world_size][kind, stage] = Case(_worker, (kind, sources[kind], stage))
+    return {world_size: SharedSpawn(world_size, by_key, timeout_per_case=120) for world_size, by_key in cases.items()}
+
+
+@pytest.mark.parametrize("kind,world_size,stage", RUNS)
+def test_dga_with_library_towers_matches_full_batch_reference(sources, spawns, kind, world_size, stage):
+    if kind == "open_clip":
+        pytest.importorskip("open_clip")
+    folder = sources[kind]
+    results = spawns[world_size][kind, stage]
     params, losses = results[0]["params"], results[0]["losses"]
     expected, ref_losses = reference(kind, folder, world_size)
     assert losses == pytest.approx(ref_losses, rel=1e-5)

@@ -98,8 +98,9 @@ def _grads(model):
 
 def _model_checks(rank, world_size):
     from zvl_ds.objective.softmax_loss import contrastive_loss
-    from zvl_ds.objective.mixup import MixupDraw, partner_index
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.mixing import MixupDraw
+    from zvl_ds.objective.mixup import partner_index
+    from zvl_ds.model.build import build_model
 
     cfg = _tiny_config()
     torch.manual_seed(0)  # identical weights on every rank
@@ -170,7 +171,8 @@ def _model_checks(rank, world_size):
 def _cached_grad_checks(rank, world_size):
     from zvl_ds.runtime.dist import gather_no_grad
     from zvl_ds.objective.softmax_loss import contrastive_loss, loss_and_grads
-    from zvl_ds.objective.mixup import MixupDraw, partner_index
+    from zvl_ds.model.mixing import MixupDraw
+    from zvl_ds.objective.mixup import partner_index
 
     per_rank, dim, chunk = 6, 5, 3
     batch = per_rank * world_size
@@ -254,7 +256,7 @@ def _tied_accuracy_checks(rank, world_size):
 
 def _sigmoid_model_checks(rank, world_size):
     """SigLIP through the model: per-rank losses with gather-backward, gradients averaged as an engine does."""
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.sigmoid_loss import sigmoid_loss
 
     cfg = _tiny_config()

@@ -20,7 +20,7 @@ def _gathered(engine, stage):
 
 def _worker(rank, world_size, stage, folder):
     from zvl_ds.config import load_config
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.step import StepBatch
     from zvl_ds.runtime import dist
@@ -37,7 +37,7 @@ def _worker(rank, world_size, stage, folder):
                                 world_size)
     engine = initialize_engine(model, build_optimizer(model, cfg.optim), ds_config)
     ema = build_ema(cfg.model.ema, engine, stage)
-    step = build_step(cfg, world_size, rank, prepare_images=lambda x: x.float() / 255.0)
+    step = build_step(cfg, world_size, rank)
     generator = torch.Generator().manual_seed(rank)
     per_rank = GLOBAL_BATCH // world_size
     batch = StepBatch(torch.randint(0, 256, (per_rank, 3, 32, 32), dtype=torch.uint8, generator=generator),

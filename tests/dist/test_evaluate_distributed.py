@@ -47,7 +47,7 @@ def eval_overrides(shard_root):
 def build_tiny(overrides):
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)

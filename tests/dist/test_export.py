@@ -44,7 +44,7 @@ def _train_and_save(rank, world_size, run_root, overrides, stage, precision, ste
     import torch.nn.functional as F
 
     from zvl_ds.runtime.checkpoint import save_checkpoint
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = _config(list(overrides) + [f"precision={precision}", f"ckpt.dir={run_root}"])
@@ -126,7 +126,7 @@ def _embed(model, cfg):
 
 @pytest.mark.parametrize("name", ["z0_fp32", "z1_fp32_frozen_text", "z3_fp32"])
 def test_load_run_reproduces_fp32_embeddings_exactly(runs, name):
-    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.model.saved_run import load_run
 
     ref = runs[name]
     cfg, model, tag = load_run(ref["run_dir"])
@@ -141,7 +141,7 @@ def test_load_run_reproduces_fp32_embeddings_exactly(runs, name):
 
 @pytest.mark.parametrize("name", ["z0_bf16", "z2_bf16"])
 def test_bf16_runs_export_the_fp32_master_weights(runs, name):
-    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.model.saved_run import load_run
     from zvl_ds.runtime.optim import parameter_groups
 
     ref = runs[name]
@@ -208,16 +208,16 @@ def test_export_cli_then_load_model_reproduces_embeddings_exactly(runs, tmp_path
 
 
 def test_zero3_run_exports_and_loads_exactly(runs, tmp_path):
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import load_model
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import load_model
 
     out = export_model(runs["z3_fp32"]["run_dir"], str(tmp_path / "model"))
     _assert_same_embeddings(load_model(out), runs["z3_fp32"])
 
 
 def test_zero3_two_rank_checkpoint_exports_exactly(tmp_path):
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import load_model
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import load_model
 
     results = run_distributed(_train_many, 2, ([(str(tmp_path / "run2"), [], 3, "fp32")],), timeout=300)
     ref0, ref1 = results[0][0], results[1][0]
@@ -228,7 +228,7 @@ def test_zero3_two_rank_checkpoint_exports_exactly(tmp_path):
 
 
 def test_load_model_works_without_deepspeed(runs, tmp_path):
-    from zvl_ds.export.consolidate import export_model
+    from zvl_ds.export.formats import export_model
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     result = tmp_path / "embeds.pt"
@@ -280,8 +280,8 @@ def test_preprocess_and_tokenize_match_the_validation_loader(runs, tmp_path):
     from PIL import Image
 
     from zvl_ds.data import build_valid_loader
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import load_model
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import load_model
 
     loaded = load_model(export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model")))
     shard = _write_valid_shard(str(tmp_path / "shards" / "probe"), [(64, 48), (40, 90), (300, 200)])
@@ -308,8 +308,8 @@ def test_preprocess_and_tokenize_match_the_validation_loader(runs, tmp_path):
 def test_bad_run_folders_give_clear_errors(runs, tmp_path):
     import shutil
 
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import ExportError
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import ExportError
 
     with pytest.raises(ExportError, match="run folder not found: .*nowhere"):
         export_model(str(tmp_path / "nowhere"), str(tmp_path / "out"))
@@ -340,8 +340,8 @@ def test_bad_run_folders_give_clear_errors(runs, tmp_path):
 def test_checkpoint_with_pickled_code_is_refused(runs, tmp_path):
     import shutil
 
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import ExportError
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import ExportError
 
     run = tmp_path / "copy"
     shutil.copytree(runs["z3_fp32"]["run_dir"], run)
@@ -355,8 +355,8 @@ def test_incomplete_model_folder_names_the_missing_files(runs, tmp_path):
     import shutil
 
     import zvl_ds
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import ExportError
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import ExportError
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     shutil.rmtree(os.path.join(out, "tokenizer"))
@@ -374,8 +374,8 @@ def test_usage_example_in_the_docstring_runs(runs, tmp_path, capsys):
 
     from PIL import Image
 
-    import zvl_ds.export.model_folder as inference
-    from zvl_ds.export.consolidate import export_model
+    import zvl_ds.model.inference as inference
+    from zvl_ds.export.formats import export_model
 
     from PIL import ImageDraw
 
@@ -413,8 +413,8 @@ def test_every_file_of_real_checkpoints_passes_the_weights_only_check(runs):
 
 def test_a_model_folder_asking_for_remote_code_is_refused(runs, tmp_path):
     import zvl_ds
-    from zvl_ds.export.consolidate import export_model
-    from zvl_ds.export.model_folder import ExportError
+    from zvl_ds.export.formats import export_model
+    from zvl_ds.model.inference import ExportError
 
     out = export_model(runs["z0_fp32"]["run_dir"], str(tmp_path / "model"))
     meta_path = os.path.join(out, "model_config.json")

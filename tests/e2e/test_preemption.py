@@ -10,66 +10,18 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
-from tests.e2e.test_train import BIN, TRAIN, common_args, final_weights, keys_by_step
-from tests.helpers.dist_utils import free_port
 from tests.helpers.processes import child_env
+from tests.helpers.training_runs import (RESUMABLE, RESUMABLE_STEPS, TRAIN, command, common_args, final_weights,
+                                         keys_by_step, rank_process, wait_for_steps)
 from zvl_ds.runtime.dist import slurm_port
 from zvl_ds.runtime.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S
 
-STEPS = 16
-EXTRA = ["data.enable_valid=false", "log.tensorboard=false", "runner.val_interval_steps=1000",
-         "ckpt.step_interval=100", "log.record_sample_keys=true", "ckpt.keep_last=5"]
-
-
-def command(launcher, nproc, args, script=TRAIN):
-    if launcher == "deepspeed":
-        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port",
-                str(free_port()), script, *args]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(free_port()), script, *args]
-    return [sys.executable, script, *args]
-
-
-def wait_for_steps(run_dir, steps, processes, timeout=300):
-    """Until rank 0 has recorded ``steps`` steps (so a signal now lands mid-run)."""
-    keys = os.path.join(run_dir, "sample_keys", "rank_0.txt")
-    deadline = time.monotonic() + timeout
-    while not (os.path.exists(keys) and len(open(keys).read().splitlines()) >= steps):
-        assert all(p.poll() is None for p in processes), "the run ended before the signal could be sent"
-        assert time.monotonic() < deadline, f"fewer than {steps} steps within {timeout} s"
-        time.sleep(0.05)
-
-
-def rank_process(launcher_pid, rank):
-    """The worker process of ``rank`` under a launcher (not one of its DataLoader workers, whose parent is a rank)."""
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "RANK" not in child.parent().environ():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no rank {rank} worker under process {launcher_pid}")
-
-
-@pytest.fixture(scope="module")
-def straight(shards, tmp_path_factory):
-    """Uninterrupted runs, one per world size, made when first asked for."""
-    made = {}
-
-    def run(world_size):
-        if world_size not in made:
-            out = tmp_path_factory.mktemp("straight")
-            done = subprocess.run(command("torchrun", world_size, common_args(shards, out, "run", STEPS, EXTRA)),
-                                  env=child_env(), capture_output=True, text=True, timeout=600, cwd=out)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            made[world_size] = str(out / "run")
-        return made[world_size]
-    return run
+# the uninterrupted runs these are compared with are made once per session (the `straight` fixture, conftest.py)
+STEPS = RESUMABLE_STEPS
+EXTRA = RESUMABLE
 
 
 def assert_continues_exactly(run_dir, straight_dir, world_size):

@@ -15,8 +15,8 @@ import pytest
 from tests.helpers.data_fixtures import make_demo_shards, write_dataset
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
-from tests.helpers.processes import child_env
-from tests.e2e.test_train import TRAIN
+from tests.helpers.processes import child_env, run_side_by_side
+from tests.helpers.training_runs import TRAIN
 from zvl_ds.runtime.checkpoint import CheckpointError, find_resume_point
 
 TINY_RUN = ["--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), "data.train_type=shuffle",
@@ -89,7 +89,7 @@ def _flip_bytes_inside_a_tensor(path, count=16):
 
 def test_a_checkpoint_with_16_bytes_changed_in_a_tensor_is_refused_by_file_name(tmp_path):
     _, shards = make_demo_shards(tmp_path / "demo", train_size=32, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=16)
+                                 samples_per_shard=16, in_process=True)
     args = [sys.executable, TRAIN, *TINY_RUN, f"data.data_path={shards}", f"ckpt.dir={tmp_path}",
             "data.exp_name=run", "ckpt.step_interval=2"]
     first = subprocess.run([*args, "runner.train_steps=2"], env=child_env(), capture_output=True, text=True,
@@ -133,7 +133,7 @@ def test_a_yaml_alias_bomb_in_the_text_config_ends_train_py_at_once(tmp_path):
     from tests.unit.test_input_bounds import alias_bomb
 
     _, shards = make_demo_shards(tmp_path / "demo", train_size=16, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=16)
+                                 samples_per_shard=16, in_process=True)
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"_base_: {os.path.join(REPO_ROOT, 'configs', 'demo.yaml')}\n" + alias_bomb())
     started = time.time()
@@ -250,7 +250,7 @@ def model_folder(tmp_path_factory):
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
     from zvl_ds.export.model_folder import write_model_folder
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "transforms.resize.size=32", "transforms.center_crop.size=32",
                              "transforms.input_size=32"])
@@ -291,36 +291,51 @@ def _unknown_preprocess_key(folder):
     return "preprocess.json", "unknown key(s) resize_mode"
 
 
-@pytest.mark.parametrize("plant", [_no_tokenizer_json, _huge_safetensors_header, _truncated_weights, _deep_json,
-                                   _unknown_preprocess_key])
-def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(model_folder, tmp_path, plant):
+PLANTS = [_no_tokenizer_json, _huge_safetensors_header, _truncated_weights, _deep_json, _unknown_preprocess_key]
+
+
+@pytest.fixture(scope="module")
+def classify_on_damaged_folders(model_folder, tmp_path_factory):
+    """{plant: (folder, file named, message, --out path, finished process)}: each fault planted in its own copy of
+    the model folder (which loads while intact), then ``python -m zvl_ds.classify`` on each copy, side by side."""
     from PIL import Image
 
-    from zvl_ds.export.model_folder import load_model
-    from zvl_ds.runtime.errors import UserError
+    from zvl_ds.model.inference import load_model
 
-    folder = tmp_path / "model"
-    shutil.copytree(model_folder, folder)
-    load_model(str(folder))  # intact, it loads
-    name, message = plant(folder)
-    with pytest.raises(UserError, match=re.escape(message)):
-        load_model(str(folder))
-    images = tmp_path / "images"
+    root = tmp_path_factory.mktemp("damaged")
+    images = root / "images"
     for label in ("red", "blue"):
         (images / label).mkdir(parents=True)
         Image.new("RGB", (40, 36), (200, 20, 20) if label == "red" else (20, 20, 200)).save(images / label / "0.png")
-    done = subprocess.run([sys.executable, "-m", "zvl_ds.classify", "--model", str(folder), "--images", str(images),
-                           "--out", str(tmp_path / "out.json")], env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+    planted, commands = {}, {}
+    for plant in PLANTS:
+        folder, out = root / plant.__name__ / "model", root / plant.__name__ / "out.json"
+        shutil.copytree(model_folder, folder)
+        load_model(str(folder))  # intact, it loads
+        planted[plant] = (folder, *plant(folder), out)
+        commands[plant] = [sys.executable, "-m", "zvl_ds.classify", "--model", str(folder), "--images", str(images),
+                           "--out", str(out)]
+    done = run_side_by_side(commands, timeout=300, env=child_env())
+    return {plant: (*planted[plant], done[plant]) for plant in PLANTS}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_a_damaged_model_folder_gives_one_error_line_naming_the_file(classify_on_damaged_folders, plant):
+    from zvl_ds.model.inference import load_model
+    from zvl_ds.base.errors import UserError
+
+    folder, name, message, out, done = classify_on_damaged_folders[plant]
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(str(folder))
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert str(folder / name) in done.stderr and message in done.stderr
-    assert not (tmp_path / "out.json").exists()
+    assert not out.exists()
 
 
 def test_eval_retrieval_refuses_a_model_folder_whose_tokenizer_lost_its_vocabulary(model_folder, tmp_path):
     _, shards = make_demo_shards(tmp_path / "demo", train_size=8, valid_size=8, captions_per_image=1,
-                                 samples_per_shard=8)
+                                 samples_per_shard=8, in_process=True)
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
     _no_tokenizer_json(folder)

@@ -8,9 +8,8 @@ import time
 
 import torch
 
-from tests.e2e.test_preemption import command, wait_for_steps
-from tests.e2e.test_train import common_args
 from tests.helpers.processes import child_env
+from tests.helpers.training_runs import command, common_args, wait_for_steps
 
 QUIET = ["data.enable_valid=false", "log.tensorboard=false", "runner.val_interval_steps=1000"]
 

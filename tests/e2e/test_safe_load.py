@@ -1,72 +1,43 @@
 """Checkpoint files are read with the weights-only unpickler before DeepSpeed (which unpickles anything) opens
-them: a crafted file is refused by name and its payload never runs."""
+them: a crafted file is refused by name and its payload never runs, here by the training entry point (the crafted
+file and the check itself: tests/unit/test_safe_load.py)."""
 import os
-import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import run_side_by_side
+from tests.unit.test_safe_load import crafted_run
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
 
 
-class CreatesAFile:
-    """Unpickling this calls ``open(path, "w")``: the file appearing proves that code ran."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
+WAYS = ["resume_ckpt_path", "auto_resume_evaluate"]
 
 
-def crafted_run(root, marker):
-    """A run folder whose checkpoint's model-states file runs code when unpickled."""
-    tag_dir = root / "run" / "step_00000002"
-    tag_dir.mkdir(parents=True)
-    torch.save({"module": {"w": torch.zeros(2)}, "payload": CreatesAFile(str(marker))},
-               tag_dir / "mp_rank_00_model_states.pt")
-    (root / "run" / "latest").write_text("step_00000002")
-    return tag_dir
-
-
-def test_the_payload_is_real(tmp_path):
-    marker = tmp_path / "pwned"
-    tag_dir = crafted_run(tmp_path, marker)
-    torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)  # what DeepSpeed's loader does
-    assert marker.exists()
-
-
-def test_check_refuses_a_crafted_file_by_name_without_running_it(tmp_path):
-    from zvl_ds.runtime.errors import UserError
-    from zvl_ds.model.safe_load import check_checkpoint_folder
-
-    marker = tmp_path / "pwned"
-    tag_dir = crafted_run(tmp_path, marker)
-    (tag_dir / "zero").mkdir()  # files in sub-folders (the universal format) are checked too
-    torch.save({"param": torch.ones(3)}, tag_dir / "zero" / "fp32.pt")
-    with pytest.raises(UserError, match=r"mp_rank_00_model_states\.pt cannot be read as a weights-only"):
-        check_checkpoint_folder(str(tag_dir), opt_out="set x")
-    assert not marker.exists()
-    (tag_dir / "mp_rank_00_model_states.pt").unlink()
-    torch.save({"payload": CreatesAFile(str(marker))}, tag_dir / "zero" / "fp32.pt")
-    with pytest.raises(UserError, match=r"zero/fp32\.pt cannot be read"):
-        check_checkpoint_folder(str(tag_dir))
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("how", ["resume_ckpt_path", "auto_resume_evaluate"])
-def test_training_refuses_to_resume_from_a_crafted_checkpoint(shards, tmp_path, how):
-    marker = tmp_path / "pwned"
-    tag_dir = crafted_run(tmp_path, marker)
-    args = [f"ckpt.dir={tmp_path}", "data.exp_name=run", "device=cpu", "evaluate=true", f"data.data_path={shards}"]
-    if how == "resume_ckpt_path":
-        args += [f"resume_ckpt_path={tag_dir}", "data.exp_name=other"]
+@pytest.fixture(scope="module")
+def refused_resumes(shards, tmp_path_factory):
+    """{how: (crafted step folder, payload marker, finished process)}: train.py asked to resume from a crafted
+    checkpoint each way, the two runs side by side."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
-    done = subprocess.run([sys.executable, TRAIN, "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    crafted, commands = {}, {}
+    for how in WAYS:
+        root = tmp_path_factory.mktemp(how)
+        marker = root / "pwned"
+        tag_dir = crafted_run(root, marker)
+        args = [f"ckpt.dir={root}", "data.exp_name=run", "device=cpu", "evaluate=true", f"data.data_path={shards}"]
+        if how == "resume_ckpt_path":
+            args += [f"resume_ckpt_path={tag_dir}", "data.exp_name=other"]
+        crafted[how] = (tag_dir, marker)
+        commands[how] = [sys.executable, TRAIN, "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), *args]
+    done = run_side_by_side(commands, timeout=300, env=env)
+    return {how: (*crafted[how], done[how]) for how in WAYS}
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_training_refuses_to_resume_from_a_crafted_checkpoint(refused_resumes, how):
+    tag_dir, marker, done = refused_resumes[how]
     assert done.returncode != 0
     assert f"{tag_dir}/mp_rank_00_model_states.pt cannot be read as a weights-only" in done.stderr, done.stderr[-3000:]
     assert "ckpt.trust_checkpoint=true" in done.stderr

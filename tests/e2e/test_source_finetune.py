@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tests.helpers.data_fixtures import make_demo_shards
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
+from zvl_ds.export.__main__ import main as export_main
 from zvl_ds.runtime.dist import free_port
 
 RECIPE = os.path.join(REPO_ROOT, "configs", "clip", "finetune_hf_clip.yaml")
@@ -25,13 +26,18 @@ def run(command, cwd):
     return done.stdout
 
 
-def tiny_checkpoint(kind, folder):
+def tiny_checkpoint(kind, folder, in_process=False):
+    """``python tools/make_tiny_checkpoint.py --kind KIND --out FOLDER``, or its function here (``in_process``)."""
+    if in_process:
+        from tools.tiny_checkpoints import write_tiny_checkpoint
+
+        return write_tiny_checkpoint(kind, str(folder))
     run([sys.executable, TOOL, "--kind", kind, "--out", str(folder)], REPO_ROOT)
     return str(folder)
 
 
 def test_verify_exactness_accepts_siglip_towers_with_dropout(tmp_path):
-    folder = tiny_checkpoint("hf_siglip", tmp_path / "siglip")
+    folder = tiny_checkpoint("hf_siglip", tmp_path / "siglip", in_process=True)  # the tool runs in the next test
     out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "zvl_ds.verify_exactness", "--synthetic",
                "--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"), "--cfg", RECIPE,
@@ -49,7 +55,8 @@ def test_finetune_a_clip_folder_and_export_it_back(tmp_path):
     import zvl_ds
 
     folder = tiny_checkpoint("hf_clip", tmp_path / "clip")
-    _, shards = make_demo_shards(tmp_path, train_size=16, valid_size=8, captions_per_image=1, classify_size=4)
+    _, shards = make_demo_shards(tmp_path, train_size=16, valid_size=8, captions_per_image=1, classify_size=4,
+                                 in_process=True)
     run([sys.executable, os.path.join(REPO_ROOT, "zvl_ds", "train.py"), "--cfg", RECIPE, f"model.hf_folder={folder}",
          "device=cpu", "precision=fp32", "data.batch_size=8", "data.batch_size_train=4", "data.batch_size_val=8",
          "data.num_workers=0", "data.shuffle_buffer=8", "runner.train_steps=2", "runner.val_interval_steps=2",
@@ -58,8 +65,9 @@ def test_finetune_a_clip_folder_and_export_it_back(tmp_path):
     resolved = (tmp_path / "out" / "finetune_hf_clip" / "config.yaml").read_text()
     assert f"tokenizer: {folder}" in resolved and "max_length: 16" in resolved  # what the folder set, recorded
     run_dir = str(tmp_path / "out" / "finetune_hf_clip")
-    run([sys.executable, "-m", "zvl_ds.export", run_dir, "--format", "hf", "--out", str(tmp_path / "hf")], tmp_path)
-    run([sys.executable, "-m", "zvl_ds.export", run_dir, "--out", str(tmp_path / "zvl")], tmp_path)
+    # python -m zvl_ds.export's main(), here: the export's command line is run as a process in test_ema_resume
+    assert export_main([run_dir, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert export_main([run_dir, "--out", str(tmp_path / "zvl")]) == 0
     library, info = CLIPModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     source = CLIPModel.from_pretrained(folder, dtype=torch.float32)

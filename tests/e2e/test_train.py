@@ -1,8 +1,6 @@
 """End-to-end training runs: the real entry point under the deepspeed launcher and torchrun (2 CPU ranks)."""
-import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -10,27 +8,11 @@ import time
 import pytest
 import torch
 
+from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
-from tests.helpers.dist_utils import free_port
-
-TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
-BIN = os.path.dirname(sys.executable)
-SMALL = ["data.batch_size=16", "data.batch_size_train=4", "data.batch_size_val=16", "data.num_workers=1",
-         "data.shuffle_buffer=50", "log.interval_train=1", "log.num_image_samples=4"]
-
-
-
-def torchrun(args, **kwargs):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), TRAIN, *args]
-
-
-def common_args(shards, out_dir, exp_name, steps, extra=()):
-    return ["--deepspeed_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
-            "--cfg", os.path.join(REPO_ROOT, "configs", "demo.yaml"), *SMALL,
-            f"data.data_path={shards}", f"ckpt.dir={out_dir}", f"data.exp_name={exp_name}",
-            f"runner.train_steps={steps}", *extra]
+from tests.helpers.training_runs import (BIN, RESUMABLE, RESUMABLE_STEPS, TRAIN, common_args, final_weights,
+                                         keys_by_step, kill_tree, torchrun)
 
 
 def read_scalars(run_dir):
@@ -100,44 +82,12 @@ def test_deepspeed_launcher_two_ranks_trains_logs_checkpoints_and_resumes(shards
     assert "eval demo_val @ step 46" in evaluated.stdout
 
 
-def kill_tree(process):
-    """SIGKILL the launcher and every worker (torchrun starts its workers in sessions of their own)."""
-    import psutil
-
-    family = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
-    for member in family:
-        try:
-            member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=60)
-    process.wait(timeout=60)
-
-
-def final_weights(run_dir):
-    tag = open(os.path.join(run_dir, "latest")).read().strip()
-    state = torch.load(os.path.join(run_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)  # our own checkpoint: DeepSpeed stores its config objects in it
-    return tag, state["module"]
-
-
-def keys_by_step(run_dir, rank):
-    """The last record of every step (a killed run's steps after its checkpoint are replayed on resume)."""
-    seen = {}
-    with open(os.path.join(run_dir, "sample_keys", f"rank_{rank}.txt")) as handle:
-        for line in handle:
-            step, *keys = line.split()
-            seen[int(step)] = keys
-    return seen
-
-
-def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_path):
-    steps, interval = 30, 10
-    extra = ["runner.val_interval_steps=1000", f"ckpt.step_interval={interval}", "log.record_sample_keys=true",
-             "data.enable_valid=false", "log.tensorboard=false", "ckpt.keep_last=5"]
-    straight = subprocess.run(torchrun(common_args(shards, tmp_path, "straight", steps, extra)), env=child_env(),
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_path, straight):
+    # the resumable run with a checkpoint every 4 steps, against the same run uninterrupted (shared with the
+    # preemption tests: tests/e2e/conftest.py)
+    steps, interval = RESUMABLE_STEPS, 4
+    extra = [*(arg for arg in RESUMABLE if not arg.startswith("ckpt.step_interval=")), f"ckpt.step_interval={interval}"]
+    straight_dir = straight(2)
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(torchrun(common_args(shards, tmp_path, "killed", steps, extra)), env=child_env(),
@@ -157,7 +107,7 @@ def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {killed_dir / resumed_from}" in again.stdout
 
-    tag_a, weights_a = final_weights(str(tmp_path / "straight"))
+    tag_a, weights_a = final_weights(straight_dir)
     tag_b, weights_b = final_weights(str(killed_dir))
     assert tag_a == tag_b == f"step_{steps:08d}"
     assert weights_a.keys() == weights_b.keys()
@@ -165,7 +115,7 @@ def test_sigkill_then_resume_gives_identical_parameters_and_samples(shards, tmp_
         assert torch.equal(weights_a[name], weights_b[name]), f"{name} differs after resume"
     resume_step = int(resumed_from.split("_")[1])
     for rank in (0, 1):
-        keys_a, keys_b = keys_by_step(str(tmp_path / "straight"), rank), keys_by_step(str(killed_dir), rank)
+        keys_a, keys_b = keys_by_step(straight_dir, rank), keys_by_step(str(killed_dir), rank)
         assert [keys_a[s] for s in range(resume_step, steps)] == [keys_b[s] for s in range(resume_step, steps)]
         assert len(keys_a) == steps
 

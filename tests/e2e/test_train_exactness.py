@@ -76,7 +76,7 @@ def rebuild_batch(cfg, keys, samples):
 
 def reference_parameters(cfg, batches, world_size):
     """Both steps in one process: dense full-batch loss over every rank's chunks, plain SGD."""
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.exactness import reference_loss
     from zvl_ds.objective.mixup import draw_mixup
     from zvl_ds.runtime.optim import build_optimizer
@@ -96,8 +96,8 @@ def reference_parameters(cfg, batches, world_size):
 
 
 def test_trained_run_equals_full_batch_reference(tmp_path):
-    from zvl_ds.export.consolidate import consolidate_state_dict, run_config
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.saved_run import consolidate_state_dict, run_config
+    from zvl_ds.model.build import build_model
     from zvl_ds.objective.exactness import compare_tensors
 
     data = tmp_path / "shards"

@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from tests.e2e.test_train import TRAIN, common_args, torchrun
-from tests.helpers.processes import child_env
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import child_env
+from tests.helpers.training_runs import TRAIN, common_args, torchrun
 
 QUIET = ["data.enable_valid=false", "log.tensorboard=false", "runner.val_interval_steps=1000",
          "data.batch_size=8", "data.batch_size_train=4", "optim.lr.name=constant"]
@@ -37,7 +37,7 @@ def test_zero1_resumed_on_one_rank_re_splits_its_optimizer_state(shards, tmp_pat
 
 
 def test_zero3_resumed_on_one_rank_loads_the_weights_only_and_says_so(shards, tmp_path):
-    from zvl_ds.export.consolidate import load_run
+    from zvl_ds.model.saved_run import load_run
 
     run_training(torchrun(args_for(3, shards, tmp_path, 2)), tmp_path)
     # learning rate 0 (AdamW's decay is scaled by it too): step 3 changes nothing, so its weights are the ones loaded

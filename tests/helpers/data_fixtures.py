@@ -118,17 +118,29 @@ def make_config(root: str, train: Sequence[str] = ("flat",), valid: Sequence[str
 
 
 def make_demo_shards(root: Path, train_size: int, valid_size: int, captions_per_image: int,
-                     classify_size: Optional[int] = None, samples_per_shard: Optional[int] = None) -> Tuple[Path, Path]:
-    """Demo data under ``root/data`` sharded into ``root/shards`` with the user's two commands; returns both folders."""
+                     classify_size: Optional[int] = None, samples_per_shard: Optional[int] = None,
+                     in_process: bool = False) -> Tuple[Path, Path]:
+    """Demo data under ``root/data`` sharded into ``root/shards`` with the user's two commands; returns both folders.
+
+    Each command runs in its own process, as a user runs it; ``in_process`` calls their main() here instead (the
+    same files, without two interpreters' start-up; make_shards then writes in this process: no forked workers)."""
     data, out = root / "data", root / "shards"
-    demo = [sys.executable, "-m", "zvl_ds.make_demo_data", "--out", str(data), "--train-size", str(train_size),
-            "--valid-size", str(valid_size), "--captions-per-image", str(captions_per_image)]
+    demo = ["--out", str(data), "--train-size", str(train_size), "--valid-size", str(valid_size),
+            "--captions-per-image", str(captions_per_image)]
     if classify_size is not None:
         demo += ["--classify-size", str(classify_size)]
-    subprocess.run(demo, check=True, capture_output=True, timeout=120)
-    shard = [sys.executable, "-m", "zvl_ds.make_shards", "--data-root", str(data), "--dataset", "demo_flat",
-             "--dataset", "demo_sketch", "--dataset", "demo_val", "--split", "all", "--out", str(out), "--quiet"]
+    shard = ["--data-root", str(data), "--dataset", "demo_flat", "--dataset", "demo_sketch", "--dataset", "demo_val",
+             "--split", "all", "--out", str(out), "--quiet"]
     if samples_per_shard is not None:
         shard += ["--samples-per-shard", str(samples_per_shard)]
-    subprocess.run(shard, check=True, capture_output=True, timeout=120)
+    if in_process:
+        from zvl_ds import make_demo_data, make_shards
+
+        assert make_demo_data.main(demo) == 0
+        assert make_shards.main([*shard, "--workers", "1"]) == 0
+        return data, out
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_demo_data", *demo], check=True, capture_output=True,
+                   timeout=120)
+    subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", *shard], check=True, capture_output=True,
+                   timeout=120)
     return data, out

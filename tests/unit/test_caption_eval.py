@@ -8,8 +8,9 @@ from zvl_ds.config import load_config
 from zvl_ds.data import load_tokenizer
 from zvl_ds.data import tokenize
 from zvl_ds.data.transforms import caption_preparer
-from zvl_ds.export.model_folder import PREPROCESS_FILE, load_model, write_model_folder
-from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.export.model_folder import write_model_folder
+from zvl_ds.model.inference import load_model, PREPROCESS_FILE
+from zvl_ds.model.build import build_model
 from zvl_ds.evaluation.zero_shot import build_zero_shot_classifier
 
 CLEAN_EVAL = ["model.arch=tiny", "model.max_length=12", "transforms.caption_eval.clean=true",

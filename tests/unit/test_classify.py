@@ -99,7 +99,7 @@ def test_prompt_ensemble_of_the_real_text_tower(tokenizer):
     """Batched ensemble = per-prompt embeddings averaged over templates, renormalised (one prompt at a time)."""
     from zvl_ds.config import load_config
     from zvl_ds.data import tokenize
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny"])
     torch.manual_seed(0)

@@ -138,7 +138,7 @@ def test_zero_shot_set_from_a_clip_benchmark_folder_scores_as_its_image_folder(l
     from zvl_ds.config import load_config
     from zvl_ds.data import load_tokenizer
     from zvl_ds.evaluation.zero_shot import evaluate_zero_shot
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     templates = tmp_path / "templates.txt"
     templates.write_text("a drawing of a {}.\n{} shape\n")

@@ -1,4 +1,4 @@
-"""README.md's code map is the package tree: every module and package is on it, and everything on it exists.
+"""docs/architecture.md's code map is the package tree: every module and package is on it, and everything on it exists.
 
 The map is the ```text block under the "## Code map" heading: one entry per line, a name then its role, nested by
 indentation; a name ending in "/" is a folder. Adding a module means adding one line at its place in the tree; the
@@ -9,15 +9,16 @@ import re
 from tests.helpers.paths import REPO_ROOT
 
 PACKAGE = "zvl_ds"
+CODE_MAP_PAGE = os.path.join("docs", "architecture.md")
 
 
 def code_map_block():
-    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
+    with open(os.path.join(REPO_ROOT, CODE_MAP_PAGE), encoding="utf-8") as handle:
         text = handle.read()
     section = re.search(r"^## Code map\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    assert section, "README.md has no '## Code map' section"
+    assert section, f"{CODE_MAP_PAGE} has no '## Code map' section"
     block = re.search(r"```text\n(.*?)```", section.group(1), flags=re.S)
-    assert block, "README.md's Code map section has no ```text block"
+    assert block, f"{CODE_MAP_PAGE}'s Code map section has no ```text block"
     return block.group(1)
 
 
@@ -70,13 +71,13 @@ def test_code_map_parses_into_the_package_and_the_other_folders():
 def test_every_module_of_the_package_is_on_the_code_map():
     mapped = set(mapped_paths(code_map_block()))
     missing = sorted(set(package_paths()) - mapped)
-    assert not missing, ("README.md's code map lacks these (add one line each, with its role, under its folder in the "
+    assert not missing, (f"{CODE_MAP_PAGE}'s code map lacks these (add one line each, with its role, under its folder in the "
                          f"```text block of '## Code map'): {missing}")
 
 
 def test_everything_on_the_code_map_exists():
     extra = sorted(p for p in mapped_paths(code_map_block()) if not os.path.exists(os.path.join(REPO_ROOT, p)))
-    assert not extra, f"README.md's code map names paths that do not exist (moved or removed?): {extra}"
+    assert not extra, f"{CODE_MAP_PAGE}'s code map names paths that do not exist (moved or removed?): {extra}"
 
 
 def test_the_parser_reads_nesting_and_folders():

@@ -257,7 +257,7 @@ def test_each_key_without_effect_that_a_config_sets_is_reported_once(tmp_path, m
 
 
 def test_zerovl_wandb_section_is_real_typed_config():
-    """ZeroVL's ``wandb: {enable, project, entity}`` acts now (zvl_ds/runtime/wandb_sink.py): typed, validated."""
+    """ZeroVL's ``wandb: {enable, project, entity}`` acts now (zvl_ds/observe/wandb_sink.py): typed, validated."""
     cfg = load_config(os.path.join(CONFIGS, "clip", "zerovl.yaml"))
     assert (cfg.wandb.enable, cfg.wandb.project, cfg.wandb.entity) == (False, "your_proj", "your_entity")
     assert load_config(None).wandb.enable is False  # TensorBoard alone by default

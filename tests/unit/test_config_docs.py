@@ -18,8 +18,8 @@ from zvl_ds.config.reference import (README_TABLES, TABLE_PAGES, lavis_mapping_m
 from zvl_ds.config.schema import Config
 from zvl_ds.config.reference import key_help
 
-KEY_HELP = key_help()  # each key's meaning, read from the docstring under its field in zvl_ds/config/schema.py
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
+KEY_HELP = key_help()  # each key's meaning: the docstring under its field, in its section's module of zvl_ds/config/
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 REGENERATE = {"config-reference": "--reference", "accepted-keys": "--accepted", "lavis-mapping": "--lavis-mapping",
               "lavis-model": "--lavis-model", "presets": "--presets", "lavis-datasets": "--lavis-datasets"}
@@ -75,7 +75,8 @@ def test_every_config_key_has_help_and_no_help_is_stale():
     missing = [key for key in keys if key not in KEY_HELP]
     empty = [key for key in keys if key in KEY_HELP and not KEY_HELP[key].strip()]
     stale = sorted(set(KEY_HELP) - set(keys))
-    assert not missing, f"config keys without a docstring under their field in zvl_ds/config/schema.py: {missing}"
+    assert not missing, ("config keys without a docstring under their field (zvl_ds/config/schema.py or a section "
+                         f"module): {missing}")
     assert not empty, f"empty KEY_HELP entries: {empty}"
     assert not stale, f"KEY_HELP entries for keys that Config no longer has: {stale}"
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from zvl_ds.config.schema import EmaConfig
+from zvl_ds.config import EmaConfig
 from zvl_ds.runtime.ema import EmaFileError, _partition_of, ema_decay, ema_file, merge_ema_files
 
 

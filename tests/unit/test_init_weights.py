@@ -12,7 +12,7 @@ from zvl_ds.config import ConfigError, config_from_dict
 from zvl_ds.config.compat import LAVIS_MODEL_COUNTERPARTS
 from zvl_ds.config.reference import config_keys
 from zvl_ds.model.init_weights import InitWeightsError, initialise_from_config, load_whole_model, read_source
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 
 LEARNED_TEMPERATURE = {"temperature": {"name": "parameter", "value": 0.05}}
 
@@ -22,7 +22,7 @@ def tiny_config(**model_keys):
 
 
 def tiny_model(seed, **model_keys):
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = tiny_config(**model_keys)
     torch.manual_seed(seed)
@@ -38,8 +38,8 @@ def cloned_state(model):
 
 def model_source_keys(arch, folder):
     """The keys naming a model source (model.arch hf_clip / hf_siglip / open_clip): a tiny one without weights."""
-    from zvl_ds.model.presets import SOURCE_ARCHS
-    from zvl_ds.model.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
+    from zvl_ds.config.presets import SOURCE_ARCHS
+    from tools.tiny_checkpoints import write_tiny_hf_folder, write_tiny_open_clip_folder
 
     if arch not in SOURCE_ARCHS:
         return {}
@@ -291,10 +291,11 @@ def test_exported_config_of_a_run_with_these_keys_loads_back(tmp_path):
     """An exported folder records the model section; the preset, its variant and the weights sources are merged or
     spent, so it must load without them."""
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.export.model_folder import load_model, write_model_folder
+    from zvl_ds.export.model_folder import write_model_folder
+    from zvl_ds.model.inference import load_model
 
     cfg = tiny_config(model_type="patch4", load_pretrained=True, pretrained=str(tmp_path / "gone"))
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     model = build_model(cfg.model, cfg.loss)
     folder = write_model_folder(str(tmp_path / "exported"), cfg, model, load_tokenizer(cfg.model.text_encoder),

@@ -4,9 +4,10 @@ import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm)
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.model.dual_encoder import build_model, count_parameters
+from zvl_ds.model.build import build_model
+from zvl_ds.model.dual_encoder import count_parameters
 from zvl_ds.model.locking import block_groups, lock_tower
-from zvl_ds.runtime.cli import run
+from zvl_ds.base.cli import run
 from zvl_ds.runtime.optim import build_optimizer
 
 

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 
 from zvl_ds.config import ImageEncoderConfig, TemperatureConfig, TextEncoderConfig, config_from_dict
-from zvl_ds.objective.mixup import MixupDraw
-from zvl_ds.model.dual_encoder import (DualEncoder, build_image_tower, build_model, build_projection, build_text_tower,
-                          parameter_summary, read_state_dict)
+from zvl_ds.model.mixing import MixupDraw
+from zvl_ds.model.build import build_model
+from zvl_ds.model.dual_encoder import DualEncoder, parameter_summary
+from zvl_ds.model.towers import build_image_tower, build_projection, build_text_tower
+from zvl_ds.model.weights_files import read_state_dict
 
 TINY_VIT = {"tag": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
             "kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}}

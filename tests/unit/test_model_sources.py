@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import zvl_ds  # noqa: F401  (before transformers / open_clip)
 from zvl_ds.config import ConfigError, load_config
 from zvl_ds.data import load_tokenizer, tokenize
-from zvl_ds.model.dual_encoder import build_model
-from zvl_ds.model.tiny_checkpoints import (CLIP_TEMPERATURE, IMAGE_SIZE, MEAN, SIGLIP_BIAS, SIGLIP_SCALE, STD,
+from zvl_ds.model.build import build_model
+from tools.tiny_checkpoints import (CLIP_TEMPERATURE, IMAGE_SIZE, MEAN, SIGLIP_BIAS, SIGLIP_SCALE, STD,
                                            write_tiny_hf_folder, write_tiny_open_clip_folder)
 from zvl_ds.runtime.optim import layer_decay_scales
 

@@ -14,10 +14,11 @@ open_clip = pytest.importorskip("open_clip")
 
 from zvl_ds.config import load_config  # noqa: E402
 from zvl_ds.data import load_tokenizer  # noqa: E402
-from zvl_ds.export.model_folder import ExportError, load_model, write_model_folder  # noqa: E402
+from zvl_ds.export.model_folder import write_model_folder
+from zvl_ds.model.inference import ExportError, load_model  # noqa: E402
 from zvl_ds.export.open_clip_folder import (CONFIG_FILE, WEIGHTS_FILE, rebase_open_clip_folder,  # noqa: E402
                                             write_open_clip_folder)
-from zvl_ds.model.dual_encoder import build_model  # noqa: E402
+from zvl_ds.model.build import build_model  # noqa: E402
 
 EXACT_32 = ["transforms.resize.size=32", "transforms.center_crop.size=32", "transforms.input_size=32"]
 CAPTIONS = ["a red circle", "two blue squares next to a green triangle", "circle"]

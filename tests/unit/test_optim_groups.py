@@ -4,7 +4,7 @@ from zvl_ds.runtime.optim import parameter_groups
 
 
 def test_no_decay_group_holds_biases_norms_and_temperature():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "loss.temperature.name=parameter"])
     model = build_model(cfg.model, cfg.loss)

@@ -81,41 +81,21 @@ def test_every_console_script_is_zvl_dash_its_module_and_runs_it_through_cli():
 
 def test_inference_imports_no_deepspeed_and_no_training_code():
     # a fresh interpreter: this one has imported everything already
-    code = "import sys, json, zvl_ds.export.model_folder; print(json.dumps(sorted(sys.modules)))"
+    code = "import sys, json, zvl_ds.model.inference; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
-    assert "zvl_ds.export.model_folder" in loaded and "zvl_ds.model.dual_encoder" in loaded
-    training = {"deepspeed", "zvl_ds.objective.step", "zvl_ds.runtime.engine", "zvl_ds.runtime.checkpoint", "zvl_ds.export.consolidate", "zvl_ds.runtime.optim",
-                "zvl_ds.train", "zvl_ds.runtime.monitor"}
+    assert "zvl_ds.model.inference" in loaded and "zvl_ds.model.dual_encoder" in loaded
+    training = {"deepspeed", "zvl_ds.objective.step", "zvl_ds.runtime.engine", "zvl_ds.runtime.checkpoint",
+                "zvl_ds.model.saved_run", "zvl_ds.runtime.optim", "zvl_ds.train", "zvl_ds.observe.monitor"}
     assert sorted(training & loaded) == []
 
 
 @pytest.mark.parametrize("name", ["load_model", "ZvlModel"])
 def test_the_package_exposes_the_inference_api(name):
     import zvl_ds
-    import zvl_ds.export.model_folder
+    import zvl_ds.model.inference
 
-    assert getattr(zvl_ds, name) is getattr(zvl_ds.export.model_folder, name)
+    assert getattr(zvl_ds, name) is getattr(zvl_ds.model.inference, name)
     with pytest.raises(AttributeError):
         zvl_ds.no_such_name  # noqa: B018
-
-
-def test_every_moved_module_imports_under_its_old_path_as_the_same_module():
-    """Scripts written against the flat layout (``from zvl_ds.dga import ...``) keep working: each old path gives
-    the very module object at its new home, in a fresh interpreter where nothing was imported before."""
-    import zvl_ds
-
-    code = ("import importlib, json, zvl_ds; "
-            "print(json.dumps({old: importlib.import_module(old) is importlib.import_module(new) "
-            "for old, new in zvl_ds.MOVED_MODULES.items()}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    same = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(same) == set(zvl_ds.MOVED_MODULES) and all(same.values()), same
-    for new in zvl_ds.MOVED_MODULES.values():  # every target is a real module, not another alias
-        assert new not in zvl_ds.MOVED_MODULES
-    from zvl_ds.model import build_model  # the old module zvl_ds.model is now a package; its names still resolve
-    from zvl_ds.model.dual_encoder import build_model as moved
-
-    assert build_model is moved

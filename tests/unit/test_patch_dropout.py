@@ -4,7 +4,7 @@ import torch
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm)
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.model.dual_encoder import build_model
+from zvl_ds.model.build import build_model
 from zvl_ds.model.patch_dropout import set_patch_dropout
 
 

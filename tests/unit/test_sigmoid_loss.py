@@ -97,7 +97,7 @@ def test_tile_sizes_agree_in_fp32():
         tiled = sigmoid_loss_and_grads(image, text, scale_bias, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
         # the loss sums B^2 = 1600 fp32 terms in a tile-dependent order: measured 1.1e-6 apart
         assert tiled.output.loss.item() == pytest.approx(whole.output.loss.item(), rel=5e-6)
-        for field in ("image", "text", "temperature"):
+        for field in ("image", "text", "loss_params"):
             assert relative_error(getattr(tiled, field), getattr(whole, field)) <= 1e-5
 
 
@@ -113,7 +113,7 @@ def test_bad_inputs_are_named():
 
 
 def test_model_holds_log_scale_and_bias_as_no_decay_parameters():
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.model.build import build_model
     from zvl_ds.runtime.optim import uses_weight_decay
 
     cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.scale_init=8.0",
@@ -150,8 +150,9 @@ def test_siglip_recipe_loads():
 
 def test_exported_siglip_model_keeps_scale_and_bias(tmp_path):
     from zvl_ds.data import load_tokenizer
-    from zvl_ds.export.model_folder import load_model, write_model_folder
-    from zvl_ds.model.dual_encoder import build_model
+    from zvl_ds.export.model_folder import write_model_folder
+    from zvl_ds.model.inference import load_model
+    from zvl_ds.model.build import build_model
 
     cfg = load_config(None, ["model.arch=tiny", "loss.name=SigLIP", "loss.sigmoid.bias_init=-4.0"])
     torch.manual_seed(0)

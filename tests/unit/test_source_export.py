@@ -17,9 +17,9 @@ from zvl_ds.config import load_config
 from zvl_ds.data import load_tokenizer, tokenize
 from zvl_ds.export.formats import FORMATS
 from zvl_ds.export.open_clip_sourced import write_open_clip_sourced_folder
-from zvl_ds.export.model_folder import ExportError, load_model
-from zvl_ds.model.dual_encoder import build_model
-from zvl_ds.model.tiny_checkpoints import IMAGE_SIZE, write_tiny_hf_folder, write_tiny_open_clip_folder
+from zvl_ds.model.inference import ExportError, load_model
+from zvl_ds.model.build import build_model
+from tools.tiny_checkpoints import IMAGE_SIZE, write_tiny_hf_folder, write_tiny_open_clip_folder
 
 CAPTIONS = ["a red circle", "two blue squares", "a yellow triangle"]
 SOURCE = {"run_dir": "test", "tag": "step_00000001"}

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from zvl_ds.config import ConfigError, load_config
-from zvl_ds.runtime.wandb_sink import RUN_RECORD, new_run_id, read_run_record, require_wandb
+from zvl_ds.observe.wandb_sink import RUN_RECORD, new_run_id, read_run_record, require_wandb
 
 
 def test_wandb_is_required_only_when_enabled(monkeypatch):
@@ -34,7 +34,7 @@ def test_a_resume_continues_the_recorded_run_and_a_fresh_start_begins_a_new_one(
     """Real offline W&B runs opened by the sink, read back from their files."""
     pytest.importorskip("wandb")  # the optional extra; CI installs it
     from tests.helpers import wandb_files
-    from zvl_ds.runtime.wandb_sink import WandbSink
+    from zvl_ds.observe.wandb_sink import WandbSink
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_files"))
     monkeypatch.setenv("WANDB_SILENT", "true")

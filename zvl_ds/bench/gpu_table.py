@@ -12,8 +12,8 @@ import os
 import re
 from typing import Dict, List, Mapping, Optional
 
-from zvl_ds.runtime.atomic_write import write_text_atomic
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.atomic_write import write_text_atomic
+from zvl_ds.base.errors import UserError
 
 MARKER = "gpu-table"
 README = "README.md"

@@ -1,6 +1,6 @@
 """Where a training step's time goes: one step under ``torch.profiler``, split into named parts.
 
-The step runners open ``zvl.*`` ranges (``zvl_ds.runtime.profile_ranges``); this module reads them back:
+The step runners open ``zvl.*`` ranges (``zvl_ds.observe.profile_ranges``); this module reads them back:
 
 - ``pass1``, ``loss``, ``pass2``, ``optimizer``: the step's phases (the ranges ``zvl.pass1`` ...);
 - ``host_to_device``: host time spent moving and normalising chunk inputs (``zvl.host_to_device``), plus, on

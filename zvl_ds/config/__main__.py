@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+from zvl_ds.base.cli import run
 from zvl_ds.config.load import load_config
 from zvl_ds.config.reference import README_TABLE_FLAGS, README_TABLES, write_docs_tables
 from zvl_ds.config.schema import ConfigError
@@ -43,6 +44,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from zvl_ds.runtime.cli import run
-
     sys.exit(run(main))

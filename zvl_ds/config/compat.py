@@ -6,9 +6,9 @@
   what each does, for the table in docs/lavis-zerovl.md); the others stay unknown keys, whose message names the
   zvl_ds key doing their job (``LAVIS_MODEL_COUNTERPARTS``).
 * ``ACCEPTED_WITHOUT_EFFECT`` lists ZeroVL keys that this code has no use for (an apex option, a checkpoint file
-  name DeepSpeed chooses itself, ...). They are not part of the schema
-  (``zvl_ds.config.schema``), which holds only the keys that act; a config may still set them, their values are
-  type-checked, and each one a config sets is reported once per process with a warning saying it has no effect.
+  name DeepSpeed chooses itself, ...). They are not part of the schema (``zvl_ds.config.schema`` and its section
+  modules), which holds only the keys that act; a config may still set them, their values are type-checked, and
+  each one a config sets is reported once per process with a warning saying it has no effect.
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
-"""Dotted key paths in a raw (not yet typed) config mapping, and the messages that name a wrong key or choice."""
+"""Dotted key paths in a raw (not yet typed) config mapping, the messages that name a wrong key or choice, the keys
+that would make a library run code shipped with a model, and the check every timeout key shares."""
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Dict, List, Tuple
+import math
+from typing import Any, Dict, List, Optional, Tuple
 
-from zvl_ds.config.schema import ConfigError
+from zvl_ds.base.errors import ConfigError
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -53,3 +55,26 @@ def unknown_choice_message(path: str, value: Any, choices: List[Any]) -> str:
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{path}: invalid choice {value!r}{hint} (valid choices: {', '.join(map(str, choices))})"
+
+
+# Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
+CODE_LOADING_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
+
+
+def code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
+    """The dotted path of the first code-loading key in a (nested) Hugging Face config mapping, else None."""
+    if not isinstance(fields, dict):
+        return None
+    for key, value in fields.items():
+        if key in CODE_LOADING_KEYS:
+            return f"{prefix}{key}"
+        found = code_loading_key(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+def check_seconds(key: str, seconds: float) -> None:
+    """Every wait is bounded: a timeout key holds a finite number of seconds > 0 (NaN and infinity are refused)."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key}: must be a finite number of seconds > 0, got {seconds}")

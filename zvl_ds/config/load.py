@@ -1,27 +1,26 @@
 """Loading a config: YAML (safe loader) with ``_base_`` inheritance, ``key.sub=value`` overrides, model presets, typed
-conversion against the schema, and validation of combinations. Config errors name the key path; entry points turn
-them into a message and exit code 2.
+conversion against the schema, then ``Config.check`` (each section's checks beside its dataclass, and the rules that
+span sections, in ``zvl_ds.config.schema``). Config errors name the key path; entry points turn them into a message
+and exit code 2.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-import re
 import typing
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block,
-                                  lavis_model_hint, lavis_run_target, report_without_effect, take_accepted_keys)
+from zvl_ds.base.package_paths import is_package_path, resolve_package_path
+from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block, lavis_model_hint,
+                                  lavis_run_target, report_without_effect, take_accepted_keys)
+from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.model_sources import apply_model_source
-from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
-from zvl_ds.config.schema import MODEL_PARTS, Config, ConfigError, ModelConfig, OptimConfig
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
-
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
+from zvl_ds.config.schema import Config, ConfigError
 
 # --------------------------------------------------------------------------------------------------
 # YAML loading
@@ -266,14 +265,12 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation of combinations
+# pkg: paths
 # --------------------------------------------------------------------------------------------------
 
 
 def _resolve_package_paths(cfg: Config) -> None:
     """``pkg:<package>/<path>`` in the towers' weight, tag and tokenizer keys -> the path inside the package."""
-    from zvl_ds.runtime.package_paths import is_package_path, resolve_package_path
-
     for section, key, where in ((cfg.model.image_encoder, "pretrained", "model.image_encoder"),
                                 (cfg.model.text_encoder, "tag", "model.text_encoder"),
                                 (cfg.model.text_encoder, "tokenizer", "model.text_encoder"),
@@ -284,223 +281,6 @@ def _resolve_package_paths(cfg: Config) -> None:
                 setattr(section, key, resolve_package_path(value))
             except FileNotFoundError as error:
                 raise ConfigError(f"{where}.{key}: {error}") from None
-
-
-# scheme://... (http, https, s3, gs, hf, ...) and the hub prefixes other tools take (hf:org/name, hf-hub:org/name)
-_REMOTE_LOCATION = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|hf:|hf-hub:)")
-
-
-def is_remote_location(value: str) -> bool:
-    """A URL or hub name rather than a local path: zvl_ds downloads nothing, so such a weights source is refused."""
-    return bool(_REMOTE_LOCATION.match(value))
-
-
-def _validate_whole_model_weights(cfg: Config) -> None:
-    """``model.load_pretrained`` / ``model.pretrained`` and ``model.load_finetuned`` / ``model.finetuned``."""
-    model = cfg.model
-    for switch, key in (("load_pretrained", "pretrained"), ("load_finetuned", "finetuned")):
-        value = getattr(model, key)
-        if value and is_remote_location(value):
-            raise ConfigError(f"model.{key}={value!r}: a URL or hub name; nothing is downloaded, so give a local "
-                              "exported model folder, run folder, checkpoint folder or .safetensors file")
-        if getattr(model, switch) and not value:
-            raise ConfigError(f"model.{switch}=true but model.{key} is not set: give the exported model folder, run "
-                              "folder, checkpoint folder or .safetensors file to load")
-    if cfg.evaluate and model.load_finetuned and cfg.resume_ckpt_path:
-        raise ConfigError(f"evaluate=true with both model.load_finetuned (model.finetuned={model.finetuned!r}) and "
-                          f"resume_ckpt_path={cfg.resume_ckpt_path!r}: give the weights to evaluate one way")
-
-
-def _validate(cfg: Config) -> None:
-    data = cfg.data
-    for key in ("batch_size", "batch_size_val", "num_workers", "shuffle_buffer"):
-        minimum = 0 if key == "num_workers" else 1
-        if getattr(data, key) < minimum:
-            raise ConfigError(f"data.{key}: must be >= {minimum}, got {getattr(data, key)}")
-    if not 0.0 <= data.max_skip_fraction <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1] (1: never stop), got {data.max_skip_fraction}")
-    if data.skip_window < 1:
-        raise ConfigError(f"data.skip_window: must be >= 1 sample, got {data.skip_window}")
-    if data.batch_size_train is not None:
-        if data.batch_size_train < 1 or data.batch_size % data.batch_size_train:
-            raise ConfigError(f"data.batch_size_train={data.batch_size_train} must divide "
-                              f"data.batch_size={data.batch_size}")
-    for name, zeroshot in data.zeroshot.items():
-        if not zeroshot.path:
-            raise ConfigError(f"data.zeroshot.{name}.path: give a class folder, an image,label CSV or a clip_benchmark "
-                              "classification folder")
-        if name in data.valid_name:
-            raise ConfigError(f"data.zeroshot.{name}: the name is also a data.valid_name set; their metrics "
-                              "would share eval/<name>/; rename one")
-    for name, source in data.datasets.items():
-        if source.shards and source.folder:
-            raise ConfigError(f"data.datasets.{name}: give its shards one way, `shards` (a shard spec) or "
-                              "`folder` (a shard writer's folder read by split), not both")
-    for role in ("caption_train", "caption_eval"):
-        max_words = getattr(cfg.transforms, role).max_words
-        if max_words is not None and max_words < 1:
-            raise ConfigError(f"transforms.{role}.max_words: must be >= 1 or null (all words), got {max_words}")
-    temp = cfg.loss.temperature
-    if not 0 < temp.min <= temp.value <= temp.max:
-        raise ConfigError(f"loss.temperature: need 0 < min <= value <= max, got min={temp.min} "
-                          f"value={temp.value} max={temp.max}")
-    # ZeroVL's keys with no implementation here: refuse a value that would otherwise be silently ignored
-    if cfg.loss.smoothing != 0.0:
-        raise ConfigError(f"loss.smoothing={cfg.loss.smoothing}: label smoothing is not implemented (ZeroVL leaves "
-                          "it at 0.0 too); remove the key or set it to 0.0")
-    if cfg.loss.group_size != -1:
-        raise ConfigError(f"loss.group_size={cfg.loss.group_size}: only -1 (gather over the whole world) is "
-                          "implemented")
-    if cfg.loss.chunk_rows < 1:
-        raise ConfigError(f"loss.chunk_rows: must be >= 1, got {cfg.loss.chunk_rows}")
-    if cfg.loss.chunk_cols < 0:
-        raise ConfigError(f"loss.chunk_cols: must be >= 0 (0 = whole rows), got {cfg.loss.chunk_cols}")
-    if cfg.loss.name == "SigLIP":
-        _validate_sigmoid(cfg)
-    if cfg.loss.name == "MixUpNCE" and cfg.loss.mixup.beta <= 0:
-        raise ConfigError(f"loss.mixup.beta: must be > 0, got {cfg.loss.mixup.beta}")
-    _validate_part_lrs(cfg.optim)
-    _validate_whole_model_weights(cfg)
-    _validate_tuning_options(cfg.model)
-    if len(cfg.optim.param.betas) != 2:
-        raise ConfigError(f"optim.param.betas: need two values, got {cfg.optim.param.betas}")
-    code_key = _code_loading_key(cfg.model.text_encoder.config)
-    if code_key:
-        raise ConfigError(f"model.text_encoder.config.{code_key}: a key that makes Hugging Face load Python code "
-                          "from a model folder is not accepted (configs and model folders are data); use a model "
-                          "that transformers implements")
-    _validate_run_length_and_intervals(cfg)
-    _validate_optimizer_numbers(cfg.optim)
-    if not cfg.data.exp_name or "/" in cfg.data.exp_name:
-        raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {cfg.data.exp_name!r}")
-
-
-def _validate_run_length_and_intervals(cfg: Config) -> None:
-    """Values that would only fail (or hang, or divide by zero) hours into a run are refused now."""
-    for key, value in (("ckpt.keep_last", cfg.ckpt.keep_last), ("ckpt.step_interval", cfg.ckpt.step_interval),
-                       ("log.interval_train", cfg.log.interval_train)):
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    # every wait is bounded: a timeout is a positive number of seconds
-    for key, seconds in (("runner.collective_timeout", cfg.runner.collective_timeout),
-                         ("runner.preempt_timeout", cfg.runner.preempt_timeout),
-                         ("data.loader_timeout", cfg.data.loader_timeout)):
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise ConfigError(f"{key}: must be a finite number of seconds > 0, got {seconds}")
-    if cfg.runner.train_steps < -1 or cfg.data.train_steps < -1:
-        raise ConfigError(f"runner.train_steps={cfg.runner.train_steps}, data.train_steps={cfg.data.train_steps}: "
-                          "> 0 fixes the number of steps; -1 (or 0) leaves it to the other key or to `epoch`")
-    steps_fixed = cfg.runner.train_steps > 0 or cfg.data.train_steps > 0
-    if not cfg.evaluate and not steps_fixed and cfg.epoch < 1:
-        raise ConfigError(f"epoch: must be >= 1 when neither runner.train_steps nor data.train_steps is > 0 (the "
-                          f"run would train no step), got {cfg.epoch}")
-
-
-def _validate_optimizer_numbers(optim: OptimConfig) -> None:
-    """A NaN, infinite or negative learning rate (or schedule value) would poison the weights at the first step."""
-    lr = optim.lr
-    for key, value in (("optim.lr.init", lr.init), ("optim.lr.min_lr", lr.min_lr),
-                       ("optim.lr.warmup_lr", lr.warmup_lr), ("optim.lr.lr_decay_rate", lr.lr_decay_rate),
-                       ("optim.lr.param.min_lr_scale", lr.param.min_lr_scale),
-                       ("optim.lr.param.num_cycles", lr.param.num_cycles),
-                       ("optim.param.weight_decay", optim.param.weight_decay), ("optim.param.eps", optim.param.eps),
-                       ("optim.param.momentum", optim.param.momentum), ("optim.grad_clip", optim.grad_clip)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
-    if not 0 <= lr.warmup_proportion <= 1:  # NaN fails this too
-        raise ConfigError(f"optim.lr.warmup_proportion: must be in [0, 1], got {lr.warmup_proportion}")
-    if lr.warmup_steps is not None and lr.warmup_steps < 0:
-        raise ConfigError(f"optim.lr.warmup_steps: must be >= 0 or null, got {lr.warmup_steps}")
-    for index, beta in enumerate(optim.param.betas):
-        if not 0 <= beta < 1:
-            raise ConfigError(f"optim.param.betas[{index}]: must be in [0, 1), got {beta}")
-
-
-# Hugging Face config keys that make transformers import Python files shipped with a model (remote code)
-CODE_LOADING_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
-
-
-def _code_loading_key(fields: Any, prefix: str = "") -> Optional[str]:
-    """The dotted path of the first code-loading key in a (nested) Hugging Face config mapping, else None."""
-    if not isinstance(fields, dict):
-        return None
-    for key, value in fields.items():
-        if key in CODE_LOADING_KEYS:
-            return f"{prefix}{key}"
-        found = _code_loading_key(value, f"{prefix}{key}.")
-        if found:
-            return found
-    return None
-
-
-def _validate_part_lrs(optim: OptimConfig) -> None:
-    for part in MODEL_PARTS:
-        mult, absolute = getattr(optim.lr_mult, part), getattr(optim.lr_abs, part)
-        if not (math.isfinite(mult) and mult >= 0):
-            raise ConfigError(f"optim.lr_mult.{part}: must be >= 0, got {mult}")
-        if absolute is None:
-            continue
-        if not (math.isfinite(absolute) and absolute >= 0):
-            raise ConfigError(f"optim.lr_abs.{part}: must be >= 0, got {absolute}")
-        if mult != 1.0:
-            raise ConfigError(f"optim.lr_abs.{part}={absolute} and optim.lr_mult.{part}={mult}: give the part's "
-                              "learning rate one way")
-        if optim.lr.init <= 0:
-            raise ConfigError(f"optim.lr_abs.{part} is relative to optim.lr.init, which must then be > 0 "
-                              f"(got {optim.lr.init})")
-    for tower in ("image_tower", "text_tower"):
-        decay = getattr(optim.layer_decay, tower)
-        if not 0 < decay <= 1:
-            raise ConfigError(f"optim.layer_decay.{tower}: must be in (0, 1] (1 = off), got {decay}")
-
-
-def _validate_tuning_options(model: ModelConfig) -> None:
-    """Partial locking, patch dropout and the model EMA (the counts of groups are checked when the towers exist)."""
-    for section, count_key, norm_key in (("image_encoder", "unlocked_groups", "freeze_bn_stats"),
-                                         ("text_encoder", "unlocked_layers", "freeze_layer_norm")):
-        tower = getattr(model, section)
-        unlocked = getattr(tower, count_key)
-        where = f"model.{section}"
-        if unlocked is not None and unlocked < 0:
-            raise ConfigError(f"{where}.{count_key}: must be >= 0 (0 freezes every group) or null, got {unlocked}")
-        if unlocked is not None and not tower.trainable:
-            raise ConfigError(f"{where}.{count_key}={unlocked} with {where}.trainable=false: a frozen tower has "
-                              f"nothing to unlock; give one of the two")
-        if getattr(tower, norm_key) and unlocked is None:
-            raise ConfigError(f"{where}.{norm_key}=true acts on the groups {where}.{count_key} freezes; set "
-                              f"{where}.{count_key} too")
-    share = model.image_encoder.patch_dropout
-    if not 0.0 <= share < 1.0:
-        raise ConfigError(f"model.image_encoder.patch_dropout: a share of patches in [0, 1), got {share}")
-    if model.ema.decay is not None and not 0.0 < model.ema.decay < 1.0:
-        raise ConfigError(f"model.ema.decay: must be in (0, 1) (e.g. 0.999) or null (off), got {model.ema.decay}")
-    if model.ema.warmup_steps < 0:
-        raise ConfigError(f"model.ema.warmup_steps: must be >= 0, got {model.ema.warmup_steps}")
-
-
-def _validate_sigmoid(cfg: Config) -> None:
-    if cfg.loss.sigmoid.scale_init <= 0:
-        raise ConfigError(f"loss.sigmoid.scale_init: must be > 0 (it is learned as its log), got "
-                          f"{cfg.loss.sigmoid.scale_init}")
-    # With plain gather the gathered texts are constants, and SigLIP has no text->image direction to give the
-    # text tower a gradient through its own rows: it would not learn at all.
-    if not cfg.loss.nce_loss.gather_backward:
-        raise ConfigError("loss.nce_loss.gather_backward=false with loss.name=SigLIP: the text tower would get no "
-                          "gradient; use true (exact) or the clip_bsgs runner")
-    if cfg.loss.temperature.name == "parameter":
-        raise ConfigError("loss.temperature.name=parameter with loss.name=SigLIP: SigLIP learns its own scale "
-                          "(loss.sigmoid.scale_init), the temperature would never move; use constant")
-
-
-def check_world_size(cfg: Config, world_size: int) -> None:
-    """Batch sizes are global; they must split evenly over the ranks the launcher started."""
-    if cfg.runner.world_size > 0 and cfg.runner.world_size != world_size:
-        raise ConfigError(f"runner.world_size={cfg.runner.world_size} but the launcher started {world_size} ranks")
-    for key in ("batch_size", "batch_size_val"):
-        if getattr(cfg.data, key) % world_size:
-            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} is not divisible by the world size {world_size}")
-    if cfg.chunk_size % world_size:
-        raise ConfigError(f"data.batch_size_train={cfg.chunk_size} is not divisible by the world size {world_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,7 +301,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     _resolve_package_paths(cfg)
     if cfg.precision is None:
         cfg.precision = "fp16" if cfg.dist.fp16 else "fp32"
-    _validate(cfg)
+    cfg.check()
     report_without_effect(list(without_effect))
     return cfg
 

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from zvl_ds.config.schema import ConfigError
+from zvl_ds.base.errors import ConfigError
+from zvl_ds.config.keys import code_loading_key, deep_merge
 
 HF_MODEL_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
 HF_CONFIG_FILE = "config.json"
@@ -49,15 +50,13 @@ def _read_json(path: str, key: str) -> Dict[str, Any]:
 
 def check_hf_config(config: Dict[str, Any], arch: str, where: str) -> None:
     """A CLIP config for hf_clip, a SigLIP config for hf_siglip, and no key that loads code from a folder."""
-    from zvl_ds.config.load import _code_loading_key  # the one rule for code-loading keys (load imports us)
-
     wanted = HF_MODEL_TYPES[arch]
     found = config.get("model_type")
     if found != wanted:
         other = {v: k for k, v in HF_MODEL_TYPES.items()}.get(found)
         hint = f" (use model.arch={other})" if other else ""
         raise ConfigError(f"{where}: model_type {found!r} is not {wanted!r}, which model.arch={arch} needs{hint}")
-    code_key = _code_loading_key(config)
+    code_key = code_loading_key(config)
     if code_key:
         raise ConfigError(f"{where}: has {code_key!r}, which makes Hugging Face run Python code shipped with a "
                           "model (trust_remote_code); not accepted: use a model transformers implements")
@@ -79,8 +78,6 @@ def hf_folder_config(folder: str, arch: str) -> Dict[str, Any]:
 def hf_model_config(folder: Optional[str], fields: Dict[str, Any], arch: str) -> Dict[str, Any]:
     """The Hugging Face config the towers are built from: the folder's config.json with ``model.hf_config``'s
     fields over it (nested sections merged), or ``model.hf_config`` alone without a folder (exported models)."""
-    from zvl_ds.config.keys import deep_merge
-
     if not folder:
         if not fields:
             raise ConfigError(f"model.arch={arch} needs model.hf_folder: a local Hugging Face "
@@ -299,3 +296,15 @@ def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
                               f"{'open_clip' if used[0] == 'open_clip' else 'hf_clip or hf_siglip'}")
         return raw, []
     return raw, [key for key, value in keys.items() if _set_default(raw, key, value)]
+
+
+def check_open_clip_config(model_cfg: Dict[str, Any]) -> None:
+    """The OpenCLIP architectures this source takes: its own and timm image towers, its own text transformer."""
+    if "multimodal_cfg" in model_cfg:
+        raise ConfigError("model.open_clip: CoCa models (multimodal_cfg) are not dual encoders; not supported")
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            raise ConfigError(f"model.open_clip: text_cfg.{key}={text_cfg[key]!r}: OpenCLIP models with a Hugging "
+                              "Face text tower or tokenizer are not supported as a source (they would load them from "
+                              "the hub); use OpenCLIP's own text transformer")

@@ -18,8 +18,8 @@ import yaml
 
 from zvl_ds.config.compat import ACCEPTED_WITHOUT_EFFECT, LAVIS_MODEL_OPTIONS, LAVIS_NOTES, LAVIS_RUN_MAP
 from zvl_ds.config.lavis_datasets import DATASET_KEY_NOTES, PROCESSOR_KINDS
+from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 from zvl_ds.config.schema import Config, to_plain
-from zvl_ds.model.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS, PRESET_HELP, VARIANT_HELP
 
 MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of sections: data.datasets.<name>.size
 
@@ -27,7 +27,8 @@ MAPPING_ENTRY = "<name>"  # stands for the user's own keys of a mapping of secti
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> Dict[str, str]:
     """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"meaning\"\"\"``), read from
-    its source: the one place a key's meaning is written."""
+    its source (the module that defines the section, e.g. ``zvl_ds.config.data_section``): the one place a key's
+    meaning is written."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: Dict[str, str] = {}

@@ -17,7 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 SPLIT = "test"  # clip_benchmark eval's default --split
 CLASSNAMES_FILE = "classnames.txt"

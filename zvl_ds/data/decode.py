@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from zvl_ds.data import failures
-from zvl_ds.data import reader
+import zvl_ds.data.failures as failures
+import zvl_ds.data.reader as reader
 from zvl_ds.data.failures import SampleSkipped
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.transforms import ImageTransform, TooManyPixels, to_uint8_chw

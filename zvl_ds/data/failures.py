@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from zvl_ds.config.model_sources import OPEN_CLIP_TOKENIZER_PREFIX, import_open_clip, open_clip_source
+from zvl_ds.config.model_sources import (OPEN_CLIP_TOKENIZER_PREFIX, check_open_clip_config, import_open_clip,
+                                         open_clip_source)
 
 TOKENIZER_SETTINGS_FILE = "open_clip_tokenizer.json"
 
@@ -33,8 +34,6 @@ class OpenClipTokenizer:
 
     @classmethod
     def from_model_config(cls, model_cfg: Dict[str, Any]) -> "OpenClipTokenizer":
-        from zvl_ds.model.open_clip_towers import check_open_clip_config
-
         check_open_clip_config(model_cfg)
         text_cfg = model_cfg.get("text_cfg", {})
         return cls({"context_length": text_cfg.get("context_length", 77),

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 SHUFFLE, SEQUENTIAL, DEBIAS = "shuffle", "sequential", "debias"
 MIXED = "mixed"  # TrainBatch.dataset in shuffle mode

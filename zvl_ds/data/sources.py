@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from braceexpand import braceexpand
 
+from zvl_ds.base.errors import UserError
 from zvl_ds.config import DataConfig
-from zvl_ds.runtime.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from zvl_ds.base.errors import UserError
 from zvl_ds.config import Config
 from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _json_meta,
                                 _load_fields, _private_torch_rng, end_workers)
-from zvl_ds.data.failures import (MAX_EXAMPLES, DataLossError, FailureCounter, SampleSkipped, SkipBudget,
-                                  shards_named, sum_counts)
+from zvl_ds.data.failures import (MAX_EXAMPLES, DataLossError, FailureCounter, SampleSkipped, SkipBudget, shards_named,
+                                  sum_counts)
 from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
 from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_train_datasets
-from zvl_ds.runtime.errors import UserError
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
 
 STATE_FORMAT = 1

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zvl_ds.base.errors import UserError
 from zvl_ds.config import CaptionAugConfig, CaptionTextConfig, NormalizeConfig, TextEncoderConfig, TransformsConfig
+from zvl_ds.data.open_clip_tokenizer import is_open_clip_tokenizer, load_open_clip_tokenizer
 from zvl_ds.data.writing.images import DEFAULT_MAX_PIXELS
-from zvl_ds.runtime.errors import UserError
 
 PACKAGE_PREFIX = "zvl_ds:"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,8 +260,6 @@ def load_tokenizer(text_cfg: TextEncoderConfig, vocab_size: Optional[int] = None
     pretrained_dir = text_cfg.pretrained if isinstance(text_cfg.pretrained, str) else None
     name = text_cfg.tokenizer or pretrained_dir or text_cfg.tag
     path = resolve_tokenizer_path(name)
-    from zvl_ds.data.open_clip_tokenizer import is_open_clip_tokenizer, load_open_clip_tokenizer
-
     if is_open_clip_tokenizer(path):  # model.arch: open_clip, or a model folder exported from one
         return load_open_clip_tokenizer(path)
     try:

@@ -13,10 +13,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+import zvl_ds.data.failures as failures
 from zvl_ds.config import Config
-from zvl_ds.data import failures
-from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _is_int64,
-                                _json_meta, _load_fields, _private_torch_rng)
+from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describe, _image_bytes, _is_int64, _json_meta,
+                                _load_fields, _private_torch_rng)
 from zvl_ds.data.failures import FailureCounter, SampleSkipped, sum_counts
 from zvl_ds.data.pieces import _read_part
 from zvl_ds.data.reader import FieldLoader, RawSample, read_segment

@@ -14,9 +14,9 @@ import torch.distributed as tdist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from zvl_ds.runtime import dist
 from zvl_ds.data import normalize_images
 from zvl_ds.evaluation.metrics import retrieval_metrics
+from zvl_ds.runtime import dist
 
 
 @dataclass

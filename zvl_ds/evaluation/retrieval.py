@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from zvl_ds.runtime import dist
 from zvl_ds.data import build_valid_loader
 from zvl_ds.evaluation.embed import EmbeddedSet, embed_validation
 from zvl_ds.evaluation.grid import render_retrieval_grid
 from zvl_ds.evaluation.metrics import deduplicate_images, top_captions
+from zvl_ds.runtime import dist
 
 
 def retrieval_examples(embedded: EmbeddedSet, tokenizer, num_images: int = 8, k: int = 3) -> Optional[np.ndarray]:

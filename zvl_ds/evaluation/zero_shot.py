@@ -17,12 +17,11 @@ import torch.distributed as tdist
 from PIL import Image
 from torch import Tensor
 
+from zvl_ds.base.errors import UserError
+from zvl_ds.data import normalize_images, tokenize
 from zvl_ds.data.clip_benchmark_sets import TarImage, is_benchmark_set, read_classification_set
-from zvl_ds.runtime import dist
-from zvl_ds.data import normalize_images
-from zvl_ds.data import tokenize
 from zvl_ds.data.transforms import ImageTransform, caption_preparer, load_rgb, to_uint8_chw
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.runtime import dist
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # A short ensemble of CLIP-style photo prompts; a task of its own is better served by its own file (--templates).

@@ -1,11 +1,5 @@
-"""A run's checkpoint out to a model folder: ``consolidate`` (fp32 weights from any ZeRO stage, training side),
-``model_folder`` (write a folder and ``load_model`` it back, with no DeepSpeed or training code), and the command
-``python -m zvl_ds.export`` (``__main__``)."""
+"""A run's checkpoint out to a model folder another tool loads, and nothing else: export only writes. The formats by
+name (``formats``: zvl_ds's own ``model_folder``, open_clip's ``local-dir:`` folders, Hugging Face folders) and the
+command ``python -m zvl_ds.export`` (``__main__``). Reading runs and model folders back is the model room's
+(``zvl_ds.model.saved_run``, ``zvl_ds.model.inference``)."""
 
-
-def __getattr__(name: str):
-    if name in ("main", "cli", "build_parser"):  # the command's functions, as ``zvl_ds.export`` had them
-        from zvl_ds.export import __main__ as command
-
-        return getattr(command, name)
-    raise AttributeError(f"module 'zvl_ds.export' has no attribute {name!r}")

@@ -18,11 +18,10 @@ import sys
 from typing import List, Optional
 
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
-from zvl_ds.runtime.cli import run
-from zvl_ds.export.consolidate import export_model
-from zvl_ds.export.formats import DEFAULT_FORMAT, FORMATS
-from zvl_ds.export.model_folder import ExportError
-from zvl_ds.runtime.logs import setup_logging
+from zvl_ds.base.cli import run
+from zvl_ds.export.formats import DEFAULT_FORMAT, FORMATS, export_model
+from zvl_ds.model.inference import ExportError
+from zvl_ds.observe.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m zvl_ds.export`` and the console script ``zvl-export``: errors exit through ``zvl_ds.runtime.cli.run``."""
+    """``python -m zvl_ds.export`` and the console script ``zvl-export``: errors exit through ``zvl_ds.base.cli.run``."""
     setup_logging()  # here, not in main(): logging is the process's, and main() is also called in-process
     return run(main)
 

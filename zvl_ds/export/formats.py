@@ -15,12 +15,16 @@ anything.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+import os
+from typing import Callable, Dict, Optional
 
+from zvl_ds.data import load_tokenizer
 from zvl_ds.export.hf_folder import write_hf_folder
 from zvl_ds.export.model_folder import write_model_folder
 from zvl_ds.export.open_clip_folder import write_open_clip_folder
 from zvl_ds.export.open_clip_sourced import write_open_clip_sourced_folder
+from zvl_ds.model.inference import ExportError
+from zvl_ds.model.saved_run import load_run
 
 FolderWriter = Callable[..., str]
 
@@ -38,3 +42,15 @@ FORMATS: Dict[str, FolderWriter] = {
     "hf": write_hf_folder,
 }
 DEFAULT_FORMAT = "zvl_ds"
+
+
+def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
+                 folder_format: str = "zvl_ds", ema: bool = False) -> str:
+    """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into a model folder ``out_dir`` in
+    ``folder_format`` (``export.formats.FORMATS``); ``ema``: its model EMA instead of the trained weights."""
+    if folder_format not in FORMATS:
+        raise ExportError(f"unknown export format {folder_format!r}; choose one of {sorted(FORMATS)}")
+    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema)
+    tokenizer = load_tokenizer(cfg.model.text_encoder)
+    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag,
+                                                                  "weights": "ema" if ema else "trained"})

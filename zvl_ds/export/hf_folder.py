@@ -15,9 +15,10 @@ from typing import Dict
 
 import torch
 
+from zvl_ds.base.atomic_write import atomic_folder
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError, as_shapes_of, load_state_strict
-from zvl_ds.runtime.atomic_write import atomic_folder
+from zvl_ds.model.hf_clip import hf_classes
+from zvl_ds.model.inference import ExportError, as_shapes_of, load_state_strict
 
 HF_ARCHS = ("hf_clip", "hf_siglip")
 
@@ -74,8 +75,6 @@ def check_exportable(cfg: Config, model) -> str:
 
 def write_hf_folder(out_dir: str, cfg: Config, model, tokenizer, source: Dict[str, str]) -> str:
     """Write a folder ``from_pretrained`` loads; refused (before anything is written) for other models."""
-    from zvl_ds.model.hf_clip import hf_classes
-
     arch = check_exportable(cfg, model)
     config_class, model_class = hf_classes(arch)
     library = model_class(config_class.from_dict(model.source_config))

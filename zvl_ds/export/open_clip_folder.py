@@ -32,11 +32,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
+from zvl_ds.base.atomic_write import atomic_folder, atomic_path
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError
+from zvl_ds.config.presets import MODEL_PRESETS, SOURCE_ARCHS
 from zvl_ds.model.dual_encoder import DualEncoder
-from zvl_ds.model.presets import MODEL_PRESETS, SOURCE_ARCHS
-from zvl_ds.runtime.atomic_write import atomic_folder, atomic_path
+from zvl_ds.model.inference import ExportError
 
 logger = logging.getLogger(__name__)
 

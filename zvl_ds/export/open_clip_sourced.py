@@ -17,9 +17,9 @@ from typing import Any, Dict
 
 import torch
 
+from zvl_ds.base.atomic_write import atomic_folder
 from zvl_ds.config import Config
-from zvl_ds.export.model_folder import ExportError, as_shapes_of, load_state_strict
-from zvl_ds.runtime.atomic_write import atomic_folder
+from zvl_ds.model.inference import ExportError, as_shapes_of, load_state_strict
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 # the text tower's tensors a plain CLIP holds at the top level (CustomTextCLIP has them under text.)

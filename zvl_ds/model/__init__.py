@@ -1,22 +1,9 @@
-"""The dual encoder (``dual_encoder``), its presets, and loading and checking saved weights (``init_weights``,
-``safe_load``).
+"""The dual encoder and everything that builds, loads or reads it.
 
-``from zvl_ds.model import build_model`` (the module's old form) still works; the names resolve on first use so that
-the config, which reads the presets, does not import torch, timm and transformers.
+From the ground up: ``towers`` (a timm image tower, a Hugging Face text tower, projections) <- ``dual_encoder``
+(the module) <- ``sources`` with ``hf_clip`` and ``open_clip_towers`` (another library's whole model as towers) <-
+``build`` (``build_model``: the one dispatch). Beside them: ``locking``, ``patch_dropout``, ``mixing`` (the mixup
+that happens inside a forward), ``weights_files`` and ``safe_load`` (reading weights as data), ``init_weights``
+(a fresh run's weights from a file or a saved run), ``saved_run`` (a run's checkpoint back to a model) and
+``inference`` (an exported model folder back to a model: ``load_model``).
 """
-_DUAL_ENCODER = "zvl_ds.model.dual_encoder"
-_SUBMODULES = ("dual_encoder", "presets", "init_weights", "safe_load", "weights_files", "sources", "hf_clip",
-               "open_clip_towers", "tiny_checkpoints")
-
-
-def __getattr__(name: str):
-    import importlib
-
-    if name in _SUBMODULES or name.startswith("__"):  # ``from zvl_ds.model import presets`` must stay light
-        raise AttributeError(f"module 'zvl_ds.model' has no attribute {name!r}")
-
-    module = importlib.import_module(_DUAL_ENCODER)
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'zvl_ds.model' has no attribute {name!r}") from None

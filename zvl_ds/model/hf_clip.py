@@ -19,8 +19,8 @@ from torch import nn
 
 from zvl_ds.config import ConfigError, ModelConfig
 from zvl_ds.config.model_sources import hf_model_config, hf_weights_file
-from zvl_ds.model.dual_encoder import enable_hf_checkpointing
 from zvl_ds.model.sources import TRANSFORMERS, SourceParts
+from zvl_ds.model.towers import enable_hf_checkpointing
 
 logger = logging.getLogger(__name__)
 

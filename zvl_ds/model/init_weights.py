@@ -5,7 +5,7 @@ A source is one of:
 
 * an exported model folder (``python -m zvl_ds.export``): its ``model.safetensors``;
 * a training run folder (the checkpoint its ``latest`` names) or one of its ``step_NNNNNNNN`` folders,
-  consolidated to fp32 by ``zvl_ds.export.consolidate`` from any ZeRO stage, with its weights-only check of DeepSpeed's
+  consolidated to fp32 by ``zvl_ds.model.saved_run`` from any ZeRO stage, with its weights-only check of DeepSpeed's
   files (``ckpt.trust_checkpoint`` skips it);
 * a single weights file: safetensors, or a torch file read with the weights-only unpickler.
 
@@ -27,9 +27,12 @@ from typing import Dict, List, Optional, Tuple
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from zvl_ds.config import Config
-from zvl_ds.config.load import is_remote_location
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
+from zvl_ds.config import Config, is_remote_location
+from zvl_ds.model.inference import WEIGHTS_FILE, ExportError
+from zvl_ds.model.saved_run import load_run
+from zvl_ds.model.weights_files import read_state_dict
+from zvl_ds.runtime.checkpoint import LATEST_FILE, TAG_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +76,6 @@ def selected_source(cfg: Config) -> Optional[Tuple[str, str]]:
 
 def read_source(path: str, config_key: str, trust_checkpoint: bool = False) -> Dict[str, Tensor]:
     """The tensors of a weights source (see the module docstring), by the dual encoder's key names."""
-    from zvl_ds.runtime.checkpoint import LATEST_FILE, TAG_PATTERN
-    from zvl_ds.export.model_folder import WEIGHTS_FILE
-    from zvl_ds.model.dual_encoder import read_state_dict
-
     if is_remote_location(path):
         raise InitWeightsError(f"{config_key}={path!r}: a URL or hub name; nothing is downloaded, give a local path")
     if not os.path.exists(path):
@@ -103,10 +102,7 @@ def read_source(path: str, config_key: str, trust_checkpoint: bool = False) -> D
 
 def _consolidate(run_dir: str, tag: Optional[str], config_key: str, trust_checkpoint: bool) -> Dict[str, Tensor]:
     """A run's checkpoint as fp32 tensors: the run's own model rebuilt from its config.yaml and loaded strictly
-    (``zvl_ds.export.consolidate.load_run``), then read back by name."""
-    from zvl_ds.export.consolidate import load_run
-    from zvl_ds.export.model_folder import ExportError
-
+    (``zvl_ds.model.saved_run.load_run``), then read back by name."""
     try:
         _, model, _ = load_run(run_dir, tag, trust_checkpoint)
     except ExportError as error:

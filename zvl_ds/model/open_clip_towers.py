@@ -17,23 +17,11 @@ from typing import Any, Dict
 from torch import nn
 
 from zvl_ds.config import ConfigError, ModelConfig
-from zvl_ds.config.model_sources import import_open_clip, open_clip_source
-from zvl_ds.model.dual_encoder import read_state_dict
+from zvl_ds.config.model_sources import check_open_clip_config, import_open_clip, open_clip_source
 from zvl_ds.model.sources import OPEN_CLIP, SourceParts
+from zvl_ds.model.weights_files import read_state_dict
 
 logger = logging.getLogger(__name__)
-
-
-def check_open_clip_config(model_cfg: Dict[str, Any]) -> None:
-    """The OpenCLIP architectures this source takes: its own and timm image towers, its own text transformer."""
-    if "multimodal_cfg" in model_cfg:
-        raise ConfigError("model.open_clip: CoCa models (multimodal_cfg) are not dual encoders; not supported")
-    text_cfg = model_cfg.get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        if text_cfg.get(key):
-            raise ConfigError(f"model.open_clip: text_cfg.{key}={text_cfg[key]!r}: OpenCLIP models with a Hugging "
-                              "Face text tower or tokenizer are not supported as a source (they would load them from "
-                              "the hub); use OpenCLIP's own text transformer")
 
 
 def build_open_clip_model(model_cfg: Dict[str, Any]) -> nn.Module:

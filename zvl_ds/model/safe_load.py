@@ -15,7 +15,7 @@ from typing import Any, List, Type
 
 import torch
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 # DeepSpeed's own plain data classes that appear in its checkpoint files (ZeRO stage, loss-scaler settings,
 # fragment offsets). They carry values only; allowing them keeps the weights-only unpickler's guarantee that

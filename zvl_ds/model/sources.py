@@ -6,12 +6,11 @@ The towers pool as the library does, so before any step the normalised embedding
 Everything else is the ordinary ``DualEncoder``: the DGA step, mixup, freezing, per-tower learning rates.
 
 The checkpoint's logit scale s becomes the learnable temperature tau = 1 / exp(s) (refused when it falls outside
-``loss.temperature.min`` / ``max``, which clamp tau at every use); with ``loss.name: SigLIP`` it becomes the log
+``loss.temperature.min`` / ``max``, which clamp tau at every use; ``zvl_ds.model.build``); with ``loss.name: SigLIP`` it becomes the log
 scale ``logit_scale_log`` and the checkpoint's bias ``logit_bias``. A constant temperature stays the config's.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -19,10 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from zvl_ds.config import ConfigError, LossConfig, ModelConfig
 from zvl_ds.model.dual_encoder import DualEncoder
-
-logger = logging.getLogger(__name__)
 
 TRANSFORMERS, OPEN_CLIP = "transformers", "open_clip"
 
@@ -68,45 +64,3 @@ class LibraryDualEncoder(DualEncoder):
 def temperature_of_scale(logit_scale: float) -> float:
     """tau = 1 / exp(s): the temperature that divides the logits as exp(s) multiplies them."""
     return math.exp(-logit_scale)
-
-
-def _take_scales(model: LibraryDualEncoder, parts: SourceParts, loss_cfg: LossConfig) -> None:
-    """Initialise the learnable temperature, or SigLIP's scale and bias, from the checkpoint's."""
-    with torch.no_grad():
-        if model.temperature_learnable:
-            tau = temperature_of_scale(parts.logit_scale)
-            low, high = model.temperature_min, model.temperature_max
-            if not low <= tau <= high:
-                raise ConfigError(
-                    f"the checkpoint's temperature 1/exp(logit_scale) = {tau:.6g} (logit_scale {parts.logit_scale:.6g})"
-                    f" is outside loss.temperature.min={low:g} / loss.temperature.max={high:g}, which clamp it at "
-                    f"every use; widen the range to hold it (e.g. loss.temperature.min={tau / 2:.3g})")
-            model.tau.fill_(tau)
-        if model.sigmoid_loss:
-            model.logit_scale_log.fill_(parts.logit_scale)
-            if parts.logit_bias is not None:
-                model.logit_bias.fill_(parts.logit_bias)
-            else:
-                logger.info("the checkpoint has no logit bias: SigLIP's bias starts at loss.sigmoid.bias_init=%g",
-                            loss_cfg.sigmoid.bias_init)
-
-
-def build_sourced_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> LibraryDualEncoder:
-    """The dual encoder of a ``hf_clip`` / ``hf_siglip`` / ``open_clip`` source."""
-    if model_cfg.arch == "open_clip":
-        from zvl_ds.model.open_clip_towers import build_open_clip_parts
-
-        parts = build_open_clip_parts(model_cfg)
-    else:
-        from zvl_ds.model.hf_clip import build_hf_parts
-
-        parts = build_hf_parts(model_cfg)
-    proj_cfg = model_cfg.projection
-    parts.image_projection.requires_grad_(proj_cfg.image_projector_trainable)
-    parts.text_projection.requires_grad_(proj_cfg.text_projector_trainable)
-    model = LibraryDualEncoder(parts, str(model_cfg.arch), temperature=loss_cfg.temperature,
-                               image_trainable=model_cfg.image_encoder.trainable,
-                               text_trainable=model_cfg.text_encoder.trainable,
-                               sigmoid=loss_cfg.sigmoid if loss_cfg.name == "SigLIP" else None)
-    _take_scales(model, parts, loss_cfg)
-    return model

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from zvl_ds.model.mixing import MixupDraw
 from zvl_ds.objective.dense_reference import dense_contrastive_loss, dense_sigmoid_loss
-from zvl_ds.objective.mixup import MixupDraw
 
 
 def reference_rank_seed(seed: int, step: int, rank: int) -> int:

@@ -37,11 +37,6 @@ class CachedGrads:
     loss_params: torch.Tensor
     output: LossOutput
 
-    @property
-    def temperature(self) -> torch.Tensor:
-        """The old name of ``loss_params``."""
-        return self.loss_params
-
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     """fp32 at least (bf16/fp16 embeddings are promoted); fp64 stays fp64 (used by exactness tests)."""

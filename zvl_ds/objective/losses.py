@@ -13,8 +13,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from zvl_ds.model.mixing import MixupDraw
 from zvl_ds.objective.kernel import CachedGrads, LossOutput
-from zvl_ds.objective.mixup import MixupDraw
 from zvl_ds.objective.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 from zvl_ds.objective.softmax_loss import contrastive_loss, loss_and_grads
 

@@ -11,27 +11,10 @@ the same draw without communicating, and a resumed run repeats exactly what an u
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 
-MixupSide = Literal["image", "text"]
-
-
-@dataclass(frozen=True)
-class MixupDraw:
-    """One step's mixup: the weight on the clean sample and which modality is mixed."""
-
-    lam: float
-    side: MixupSide
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"MixupDraw.lam must lie in [0, 1], got {self.lam}")
-        if self.side not in ("image", "text"):
-            raise ValueError(f"MixupDraw.side must be 'image' or 'text', got {self.side!r}")
+from zvl_ds.model.mixing import MixupDraw
 
 
 def draw_mixup(seed: int, step: int, beta: float) -> MixupDraw:
@@ -70,15 +53,3 @@ def partner_index(global_batch: int, world_size: int, chunk: int) -> torch.Tenso
     index = torch.arange(global_batch)
     start = (index // chunk) * chunk
     return start + (chunk - 1) - (index - start)
-
-
-def mix_with_reversed(x: torch.Tensor, lam: float) -> torch.Tensor:
-    """``lam * x + (1 - lam) * x.flip(0)``: each row mixed with its mirror row of the same batch."""
-    return lam * x + (1.0 - lam) * x.flip(0)
-
-
-def mix_images(images: torch.Tensor, lam: float) -> torch.Tensor:
-    """Pixel-space image mixup with the batch-reversed partner (after augmentation and normalisation)."""
-    if images.dim() != 4:
-        raise ValueError(f"mix_images expects a batch of images [n, C, H, W], got shape {tuple(images.shape)}")
-    return mix_with_reversed(images, lam)

@@ -17,6 +17,20 @@ class NonFiniteWeights(TrainingAborted):
     """A step left a weight infinite or NaN (an infinite learning rate, an overflowing update)."""
 
 
+def held_values(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """The values of ``parameter`` this rank holds: all of it, or at ZeRO-3 its partition (``ds_tensor``) without
+    the padding that rounds the last partitions up to equal sizes. DeepSpeed never writes that padding (it is
+    ``torch.empty`` memory), so it may hold any bits, NaN included; a frozen parameter's padding stays so."""
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is None:
+        return parameter.detach()
+    rank = torch.distributed.get_rank(getattr(parameter, "ds_process_group", None)) \
+        if torch.distributed.is_initialized() else 0
+    start = partition.numel() * rank
+    valid = max(0, min(partition.numel(), parameter.ds_numel - start))
+    return partition.detach().narrow(0, 0, valid)
+
+
 def local_weights_finite(module: torch.nn.Module) -> bool:
     """Whether every weight this rank holds is finite (at ZeRO-3: its partition of each parameter).
 
@@ -25,7 +39,7 @@ def local_weights_finite(module: torch.nn.Module) -> bool:
     """
     groups = defaultdict(list)
     for parameter in module.parameters():
-        held = getattr(parameter, "ds_tensor", parameter).detach()  # ZeRO-3 keeps the rank's partition there
+        held = held_values(parameter)
         if held.numel():
             groups[(held.device, held.dtype)].append(held)
     if not groups:

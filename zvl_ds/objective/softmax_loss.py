@@ -28,9 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from zvl_ds.model.mixing import MixupDraw
 from zvl_ds.objective.kernel import (CachedGrads, ClosedFormGradients, LossOutput, all_reduce_, check_embeddings,
                                      check_tiles, compute_dtype, pass1_gradients)
-from zvl_ds.objective.mixup import MixupDraw, partner_index
+from zvl_ds.objective.mixup import partner_index
 from zvl_ds.runtime.dist import gather_no_grad, gather_with_grad, get_rank, get_world_size
 
 __all__ = ["CachedGrads", "LossOutput", "contrastive_loss", "loss_and_grads"]  # the first two live in kernel.py

@@ -33,9 +33,12 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from zvl_ds.config import NormalizeConfig
+from zvl_ds.data.transforms import normalize_images
+from zvl_ds.model.mixing import MixupDraw
 from zvl_ds.objective.losses import SigmoidLoss, SoftmaxLoss
-from zvl_ds.objective.mixup import MixupDraw
-from zvl_ds.runtime.profile_ranges import profile_range
+from zvl_ds.objective.mixup import draw_mixup
+from zvl_ds.observe.profile_ranges import profile_range
 
 
 @dataclass
@@ -60,13 +63,55 @@ class StepResult:
     skip_reason: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class ImagePreparation:
+    """A uint8 image chunk -> normalised images on the device in the engine's dtype (``transforms.normalize``).
+
+    Images travel to the device as uint8, a quarter of float32, and are normalised there one chunk at a time, so
+    the float copy of a whole per-rank batch never exists."""
+
+    normalize: NormalizeConfig
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images_uint8, self.normalize, self.device, self.dtype)
+
+
 @dataclass
 class StepOptions:
     chunk: int  # samples per forward on this rank (per-rank DGA chunk)
     loss: Union[SoftmaxLoss, SigmoidLoss]  # losses.build_loss(cfg.loss); it carries its own tiling
-    # Moves a uint8 image chunk to the device and normalises it to the engine's dtype.
+    # Moves a uint8 image chunk to the device and normalises it (ImagePreparation); None: images are used as given
     prepare_images: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class Step:
+    """A step as the config describes it (``build.build_step``); ``step(engine, batch, index)`` runs optimizer
+    step ``index``."""
+
+    runner: Callable[..., StepResult]
+    options: StepOptions
+    partner: Optional[torch.Tensor]  # the mixup partner map over the global batch; None without mixup
+    seed: int
+    rank: int
+    mixup_beta: Optional[float]  # Beta(beta, beta) of the mixup draw; None when the loss has no mixup
+    reseed_each_step: bool  # runner.stable_random == "step"
+
+    def mixup(self, index: int) -> Optional[MixupDraw]:
+        """Step ``index``'s mixup draw: the same on every rank and on a resumed run."""
+        return draw_mixup(self.seed, index, self.mixup_beta) if self.mixup_beta is not None else None
+
+    def seed_rng(self, index: int) -> None:
+        """Seed the global RNG for step ``index`` on this rank (``runner.stable_random: step``; else nothing)."""
+        if self.reseed_each_step:
+            torch.manual_seed(step_seed(self.seed, index, self.rank))
+
+    def __call__(self, engine, batch: StepBatch, index: int, timer=None) -> StepResult:
+        self.seed_rng(index)
+        return self.runner(engine, batch, self.options, self.mixup(index), self.partner, timer)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

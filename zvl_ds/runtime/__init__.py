@@ -1,5 +1,4 @@
-"""What a run stands on: processes and gathers (``dist``), the DeepSpeed engine with its optimizer and schedule,
-checkpoints, metrics (``monitor``), logging, atomic writes, and the user-error exit path (``errors``, ``cli``).
-
-Importing this package loads nothing heavy: inference imports ``runtime.errors`` without DeepSpeed.
-"""
+"""The training parts a run stands on: processes and gathers (``dist``), the DeepSpeed engine (``engine``), the
+optimizer and its parameter groups (``optim``), the learning-rate schedule, model EMA, checkpoints, preemption
+and the run lock. Nothing here imports the model, the objective or the trainer; importing this package loads
+nothing heavy."""

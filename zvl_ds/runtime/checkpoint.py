@@ -31,10 +31,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from zvl_ds.base.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.base.checksums import file_sha256, zip_damage
+from zvl_ds.base.errors import UserError
 from zvl_ds.runtime import dist
-from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
-from zvl_ds.runtime.checksums import file_sha256, zip_damage
-from zvl_ds.runtime.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

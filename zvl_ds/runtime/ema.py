@@ -27,7 +27,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from zvl_ds.config.schema import EmaConfig
+from zvl_ds.config import EmaConfig
 from zvl_ds.runtime import dist
 
 LOG = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import os
 import socket
 from typing import List, Optional, Tuple
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

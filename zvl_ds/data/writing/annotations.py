@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from zvl_ds.base.errors import UserError
 from zvl_ds.data.failures import (EMPTY_CAPTION, INVALID_ID, INVALID_UTF8, MALFORMED_ROW, PATH_OUTSIDE_IMAGES,
                                   FailureCounter)
-from zvl_ds.runtime.errors import UserError
 
 SPLITS = ("train", "valid")
 REQUIRED_COLUMNS = ("image", "caption")

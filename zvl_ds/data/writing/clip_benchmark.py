@@ -17,14 +17,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
+from zvl_ds.base.atomic_write import atomic_folder
+from zvl_ds.data.clip_benchmark_sets import (CLASSNAMES_FILE, KEPT_FORMATS, NSHARDS_FILE, SPLIT, TEMPLATES_FILE,
+                                             TYPE_FILE, to_benchmark_template)
 from zvl_ds.data.failures import CORRUPT_IMAGE, NO_VALID_CAPTION, FailureCounter, SampleSkipped
 from zvl_ds.data.writing.annotations import InputError, SplitSource, read_annotations
 from zvl_ds.data.writing.images import convert_image, pixel_limit, read_image_file
 from zvl_ds.data.writing.shard_writer import ShardSettings, _tar_member
-from zvl_ds.data.clip_benchmark_sets import (CLASSNAMES_FILE, KEPT_FORMATS, NSHARDS_FILE, SPLIT, TEMPLATES_FILE,
-                                             TYPE_FILE, to_benchmark_template)
-from zvl_ds.runtime.atomic_write import atomic_folder
-
 
 
 @dataclass

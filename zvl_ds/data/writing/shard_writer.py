@@ -33,15 +33,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
-from zvl_ds.runtime.atomic_write import atomic_path, write_text_atomic
-from zvl_ds.runtime.checksums import file_sha256
+from zvl_ds.base.atomic_write import atomic_path, write_text_atomic
+from zvl_ds.base.checksums import file_sha256
+from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE, NO_VALID_CAPTION, NOT_AN_IMAGE,
+                                  OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter, SampleSkipped)
 from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
-                                     read_annotations)
-from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE,
-                                  NO_VALID_CAPTION, NOT_AN_IMAGE, OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter,
-                                  SampleSkipped)
-from zvl_ds.data.writing.images import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage, convert_image, pixel_limit,
-                                read_image_file)
+                                             read_annotations)
+from zvl_ds.data.writing.images import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage,
+                                        convert_image, pixel_limit, read_image_file)
 
 TAR_SUFFIXES = ("jpg", "json", "txt")  # fixed member order inside a sample
 FORMAT_VERSION = 1  # bump when the bytes written for the same input change; old shards then fail --resume checks

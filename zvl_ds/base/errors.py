@@ -14,3 +14,8 @@ USER_ERROR_EXIT_CODE = 2
 
 class UserError(Exception):
     """Bad input from the user: a config, a path, a data file, a checkpoint. Message + exit code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem the user must fix; the message names the key path (``zvl_ds.config`` raises it, and every
+    room that checks a config value)."""

@@ -11,7 +11,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
-from zvl_ds.runtime.errors import UserError
+from zvl_ds.base.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
-"""A training run's DeepSpeed checkpoint -> the fp32 weights of its model, from any ZeRO stage and precision.
+"""A saved run back to its model: a DeepSpeed checkpoint -> the fp32 weights, from any ZeRO stage and precision
+(``load_run``: the run's own model rebuilt from its config, loaded strictly).
 
-This is the training side of export (it reads DeepSpeed's files); ``zvl_ds.export.model_folder`` writes and reads the
-model folder, and ``python -m zvl_ds.export`` joins the two.
+Export (``python -m zvl_ds.export``), evaluation of a run folder and ``model.pretrained: RUN`` all read runs here;
+``zvl_ds.model.inference`` reads an exported model folder.
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from zvl_ds.runtime.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.config import Config, ConfigError, load_config
-from zvl_ds.data import load_tokenizer
-from zvl_ds.export.model_folder import ExportError, load_state_strict, offline_model_config
-from zvl_ds.model.dual_encoder import DualEncoder, build_model
+from zvl_ds.model.build import build_model
+from zvl_ds.model.dual_encoder import DualEncoder
+from zvl_ds.model.inference import ExportError, load_state_strict, offline_model_config
+from zvl_ds.model.safe_load import check_checkpoint_folder, load_weights_only
+from zvl_ds.runtime.checkpoint import CheckpointError, list_tags, read_latest
 from zvl_ds.runtime.ema import EmaFileError, merge_ema_files
 from zvl_ds.runtime.optim import optimizer_groups
-from zvl_ds.model.safe_load import check_checkpoint_folder, load_weights_only
 
 _ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -200,17 +201,3 @@ def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = F
         state = ema_state_dict(run_dir, tag, state)
     load_state_strict(model, state, os.path.join(run_dir, tag))
     return cfg, model.eval(), tag
-
-
-def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
-                 folder_format: str = "zvl_ds", ema: bool = False) -> str:
-    """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into a model folder ``out_dir`` in
-    ``folder_format`` (``export.formats.FORMATS``); ``ema``: its model EMA instead of the trained weights."""
-    from zvl_ds.export.formats import FORMATS
-
-    if folder_format not in FORMATS:
-        raise ExportError(f"unknown export format {folder_format!r}; choose one of {sorted(FORMATS)}")
-    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema)
-    tokenizer = load_tokenizer(cfg.model.text_encoder)
-    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag,
-                                                                  "weights": "ema" if ema else "trained"})

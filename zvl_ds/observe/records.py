@@ -10,7 +10,7 @@ import json
 import os
 from typing import Callable
 
-from zvl_ds.runtime.atomic_write import write_text_atomic
+from zvl_ds.base.atomic_write import write_text_atomic
 
 
 def keep_rows(path: str, keep: Callable[[str], bool]) -> int:

@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Callable, Optional
 
-from zvl_ds.runtime.errors import USER_ERROR_EXIT_CODE, UserError
+from zvl_ds.base.errors import USER_ERROR_EXIT_CODE, UserError
 
 BUG_EXIT_CODE = 1
 

@@ -5,7 +5,7 @@ explicit keys: the preset, then its variant, then what the config says. Leaving 
 preset's default variant (LAVIS's ``default_config``), which is the preset as it is.
 
 Plain mappings (no code), merged into the raw config before it is typed, so a preset or a variant can only set
-keys that ``zvl_ds.config.schema.ModelConfig`` has.
+keys that ``zvl_ds.config.model_section.ModelConfig`` has.
 """
 from __future__ import annotations
 
