@@ -180,13 +180,14 @@ class ModelConfig:
     name: Literal["clip"] = "clip"
     """Only `clip` is accepted (the dual encoder); no effect."""
     arch: Optional[str] = None
-    """A preset from the model presets table; its values fill `model.*`, and keys given explicitly in `model:` override
-    them. `null`: no preset.
+    """A preset from the model presets table; its values fill `model.*`, and keys given explicitly in `model:` of the
+    same file override them. Named in a file, it wins over the keys the file's `_base_` files set (see Which value
+    wins in docs/configuration.md). `null`: no preset.
     """
     model_type: Optional[str] = None
     """A variant of the `model.arch` preset (presets table), overlaid on the preset before the explicit `model.*` keys
     (LAVIS's `model_type`). `null`: the preset's default variant, which the resolved config then names. Without
-    `model.arch` it is an error.
+    `model.arch` (in the file or below it) it is an error.
     """
     # LAVIS's whole-model weights (zvl_ds.model.init_weights): loaded before DeepSpeed wraps the model, never on resume
     load_pretrained: bool = False
