@@ -226,6 +226,11 @@ class ModelConfig:
     model folders record it, so they rebuild without the source folder).
     """
     open_clip: OpenClipSourceConfig = field(default_factory=OpenClipSourceConfig)
+    allow_outside_files: bool = False
+    """`true`: a model source folder (`model.hf_folder`, `model.open_clip.name: local-dir:FOLDER`) may hold symbolic
+    links that lead out of it. `false`: such a link is refused, naming it (a Hugging Face cache snapshot's links into
+    its own `blobs/` count as inside), as `--allow-outside-images` rules image folders.
+    """
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
