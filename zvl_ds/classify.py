@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
+    parser.add_argument("--allow-outside-model-files", action="store_true",
+                        help="read an exported model folder's files that are links leading out of it (by default "
+                             "such a link is refused: the folder should hold what it is read for)")
     return parser
 
 
@@ -56,10 +59,11 @@ def load_labelled_images(args) -> Tuple[List[Tuple[str, int]], List[str]]:
     return read_labelled_csv(args.csv)
 
 
-def load_classifier_model(model_path: str, tag: Optional[str], trust_checkpoint: bool):
+def load_classifier_model(model_path: str, tag: Optional[str], trust_checkpoint: bool,
+                          allow_outside_files: bool = False):
     """A ``ZvlModel`` (its preprocessing and tokenizer) from an exported folder or a run folder."""
     if is_model_folder(model_path):
-        return load_model(model_path)
+        return load_model(model_path, allow_outside_files=allow_outside_files)
     cfg, model, _ = load_run(model_path, tag, trust_checkpoint)
     return ZvlModel(model, load_tokenizer(cfg.model.text_encoder), Preprocessing.from_config(cfg), cfg)
 
@@ -77,7 +81,7 @@ def classify(args) -> Dict:
     templates = read_templates(args.templates)
     samples, classes = load_labelled_images(args)
     names = prompt_names(classes, args.classes)
-    zvl = load_classifier_model(args.model, args.tag, args.trust_checkpoint)
+    zvl = load_classifier_model(args.model, args.tag, args.trust_checkpoint, args.allow_outside_model_files)
     classifier = build_zero_shot_classifier(zvl.model, zvl.tokenizer, names, templates,
                                             zvl.preprocessing.max_length, zvl.device,
                                             prepare_text=zvl.prepare_text)

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
+    parser.add_argument("--allow-outside-model-files", action="store_true",
+                        help="read an exported model folder's files that are links leading out of it (by default "
+                             "such a link is refused: the folder should hold what it is read for)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     return parser
 
@@ -55,7 +58,7 @@ def load_for_evaluation(args) -> Tuple[Config, object, object]:
     if is_model_folder(args.model):
         if not args.cfg:
             raise ConfigError("--cfg is needed with an exported model folder (it says where the data is)")
-        exported = load_model(args.model)
+        exported = load_model(args.model, allow_outside_files=args.allow_outside_model_files)
         cfg = load_config(args.cfg, args.overrides)
         cfg.model = exported.config.model
         cfg.loss.temperature = exported.config.loss.temperature

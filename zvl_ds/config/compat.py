@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Literal, Optional, Set, Tuple
 
-from zvl_ds.config.keys import get_path, set_path, unknown_key_message
+from zvl_ds.config.keys import get_path, same_layer, set_path, unknown_key_message
 from zvl_ds.config.schema import Config, ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ def lavis_run_target(key: str, value: Any) -> Tuple[List[str], Any]:
 def apply_lavis_run_block(raw: Dict[str, Any], where: str = "") -> Dict[str, Any]:
     """Move ``run.<key>`` values onto the keys ``LAVIS_RUN_MAP`` names; ``raw`` loses its ``run`` block.
 
-    ``raw`` is one source (one YAML file, named by ``where``, before its ``_base_`` files are merged under it): a
-    value it gives both ways must agree. Between files, the child's value wins whichever way each file spells it,
-    because each file is mapped here before the merge."""
+    ``raw`` is one layer of a config (one YAML file, named by ``where``, before its ``_base_`` files are merged under
+    it, or the command line): a value it gives both ways must agree. Between layers, the upper one's value wins
+    whichever way each spells it, because each layer is mapped here before the merge."""
     run = raw.pop("run", None)
     if run is None:
         return raw
@@ -88,8 +89,8 @@ def apply_lavis_run_block(raw: Dict[str, Any], where: str = "") -> Dict[str, Any
         path, mapped = lavis_run_target(key, value)
         present, existing = get_path(raw, path)
         if present and existing != mapped:
-            raise ConfigError(f"{prefix}run.{key}={value!r} conflicts with {'.'.join(path)}={existing!r} in the same "
-                              "file; give the value one way")
+            raise ConfigError(f"{prefix}run.{key}={value!r} conflicts with {'.'.join(path)}={existing!r} "
+                              f"{same_layer(where)}; give the value one way")
         set_path(raw, path, mapped)
     return raw
 
@@ -182,7 +183,8 @@ ACCEPTED_WITHOUT_EFFECT: Dict[str, AcceptedKey] = {
 }
 
 
-def _schema_sections(cls: type = Config, prefix: str = "") -> Set[str]:
+@functools.lru_cache(maxsize=None)  # the schema is fixed: computed once, not on every config load
+def _schema_sections(cls: type = Config, prefix: str = "") -> FrozenSet[str]:
     """Dotted paths of every section of the schema (``data``, ``model.image_encoder``, ...)."""
     hints = typing.get_type_hints(cls)
     found: Set[str] = set()
@@ -190,7 +192,7 @@ def _schema_sections(cls: type = Config, prefix: str = "") -> Set[str]:
         if dataclasses.is_dataclass(hints[item.name]):
             found.add(prefix + item.name)
             found |= _schema_sections(hints[item.name], f"{prefix}{item.name}.")
-    return found
+    return frozenset(found)
 
 
 def _parents(key: str) -> List[str]:

@@ -21,6 +21,15 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
+# The name of the command line's layer of a config (its overrides), in messages; the other layers are YAML files
+COMMAND_LINE = "command line"
+
+
+def same_layer(where: str) -> str:
+    """Where two spellings of one value met: ``in the same file`` or ``on the same command line``."""
+    return "on the same command line" if where == COMMAND_LINE else "in the same file"
+
+
 def set_path(tree: Dict[str, Any], path: List[str], value: Any) -> None:
     """``tree[a][b][c] = value`` for path [a, b, c], creating missing sections."""
     node = tree

@@ -12,11 +12,12 @@ caption preparation, ``build_info`` storage onto where a dataset's shards are.
 * Each processor slot (``train`` / ``eval``) names one of ``IMAGE_PROCESSORS`` / ``TEXT_PROCESSORS``; its options
   fill the keys the processor's entry lists. An unknown name is refused with the accepted ones.
 * A run has one training and one evaluation pipeline: the datasets of the block must map onto the same values, and
-  a value also given as our own key must equal it (as for ``run:``).
+  a value also given as our own key in the same file must equal it (as for ``run:``). Each file's block is mapped
+  before the ``_base_`` files are merged (``zvl_ds.config.layers``), so between files the child's value wins.
 * ``build_info.images.storage`` names the dataset's shards (``python -m zvl_ds.make_shards`` writes them): a folder
   in the shard writer's layout -> ``data.datasets.<name>.folder`` (the run's splits pick ``<split>-*.tar``), a shard
-  spec (tar, pattern, glob, list file, URL) -> ``data.datasets.<name>.shards``. LAVIS's annotation files are not
-  read: the captions are in the shards.
+  spec (tar, pattern, glob, list file, URL) -> ``data.datasets.<name>.shards``; the other of the two is emptied.
+  LAVIS's annotation files are not read: the captions are in the shards.
 * The block's datasets are the run's ``data.train_name`` and ``data.valid_name`` unless the config names them.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
 
-from zvl_ds.config.keys import get_path, set_path, unknown_choice_message, unknown_key_message
+from zvl_ds.config.keys import get_path, same_layer, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.schema import ConfigError
 
 # LAVIS's image processors normalise with CLIP's statistics unless mean/std are given
@@ -135,8 +136,9 @@ MAKE_SHARDS_HINT = ("zvl_ds reads image-caption shards, not LAVIS's annotation f
                     "OUT/<name> in {path}.images.storage")
 
 
-def storage_target(name: str, storage: Any, where: str) -> Tuple[str, str]:
-    """(our dotted key, value) for a dataset's ``build_info.images.storage``."""
+def storage_target(name: str, storage: Any, where: str) -> Dict[str, str]:
+    """Our keys for a dataset's ``build_info.images.storage``: the one it names (``folder`` or ``shards``), and the
+    other one emptied, since storage says where the dataset's shards are as a whole."""
     if not isinstance(storage, str) or not storage.strip():
         raise ConfigError(f"{where}: expected a shard folder or shard spec (a non-empty string), got {storage!r}")
     lowered = storage.lower()
@@ -145,7 +147,8 @@ def storage_target(name: str, storage: Any, where: str) -> Tuple[str, str]:
                           + MAKE_SHARDS_HINT.format(path=f"datasets.{name}.build_info"))
     is_spec = ("://" in storage or storage.startswith("pipe:") or "::" in storage or _SPEC_CHARS & set(storage)
                or lowered.endswith(_SHARD_SUFFIXES + _LIST_SUFFIXES))
-    return (f"data.datasets.{name}.shards" if is_spec else f"data.datasets.{name}.folder"), storage
+    return {f"data.datasets.{name}.shards": storage if is_spec else "",
+            f"data.datasets.{name}.folder": "" if is_spec else storage}
 
 
 def _mapping(value: Any, where: str) -> Dict[str, Any]:
@@ -216,7 +219,7 @@ def dataset_targets(name: str, options: Any) -> Dict[str, Tuple[Any, str]]:
         for slot, slot_options in slots.items():
             path = f"{where}.{kind}.{slot}"
             for key, value in processor_targets(kind, slot_options, path, slot).items():
-                _agree(found, key, value, path)
+                _agree(found, key, value, path, "")
     build_info = _mapping(options.get("build_info"), f"{where}.build_info")
     _check_keys(build_info, f"{where}.build_info", list(BUILD_INFO_KEYS))
     if "annotations" in build_info:
@@ -226,40 +229,57 @@ def dataset_targets(name: str, options: Any) -> Dict[str, Tuple[Any, str]]:
     _check_keys(images, f"{where}.build_info.images", list(IMAGES_KEYS))
     if "storage" in images:
         path = f"{where}.build_info.images.storage"
-        key, value = storage_target(name, images["storage"], path)
-        found[key] = (value, path)
+        for key, value in storage_target(name, images["storage"], path).items():
+            found[key] = (value, path)
     return found
 
 
-def _agree(found: Dict[str, Tuple[Any, str]], key: str, value: Any, path: str) -> None:
+def _agree(found: Dict[str, Tuple[Any, str]], key: str, value: Any, path: str, prefix: str) -> None:
     """Record ``key = value`` from ``path``; a different value from another path is an error naming both."""
     if key in found and found[key][0] != value:
         other_value, other_path = found[key]
-        raise ConfigError(f"{path} sets {key}={value!r} but {other_path} sets {other_value!r}: a run has one "
+        raise ConfigError(f"{prefix}{path} sets {key}={value!r} but {other_path} sets {other_value!r}: a run has one "
                           "training and one evaluation pipeline, so the datasets' processors must agree")
     found.setdefault(key, (value, path))
 
 
-def apply_lavis_datasets_block(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Move the ``datasets:`` block's options onto our keys; ``raw`` loses its ``datasets`` block."""
+def map_lavis_datasets_block(raw: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """Move the ``datasets:`` block's options onto our keys. ``raw`` keeps only the names of the block's datasets
+    (``datasets: {name: {}}``), which ``apply_lavis_datasets_block`` makes the run's datasets once the whole config
+    is merged.
+
+    ``raw`` is one layer of a config (one YAML file, named by ``where``, or the command line), mapped before the
+    layers are merged: the block and our own keys must agree inside it; between layers the upper one wins."""
     block = raw.pop("datasets", None)
     if block is None:
         return raw
+    prefix = f"{where}: " if where else ""
     if not isinstance(block, dict):
-        raise ConfigError("datasets: must be a mapping of LAVIS dataset names to their options")
+        raise ConfigError(f"{prefix}datasets: must be a mapping of LAVIS dataset names to their options")
     found: Dict[str, Tuple[Any, str]] = {}
     for name, options in block.items():
         if not isinstance(name, str) or not name or "/" in name or "." in name:
-            raise ConfigError(f"datasets.{name}: a dataset name must be a non-empty folder name without '/' or '.'")
+            raise ConfigError(f"{prefix}datasets.{name}: a dataset name must be a non-empty folder name without '/' "
+                              "or '.'")
         for key, (value, path) in dataset_targets(name, options).items():
-            _agree(found, key, value, path)
+            _agree(found, key, value, path, prefix)
     for key, (value, path) in found.items():
         present, existing = get_path(raw, key.split("."))
         if present and existing != value:
-            raise ConfigError(f"{path} sets {key}={value!r}, which conflicts with {key}={existing!r}; give the "
-                              "value one way")
+            raise ConfigError(f"{prefix}{path} sets {key}={value!r}, which conflicts with {key}={existing!r} "
+                              f"{same_layer(where)}; give the value one way")
         set_path(raw, key.split("."), value)
-    _default_dataset_names(raw, list(block))
+    raw["datasets"] = {name: {} for name in block}
+    return raw
+
+
+def apply_lavis_datasets_block(raw: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """Move the ``datasets:`` block's options onto our keys and make its datasets the run's (unless the config names
+    them); ``raw`` loses its ``datasets`` block."""
+    raw = map_lavis_datasets_block(raw, where)
+    names = raw.pop("datasets", None)
+    if names:
+        _default_dataset_names(raw, list(names))
     return raw
 
 
@@ -285,7 +305,8 @@ DATASET_KEY_NOTES: Dict[str, str] = {
     "build_info.images.storage": "a shard writer's folder (`OUT/<name>` of python -m zvl_ds.make_shards) -> "
                                  "`data.datasets.<name>.folder`, read by `data.train_splits` / `valid_splits`; a "
                                  "shard spec (`.tar`, pattern, glob, list file, URL) -> `data.datasets.<name>.shards`, "
-                                 "every split; an annotation file (`.json`, `.csv`, ...) is refused",
+                                 "every split (the other of the two is emptied); an annotation file (`.json`, `.csv`, "
+                                 "...) is refused",
     "build_info.annotations": "refused: the captions are in the shards (shard the annotations with python -m "
                               "zvl_ds.make_shards)",
     "data_type": "`images` only",

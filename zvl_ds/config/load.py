@@ -1,4 +1,5 @@
-"""Loading a config: YAML (safe loader) with ``_base_`` inheritance, ``key.sub=value`` overrides, model presets, typed
+"""Loading a config: YAML (safe loader) with ``_base_`` inheritance and ``key.sub=value`` overrides (layers, each
+mapped onto zvl_ds keys on its own before they are merged: ``zvl_ds.config.layers``), model presets, typed
 conversion against the schema, then ``Config.check`` (each section's checks beside its dataclass, and the rules that
 span sections, in ``zvl_ds.config.schema``). Config errors name the key path; entry points turn them into a message
 and exit code 2.
@@ -15,11 +16,11 @@ import yaml
 
 from zvl_ds.base.package_paths import is_package_path, resolve_package_path
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block, lavis_model_hint,
-                                  lavis_run_target, report_without_effect, take_accepted_keys)
-from zvl_ds.config.keys import deep_merge, set_path, unknown_choice_message, unknown_key_message
+                                  report_without_effect, take_accepted_keys)
+from zvl_ds.config.keys import COMMAND_LINE, set_path, unknown_choice_message, unknown_key_message
+from zvl_ds.config.layers import apply_model_preset, stack
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
 from zvl_ds.config.model_sources import apply_model_source
-from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 from zvl_ds.config.schema import Config, ConfigError
 
 # --------------------------------------------------------------------------------------------------
@@ -100,28 +101,48 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def load_yaml_with_bases(path: str, _chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read a YAML file, resolving ``_base_`` (a path or list of paths, relative to the file) depth-first.
-
-    Each file's LAVIS ``run:`` block is mapped onto zvl_ds keys before the merge, so a child's value wins over its
-    base's whichever spelling each of them uses."""
+def _yaml_layers(path: str, _chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
+    """The files of a config from the bottom up: each ``_base_`` (a path or list of paths, relative to the file)
+    with its own bases before it, depth-first, then the file; as (path, its mapping without ``_base_``)."""
     real = os.path.realpath(path)
     if real in _chain:
         raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(_chain + (real,))}")
     data = _read_yaml(path)
     bases = data.pop("_base_", None)
-    data = apply_lavis_run_block(data, where=path)
     if bases is None:
-        return data
+        bases = []
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
-    merged: Dict[str, Any] = {}
+    layers: List[Tuple[str, Dict[str, Any]]] = []
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        merged = deep_merge(merged, load_yaml_with_bases(base_path, _chain + (real,)))
-    return deep_merge(merged, data)
+        layers += _yaml_layers(base_path, _chain + (real,))
+    return layers + [(path, data)]
+
+
+def load_yaml_with_bases(path: str) -> Dict[str, Any]:
+    """Read a YAML file with its ``_base_`` files under it (``zvl_ds.config.layers``: each file's blocks and preset
+    are mapped onto zvl_ds keys on their own, then merged, so a file's values win over its bases' whichever spelling
+    each of them uses)."""
+    merged: Dict[str, Any] = {}
+    for where, data in _yaml_layers(path):
+        merged = stack(merged, data, where)
+    return merged
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """The command line's ``key.sub=value`` overrides, the top layer of the config: mapped as a file is (a LAVIS
+    ``run.<key>`` or ``datasets.*`` spelling, a preset) and merged over ``raw``, each key it names replaced whole."""
+    layer: Dict[str, Any] = {}
+    replaced = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_path(layer, keys, value)
+        if keys[0] not in ("run", "datasets"):  # LAVIS's spellings are mapped onto the keys they name
+            replaced.append(tuple(keys))
+    return stack(raw, layer, COMMAND_LINE, replaced) if overrides else raw
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
@@ -137,30 +158,6 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
-
-
-def _apply_model_preset(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """``model.arch`` and ``model.model_type``: the preset, overlaid by its variant, overlaid by the explicit keys.
-    The resolved config names the variant used (the default one when ``model_type`` is not given)."""
-    model = raw.get("model")
-    if not isinstance(model, dict):
-        return raw
-    if model.get("arch") is None:
-        if model.get("model_type") is not None:
-            raise ConfigError(f"model.model_type={model['model_type']!r} without model.arch: a model_type is a "
-                              f"variant of a preset; set model.arch too (presets: {', '.join(MODEL_PRESETS)})")
-        return raw
-    arch = model["arch"]
-    if arch not in MODEL_PRESETS:
-        raise ConfigError(unknown_choice_message("model.arch", arch, list(MODEL_PRESETS)))
-    variants = MODEL_VARIANTS[arch]
-    variant = model.get("model_type")
-    variant = DEFAULT_VARIANT[arch] if variant is None else str(variant)  # YAML reads `model_type: 384` as an int
-    if variant not in variants:
-        raise ConfigError(unknown_choice_message(f"model.model_type (a variant of model.arch={arch})", variant,
-                                                 list(variants)))
-    raw["model"] = deep_merge(deep_merge(MODEL_PRESETS[arch], variants[variant]), {**model, "model_type": variant})
-    return raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,7 +290,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     raw = copy.deepcopy(raw)
     raw = apply_lavis_run_block(raw)
     raw = apply_lavis_datasets_block(raw)  # after run:, whose valid_splits it reads
-    raw = _apply_model_preset(raw)
+    raw = apply_model_preset(raw)
     raw, _ = apply_model_source(raw)  # after the preset: model.arch names the source
     without_effect = {key: _convert(value, ACCEPTED_WITHOUT_EFFECT[key].type, key)
                       for key, value in take_accepted_keys(raw).items()}
@@ -309,9 +306,4 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Load ``path`` (with ``_base_``), apply ``key.sub=value`` overrides, return the validated Config."""
     raw = load_yaml_with_bases(path) if path else {}
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        if len(keys) == 2 and keys[0] == "run":  # a LAVIS spelling on the command line wins like any override
-            keys, value = lavis_run_target(keys[1], value)
-        set_path(raw, keys, value)
-    return config_from_dict(raw)
+    return config_from_dict(apply_overrides(raw, overrides or []))

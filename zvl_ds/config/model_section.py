@@ -180,13 +180,14 @@ class ModelConfig:
     name: Literal["clip"] = "clip"
     """Only `clip` is accepted (the dual encoder); no effect."""
     arch: Optional[str] = None
-    """A preset from the model presets table; its values fill `model.*`, and keys given explicitly in `model:` override
-    them. `null`: no preset.
+    """A preset from the model presets table; its values fill `model.*`, and keys given explicitly in `model:` of the
+    same file override them. Named in a file, it wins over the keys the file's `_base_` files set (see Which value
+    wins in docs/configuration.md). `null`: no preset.
     """
     model_type: Optional[str] = None
     """A variant of the `model.arch` preset (presets table), overlaid on the preset before the explicit `model.*` keys
     (LAVIS's `model_type`). `null`: the preset's default variant, which the resolved config then names. Without
-    `model.arch` it is an error.
+    `model.arch` (in the file or below it) it is an error.
     """
     # LAVIS's whole-model weights (zvl_ds.model.init_weights): loaded before DeepSpeed wraps the model, never on resume
     load_pretrained: bool = False
@@ -225,6 +226,11 @@ class ModelConfig:
     model folders record it, so they rebuild without the source folder).
     """
     open_clip: OpenClipSourceConfig = field(default_factory=OpenClipSourceConfig)
+    allow_outside_files: bool = False
+    """`true`: a model source folder (`model.hf_folder`, `model.open_clip.name: local-dir:FOLDER`) may hold symbolic
+    links that lead out of it. `false`: such a link is refused, naming it (a Hugging Face cache snapshot's links into
+    its own `blobs/` count as inside), as `--allow-outside-images` rules image folders.
+    """
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from zvl_ds.base.errors import ConfigError
+from zvl_ds.base.folder_links import refuse_links_leaving
 from zvl_ds.config.keys import code_loading_key, deep_merge
 
 HF_MODEL_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
@@ -274,12 +275,34 @@ def _set_default(raw: Dict[str, Any], dotted: str, value: Any) -> bool:
 SOURCE_ONLY_KEYS = ("hf_folder", "hf_config", "open_clip")
 
 
+# the key that accepts links leading out of a model source folder, in the message that refuses one
+ALLOW_OUTSIDE_KEY = "model.allow_outside_files"
+
+
+def check_source_folder(model: Dict[str, Any], arch: Any) -> None:
+    """A source folder's links may not lead out of it (``zvl_ds.base.folder_links``) unless the config allows it;
+    checked before any of its files is read."""
+    if model.get("allow_outside_files") is True:
+        return
+    if arch in HF_MODEL_TYPES:
+        key, folder = "model.hf_folder", model.get("hf_folder")
+    else:
+        options = model.get("open_clip")
+        name = str(options.get("name") or "") if isinstance(options, dict) else ""
+        key, folder = "model.open_clip.name", name[len(OPEN_CLIP_LOCAL_DIR):] if name.startswith(
+            OPEN_CLIP_LOCAL_DIR) else None
+    if folder and os.path.isdir(str(folder)):
+        refuse_links_leaving(str(folder), f"{ALLOW_OUTSIDE_KEY}: true", ConfigError, where=f"{key}: ")
+
+
 def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     """Fill the keys the model source sets where the config leaves them out; returns (raw, the keys set)."""
     model = raw.get("model")
     if not isinstance(model, dict):
         return raw, []
     arch = model.get("arch")
+    if arch in HF_MODEL_TYPES or arch == "open_clip":
+        check_source_folder(model, arch)
     if arch in HF_MODEL_TYPES:
         keys = _hf_source_keys(model, arch)
     elif arch == "open_clip":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 import random
@@ -235,6 +236,24 @@ class TokenizerMismatch(UserError, OSError):
     or far fewer tokens than the tower's vocabulary."""
 
 
+class TokenizerError(UserError, OSError):
+    """A tokenizer that cannot be loaded from local files; the message names the folder (and the file at fault)."""
+
+
+def unreadable_json_file(folder: str) -> Optional[str]:
+    """The first ``*.json`` file of a tokenizer folder that is not valid JSON, and why; None when all are."""
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    json.load(handle)
+            except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                return f"{path} is not valid JSON ({error})"
+    return None
+
 
 def check_tokenizer(tokenizer, where: str, vocab_size: Optional[int] = None) -> None:
     """Refuse a tokenizer with no ordinary token (every word would become the unknown token), or, given the text
@@ -265,9 +284,12 @@ def load_tokenizer(text_cfg: TextEncoderConfig, vocab_size: Optional[int] = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise OSError(f"cannot load tokenizer {name!r} (model.text_encoder.tokenizer or .tag) from local files; "
-                      f"nothing is downloaded: give a local folder, a name already in the Hugging Face cache, or "
-                      f"'zvl_ds:demo_tokenizer' ({error})") from error
+        bad_file = unreadable_json_file(path)
+        if bad_file:
+            raise TokenizerError(f"cannot load tokenizer {name!r}: {bad_file}") from None
+        raise TokenizerError(f"cannot load tokenizer {name!r} (model.text_encoder.tokenizer or .tag) from local files; "
+                             f"nothing is downloaded: give a local folder, a name already in the Hugging Face cache, "
+                             f"or 'zvl_ds:demo_tokenizer' ({error})") from error
     check_tokenizer(tokenizer, path, vocab_size)
     return tokenizer
 

@@ -35,9 +35,12 @@ def exported_model_config(cfg: Config, model: DualEncoder) -> Dict:
     model_cfg.text_encoder = dataclasses.replace(model_cfg.text_encoder, tokenizer=None)
     model_cfg.image_encoder = dataclasses.replace(model_cfg.image_encoder, grad_checkpointing=False)
     model_cfg.text_encoder.grad_checkpointing = False
+    model = dataclasses.asdict(model_cfg)
+    # how the source folder may be read says nothing about the model (an export has no source folder), and left
+    # out, the folder stays readable by zvl_ds versions without the key
+    model.pop("allow_outside_files")
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "zvl_ds_version": zvl_ds.__version__,
-            "model": dataclasses.asdict(model_cfg),
-            "loss": _exported_loss_config(cfg)}
+            "model": model, "loss": _exported_loss_config(cfg)}
 
 
 def _exported_loss_config(cfg: Config) -> Dict:

@@ -15,10 +15,12 @@ import logging
 from typing import Any, Dict, Tuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from zvl_ds.config import ConfigError, ModelConfig
 from zvl_ds.config.model_sources import hf_model_config, hf_weights_file
+from zvl_ds.model.safe_load import UnsafeCheckpointError, load_weights_only
 from zvl_ds.model.sources import TRANSFORMERS, SourceParts
 from zvl_ds.model.towers import enable_hf_checkpointing
 
@@ -45,11 +47,13 @@ def build_hf_library_model(model_cfg: ModelConfig) -> nn.Module:
             logger.warning("model.hf_folder=%s holds no weights file (model.safetensors or pytorch_model.bin): the "
                            "model starts from RANDOM weights", folder)
         return model_class._from_config(config, attn_implementation=model_cfg.attention, dtype=torch.float32)
+    if not weights.endswith(".safetensors"):
+        refuse_pickled_code(folder, weights)
     try:
         model, info = model_class.from_pretrained(folder, config=config, local_files_only=True,
                                                   trust_remote_code=False, attn_implementation=model_cfg.attention,
                                                   dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a .safetensors that is not one
         raise ConfigError(f"model.hf_folder={folder!r}: transformers cannot load {weights}: {error}") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
@@ -59,6 +63,17 @@ def build_hf_library_model(model_cfg: ModelConfig) -> nn.Module:
                           f"{[m[0] if isinstance(m, tuple) else m for m in mismatched[:5]]}")
     logger.info("model.hf_folder=%s: weights from %s", folder, weights)
     return model
+
+
+def refuse_pickled_code(folder: str, weights: str) -> None:
+    """A torch pickle is read with the weights-only unpickler first: one that would call code (or holds anything but
+    tensors and plain containers) is refused by name, before transformers opens it."""
+    try:
+        load_weights_only(weights)
+    except UnsafeCheckpointError:
+        raise ConfigError(f"model.hf_folder={folder!r}: {weights} is a pickle holding more than weights (torch's "
+                          "weights-only reader refuses it: it would run code or build objects when opened), so it is "
+                          "not loaded; give the folder a model.safetensors (save_pretrained writes one)") from None
 
 
 def build_hf_parts(model_cfg: ModelConfig) -> SourceParts:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from zvl_ds.base.errors import UserError
+from zvl_ds.base.folder_links import refuse_links_leaving
 from zvl_ds.config import CaptionTextConfig, Config, ConfigError, config_from_dict
 from zvl_ds.config.model_sources import hf_model_config, open_clip_source
 from zvl_ds.config.presets import SOURCE_ARCHS
@@ -282,11 +283,19 @@ def text_vocabulary_size(text_tower: nn.Module) -> int:
                else text_tower.token_embedding.num_embeddings)
 
 
-def load_model(model_dir: str, device: Union[str, torch.device] = "cpu") -> ZvlModel:
+# how a user accepts an exported model folder's links that lead out of it (zvl_ds.base.folder_links)
+ALLOW_OUTSIDE_FILES = "--allow-outside-model-files (load_model(..., allow_outside_files=True))"
+
+
+def load_model(model_dir: str, device: Union[str, torch.device] = "cpu",
+               allow_outside_files: bool = False) -> ZvlModel:
     """Load a folder written by ``write_model_folder`` (``python -m zvl_ds.export``); no DeepSpeed, hub access
-    or pretrained weights needed."""
+    or pretrained weights needed. A file of the folder that is a link leading out of it is refused unless
+    ``allow_outside_files``."""
     if not os.path.isdir(model_dir):
         raise ExportError(f"model folder not found: {model_dir}")
+    if not allow_outside_files:
+        refuse_links_leaving(model_dir, ALLOW_OUTSIDE_FILES, ExportError)
     needed = [WEIGHTS_FILE, MODEL_CONFIG_FILE, PREPROCESS_FILE, TOKENIZER_DIR]
     missing = [name for name in needed if not os.path.exists(os.path.join(model_dir, name))]
     if missing:

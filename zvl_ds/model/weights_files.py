@@ -37,9 +37,13 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except SafetensorError as error:  # not a safetensors file, or a damaged one
+            raise ValueError(f"cannot read {path} as a safetensors file: {error}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Protocol, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from zvl_ds.base.folder_links import outside_target
 from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, FILE_TOO_LARGE, FLOAT_IMAGE, MISSING_FILE,
                                   NOT_A_REGULAR_FILE, NOT_AN_IMAGE, OTHER_ERROR, PATH_OUTSIDE_IMAGES, TOO_MANY_PIXELS,
                                   SampleSkipped)
@@ -58,17 +59,13 @@ class ImageSettings(Protocol):
     def resample(self) -> str: ...
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def read_image_file(path: str, folder: Optional[str] = None, max_bytes: int = DEFAULT_MAX_FILE_MB << 20,
                     allow_outside: bool = False) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``. Unless ``allow_outside``, the file must lie inside
     ``folder`` once symbolic links are resolved (a link may not lead where a `..` path may not go)."""
     if folder is not None and not allow_outside:
-        real, root = os.path.realpath(path), os.path.realpath(folder)
-        if not _inside(real, root):
+        real = outside_target(path, folder, [os.path.realpath(folder)])
+        if real is not None:
             raise SampleSkipped(PATH_OUTSIDE_IMAGES, f"a symbolic link leads out of the image folder (to {real}); "
                                                      "--allow-outside-images accepts it")
     try:  # non-blocking: opening a FIFO for reading would otherwise wait for a writer forever
