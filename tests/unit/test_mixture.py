@@ -106,8 +106,8 @@ def test_scaling_every_weight_alike_changes_no_bit_of_the_stream(mix_root, token
 
 def piece_reads(piece):
     """(dataset, pass, shard, position) of a piece's samples in reading order (before the buffer shuffle)."""
-    streams = [iter([(part.dataset, part.pass_index, s.shard, p) for s in part.segments for p in range(s.start, s.stop)])
-               for part in piece.parts]
+    streams = [iter([(part.dataset, part.pass_index, segment.shard, position) for segment in part.segments
+                     for position in range(segment.start, segment.stop)]) for part in piece.parts]
     if piece.pattern is None:
         return [sample for stream in streams for sample in stream]
     return [next(streams[index]) for index in piece.pattern.tolist()]

@@ -80,8 +80,9 @@ class DataConfig:
     """
     train_type: Literal["shuffle", "sequential", "debias"] = "shuffle"
     """How steps draw from the training datasets. `shuffle`: every batch is a random mix, each dataset in proportion to
-    its size; `sequential`: an epoch runs one dataset after the other; `debias`: each step takes its whole batch
-    from one dataset drawn with probability proportional to its size (ZeroVL's debiased sampling).
+    its size (times its `data.datasets.<name>.weight`); `sequential`: an epoch runs one dataset after the other;
+    `debias`: each step takes its whole batch from one dataset drawn with probability proportional to its size (times
+    its weight; ZeroVL's debiased sampling).
     """
     train_steps: int = -1
     """ZeroVL's run length: > 0 fixes the number of optimizer steps (`runner.train_steps` wins when both are > 0)."""

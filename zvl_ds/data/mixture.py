@@ -25,18 +25,18 @@ def train_layouts(data: DataConfig) -> Tuple[List[ResolvedDataset], List[Dataset
 
 
 _SHARE_MEANING = {
-    DEBIAS: "share = the fraction of steps that draw the source (weight x samples / total)",
-    SEQUENTIAL: "share = the fraction of an epoch's steps the source runs (samples / total)",
+    DEBIAS: "the fraction of steps that draw the source",
+    SEQUENTIAL: "the source's fraction of an epoch's steps",
 }
-_MIXED_MEANING = "share = the source's fraction of every batch (weight x samples / total)"
+_MIXED_MEANING = "the source's fraction of every batch"
 
 
 def describe_mixture(cfg: Config) -> str:
     """YAML comment lines: per training source its samples, weight, expected share and passes per epoch (how often
     an epoch, ``sum(samples)`` samples, reads each sample on average: above 1 repeats, below 1 leaves some unread)."""
     data = cfg.data
-    lines = [f"training mixture (data.train_type: {data.train_type}; "
-             f"{_SHARE_MEANING.get(data.train_type, _MIXED_MEANING)}):"]
+    lines = [f"training mixture (data.train_type: {data.train_type}): share = "
+             f"{_SHARE_MEANING.get(data.train_type, _MIXED_MEANING)}"]
     sizes: List[int] = []
     for name in data.train_name:
         try:
