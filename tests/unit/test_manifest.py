@@ -108,7 +108,7 @@ def write(folder, text):
      r"mix.yaml: coco.shards: a manifest cannot name a `pipe:` shard \(it would run the shell command 'curl"),
     ("coco: {shards: 'a.tar::pipe:cat b.tar'}\n", r"coco.shards: a manifest cannot name a `pipe:` shard"),
     ("coco: {shards: coco, weight: 0}\n", r"data.datasets.coco.weight: must be a finite number > 0, got 0.0"),
-])
+], ids=["unknown key", "wrong type", "not a mapping", "empty", "a list", "pipe", "pipe after ::", "weight 0"])
 def test_a_bad_manifest_is_refused_naming_the_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         manifest_config(write(tmp_path, text))
@@ -160,6 +160,9 @@ def test_the_config_command_prints_the_resolved_mixture(mixture, elsewhere, caps
     assert re.search(r"# +dataset 'cc' \(data.datasets.cc.shards\): shard spec 'nowhere/\*.tar' matches nothing",
                      printed)
     assert "(the shares need every source's samples)" in printed
+
+    assert config_main([str(config), "data.manifest=", "data.train_name=[]"]) == 0
+    assert capsys.readouterr().out.endswith("\n# training mixture: none (data.train_name is empty)\n")
 
     write(elsewhere, "coco: {shards: coco, wieght: 4}\n")
     assert config_main([str(config), "data.manifest=mix.yaml"]) == 2

@@ -269,13 +269,15 @@ def test_weighted_stream_resumes_exactly_after_sigkill(mix_root, tokenizer, tmp_
     config_path.write_text(cfg.to_yaml())
     out = tmp_path / "killed"
     out.mkdir()
-    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.loader_child", str(config_path), str(out), "1", "2",
-                              "5"], env=child_env(), cwd=REPO_ROOT, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "child.log"
+    with open(log, "wb") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "tests.helpers.loader_child", str(config_path), str(out), "1",
+                                  "2", "5"], env=child_env(), cwd=REPO_ROOT, start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 120
     try:
         while True:  # until a checkpoint at step 10 or later, and the run two steps past it
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert child.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint at step 10 within 120 s"
             saved = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {"step": 0}
             lines = (out / "keys.txt").read_text().splitlines() if (out / "keys.txt").exists() else []
@@ -285,7 +287,6 @@ def test_weighted_stream_resumes_exactly_after_sigkill(mix_root, tokenizer, tmp_
     finally:
         os.killpg(child.pid, signal.SIGKILL)  # the loader and its DataLoader workers
         child.wait(timeout=60)
-        child.stderr.close()
     state = json.loads((out / "state.json").read_text())
     killed_keys = [line.split()[1:] for line in (out / "keys.txt").read_text().splitlines() if line.strip()]
 

@@ -35,6 +35,8 @@ def describe_mixture(cfg: Config) -> str:
     """YAML comment lines: per training source its samples, weight, expected share and passes per epoch (how often
     an epoch, ``sum(samples)`` samples, reads each sample on average: above 1 repeats, below 1 leaves some unread)."""
     data = cfg.data
+    if not data.train_name:
+        return "# training mixture: none (data.train_name is empty)\n"
     lines = [f"training mixture (data.train_type: {data.train_type}): share = "
              f"{_SHARE_MEANING.get(data.train_type, _MIXED_MEANING)}"]
     sizes: List[int] = []
@@ -42,14 +44,14 @@ def describe_mixture(cfg: Config) -> str:
         try:
             sizes.append(sum(require_sizes(resolve_dataset(data, name, data.train_splits), "the mixture summary")))
         except DataSourceError as error:
-            lines.append(f"  {error}")
+            lines.append("  " + str(error).replace("\n", " "))
     if len(sizes) < len(data.train_name):
         lines.append("  (the shares need every source's samples)")
         return "".join(f"# {line}\n" for line in lines)
     weights = [source_weight(data, name) for name in data.train_name]
     total = sum(sizes)
     shares = mixture_shares(sizes, weights) if total else [0.0] * len(sizes)
-    width = max(len("source"), *(len(name) for name in data.train_name))
+    width = max([len("source")] + [len(name) for name in data.train_name])
     lines.append(f"  {'source':<{width}} {'samples':>12} {'weight':>8} {'share':>8} {'passes/epoch':>13}")
     for name, size, weight, share in zip(data.train_name, sizes, weights, shares):
         passes = share * total / size if size else 0.0
