@@ -99,7 +99,7 @@ def write(folder, text):
 @pytest.mark.parametrize("text,message", [
     ("coco:\n  shards: coco\n  wieght: 4\n",
      r"data.manifest .*mix.yaml: unknown config key coco.wieght; did you mean coco.weight\? \(valid keys here: "
-     r"folder, shards, size, weight\)"),
+     + re.escape(", ".join(sorted(field.name for field in dataclasses.fields(DatasetSource)))) + r"\)"),
     ("coco:\n  shards: coco\n  weight: heavy\n", r"mix.yaml: coco.weight: got 'heavy' \(str\), expected float"),
     ("coco: coco/\n", r"mix.yaml: source coco: expected a mapping of data.datasets.<name> keys \(shards, size, weight"),
     ("# nothing\n", r"mix.yaml: lists no sources"),
