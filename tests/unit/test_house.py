@@ -9,7 +9,8 @@ from typing import Dict, List, Set, Tuple
 from tests.helpers.paths import REPO_ROOT
 
 PACKAGE_DIR = os.path.join(REPO_ROOT, "zvl_ds")
-# From the ground up; the entry points (train.py, trainer.py, the python -m zvl_ds.<tool> modules) stand on top.
+# From the ground up; the entry points (train.py, trainer.py, the python -m zvl_ds.<tool> modules, a room's __main__.py
+# among them) stand on top.
 FLOORS = ["base", "config", "observe", "runtime", "data", "model", "objective", "evaluation", "export", "bench"]
 ENTRY_FLOOR = len(FLOORS)
 # The package's face (zvl_ds/__init__.py) stands below every room, so that any module may import it for the
@@ -61,6 +62,8 @@ def floor(module: str) -> int:
     parts = module.split(".")
     if len(parts) == 1:
         return -1  # the package's face: it applies the torchvision shim, and anything may import it
+    if parts[-1] == "__main__":
+        return ENTRY_FLOOR  # a room's `python -m zvl_ds.<room>` command is an entry point, whatever its room
     if parts[1] in FLOORS and len(parts) > 2 or (parts[1] in FLOORS and module == f"zvl_ds.{parts[1]}"):
         return FLOORS.index(parts[1])
     return ENTRY_FLOOR
@@ -117,6 +120,7 @@ def test_no_modules_import_each_other_in_a_circle():
 def test_the_checks_see_an_upward_arrow_and_a_circle(tmp_path):
     assert floor("zvl_ds.base.errors") < floor("zvl_ds.config.load") < floor("zvl_ds.model.build") < floor("zvl_ds.train")
     assert floor("zvl_ds.model") == floor("zvl_ds.model.build") and floor("zvl_ds") < floor("zvl_ds.base")
+    assert floor("zvl_ds.config.__main__") == floor("zvl_ds.train") > floor("zvl_ds.bench.data")
     source = tmp_path / "towers.py"
     source.write_text("from zvl_ds.data import failures\n\ndef f():\n    from zvl_ds.objective import step\n")
     found = imports_of("zvl_ds.model.towers", str(source), {"zvl_ds.data.failures", "zvl_ds.objective.step"})

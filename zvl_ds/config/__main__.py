@@ -1,5 +1,6 @@
 """``python -m zvl_ds.config CFG.yaml [key=value ...]`` prints the resolved config a run would use (config errors exit
-with code 2); ``--reference``, ``--accepted``, ``--lavis-mapping``, ``--lavis-model``, ``--presets`` and
+with code 2), then, as YAML comments, its training mixture: each source's samples, weight and expected share;
+``--reference``, ``--accepted``, ``--lavis-mapping``, ``--lavis-model``, ``--presets`` and
 ``--lavis-datasets`` print the generated tables of docs/configuration.md and docs/lavis-zerovl.md."""
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m zvl_ds.config CFG.yaml [key.sub=value ...]\n"
-              "Prints the fully resolved config as YAML (what a run would use).\n"
+              "Prints the fully resolved config as YAML (what a run would use), then as comments the training "
+              "mixture: each source's samples, weight and expected share.\n"
               "       python -m zvl_ds.config --reference | --accepted | --lavis-mapping | --lavis-model | --presets | "
               "--lavis-datasets\n"
               "Prints the Markdown table (as in docs/configuration.md and docs/lavis-zerovl.md) of every config "
@@ -40,6 +42,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     sys.stdout.write(cfg.to_yaml())
+    from zvl_ds.data.mixture import describe_mixture  # the data room (torch): only where a config is printed
+
+    sys.stdout.write(describe_mixture(cfg))
     return 0
 
 

@@ -4,6 +4,7 @@ concern this section alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
@@ -23,6 +24,14 @@ class DatasetSource:
     size: Optional[int] = None
     """Total samples of dataset `<name>`; `null`: read from `sizes.json` or `*_stats.json` next to the shards. Training
     needs a size; when given it wins and is spread evenly over the shards unless the size files agree.
+    """
+    weight: float = 1.0
+    """Multiplies dataset `<name>`'s share of the training mixture: with `train_type: shuffle` every batch takes the
+    sources in proportion to weight x samples, with `debias` a step draws a source with probability proportional to
+    weight x samples. Relative (scaling every weight alike changes nothing); an epoch stays `sum(samples)` samples,
+    so a source whose share exceeds its samples repeats them in a fresh order within the epoch and a down-weighted
+    one leaves the rest of its pass unread. A finite number > 0; not with `sequential`. `1` everywhere: the stream
+    of an unweighted run, sample for sample.
     """
     # a folder in the shard writer's layout (<split>-NNNNNN.tar): the run's splits pick its shards (LAVIS storage)
     folder: str = ""
@@ -71,8 +80,9 @@ class DataConfig:
     """
     train_type: Literal["shuffle", "sequential", "debias"] = "shuffle"
     """How steps draw from the training datasets. `shuffle`: every batch is a random mix, each dataset in proportion to
-    its size; `sequential`: an epoch runs one dataset after the other; `debias`: each step takes its whole batch
-    from one dataset drawn with probability proportional to its size (ZeroVL's debiased sampling).
+    its size (times its `data.datasets.<name>.weight`); `sequential`: an epoch runs one dataset after the other;
+    `debias`: each step takes its whole batch from one dataset drawn with probability proportional to its size (times
+    its weight; ZeroVL's debiased sampling).
     """
     train_steps: int = -1
     """ZeroVL's run length: > 0 fixes the number of optimizer steps (`runner.train_steps` wins when both are > 0)."""
@@ -88,6 +98,12 @@ class DataConfig:
     datasets: Dict[str, DatasetSource] = field(default_factory=dict)
     """Explicit sources by dataset name (a mapping `name -> {shards, size}`); a dataset not listed here is read from
     `data_path/<name>/`.
+    """
+    manifest: str = ""
+    """A mixture file (YAML, its path relative to the working folder): a mapping `name -> {shards, size, weight, ...}`
+    whose keys are those of `data.datasets.<name>`, with paths relative to the file. Its sources become
+    `data.datasets` (keys the config gives win, key by key) and `data.train_name`, in the file's order (a
+    `train_name` from the config is replaced). Empty: none.
     """
     zeroshot: Dict[str, ZeroShotSetConfig] = field(default_factory=dict)
     """Zero-shot classification sets by name, evaluated at the validation interval with the validation transforms;
@@ -166,6 +182,16 @@ class DataConfig:
                                   "would share eval/<name>/; rename one")
         for name, source in self.datasets.items():
             source.check(f"data.datasets.{name}")
+        self._check_weights()
         check_seconds("data.loader_timeout", self.loader_timeout)
         if not self.exp_name or "/" in self.exp_name:
             raise ConfigError(f"data.exp_name: must be a non-empty folder name, got {self.exp_name!r}")
+
+    def _check_weights(self) -> None:
+        for name, source in self.datasets.items():
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                raise ConfigError(f"data.datasets.{name}.weight: must be a finite number > 0, got {source.weight}")
+        weighted = [name for name in self.train_name if name in self.datasets and self.datasets[name].weight != 1]
+        if weighted and self.train_type == "sequential":
+            raise ConfigError(f"data.datasets.{weighted[0]}.weight={self.datasets[weighted[0]].weight}: weights apply "
+                              "to data.train_type shuffle and debias; a sequential epoch reads each dataset once")

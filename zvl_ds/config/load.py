@@ -1,8 +1,8 @@
 """Loading a config: YAML (safe loader) with ``_base_`` inheritance and ``key.sub=value`` overrides (layers, each
-mapped onto zvl_ds keys on its own before they are merged: ``zvl_ds.config.layers``), model presets, typed
-conversion against the schema, then ``Config.check`` (each section's checks beside its dataclass, and the rules that
-span sections, in ``zvl_ds.config.schema``). Config errors name the key path; entry points turn them into a message
-and exit code 2.
+mapped onto zvl_ds keys on its own before they are merged: ``zvl_ds.config.layers``), model presets, the mixture file
+``data.manifest``, typed conversion against the schema, then ``Config.check`` (each section's checks beside its
+dataclass, and the rules that span sections, in ``zvl_ds.config.schema``). Config errors name the key path; entry
+points turn them into a message and exit code 2.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import yaml
 from zvl_ds.base.package_paths import is_package_path, resolve_package_path
 from zvl_ds.config.compat import (ACCEPTED_WITHOUT_EFFECT, accepted_names, apply_lavis_run_block, lavis_model_hint,
                                   report_without_effect, take_accepted_keys)
-from zvl_ds.config.keys import COMMAND_LINE, set_path, unknown_choice_message, unknown_key_message
-from zvl_ds.config.layers import apply_model_preset, stack
+from zvl_ds.config.data_section import DatasetSource
+from zvl_ds.config.keys import COMMAND_LINE, deep_merge, set_path, unknown_choice_message, unknown_key_message
 from zvl_ds.config.lavis_datasets import apply_lavis_datasets_block
+from zvl_ds.config.layers import apply_model_preset, stack
 from zvl_ds.config.model_sources import apply_model_source
 from zvl_ds.config.schema import Config, ConfigError
 
@@ -262,6 +263,72 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
+# data.manifest
+# --------------------------------------------------------------------------------------------------
+
+# Keys of data.datasets.<name> that name files: in a manifest they are relative to the manifest's folder. Every string
+# key of DatasetSource is either here or not a path (tests/unit/test_manifest.py holds the two lists to the fields).
+MANIFEST_PATH_KEYS = ("shards", "folder")
+
+
+def apply_manifest(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """``data.manifest``: the file's sources under ``data.datasets`` (the config's own keys win, key by key), and
+    ``data.train_name`` set to them in the file's order."""
+    data = raw.get("data")
+    path = data.get("manifest") if isinstance(data, dict) else None
+    if not path:
+        return raw
+    if not isinstance(path, str):
+        raise ConfigError(f"data.manifest: expected the path of a mixture file, got {path!r}")
+    sources = read_manifest(path)
+    inline = data.get("datasets") or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"data.datasets: got {inline!r} ({type(inline).__name__}), expected a mapping")
+    return {**raw, "data": {**data, "datasets": deep_merge(sources, inline), "train_name": list(sources)}}
+
+
+def read_manifest(path: str) -> Dict[str, Dict[str, Any]]:
+    """A manifest's sources by name, checked like ``data.datasets.<name>`` (unknown keys named with their likely
+    meaning, wrong types), with their paths made absolute against the manifest's folder."""
+    where = f"data.manifest {path}"
+    try:
+        entries = _read_yaml(path)
+    except ConfigError as error:
+        raise ConfigError(f"data.manifest: {error}") from None
+    if not entries:
+        raise ConfigError(f"{where}: lists no sources (expected a mapping `name -> {{shards, size, weight, ...}}`)")
+    folder = os.path.dirname(os.path.abspath(path))
+    sources: Dict[str, Dict[str, Any]] = {}
+    for name, entry in entries.items():
+        name = str(name)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: source {name}: expected a mapping of data.datasets.<name> keys "
+                              f"({', '.join(f.name for f in dataclasses.fields(DatasetSource))}), got {entry!r}")
+        try:
+            _build(DatasetSource, entry, name)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        sources[name] = {key: _under_folder(folder, value, f"{where}: {name}.{key}")
+                         if key in MANIFEST_PATH_KEYS and isinstance(value, str) else value
+                         for key, value in entry.items()}
+    return sources
+
+
+def _under_folder(folder: str, spec: str, where: str) -> str:
+    """A path or ``::``-joined shard spec of a manifest, its relative local entries joined to the manifest's folder.
+    A manifest is a file that travels with data: like a shard list file, it may not run a shell command."""
+    entries = []
+    for entry in spec.split("::"):
+        entry = entry.strip()
+        if entry.startswith("pipe:"):
+            raise ConfigError(f"{where}: a manifest cannot name a `pipe:` shard (it would run the shell command "
+                              f"{entry[len('pipe:'):]!r}); write `pipe:` entries in the config or on the command line "
+                              "(data.datasets.<name>.shards) instead")
+        entries.append(entry if not entry or "://" in entry or os.path.isabs(entry) else os.path.join(folder, entry))
+    return "::".join(entries)
+
+
+# --------------------------------------------------------------------------------------------------
 # pkg: paths
 # --------------------------------------------------------------------------------------------------
 
@@ -290,6 +357,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
     raw = copy.deepcopy(raw)
     raw = apply_lavis_run_block(raw)
     raw = apply_lavis_datasets_block(raw)  # after run:, whose valid_splits it reads
+    raw = apply_manifest(raw)  # after LAVIS's datasets:, which may define sources the config's keys then refine
     raw = apply_model_preset(raw)
     raw, _ = apply_model_source(raw)  # after the preset: model.arch names the source
     without_effect = {key: _convert(value, ACCEPTED_WITHOUT_EFFECT[key].type, key)

@@ -12,13 +12,19 @@ Vocabulary:
   (``sequential``, ``debias``). Each role reads, per source, an endless chain of *pieces* (piece ``i`` = epoch
   ``i`` or pass ``i``): contiguous stretches of the rank's slice, buffer-shuffled with their own seed.
 
-The modes:
+The modes (``w_k``: dataset k's weight, ``data.datasets.<name>.weight``, default 1):
 - ``shuffle``: an epoch takes ``S = sum(A_k) // b`` steps; dataset k contributes a share of the ``S*b`` samples
-  proportional to its size, interleaved at random (so every batch is a proportional mix).
-- ``sequential``: an epoch runs dataset 1's ``A_1 // b`` steps, then dataset 2's, ...
-- ``debias``: step ``g`` draws one dataset with probability proportional to its size from
+  proportional to ``w_k * A_k``, interleaved at random (so every batch is a proportional mix). A dataset's share
+  of epoch ``e`` is read from fresh passes: the first ``quota`` positions of its passes ``e*m, e*m+1, ...`` chained
+  (``m`` = the passes one epoch's share needs; 1 unless up-weighted), so an up-weighted dataset repeats its samples
+  in a new order within the epoch and a down-weighted one leaves the rest of its pass unread.
+- ``sequential``: an epoch runs dataset 1's ``A_1 // b`` steps, then dataset 2's, ... (no weights).
+- ``debias``: step ``g`` draws one dataset with probability proportional to ``w_k * size_k`` from
   ``numpy.random.default_rng([seed, g])``; every rank draws the same one with no communication. A role's stream of
   a dataset moves to the next pass (new shard order) when its piece of the current pass is used up.
+
+Weights enter as exact fractions (``weighted_sizes``), so the integer shares are the same on every machine, and
+with every weight 1 they are the sizes themselves: an unweighted run's stream is what it was before weights.
 
 In shuffle and sequential modes a role's pieces hold exactly the samples of its steps of that epoch, so step
 ``k*S`` starts epoch ``k`` on the nose (until a fault makes a role take a replacement sample from further on).
@@ -27,9 +33,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import struct
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,6 +77,23 @@ def largest_remainder(total: int, weights: Sequence[int]) -> List[int]:
     for index in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[: total - sum(shares)]:
         shares[index] += 1
     return shares
+
+
+def weighted_sizes(sizes: Sequence[int], weights: Sequence[float]) -> List[int]:
+    """Integers proportional to ``weight * size`` per dataset, computed exactly. A weight counts as the decimal it
+    is written as (0.1 is 1/10, not the nearest binary fraction); with every weight 1 these are the sizes."""
+    products = [Fraction(repr(float(weight))) * int(size) for weight, size in zip(weights, sizes)]
+    scale = math.lcm(*(product.denominator for product in products))
+    return [int(product * scale) for product in products]
+
+
+def mixture_shares(sizes: Sequence[int], weights: Sequence[float]) -> List[float]:
+    """Each dataset's share of the samples (shuffle) or of the steps (debias): ``w_k * size_k / sum``."""
+    weighted = weighted_sizes(sizes, weights)
+    total = sum(weighted)
+    if total <= 0:
+        raise SamplingError("the training datasets hold no samples")
+    return [float(Fraction(value, total)) for value in weighted]
 
 
 def role_steps(lo: int, hi: int, role: int, roles: int) -> int:
@@ -151,6 +176,7 @@ def even_range(total: int, index: int, parts: int) -> Tuple[int, int]:
 class DatasetLayout:
     name: str
     sizes: Tuple[int, ...]  # samples per shard, in the dataset's shard-list order
+    weight: float = 1.0  # multiplies the dataset's share of the mixture (data.datasets.<name>.weight)
 
     @property
     def size(self) -> int:
@@ -174,6 +200,7 @@ class SamplingPlan:
         self.seed = int(seed) & _MASK64
         self.rank, self.world_size, self.roles, self.batch_size = rank, world_size, roles, batch_size
         self.per_rank = [d.size // world_size for d in self.datasets]  # samples of one pass on one rank
+        self.weights = [float(d.weight) for d in self.datasets]
         self._sizes = [np.asarray(d.sizes, dtype=np.int64) for d in self.datasets]
         self._orders: Dict[Tuple[int, int], np.ndarray] = {}
         self._steps = 0  # optimizer steps per epoch; each subclass sets it
@@ -234,8 +261,10 @@ class ShufflePlan(SamplingPlan):
         super().__init__(*args, **kwargs)
         self._steps = sum(self.per_rank) // self.batch_size
         self._require_steps(self._steps, "fewer samples per rank than one batch")
-        # Every epoch takes the same share from each dataset (the first `quota` samples of its rank slice).
-        self.quota = largest_remainder(self._steps * self.batch_size, self.per_rank)
+        # Every epoch takes the same share from each dataset: the first `quota` samples of its chained passes
+        self.quota = largest_remainder(self._steps * self.batch_size, weighted_sizes(self.per_rank, self.weights))
+        self.passes_per_epoch = [max(1, -(-quota // size)) if size else 1
+                                 for quota, size in zip(self.quota, self.per_rank)]
         self._pattern_epoch = -1
         self._pattern = np.zeros(0, dtype=np.int16)
 
@@ -265,8 +294,25 @@ class ShufflePlan(SamplingPlan):
         count = len(self.datasets)
         before = np.bincount(pattern[:start], minlength=count)
         inside = np.bincount(pattern[start:start + length], minlength=count)
-        parts = tuple(self.rank_part(k, index, int(before[k]), int(before[k] + inside[k])) for k in range(count))
-        return Piece(parts, pattern[start:start + length].copy(), seed)
+        runs = [self.epoch_parts(k, index, int(before[k]), int(before[k] + inside[k])) for k in range(count)]
+        parts = tuple(part for run in runs for part in run)
+        mix = pattern[start:start + length]
+        if len(parts) > count:  # an up-weighted dataset's share spans passes: the pattern names parts, not datasets
+            mix = part_pattern(mix, [[part.length for part in run] for run in runs])
+        return Piece(parts, mix.copy(), seed)
+
+    def epoch_parts(self, dataset: int, epoch: int, lo: int, hi: int) -> List[Part]:
+        """Positions ``[lo, hi)`` of a dataset's share of an epoch: its rank slices of the epoch's passes, chained."""
+        size, first_pass = self.per_rank[dataset], epoch * self.passes_per_epoch[dataset]
+        if hi <= size:
+            return [self.rank_part(dataset, first_pass, lo, hi)]
+        parts = []
+        while lo < hi:
+            later, offset = divmod(lo, size)
+            stop = min(hi, (later + 1) * size)
+            parts.append(self.rank_part(dataset, first_pass + later, offset, stop - later * size))
+            lo = stop
+        return parts
 
 
 class SequentialPlan(SamplingPlan):
@@ -274,6 +320,9 @@ class SequentialPlan(SamplingPlan):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if any(weight != 1 for weight in self.weights):
+            raise SamplingError("sequential: source weights (data.datasets.<name>.weight) apply to the shuffle and "
+                                "debias modes; a sequential epoch reads each dataset once")
         self.dataset_steps = [n // self.batch_size for n in self.per_rank]
         self._first_step = [sum(self.dataset_steps[:k]) for k in range(len(self.datasets))]
         self._steps = sum(self.dataset_steps)
@@ -299,8 +348,7 @@ class DebiasPlan(SamplingPlan):
             raise SamplingError(f"debias: datasets {small} hold fewer samples than ranks ({self.world_size})")
         self._steps = sum(self.per_rank) // self.batch_size
         self._require_steps(self._steps, "fewer samples per rank than one batch")
-        sizes = np.asarray([d.size for d in self.datasets], dtype=np.float64)
-        self.probabilities = sizes / sizes.sum()
+        self.probabilities = np.asarray(mixture_shares([d.size for d in self.datasets], self.weights))
         self._cumulative = np.cumsum(self.probabilities)
 
     def source_of_step(self, step: int) -> int:
@@ -311,6 +359,17 @@ class DebiasPlan(SamplingPlan):
         # dataset has fewer samples per rank than there are roles.
         lo, hi = even_range(self.per_rank[source], (role + index) % self.roles, self.roles)
         return Piece((self.rank_part(source, index, lo, hi),), None, self.buffer_seed(source, role, index))
+
+
+def part_pattern(datasets: np.ndarray, part_lengths: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per sample, the part it is read from, given per sample its dataset and, per dataset, the lengths of its parts
+    in reading order (a dataset's samples use up its parts one after the other)."""
+    parts = np.empty(len(datasets), dtype=np.int64)
+    first = 0
+    for dataset, lengths in enumerate(part_lengths):
+        parts[datasets == dataset] = np.repeat(np.arange(first, first + len(lengths)), lengths)
+        first += len(lengths)
+    return parts
 
 
 def debias_draw(seed: int, step: int, cumulative: np.ndarray) -> int:

@@ -34,10 +34,11 @@ from zvl_ds.data.decode import (_captions, _data_loader, _decode_image, _describ
                                 _load_fields, _private_torch_rng, end_workers)
 from zvl_ds.data.failures import (MAX_EXAMPLES, DataLossError, FailureCounter, SampleSkipped, SkipBudget, shards_named,
                                   sum_counts)
+from zvl_ds.data.mixture import train_layouts
 from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
-from zvl_ds.data.sampling import MIXED, SHUFFLE, DatasetLayout, SamplingPlan, build_plan, derive_seed, name_key
-from zvl_ds.data.sources import ResolvedDataset, require_sizes, resolve_train_datasets
+from zvl_ds.data.sampling import MIXED, SHUFFLE, SamplingPlan, build_plan, derive_seed, name_key
+from zvl_ds.data.sources import ResolvedDataset
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
 
 STATE_FORMAT = 1
@@ -156,9 +157,13 @@ class _TrainStream(IterableDataset):
 
 
 def _fingerprint(cfg: Config, plan: SamplingPlan) -> Dict[str, object]:
-    return {"train_type": plan.mode, "seed": cfg.seed, "rank": plan.rank, "world_size": plan.world_size,
-            "roles": plan.roles, "batch_size": plan.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
-            "datasets": [[d.name, d.size] for d in plan.datasets]}
+    fingerprint: Dict[str, object] = {
+        "train_type": plan.mode, "seed": cfg.seed, "rank": plan.rank, "world_size": plan.world_size,
+        "roles": plan.roles, "batch_size": plan.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
+        "datasets": [[d.name, d.size] for d in plan.datasets]}
+    if any(weight != 1 for weight in plan.weights):  # unweighted: the state of a run from before weights existed
+        fingerprint["weights"] = list(plan.weights)
+    return fingerprint
 
 
 class TrainLoader:
@@ -170,9 +175,7 @@ class TrainLoader:
             raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
         self.cfg = cfg
         self.num_workers = data.num_workers
-        datasets = resolve_train_datasets(data)
-        layouts = [DatasetLayout(d.name, require_sizes(d, f"training (data.train_type={data.train_type})"))
-                   for d in datasets]
+        datasets, layouts = train_layouts(data)
         self.plan = build_plan(data.train_type, layouts, cfg.seed, rank, world_size, max(1, data.num_workers),
                                data.batch_size // world_size)
         caption_aug = (CaptionAugmenter(cfg.transforms.caption_aug, tokenizer)
@@ -207,8 +210,10 @@ class TrainLoader:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
         saved = state.get("fingerprint", {})
-        differences = [f"{key}: saved {saved.get(key)!r}, now {value!r}"
-                       for key, value in self._fingerprint.items() if _plain(saved.get(key)) != _plain(value)]
+        # a key on one side only (`weights`, set when a weight is not 1) is a difference too
+        keys = list(self._fingerprint) + [key for key in saved if key not in self._fingerprint]
+        differences = [f"{key}: saved {saved.get(key)!r}, now {self._fingerprint.get(key)!r}"
+                       for key in keys if _plain(saved.get(key)) != _plain(self._fingerprint.get(key))]
         if differences:
             raise ValueError("cannot resume the data stream exactly; the loader was saved with different "
                              "settings (" + "; ".join(differences) + ")")
