@@ -357,3 +357,74 @@ def test_without_pyarrow_a_parquet_source_exits_2_naming_the_extra(tmp_path, mon
     assert run(lambda: resolve_dataset(data, "d", ["train"])) == 2
     message = capsys.readouterr().err
     assert "data.datasets.d.parquet" in message and "needs pyarrow" in message and '".[parquet]"' in message
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark compares the same images
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_format_benchmark_reads_the_same_samples_from_both(tmp_path):
+    from zvl_ds.bench.data_formats import _config, benchmark_formats, write_both_formats
+    from zvl_ds.data.pieces import read_unit
+    from zvl_ds.data.reader import FieldLoader
+
+    write_both_formats(str(tmp_path / "data"), 250, image_size=64, files=2)
+    contents = {}
+    for form in ("tar", "parquet"):
+        cfg = _config(str(tmp_path / "data"), form, 0, 8, 56, "zvl_ds:demo_tokenizer")
+        dataset = resolve_dataset(cfg.data, "bench", ["train"])
+        fields, samples = FieldLoader(), []
+        for unit, size in enumerate(dataset.shard_sizes):
+            for raw in read_unit(dataset, unit, 0, size, FailureCounter()):
+                loaded = fields.load(raw)
+                samples.append((loaded["jpg"], json.loads(loaded["json"])["captions"]))
+        fields.close()
+        contents[form] = samples
+    assert len(contents["tar"]) == 250 and contents["tar"] == contents["parquet"]
+    assert resolve_dataset(_config(str(tmp_path / "data"), "parquet", 0, 8, 56, "").data, "bench",
+                           ["train"]).shard_sizes == (100, 25, 100, 25)  # row groups as a snapshot's
+    (tmp_path / "work").mkdir()
+    result = benchmark_formats(workers=(1,), rounds=1, image_size=64, crop_size=56, batch_size=8, batches=2,
+                               warmup=1, root=str(tmp_path / "work"), verbose=False)
+    rates = result["loader"]["workers=1"]
+    assert rates["tar"] > 0 and rates["parquet"] > 0
+    assert rates["ratio"] == pytest.approx(rates["parquet"] / rates["tar"])
+    assert os.listdir(tmp_path / "work") == []  # its data removed
+
+
+# --------------------------------------------------------------------------------------------------
+# docs/workflow.md: the snapshot its lines write trains and evaluates with its commands' settings
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_workflow_pages_parquet_example_runs_as_written(tmp_path, monkeypatch, tokenizer):
+    import re
+    import shlex
+
+    from tests.helpers.paths import REPO_ROOT
+    from zvl_ds import make_shards
+    from zvl_ds.config import load_config
+    from zvl_ds.data.writing.demo import make_demo_data
+
+    page = open(os.path.join(REPO_ROOT, "docs", "workflow.md"), encoding="utf-8").read()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "hf_demo" in block)
+    commands = [re.sub(r"\\\n\s*", " ", block).strip() for block in re.findall(r"```bash\n(.*?)```", page, flags=re.S)
+                if "hf_demo" in block]
+    lines = [line for block in commands for line in block.splitlines()]
+    train = shlex.split(next(line for line in lines if "-m zvl_ds.train" in line))
+    monkeypatch.chdir(tmp_path)
+    make_demo_data("data", train_size=24, valid_size=6)  # the page's make_demo_data, smaller
+    exec(compile(snippet, "docs/workflow.md", "exec"), {"__name__": "__main__"})
+    overrides = [word for word in train if re.match(r"^[a-z_]+(\.[a-z_0-9]+)*=", word)]
+    cfg = load_config(os.path.join(REPO_ROOT, train[train.index("--cfg") + 1]),
+                      overrides + ["data.batch_size=8", "data.batch_size_train=8"])
+    batches = take(build_train_loader(cfg, 0, 1, tokenizer), 4)  # 3 steps a pass of 24 rows
+    assert {k for b in batches[:3] for k in b.keys} == {f"train-00000-of-00001.parquet/{i}" for i in range(24)}
+    valid = list(build_valid_loader(cfg, "hf_demo_val", 0, 1, tokenizer))
+    assert sum(len(b.keys) for b in valid) == 6 and sum(len(b.caption_ids) for b in valid) == 30  # 5 captions each
+    for line in lines:
+        words = shlex.split(line)
+        if "zvl_ds.make_shards" in words:
+            assert make_shards.main(words[words.index("zvl_ds.make_shards") + 1:] + ["--quiet"]) == 0
+    assert sorted(os.listdir("shards")) == ["hf_demo", "hf_demo_val"]
