@@ -1,7 +1,8 @@
 """Reading the sampling plan's parts and pieces as raw samples, through the sample-level shuffle buffer.
 
-A part is read segment by segment, in order (a segment is a stretch of a tar shard or of a Parquet row group); a piece reads its parts (in order, or interleaved by its pattern) and
-shuffles them through a buffer seeded by the piece, so re-reading a piece gives the same order (exact resume).
+A part is read segment by segment, in order (a segment is a stretch of a tar shard or of a Parquet row group); a
+piece reads its parts (in order, or interleaved by its pattern) and shuffles them through a buffer seeded by the
+piece, so re-reading a piece gives the same order (exact resume).
 ``SourceStream`` is one training role's endless chain of pieces of one source, with its resumable cursor.
 """
 from __future__ import annotations
