@@ -263,6 +263,27 @@ def test_cut_and_damaged_files_lose_only_their_row_groups(tmp_path):
     assert counts == {"truncated_shard": 2}
 
 
+def test_many_files_read_side_by_side_keep_their_readers(tmp_path):
+    """A shuffle piece reads a part of each dataset in turn: more files than the reader keeps open at once must not
+    lose a file that a part is still reading."""
+    from zvl_ds.data.parquet_reader import READ_BATCH_ROWS, row_batches
+
+    rows = 2 * READ_BATCH_ROWS + 1
+    paths = [str(tmp_path / f"f{i}.parquet") for i in range(12)]
+    for index, path in enumerate(paths):
+        write_parquet(path, {"image": [noise(20_000, index)] * rows, "caption": [f"c{index}"] * rows}, [rows],
+                      use_dictionary=False)  # 2.6 MB a row group: a later batch reads beyond the first buffer
+    layout = ParquetLayout((0,), "image", "caption")
+    readers = [row_batches(path, 0, layout, 0, rows) for path in paths]
+    seen = {path: 0 for path in paths}
+    for _ in range(3):  # a batch of each file in turn, three times
+        for path, reader in zip(paths, readers):
+            batch = next(reader)
+            assert set(batch.images) == {noise(20_000, paths.index(path))}
+            seen[path] += len(batch.images)
+    assert set(seen.values()) == {rows}
+
+
 def test_a_file_gone_bad_after_the_start_is_counted_without_hanging(tmp_path, tokenizer):
     root = str(tmp_path)
     write_hf_snapshot(root, "val", "validation", [[3], [4]])

@@ -66,8 +66,8 @@ class _OpenFiles:
         found = self._files.get(key)
         if found is None:
             found = self._files[key] = _OpenFile(path)
-            while len(self._files) > self.max_open:
-                self._files.popitem(last=False)[1].handle.close()
+            while len(self._files) > self.max_open:  # not closed here: a part being read may still hold it; the
+                self._files.popitem(last=False)  # file closes with its last reader
         self._files.move_to_end(key)
         return found
 
