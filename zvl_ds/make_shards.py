@@ -7,6 +7,10 @@ Examples:
   python -m zvl_ds.make_shards --benchmark --bench-images 512
   python -m zvl_ds.make_shards --clip-benchmark --data-root data --dataset demo_val --out clip_benchmark
   python -m zvl_ds.make_shards --clip-benchmark --labelled data/demo_classify --dataset demo_classify --out clip_benchmark
+  python -m zvl_ds.make_shards --parquet "hf/data/train-*.parquet" --dataset hf --split train --out shards
+
+--parquet converts Parquet rows (a Hugging Face dataset snapshot, img2dataset's Parquet) to the same shards (see
+zvl_ds/data/writing/parquet_shards.py); --image-column and --caption-column choose the columns.
 
 --clip-benchmark writes clip_benchmark's WebDataset layout instead (OUT/<name>/test/N.tar, nshards.txt,
 dataset_type.txt, classnames.txt, zeroshot_classification_templates.txt; see zvl_ds/data/writing/clip_benchmark.py):
@@ -25,7 +29,7 @@ from typing import List, Optional
 from zvl_ds.base.cli import run
 from zvl_ds.base.errors import UserError
 from zvl_ds.bench import data as bench
-from zvl_ds.data.writing import annotations, clip_benchmark
+from zvl_ds.data.writing import annotations, clip_benchmark, parquet_shards
 from zvl_ds.data.writing import shard_writer as shards
 from zvl_ds.data.writing.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from zvl_ds.evaluation import zero_shot
@@ -56,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept image paths that leave the image folder: absolute or '..' paths in the CSV "
                              "image column, and symbolic links that point outside it (by default such rows are "
                              "skipped as path_outside_images: a CSV is data and should not read other files)")
+    source.add_argument("--parquet", metavar="SPEC",
+                        help="Parquet files instead of a CSV: a file, a glob or a folder (several joined by ::), "
+                             "e.g. a Hugging Face snapshot's 'data/train-*.parquet'; one --dataset names the output "
+                             "and --split train or valid the split (needs the parquet extra, pyarrow)")
+    source.add_argument("--image-column", default="",
+                        help="with --parquet: the image column (binary, or a struct with a binary 'bytes' field); "
+                             "default: the first of image, jpg, jpeg, png, webp, img")
+    source.add_argument("--caption-column", default="",
+                        help="with --parquet: the caption column (a string or a list of strings); default: the "
+                             "first of caption, captions, text, sentences")
     source.add_argument("--labelled", metavar="PATH",
                         help="with --clip-benchmark: labelled images (PATH/<class>/<image> or an image,label CSV) "
                              "written as the classification set named by one --dataset")
@@ -123,11 +137,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                         max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
                                         resample=args.resample, max_file_mb=args.max_file_mb,
                                         allow_outside_images=args.allow_outside_images)
-        sources, notes = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv,
-                                                     args.images)
-        reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
-                                         progress=not args.quiet)
-    except annotations.InputError as error:
+        if args.parquet:
+            notes = []
+            reports = [convert_parquet_input(args, settings, policy)]
+        else:
+            sources, notes = annotations.resolve_sources(args.data_root, args.dataset, args.split, args.csv,
+                                                         args.images)
+            reports = shards.convert_sources(sources, args.out, settings, workers=args.workers, policy=policy,
+                                             progress=not args.quiet)
+    except UserError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     except shards.WorkerDied as error:
@@ -142,6 +160,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = "nothing was written" if not sum(r.images_written for r in reports) else "--strict: rows were skipped"
         print(f"make_shards: exit 1 ({reason})", file=sys.stderr)
     return status
+
+
+def convert_parquet_input(args: argparse.Namespace, settings: shards.ShardSettings,
+                          policy: shards.ExistingPolicy) -> shards.SplitReport:
+    """``--parquet``: one split of one dataset from Parquet files."""
+    if args.csv or args.images or len(args.dataset) != 1:
+        raise annotations.InputError("--parquet writes one dataset: name it with one --dataset (no --csv, --images)")
+    return parquet_shards.convert_parquet(args.parquet, args.dataset[0], args.split, args.out, settings, args.workers,
+                                          policy, not args.quiet, args.image_column, args.caption_column)
 
 
 def _clip_benchmark_reports(args: argparse.Namespace, settings: shards.ShardSettings

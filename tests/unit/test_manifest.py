@@ -26,8 +26,8 @@ coco:
   shards: coco                              # a folder of tars
   weight: 4
 """
-# string keys of data.datasets.<name> that are not paths (none yet): a new key must be put in one list or the other
-NOT_PATHS: set = set()
+# string keys of data.datasets.<name> that are not paths: a new key must be put in one list or the other
+NOT_PATHS = {"image_column", "caption_column"}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,13 @@ def test_urls_and_absolute_paths_in_a_manifest_stay_as_written(tmp_path):
     path = write(tmp_path, "web: {shards: 'https://host/web-{0..9}.tar :: /abs/more.tar :: rel/{0..1}.tar'}\n")
     assert manifest_config(path).data.datasets["web"].shards == \
         f"https://host/web-{{0..9}}.tar::/abs/more.tar::{tmp_path / 'rel/{0..1}.tar'}"
+
+
+def test_a_parquet_source_in_a_manifest_is_relative_to_it_and_its_columns_are_not(tmp_path):
+    path = write(tmp_path, "laion: {parquet: 'data/train-*.parquet', image_column: jpg, caption_column: txt}\n")
+    source = manifest_config(path).data.datasets["laion"]
+    assert (source.parquet, source.image_column, source.caption_column) == (
+        str(tmp_path / "data/train-*.parquet"), "jpg", "txt")
 
 
 def test_every_string_key_of_a_source_is_a_path_or_named_as_not_one():

@@ -21,11 +21,13 @@ import torch
 from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.base.cli import run
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
+from zvl_ds.bench.data_formats import benchmark_formats
 from zvl_ds.bench.gpu_report import main_gpu_report
 from zvl_ds.bench.gpu_table import main_gpu_table
 from zvl_ds.bench.loss import benchmark_loss
 from zvl_ds.bench.step import (TINY, VIT_B16_BERT_BASE, bench_dga, bench_gpu, bench_max_chunk, bench_memory,
                                bench_openclip, bench_patch_dropout, bench_profile)
+from zvl_ds.data.parquet_files import ParquetSourceError
 
 
 def machine() -> str:
@@ -40,7 +42,12 @@ def run_shards(args) -> Dict:
 
 
 def run_data(args) -> Dict:
-    return benchmark_loader(verbose=True)
+    result = benchmark_loader(verbose=True)
+    try:
+        result["parquet_vs_tar"] = benchmark_formats(verbose=True)
+    except ParquetSourceError as error:  # the optional extra: the tar figures stand alone
+        print(f"parquet vs tar: not measured ({error})")
+    return result
 
 
 def run_loss(args) -> Dict:

@@ -39,12 +39,31 @@ class DatasetSource:
     `OUT/<name>/`) holding dataset `<name>`: the run's `train_splits` / `valid_splits` pick its shards, as under
     `data_path`. LAVIS's `datasets.<name>.build_info.images.storage` maps here. Not with `shards`.
     """
+    parquet: str = ""
+    """Parquet files holding dataset `<name>`, read in place (the `parquet` extra, pyarrow): a file, a glob (a Hugging
+    Face dataset snapshot's `data/train-*.parquet`) or a folder (its `*.parquet`); several joined by `::`. Row
+    groups are read as shards are; sizes come from the files' metadata. Not with `shards` or `folder`.
+    """
+    image_column: str = ""
+    """With `parquet`: the column of image bytes, a binary column or a struct with a binary `bytes` field (the Hugging
+    Face `Image` feature). Empty: the first of `image`, `jpg`, `jpeg`, `png`, `webp`, `img` the files have
+    (img2dataset writes `jpg`).
+    """
+    caption_column: str = ""
+    """With `parquet`: the caption column, a string or a list of strings (several captions of one image, as ZeroVL
+    keeps them for retrieval). Empty: the first of `caption`, `captions`, `text`, `sentences` the files have.
+    """
 
     def check(self, where: str) -> None:
         """``where``: this entry's key, ``data.datasets.<name>``."""
         if self.shards and self.folder:
             raise ConfigError(f"{where}: give its shards one way, `shards` (a shard spec) or "
                               "`folder` (a shard writer's folder read by split), not both")
+        if self.parquet and (self.shards or self.folder):
+            raise ConfigError(f"{where}: `parquet` names the dataset's files; drop `shards` / `folder`")
+        columns = [key for key in ("image_column", "caption_column") if getattr(self, key)]
+        if columns and not self.parquet:
+            raise ConfigError(f"{where}.{columns[0]}: columns are chosen in Parquet files; set {where}.parquet")
 
 
 @dataclass

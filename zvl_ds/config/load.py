@@ -268,7 +268,7 @@ def _build(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 # Keys of data.datasets.<name> that name files: in a manifest they are relative to the manifest's folder. Every string
 # key of DatasetSource is either here or not a path (tests/unit/test_manifest.py holds the two lists to the fields).
-MANIFEST_PATH_KEYS = ("shards", "folder")
+MANIFEST_PATH_KEYS = ("shards", "folder", "parquet")
 
 
 def apply_manifest(raw: Dict[str, Any]) -> Dict[str, Any]:

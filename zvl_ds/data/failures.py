@@ -45,6 +45,7 @@ BAD_JSON = "bad_json"  # .json member that is not valid UTF-8 JSON of the expect
 TRUNCATED_SHARD = "truncated_shard"  # planned samples lost because the tar ends early (cut mid-way)
 UNREADABLE_SHARD = "unreadable_shard"  # planned samples lost because the shard cannot be opened at all
 SHORT_SHARD = "short_shard"  # planned samples absent from a complete tar (its size entry overstates it)
+ROW_GROUP_TOO_LARGE = "row_group_too_large"  # a Parquet row group declaring more bytes than a loader reads at once
 
 
 class SampleSkipped(Exception):

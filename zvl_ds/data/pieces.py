@@ -1,7 +1,8 @@
 """Reading the sampling plan's parts and pieces as raw samples, through the sample-level shuffle buffer.
 
-A part is read segment by segment, in order; a piece reads its parts (in order, or interleaved by its pattern) and
-shuffles them through a buffer seeded by the piece, so re-reading a piece gives the same order (exact resume).
+A part is read segment by segment, in order (a segment is a stretch of a tar shard or of a Parquet row group); a
+piece reads its parts (in order, or interleaved by its pattern) and shuffles them through a buffer seeded by the
+piece, so re-reading a piece gives the same order (exact resume).
 ``SourceStream`` is one training role's endless chain of pieces of one source, with its resumable cursor.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import random
 from typing import Iterator, List, Optional, Sequence
 
 from zvl_ds.data.failures import FailureCounter
+from zvl_ds.data.parquet_reader import read_row_group
 from zvl_ds.data.reader import RawSample, read_segment
 from zvl_ds.data.sampling import Part, Piece, SamplingPlan
 from zvl_ds.data.sources import ResolvedDataset
@@ -29,9 +31,17 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from held
 
 
+def read_unit(dataset: ResolvedDataset, unit: int, start: int, stop: int, faults: FailureCounter
+              ) -> Iterator[RawSample]:
+    """Samples ``[start, stop)`` of one unit of a dataset: a tar shard, or a Parquet row group."""
+    if dataset.parquet is not None:
+        return read_row_group(dataset.shards[unit], unit, dataset.parquet, start, stop, faults)
+    return read_segment(dataset.shards[unit], unit, start, stop, faults)
+
+
 def _read_part(part: Part, dataset: ResolvedDataset, faults: FailureCounter) -> Iterator[RawSample]:
     for segment in part.segments:
-        for raw in read_segment(dataset.shards[segment.shard], segment.shard, segment.start, segment.stop, faults):
+        for raw in read_unit(dataset, segment.shard, segment.start, segment.stop, faults):
             raw.dataset, raw.pass_index = part.dataset, part.pass_index
             yield raw
 

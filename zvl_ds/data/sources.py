@@ -14,6 +14,9 @@ first, then the working folder.
 Sizes (samples per shard): ``data.datasets[name].size`` (a total) wins; else the ``sizes.json`` next to the shards
 (shard file name -> count, as the shard writer and OpenCLIP write it); else img2dataset's ``<shard>_stats.json``
 (``successes``). Training plans every sample position ahead, so it needs them; validation does not.
+
+A Parquet dataset (``data.datasets[name].parquet``, ``parquet_files.py``) has a row group where a tar dataset has a
+shard: its units are the files' row groups, sized by the files' metadata.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from braceexpand import braceexpand
 
 from zvl_ds.base.errors import UserError
-from zvl_ds.config import DataConfig
+from zvl_ds.config import DataConfig, DatasetSource
+from zvl_ds.data.parquet_files import ParquetLayout, ParquetSourceError, expand_parquet_spec, read_layout
 
 LOG = logging.getLogger(__name__)
 
@@ -44,12 +48,14 @@ class DataSourceError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ResolvedDataset:
-    """A dataset's shards in a fixed order, with per-shard sample counts when known."""
+    """A dataset's shards in a fixed order, with per-shard sample counts when known. For a Parquet dataset a
+    "shard" is a row group: ``shards`` names each one's file and ``parquet`` says which row group it is."""
 
     name: str
     shards: Tuple[str, ...]
     shard_sizes: Optional[Tuple[int, ...]]  # None: unknown
     spec: str  # where the shards came from, for messages
+    parquet: Optional[ParquetLayout] = None
 
     @property
     def size(self) -> Optional[int]:
@@ -208,6 +214,8 @@ def resolve_dataset(data: DataConfig, name: str, splits: Sequence[str]) -> Resol
     source = data.datasets.get(name)
     if source is not None and source.size is not None and source.size < 0:
         raise DataSourceError(f"data.datasets.{name}.size must be >= 0, got {source.size}")
+    if source is not None and source.parquet:
+        return resolve_parquet_dataset(data, name, source)
     if source is not None and source.shards:
         spec = source.shards
         try:
@@ -230,6 +238,22 @@ def resolve_dataset(data: DataConfig, name: str, splits: Sequence[str]) -> Resol
     configured = source.size if source is not None else None
     return ResolvedDataset(name=name, shards=tuple(shards), shard_sizes=_sizes_for(name, shards, configured),
                            spec=spec)
+
+
+def resolve_parquet_dataset(data: DataConfig, name: str, source: DatasetSource) -> ResolvedDataset:
+    """A Parquet dataset's row groups as its units, sized from the files' metadata."""
+    where = f"data.datasets.{name}"
+    try:
+        files = expand_parquet_spec(source.parquet, (data.data_path, ""))
+        unit_files, sizes, layout = read_layout(files, source.image_column, source.caption_column,
+                                                (f"{where}.image_column", f"{where}.caption_column"))
+    except ParquetSourceError as error:
+        raise DataSourceError(f"dataset {name!r} ({where}.parquet): {error}") from None
+    if source.size is not None and source.size != sum(sizes):
+        raise DataSourceError(f"dataset {name!r}: {where}.size={source.size}, but its Parquet files hold "
+                              f"{sum(sizes)} rows; the metadata gives the size: drop {where}.size")
+    return ResolvedDataset(name=name, shards=tuple(unit_files), shard_sizes=tuple(sizes), spec=source.parquet,
+                           parquet=layout)
 
 
 _SPLIT_SHARD = re.compile(r"(.+)-\d+\.tar")

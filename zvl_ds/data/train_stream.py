@@ -292,7 +292,8 @@ class TrainLoader:
     def _timeout_message(self) -> str:
         names = ([dataset.name for dataset in self._spec.datasets] if self.plan.mode == SHUFFLE
                  else [self.plan.source_names[self.plan.source_of_step(self._step)]])
-        shards = [shard for dataset in self._spec.datasets if dataset.name in names for shard in dataset.shards]
+        shards = list(dict.fromkeys(shard for dataset in self._spec.datasets if dataset.name in names
+                                    for shard in dataset.shards))  # a Parquet file names each of its row groups
         listed = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
         return (f"data.loader_timeout: the loader workers produced no batch for step {self._step} within "
                 f"{self.cfg.data.loader_timeout:g} s; a shard read may be stalled (a hung network filesystem, a "

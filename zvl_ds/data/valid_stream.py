@@ -179,6 +179,8 @@ def dataset_has_json_image_ids(dataset: ResolvedDataset) -> bool:
     Samples without one get their position in the dataset as id, which can equal a real id of another sample
     and merge the two in retrieval metrics; so a dataset must be all one kind. Every rank judges from the same
     first sample, so all ranks agree without communicating."""
+    if dataset.parquet is not None:  # rows carry no json: their position is their id
+        return False
     fields = FieldLoader()
     faults = _Quiet(FailureCounter(_PROBE_MAX_WARNINGS))
     seen = 0

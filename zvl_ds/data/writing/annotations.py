@@ -15,6 +15,7 @@ when ``caption_id`` is missing it is the caption's 0-based data row in the CSV. 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
@@ -169,12 +170,21 @@ def _unaccounted_lines(csv_path: str, frame: pd.DataFrame, dropped: int) -> int:
     return _data_lines(csv_path) - (len(frame) + dropped + inside_fields)
 
 
+@contextlib.contextmanager
+def _python_strings():
+    """Text columns and headers held as Python strings. With pyarrow installed, pandas 3 stores strings in Arrow,
+    which must be valid UTF-8: the lone surrogates of an undecodable byte would fail the whole read instead of the
+    one row that holds them. Python storage keeps them, with or without pyarrow."""
+    with pd.option_context("mode.string_storage", "python"):
+        yield
+
+
 def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
     """All columns as text. Undecodable bytes become lone surrogates (surrogateescape) so that one bad row is
     detected and skipped rather than killing the read; lines with the wrong field count are skipped and counted."""
     malformed = FailureCounter()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _python_strings():
             warnings.simplefilter("always", pd.errors.ParserWarning)
             frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
                                 encoding_errors="surrogateescape", on_bad_lines="warn")
@@ -186,7 +196,8 @@ def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
         if issubclass(warning.category, pd.errors.ParserWarning):
             for line in re.findall(r"Skipping line \d+:[^\n]*", str(warning.message)):
                 malformed.add(MALFORMED_ROW, line)
-    _check_frame(frame, csv_path)
+    with _python_strings():
+        _check_frame(frame, csv_path)
     lost = _unaccounted_lines(csv_path, frame, malformed.counts.get(MALFORMED_ROW, 0))
     if lost > 0:
         malformed.add(MALFORMED_ROW, f"{csv_path}: {lost} line(s) of the file are in no row (the CSV parser "
@@ -196,14 +207,15 @@ def read_csv_frame(csv_path: str) -> Tuple[pd.DataFrame, FailureCounter]:
 
 def check_csv(csv_path: str) -> None:
     """Fail fast on a CSV that cannot be read, lacks a required column or has no rows (reads the head only)."""
-    try:
-        head = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                           encoding_errors="surrogateescape", nrows=5, on_bad_lines="skip")
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
-        raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
-    _check_frame(head, csv_path)
+    with _python_strings():
+        try:
+            head = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                               encoding_errors="surrogateescape", nrows=5, on_bad_lines="skip")
+        except pd.errors.EmptyDataError:
+            raise InputError(f"{csv_path}: the file is empty (no header, no rows)") from None
+        except (pd.errors.ParserError, UnicodeError, OSError, ValueError, MemoryError) as error:
+            raise InputError(f"{csv_path}: cannot read the CSV: {str(error).strip()}") from None
+        _check_frame(head, csv_path)
 
 
 def _check_frame(frame: pd.DataFrame, csv_path: str) -> None:

@@ -37,8 +37,8 @@ from zvl_ds.base.atomic_write import atomic_path, write_text_atomic
 from zvl_ds.base.checksums import file_sha256
 from zvl_ds.data.failures import (CORRUPT_IMAGE, EMPTY_FILE, INVALID_UTF8, MISSING_FILE, NO_VALID_CAPTION, NOT_AN_IMAGE,
                                   OTHER_ERROR, TOO_MANY_PIXELS, FailureCounter, SampleSkipped)
-from zvl_ds.data.writing.annotations import (ImageEntry, InputError, SplitSource, check_csv, has_undecodable_bytes,
-                                             read_annotations)
+from zvl_ds.data.writing.annotations import (Annotations, ImageEntry, InputError, SplitSource, check_csv,
+                                             has_undecodable_bytes, read_annotations)
 from zvl_ds.data.writing.images import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, RESAMPLING, ConvertedImage,
                                         convert_image, pixel_limit, read_image_file)
 
@@ -112,6 +112,20 @@ class ShardTask:
     @property
     def stats_path(self) -> str:
         return os.path.join(self.out_dir, self.name + "_stats.json")
+
+    def input_hash(self) -> str:
+        return shard_input_hash(self)
+
+    def image_bytes(self, position: int, entry: ImageEntry) -> bytes:
+        """The image file of the entry at ``position`` of the shard; raises SampleSkipped."""
+        if has_undecodable_bytes(entry.image):
+            raise SampleSkipped(INVALID_UTF8, "file name is not valid UTF-8")
+        if not entry.captions:
+            raise SampleSkipped(NO_VALID_CAPTION, "no valid caption left")
+        if not entry.image:
+            raise SampleSkipped(MISSING_FILE, "empty file name")
+        return read_image_file(os.path.join(self.source.images_dir, entry.image), self.source.images_dir,
+                               self.settings.max_file_mb << 20, self.settings.allow_outside_images)
 
 
 @dataclass
@@ -253,23 +267,10 @@ def write_json_atomic(path: str, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", TEMP_SUFFIX)
 
 
-def _convert_entry(task: ShardTask, entry: ImageEntry) -> ConvertedImage:
-    if has_undecodable_bytes(entry.image):
-        raise SampleSkipped(INVALID_UTF8, "file name is not valid UTF-8")
-    if not entry.captions:
-        raise SampleSkipped(NO_VALID_CAPTION, "no valid caption left")
-    if not entry.image:
-        raise SampleSkipped(MISSING_FILE, "empty file name")
-    settings = task.settings
-    data = read_image_file(os.path.join(task.source.images_dir, entry.image), task.source.images_dir,
-                           settings.max_file_mb << 20, settings.allow_outside_images)
-    return convert_image(data, task.settings)
-
-
 def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) -> ShardResult:
     """Write ``task.tar_path`` (via a temporary name, then rename) and its stats json; returns the counts."""
     start = time.time()
-    input_hash = shard_input_hash(task)
+    input_hash = task.input_hash()
     failures = FailureCounter()
     successes = captions = 0
     with atomic_path(task.tar_path, TEMP_SUFFIX) as temp_path, pixel_limit(task.settings.max_pixels), \
@@ -277,7 +278,7 @@ def write_shard(task: ShardTask, on_image: Optional[Callable[[], None]] = None) 
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
             for position, entry in enumerate(task.entries):
                 try:
-                    converted = _convert_entry(task, entry)
+                    converted = convert_image(task.image_bytes(position, entry), task.settings)
                 except SampleSkipped as skip:
                     failures.add(skip.reason, f"{entry.image} (data row {entry.row}): {skip}")
                 else:
@@ -328,7 +329,7 @@ def completed_shard(task: ShardTask) -> Optional[ShardResult]:
         with open(task.stats_path, encoding="utf-8") as handle:
             stats = json.load(handle)
         tar_stats = stats["tar"]
-        if stats.get("input_hash") != shard_input_hash(task):
+        if stats.get("input_hash") != task.input_hash():
             return None
         if os.path.getsize(task.tar_path) != tar_stats["bytes"]:
             return None
@@ -446,6 +447,12 @@ def convert_split(source: SplitSource, out_root: str, settings: ShardSettings, w
     annotations = read_annotations(source.csv_path, settings.allow_outside_images)
     out_dir = os.path.join(out_root, source.dataset)
     tasks = make_tasks(source, annotations.entries, out_dir, settings)
+    return write_split(source, annotations, tasks, out_dir, workers, policy, progress, start)
+
+
+def write_split(source: SplitSource, annotations: Annotations, tasks: Sequence[ShardTask], out_dir: str, workers: int,
+                policy: ExistingPolicy, progress: bool, start: float) -> SplitReport:
+    """Write (or, under --resume, keep) the shards of ``tasks``, then sizes.json and the split's stats."""
     notes = _prepare_output(out_dir, source.split, len(tasks), policy)
     results: Dict[int, ShardResult] = {}
     if policy == "resume":
