@@ -22,5 +22,5 @@ from zvl_ds.config.transforms_section import CaptionAugConfig, CaptionTextConfig
 
 __all__ = ["CaptionAugConfig", "CaptionTextConfig", "Config", "ConfigError", "DataConfig", "DatasetSource",
            "EmaConfig", "ImageEncoderConfig", "LoraOptions", "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig",
-           "OptimConfig", "README_TABLES", "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig", "TransformsConfig",
-           "check_world_size", "config_from_dict", "is_remote_location", "load_config"]
+           "OptimConfig", "README_TABLES", "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig",
+           "TransformsConfig", "check_world_size", "config_from_dict", "is_remote_location", "load_config"]

@@ -1,5 +1,5 @@
-"""LoRA adapters on the towers through Hugging Face ``peft`` (``model.image_encoder.lora`` / ``model.text_encoder.lora``;
-the optional ``peft`` extra, imported only when a tower has adapters).
+"""LoRA adapters on the towers through Hugging Face ``peft`` (``model.image_encoder.lora`` /
+``model.text_encoder.lora``; the optional ``peft`` extra, imported only when a tower has adapters).
 
 peft injects its LoRA layers into a tower in place (``peft.inject_adapter_in_model``): each target module becomes a
 peft layer that keeps the original module as ``base_layer`` and adds ``lora_A`` / ``lora_B``, so its parameter names
