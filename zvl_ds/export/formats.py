@@ -59,6 +59,12 @@ def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_ch
     cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema, initialise=initialise_from_config)
     tokenizer = load_tokenizer(cfg.model.text_encoder)
     source = {"run_dir": os.path.abspath(run_dir), "tag": tag, "weights": "ema" if ema else "trained"}
+    return write_folder(out_dir, cfg, model, tokenizer, source, folder_format, adapters_only)
+
+
+def write_folder(out_dir: str, cfg, model, tokenizer, source: Dict[str, str], folder_format: str = DEFAULT_FORMAT,
+                 adapters_only: bool = False) -> str:
+    """Write a consolidated model in ``folder_format``: with its adapters merged (in place), or its adapters alone."""
     if adapters_only:
         return write_adapters_folder(out_dir, cfg, model, tokenizer, source)
     if has_adapters(model):
