@@ -62,6 +62,9 @@ def _base_for_peft(cfg: Config, model) -> Tuple[nn.Module, Dict[str, str]]:
 
 
 def _renamed(name: str, prefixes: Dict[str, str]) -> str:
+    """A parameter or module name of ours as the base peft wraps names it."""
+    if f"{name}." in prefixes:  # a whole module the prefix names (a projection)
+        return prefixes[f"{name}."][:-1]
     for ours, theirs in prefixes.items():
         if name.startswith(ours):
             return theirs + name[len(ours):]
@@ -74,14 +77,14 @@ def _modules_to_save(model: nn.Module, trained: List[str]) -> List[str]:
     for module_name in modules:
         module = model.get_submodule(module_name)
         example = next(name for name in trained if name.rpartition(".")[0] == module_name)
-        if ".base_layer" in f".{module_name}" or any(is_adapter_parameter(n) for n, _ in module.named_parameters()):
-            raise ExportError(f"--adapters-only: {example} is trained and belongs to an adapted module, which peft's "
-                              "adapter layout cannot carry; export the merged model (without --adapters-only)")
         if module_name in ("", *(tower for tower, _ in TOWERS)):
             raise ExportError(f"--adapters-only: {example} is trained and is a parameter of the whole "
                               f"{module_name or 'model'} (not of one of its modules), which peft's modules_to_save "
                               "cannot carry; export the merged model, or freeze it (e.g. "
                               "model.projection.*_projector_trainable=false)")
+        if ".base_layer" in f".{module_name}" or any(is_adapter_parameter(n) for n, _ in module.named_parameters()):
+            raise ExportError(f"--adapters-only: {example} is trained and belongs to an adapted module, which peft's "
+                              "adapter layout cannot carry; export the merged model (without --adapters-only)")
         frozen = [name for name, p in module.named_parameters(recurse=False) if not p.requires_grad]
         if frozen:
             raise ExportError(f"--adapters-only: {module_name} is partly trained ({frozen[0]} is frozen); peft's "
