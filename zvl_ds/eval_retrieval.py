@@ -26,6 +26,7 @@ from zvl_ds.data import DataSourceError, load_tokenizer
 from zvl_ds.evaluation.metrics import chance_metrics
 from zvl_ds.evaluation.retrieval import evaluate_with_examples
 from zvl_ds.model.inference import ExportError, Preprocessing, is_model_folder, load_model
+from zvl_ds.model.init_weights import initialise_from_config
 from zvl_ds.model.saved_run import load_run
 from zvl_ds.observe.logs import setup_logging
 from zvl_ds.runtime import dist
@@ -64,7 +65,8 @@ def load_for_evaluation(args) -> Tuple[Config, object, object]:
         cfg.loss.temperature = exported.config.loss.temperature
         exported.preprocessing.apply_to(cfg)
         return cfg, exported.model, exported.tokenizer
-    run_cfg, model, _ = load_run(args.model, args.tag, args.trust_checkpoint)
+    run_cfg, model, _ = load_run(args.model, args.tag, args.trust_checkpoint,
+                                   initialise=initialise_from_config)
     cfg_path = args.cfg or os.path.join(args.model, "config.yaml")
     cfg = load_config(cfg_path, args.overrides)
     cfg.model = run_cfg.model

@@ -24,6 +24,7 @@ from zvl_ds.data.failures import DataLossError
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
 from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
+from zvl_ds.model.adapters import ADAPTER_BASE_FILE, base_change, base_identity, has_adapters
 from zvl_ds.model.build import build_model
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
@@ -36,8 +37,8 @@ from zvl_ds.observe.records import drop_rows_after
 from zvl_ds.observe.wandb_sink import sinks_for
 from zvl_ds.runtime import dist
 from zvl_ds.runtime.checkpoint import (CheckpointError, capture_rng_state, convert_to_universal, find_resume_point,
-                                       gather_failures, load_checkpoint, needs_universal_conversion, read_latest,
-                                       restore_rng_state, save_checkpoint, written_folder)
+                                       gather_failures, load_checkpoint, needs_universal_conversion, read_json_file,
+                                       read_latest, restore_rng_state, save_checkpoint, written_folder)
 from zvl_ds.runtime.ema import EmaFileError, build_ema
 from zvl_ds.runtime.engine import Placement, initialize_engine, set_learning_rate, zero_stage
 from zvl_ds.runtime.optim import build_optimizer
@@ -81,9 +82,14 @@ class Trainer:
         self.resume_point = (None if evaluating_finetuned else
                              find_resume_point(self.run_dir, cfg.resume_ckpt_path, cfg.ckpt.auto_resume))
         self._refuse_code_in_checkpoint()
-        # whole-model weights only for a fresh start (a resumed run restores its own checkpoint), and before
-        # DeepSpeed wraps (and at ZeRO-3 partitions) the parameters
-        self.init_report = None if self.resume_point else initialise_from_config(model, cfg)
+        # whole-model weights only for a fresh start (a resumed run restores its own checkpoint; one with adapters
+        # only its trainable tensors, so it loads its frozen base again), and before DeepSpeed wraps (and at ZeRO-3
+        # partitions) the parameters
+        self.adapters = has_adapters(model)
+        self.init_report = (None if self.resume_point and not self.adapters
+                            else initialise_from_config(model, cfg))
+        self.base_identity = base_identity(cfg.model, model) if self.adapters else None
+        self._refuse_changed_base()
         model = compile_towers(model, cfg.model.compile)
         if self.resume_point and needs_universal_conversion(self.resume_point, self.world_size, self.zero_stage):
             self.resume_point = convert_to_universal(self.resume_point)
@@ -102,13 +108,19 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
                                sinks_for(cfg, self.run_dir, self.resume_point is not None)
                                if dist.is_main_process() else ())
-        if self.resume_point and selected_source(cfg):
+        if self.resume_point and selected_source(cfg) and not self.adapters:
             self.monitor.console(f"{selected_source(cfg)[0]} is not loaded: the run resumes from its checkpoint "
                                  f"{os.path.join(self.resume_point.run_dir, self.resume_point.tag)}")
         self.timer = PhaseTimer(placement.device)
         self.step = 0
         self.skips = SkipPolicy(cfg.runner.max_skipped_steps)
         self.last_saved_step: Optional[int] = None
+        for tower, names in getattr(self.engine.module, "adapted_modules", {}).items():
+            self.monitor.console(f"{tower}: LoRA adapters on {len(names)} modules")
+        if self.adapters:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.monitor.console(f"{trainable} trainable parameters of {sum(p.numel() for p in model.parameters())};"
+                                 " checkpoints hold the trainable tensors only")
         for tower, lock in getattr(self.engine.module, "tower_locks", {}).items():
             self.monitor.console(f"{tower}: the last {lock.unlocked} of {lock.groups} groups of blocks train, "
                                  f"{len(lock.frozen_parameters)} parameter tensors frozen")
@@ -123,6 +135,24 @@ class Trainer:
         if point is not None and not self.cfg.ckpt.trust_checkpoint:
             check_checkpoint_folder(os.path.join(point.run_dir, point.tag), CheckpointError,
                                     "set ckpt.trust_checkpoint=true")
+
+    def _refuse_changed_base(self) -> None:
+        """A run with adapters resumes only onto the frozen base its checkpoint was trained on."""
+        point = self.resume_point
+        if point is None:
+            return
+        saved = read_json_file(point, ADAPTER_BASE_FILE)
+        folder = os.path.join(point.run_dir, point.tag)
+        if saved is None and self.adapters:
+            raise CheckpointError(f"cannot resume {folder} with model.*.lora: it was written without adapters (it "
+                                  "has no adapter_base.json); start a new run (another data.exp_name)")
+        if saved is not None and not self.adapters:
+            raise CheckpointError(f"cannot resume {folder} without adapters: it holds LoRA adapters and their "
+                                  "trainable tensors only; resume with the model.*.lora keys it was trained with")
+        change = base_change(saved, self.base_identity) if saved is not None else None
+        if change:
+            raise CheckpointError(f"cannot resume {folder}: {change}. Resume with the base it was trained on, or "
+                                  "start a new run (another data.exp_name)")
 
     # ------------------------------------------------------------------ pieces the loop uses
 
@@ -165,7 +195,9 @@ class Trainer:
         rank_state = {"step": self.step, "loader": self.loader.state_dict(), "rng": capture_rng_state()}
         tag = save_checkpoint(self.engine, self.run_dir, self.step, self._shared_state(), rank_state,
                               self.cfg.to_yaml(), self.cfg.ckpt.keep_last,
-                              self.ema.checkpoint_files() if self.ema else None)
+                              self.ema.checkpoint_files() if self.ema else None,
+                              json_files={ADAPTER_BASE_FILE: self.base_identity} if self.adapters else None,
+                              trainable_only=self.adapters)
         self.last_saved_step = self.step
         self.monitor.console(f"saved checkpoint {os.path.join(self.run_dir, tag)}")
 
@@ -173,7 +205,7 @@ class Trainer:
         point = self.resume_point
         if point is None:
             return
-        shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage)
+        shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage, trainable_only=self.adapters)
         if self.ema is not None:
             try:
                 self.ema.restore(written_folder(point))

@@ -80,8 +80,11 @@ def test_every_console_script_is_zvl_dash_its_module_and_runs_it_through_cli():
 
 
 def test_inference_imports_no_deepspeed_and_no_training_code():
-    # a fresh interpreter: this one has imported everything already
-    code = "import sys, json, zvl_ds.model.inference; print(json.dumps(sorted(sys.modules)))"
+    # a fresh interpreter: this one has imported everything already. It also builds a model without adapters, which
+    # must not import the optional peft (zvl_ds.model.adapters imports it only for a tower with lora)
+    code = ("import sys, json, zvl_ds.model.inference; from zvl_ds.config import load_config; "
+            "from zvl_ds.model.build import build_model; cfg = load_config(None, ['model.arch=tiny']); "
+            "build_model(cfg.model, cfg.loss); print(json.dumps(sorted(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -89,6 +92,7 @@ def test_inference_imports_no_deepspeed_and_no_training_code():
     training = {"deepspeed", "zvl_ds.objective.step", "zvl_ds.runtime.engine", "zvl_ds.runtime.checkpoint",
                 "zvl_ds.model.saved_run", "zvl_ds.runtime.optim", "zvl_ds.train", "zvl_ds.observe.monitor"}
     assert sorted(training & loaded) == []
+    assert "peft" not in loaded
 
 
 @pytest.mark.parametrize("name", ["load_model", "ZvlModel"])

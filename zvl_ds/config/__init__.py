@@ -13,7 +13,7 @@ The names below are what the rest of zvl_ds imports from here.
 from zvl_ds.config.data_section import DataConfig, DatasetSource
 from zvl_ds.config.load import config_from_dict, load_config
 from zvl_ds.config.loss_section import LossConfig, SigmoidConfig, TemperatureConfig
-from zvl_ds.config.model_section import (EmaConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig,
+from zvl_ds.config.model_section import (EmaConfig, ImageEncoderConfig, LoraOptions, ModelConfig, TextEncoderConfig,
                                          is_remote_location)
 from zvl_ds.config.optim_section import LRConfig, OptimConfig
 from zvl_ds.config.reference import README_TABLES
@@ -21,6 +21,6 @@ from zvl_ds.config.schema import Config, ConfigError, check_world_size
 from zvl_ds.config.transforms_section import CaptionAugConfig, CaptionTextConfig, NormalizeConfig, TransformsConfig
 
 __all__ = ["CaptionAugConfig", "CaptionTextConfig", "Config", "ConfigError", "DataConfig", "DatasetSource",
-           "EmaConfig", "ImageEncoderConfig", "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig", "OptimConfig",
-           "README_TABLES", "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig", "TransformsConfig",
-           "check_world_size", "config_from_dict", "is_remote_location", "load_config"]
+           "EmaConfig", "ImageEncoderConfig", "LoraOptions", "LossConfig", "LRConfig", "ModelConfig", "NormalizeConfig",
+           "OptimConfig", "README_TABLES", "SigmoidConfig", "TemperatureConfig", "TextEncoderConfig",
+           "TransformsConfig", "check_world_size", "config_from_dict", "is_remote_location", "load_config"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from zvl_ds.base.errors import ConfigError
 from zvl_ds.config.keys import code_loading_key
@@ -22,6 +22,45 @@ class VitOptions:
     """For a tower that returns a token sequence (timm `global_pool: ''`): `true` takes token 0, `false` the mean of
     the tokens. Towers that pool themselves are not affected.
     """
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters on one tower, through Hugging Face ``peft`` (the optional ``peft`` extra); docs/fine-tuning.md."""
+
+    r: int = 0
+    """LoRA rank: each adapted module gains trainable matrices of rank `r` beside its frozen weight (Hugging Face
+    `peft`, the optional extra `pip install -e .[peft]`); the rest of the tower is frozen unless `unlocked_groups` /
+    `unlocked_layers` unlock it. `0`: no adapters.
+    """
+    alpha: Optional[float] = None
+    """LoRA scale numerator: the adapters' output is multiplied by `alpha / r`. `null`: `2 * r` (scale 2)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input in training, in [0, 1); replayed exactly by DGA's second pass."""
+    target_modules: Optional[List[str]] = None
+    """The modules that get adapters, by name or dotted name suffix (peft's `target_modules`), e.g. `[q_proj,
+    v_proj]`. `null`: the tower's default list (docs/fine-tuning.md). A name no module of the tower has is an error
+    listing the names that would match.
+    """
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    @property
+    def scale_numerator(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+    def check(self, where: str) -> None:
+        if self.r < 0:
+            raise ConfigError(f"{where}.lora.r: a rank >= 1 (0: no adapters), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.lora.dropout: a probability in [0, 1), got {self.dropout}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"{where}.lora.alpha: must be > 0 (or null: 2 * r), got {self.alpha}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError(f"{where}.lora.target_modules: an empty list adapts nothing; name modules or give "
+                              "null (the tower's default list)")
 
 
 @dataclass
@@ -58,13 +97,14 @@ class ImageEncoderConfig:
     """
     freeze_bn_stats: bool = False
     """With `unlocked_groups`: BatchNorm layers in the frozen groups keep their running statistics (eval mode), as
-    OpenCLIP's `--lock-image-freeze-bn-stats`.
+    OpenCLIP's `--lock-image-freeze-bn-stats`; with `lora`: those of the frozen base.
     """
     patch_dropout: float = 0.0
     """Patch dropout (FLIP; OpenCLIP's `--force-patch-dropout`): in training only, each image keeps a random
     `1 - share` of its patch tokens (the class token always stays); a share in [0, 1), 0 = off. Needs a timm ViT tower.
     Exact under `clip_bsgs`: DGA's recomputation drops the same patches as its first pass.
     """
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
 
 @dataclass
@@ -113,6 +153,7 @@ class TextEncoderConfig:
     """With `unlocked_layers`: freeze the LayerNorms of the frozen groups too (OpenCLIP's
     `--lock-text-freeze-layer-norm`); `false`, as OpenCLIP's default: they stay trainable.
     """
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
 
 @dataclass
@@ -286,9 +327,15 @@ class ModelConfig:
             if unlocked is not None and not tower.trainable:
                 raise ConfigError(f"{where}.{count_key}={unlocked} with {where}.trainable=false: a frozen tower has "
                                   f"nothing to unlock; give one of the two")
-            if getattr(tower, norm_key) and unlocked is None:
+            # freeze_bn_stats also acts on the frozen base of a tower with adapters
+            if getattr(tower, norm_key) and unlocked is None and not (norm_key == "freeze_bn_stats"
+                                                                      and tower.lora.enabled):
                 raise ConfigError(f"{where}.{norm_key}=true acts on the groups {where}.{count_key} freezes; set "
                                   f"{where}.{count_key} too")
+            tower.lora.check(where)
+            if tower.lora.enabled and not tower.trainable:
+                raise ConfigError(f"{where}.lora.r={tower.lora.r} with {where}.trainable=false: a frozen tower "
+                                  "trains no adapters; give one of the two")
         share = self.image_encoder.patch_dropout
         if not 0.0 <= share < 1.0:
             raise ConfigError(f"model.image_encoder.patch_dropout: a share of patches in [0, 1), got {share}")

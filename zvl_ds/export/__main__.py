@@ -5,11 +5,14 @@ Examples:
   python -m zvl_ds.export output/demo --tag step_00000100 --out exported/demo_step100
   python -m zvl_ds.export output/demo --format open_clip --out exported/demo_open_clip
   python -m zvl_ds.export output/demo --ema --out exported/demo_ema
+  python -m zvl_ds.export output/demo_lora --adapters-only --out exported/demo_lora_adapters
 
 Writes MODEL_DIR/model.safetensors (fp32, consolidated from any ZeRO stage), model_config.json,
 preprocess.json and tokenizer/. --format open_clip writes a folder open_clip loads as local-dir:MODEL_DIR
 (open_clip_config.json, open_clip_model.safetensors, the tokenizer, image_tower/ and text_tower/ configs); a model
-open_clip cannot describe is refused. Exit codes: 0 done; 2 bad input (message, no traceback).
+open_clip cannot describe is refused. A run with LoRA adapters (model.*.lora) is written merged in every format;
+--adapters-only writes the adapters alone in peft's layout (adapter_config.json, adapter_model.safetensors).
+Exit codes: 0 done; 2 bad input (message, no traceback).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the folder to write (default {DEFAULT_FORMAT}: the folder zvl_ds.load_model reads)")
     parser.add_argument("--ema", action="store_true",
                         help="export the model EMA (model.ema.decay) of the checkpoint instead of its trained weights")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="a run with LoRA adapters: write the adapters alone in peft's layout "
+                             "(adapter_config.json, adapter_model.safetensors) instead of the merged model")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="skip the weights-only check of DeepSpeed's checkpoint files (your own runs only)")
     return parser
@@ -42,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.adapters_only and args.folder_format != DEFAULT_FORMAT:
+        print(f"error: --adapters-only writes peft's adapter layout; it takes no --format {args.folder_format}",
+              file=sys.stderr)
+        return 2
     try:
         out = export_model(args.run_dir, args.out, args.tag, args.trust_checkpoint, args.folder_format,
-                           args.ema)
+                           args.ema, args.adapters_only)
     except (ExportError, FileNotFoundError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,11 +19,14 @@ import os
 from typing import Callable, Dict, Optional
 
 from zvl_ds.data import load_tokenizer
+from zvl_ds.export.adapters_folder import without_adapters, write_adapters_folder
 from zvl_ds.export.hf_folder import write_hf_folder
 from zvl_ds.export.model_folder import write_model_folder
 from zvl_ds.export.open_clip_folder import write_open_clip_folder
 from zvl_ds.export.open_clip_sourced import write_open_clip_sourced_folder
+from zvl_ds.model.adapters import has_adapters, merge_adapters
 from zvl_ds.model.inference import ExportError
+from zvl_ds.model.init_weights import initialise_from_config
 from zvl_ds.model.saved_run import load_run
 
 FolderWriter = Callable[..., str]
@@ -45,12 +48,26 @@ DEFAULT_FORMAT = "zvl_ds"
 
 
 def export_model(run_dir: str, out_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
-                 folder_format: str = "zvl_ds", ema: bool = False) -> str:
+                 folder_format: str = "zvl_ds", ema: bool = False, adapters_only: bool = False) -> str:
     """Consolidate ``RUN_DIR``'s checkpoint (``tag`` or the latest) into a model folder ``out_dir`` in
-    ``folder_format`` (``export.formats.FORMATS``); ``ema``: its model EMA instead of the trained weights."""
+    ``folder_format`` (``export.formats.FORMATS``); ``ema``: its model EMA instead of the trained weights.
+
+    A run with LoRA adapters is written merged (each adapter folded into its base weight: a model without adapters,
+    in any format), or with ``adapters_only`` as the adapters alone in peft's layout (``export.adapters_folder``)."""
     if folder_format not in FORMATS:
         raise ExportError(f"unknown export format {folder_format!r}; choose one of {sorted(FORMATS)}")
-    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema)
+    cfg, model, tag = load_run(run_dir, tag, trust_checkpoint, ema, initialise=initialise_from_config)
     tokenizer = load_tokenizer(cfg.model.text_encoder)
-    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, {"run_dir": os.path.abspath(run_dir), "tag": tag,
-                                                                  "weights": "ema" if ema else "trained"})
+    source = {"run_dir": os.path.abspath(run_dir), "tag": tag, "weights": "ema" if ema else "trained"}
+    return write_folder(out_dir, cfg, model, tokenizer, source, folder_format, adapters_only)
+
+
+def write_folder(out_dir: str, cfg, model, tokenizer, source: Dict[str, str], folder_format: str = DEFAULT_FORMAT,
+                 adapters_only: bool = False) -> str:
+    """Write a consolidated model in ``folder_format``: with its adapters merged (in place), or its adapters alone."""
+    if adapters_only:
+        return write_adapters_folder(out_dir, cfg, model, tokenizer, source)
+    if has_adapters(model):
+        merge_adapters(model)
+        cfg = without_adapters(cfg)
+    return FORMATS[folder_format](out_dir, cfg, model, tokenizer, source)

@@ -23,12 +23,16 @@ from zvl_ds.model.inference import ExportError, as_shapes_of, load_state_strict
 HF_ARCHS = ("hf_clip", "hf_siglip")
 
 
+def library_prefixes(arch: str) -> Dict[str, str]:
+    """{our name prefix: the ``CLIPModel`` / ``SiglipModel`` one} for the towers and projections."""
+    return {"image_tower.": "vision_model.", "text_tower.": "text_model.", "image_projection.": "visual_projection.",
+            "text_projection.": "text_projection." if arch == "hf_clip" else "text_model.head."}
+
+
 def library_state_dict(model, arch: str) -> Dict[str, torch.Tensor]:
     """Our state dict under the names of ``CLIPModel`` / ``SiglipModel``."""
     state: Dict[str, torch.Tensor] = {}
-    renames = {"image_tower.": "vision_model.", "text_tower.": "text_model.",
-               "image_projection.": "visual_projection.",
-               "text_projection.": "text_projection." if arch == "hf_clip" else "text_model.head."}
+    renames = library_prefixes(arch)
     for key, value in model.state_dict().items():
         prefix = next((p for p in renames if key.startswith(p)), None)
         if prefix is not None:

@@ -1,7 +1,8 @@
 """``build_model``: the one place a config becomes a dual encoder, built from tower configs (``towers``) or from
 another library's whole model (``sources``: ``hf_clip``, ``open_clip_towers``).
 
-Building imports no optional library: ``open_clip`` is imported when an ``open_clip`` source is built.
+Building imports no optional library: ``open_clip`` is imported when an ``open_clip`` source is built, ``peft`` when
+a tower has LoRA adapters (``adapters``: added last, after partial locking).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from zvl_ds.config import ConfigError, LossConfig, ModelConfig
 from zvl_ds.config.presets import SOURCE_ARCHS
+from zvl_ds.model.adapters import apply_adapters
 from zvl_ds.model.dual_encoder import DualEncoder
 from zvl_ds.model.hf_clip import build_hf_parts
 from zvl_ds.model.locking import lock_towers
@@ -25,7 +27,16 @@ logger = logging.getLogger(__name__)
 def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
     """The dual encoder a config describes (``model.arch`` presets are already merged by zvl_ds.config)."""
     if model_cfg.arch in SOURCE_ARCHS:  # another library's whole model: zvl_ds.model.sources
-        return build_sourced_model(model_cfg, loss_cfg)
+        model = build_sourced_model(model_cfg, loss_cfg)
+    else:
+        model = build_tower_model(model_cfg, loss_cfg)
+    model.tower_locks = lock_towers(model, model_cfg)
+    apply_adapters(model, model_cfg)
+    return model
+
+
+def build_tower_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
+    """The dual encoder of tower configs: a timm image tower and a Hugging Face text tower."""
     image_cfg, text_cfg, proj_cfg = model_cfg.image_encoder, model_cfg.text_encoder, model_cfg.projection
     image_tower, image_width, report = build_image_tower(image_cfg)
     set_image_attention(image_tower, model_cfg.attention)
@@ -41,7 +52,6 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> DualEncoder:
                         image_trainable=image_cfg.trainable, text_trainable=text_cfg.trainable,
                         sigmoid=loss_cfg.sigmoid if loss_cfg.name == "SigLIP" else None)
     model.image_weights_report = report
-    model.tower_locks = lock_towers(model, model_cfg)
     return model
 
 

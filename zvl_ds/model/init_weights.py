@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from zvl_ds.base.errors import UserError
 from zvl_ds.config import Config, is_remote_location
+from zvl_ds.model.adapters import base_names, is_adapter_parameter, merge_adapters
 from zvl_ds.model.inference import WEIGHTS_FILE, ExportError
 from zvl_ds.model.saved_run import load_run
 from zvl_ds.model.weights_files import read_state_dict
@@ -104,16 +105,19 @@ def _consolidate(run_dir: str, tag: Optional[str], config_key: str, trust_checkp
     """A run's checkpoint as fp32 tensors: the run's own model rebuilt from its config.yaml and loaded strictly
     (``zvl_ds.model.saved_run.load_run``), then read back by name."""
     try:
-        _, model, _ = load_run(run_dir, tag, trust_checkpoint)
+        _, model, _ = load_run(run_dir, tag, trust_checkpoint, initialise=initialise_from_config)
     except ExportError as error:
         raise InitWeightsError(f"{config_key}: {error}") from None
+    merge_adapters(model)  # a run trained with adapters: its weights as one model (names without adapters)
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
 def load_whole_model(model: nn.Module, state: Dict[str, Tensor], config_key: str, source: str) -> InitReport:
     """Copy ``state`` into ``model`` by name after checking shapes; report what did not match (see the module
-    docstring for what is an error and what is allowed)."""
-    own = model.state_dict()
+    docstring for what is an error and what is allowed). A model with adapters takes each adapted module's weights
+    into its base layer; the adapters themselves keep their initialisation."""
+    state = base_names(state, model)
+    own = {key: value for key, value in model.state_dict().items() if not is_adapter_parameter(key)}
     wrong = [f"{key}: {tuple(state[key].shape)} in the source, {tuple(value.shape)} in the model"
              for key, value in own.items() if key in state and state[key].shape != value.shape]
     if wrong:

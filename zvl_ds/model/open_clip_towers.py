@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from torch import nn
 
@@ -77,4 +77,11 @@ def build_open_clip_parts(model_cfg: ModelConfig) -> SourceParts:
     return SourceParts(library=OPEN_CLIP, image_tower=model.visual, text_tower=model.text,
                        image_projection=nn.Identity(), text_projection=nn.Identity(),
                        logit_scale=float(model.logit_scale.detach().reshape(-1)[0]), logit_bias=bias,
-                       source_config=copy.deepcopy(source.model_cfg))
+                       source_config=copy.deepcopy(source.model_cfg),
+                       tower_projections={"image_tower": _projection_names(model.visual, "proj"),
+                                          "text_tower": _projection_names(model.text, "text_projection")})
+
+
+def _projection_names(tower: nn.Module, attribute: str) -> List[str]:
+    """The parameters of a tower's own projection (a parameter, or a Linear in some configs); none without one."""
+    return [name for name, _ in tower.named_parameters() if name == attribute or name.startswith(f"{attribute}.")]

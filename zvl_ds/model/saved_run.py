@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from zvl_ds.config import Config, ConfigError, load_config
+from zvl_ds.model.adapters import ADAPTER_BASE_FILE, adapters_configured, base_change, base_identity
 from zvl_ds.model.build import build_model
 from zvl_ds.model.dual_encoder import DualEncoder
 from zvl_ds.model.inference import ExportError, load_state_strict, offline_model_config
@@ -186,18 +188,74 @@ def ema_state_dict(run_dir: str, tag: str, state: Dict[str, Tensor]) -> Dict[str
     return {**state, **average}
 
 
-def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False, ema: bool = False
-             ) -> Tuple[Config, DualEncoder, str]:
+Initialiser = Callable[[nn.Module, Config], object]
+
+
+def load_run(run_dir: str, tag: Optional[str] = None, trust_checkpoint: bool = False, ema: bool = False,
+             initialise: Optional[Initialiser] = None) -> Tuple[Config, DualEncoder, str]:
     """Rebuild a run's model on CPU in fp32 with its checkpoint's weights: (config, model in eval mode, tag).
 
     The towers are built without pretrained weights (the checkpoint replaces every tensor). ``ema``: the weights
-    are the checkpoint's model EMA (the trainable parameters' averages; everything else as trained).
+    are the checkpoint's model EMA (the trainable parameters' averages; everything else as trained). A run with
+    adapters (``model.*.lora``) saved its trainable tensors only: its frozen base is built again from the config,
+    with the whole-model weights ``initialise`` loads (``zvl_ds.model.init_weights.initialise_from_config``) when the
+    run started from them, and must be the one the checkpoint records (``adapter_base.json``); the model keeps its
+    adapters unmerged (``zvl_ds.model.adapters.merge_adapters`` folds them in).
     """
     tag = resolve_tag(run_dir, tag)
     cfg = run_config(run_dir, tag)
-    model = build_model(offline_model_config(cfg), cfg.loss)
+    if adapters_configured(cfg.model):
+        model = _adapter_run_base(run_dir, tag, cfg, initialise)
+    else:
+        model = build_model(offline_model_config(cfg), cfg.loss)
     state = consolidate_state_dict(run_dir, tag, model, cfg, trust_checkpoint)
     if ema:
         state = ema_state_dict(run_dir, tag, state)
-    load_state_strict(model, state, os.path.join(run_dir, tag))
+    if adapters_configured(cfg.model):
+        load_trainable(model, state, os.path.join(run_dir, tag))
+    else:
+        load_state_strict(model, state, os.path.join(run_dir, tag))
     return cfg, model.eval(), tag
+
+
+def _adapter_run_base(run_dir: str, tag: str, cfg: Config, initialise: Optional[Initialiser]) -> DualEncoder:
+    """The model of a run with adapters, its frozen base as the run built it (checked against the checkpoint)."""
+    folder = os.path.join(run_dir, tag)
+    path = os.path.join(folder, ADAPTER_BASE_FILE)
+    if not os.path.isfile(path):
+        raise ExportError(f"{folder} has no {ADAPTER_BASE_FILE}, but its config has model.*.lora adapters: the "
+                          "checkpoint does not say which frozen base its adapters belong to")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (ValueError, RecursionError) as error:
+        raise ExportError(f"{path} is not valid JSON: {error}") from None
+    torch.manual_seed(cfg.seed)  # a base with random parts (pretrained: false) is the run's seeded one
+    try:
+        model = build_model(cfg.model, cfg.loss)
+        if cfg.model.load_pretrained or cfg.model.load_finetuned:
+            if initialise is None:
+                raise ExportError(f"{folder}: the run's frozen base comes from model.pretrained / "
+                                  "model.finetuned, which this reader does not load")
+            initialise(model, cfg)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{folder}: cannot build the frozen base its adapters were trained on: {error}") from None
+    change = base_change(saved, base_identity(cfg.model, model))
+    if change:
+        raise ExportError(f"{folder}: {change}")
+    return model
+
+
+def load_trainable(model: nn.Module, state: Dict[str, Tensor], source: str) -> None:
+    """A small checkpoint's tensors (every trainable parameter and buffer, no frozen parameter) into ``model``."""
+    own = model.state_dict()
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in own if k not in state and k not in frozen]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ExportError(f"{source} does not match the model its config describes: {len(missing)} missing "
+                          f"trainable tensor(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ExportError(f"{source}: tensor shapes differ from the model: {'; '.join(wrong[:5])}")
+    model.load_state_dict(state, strict=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class SourceParts:
     logit_bias: Optional[float]  # sigmoid models only
     source_config: Dict[str, Any] = field(default_factory=dict)  # what rebuilds the towers (exports record it)
     text_uses_mask: bool = True  # False: the tower reads every token, pads included (SigLIP, as it was trained)
+    # projections that are parameters of the towers themselves (OpenCLIP's visual.proj, text.text_projection), by
+    # tower attribute: model.projection.*_projector_trainable act on them
+    tower_projections: Dict[str, List[str]] = field(default_factory=dict)
 
 
 class LibraryDualEncoder(DualEncoder):
@@ -48,6 +51,7 @@ class LibraryDualEncoder(DualEncoder):
         self.library = parts.library
         self.source_config = parts.source_config
         self.text_uses_mask = parts.text_uses_mask
+        self.tower_projections = parts.tower_projections
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.library == TRANSFORMERS:

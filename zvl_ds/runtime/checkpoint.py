@@ -111,10 +111,14 @@ def rank_file(rank: int) -> str:
 
 
 def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any], rank_state: Dict[str, Any],
-                    config_yaml: str, keep_last: int, extra_files: Optional[Dict[str, Any]] = None) -> str:
+                    config_yaml: str, keep_last: int, extra_files: Optional[Dict[str, Any]] = None,
+                    json_files: Optional[Dict[str, Any]] = None, trainable_only: bool = False) -> str:
     """Save on every rank; ``latest`` moves to the new tag only after every rank reported that its writes
     succeeded. Otherwise raises CheckpointError naming the failed ranks and their errors, on every rank.
-    ``extra_files``: more ``{file name: weights-only contents}`` this rank writes into the folder (the model EMA)."""
+    ``extra_files``: more ``{file name: weights-only contents}`` this rank writes into the folder (the model EMA);
+    ``json_files``: ``{file name: JSON contents}`` rank 0 writes (the frozen base of a run with adapters).
+    ``trainable_only``: the module state leaves out frozen parameters (DeepSpeed's ``exclude_frozen_parameters``):
+    a run with adapters rebuilds its frozen base from the config."""
     tag = tag_for_step(step)
     folder = os.path.join(run_dir, tag)
     if dist.is_main_process():
@@ -122,10 +126,14 @@ def save_checkpoint(engine, run_dir: str, step: int, shared_state: Dict[str, Any
     dist.barrier()  # nobody writes into the folder while rank 0 clears it
     failure = None
     try:
-        engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False)
+        engine.save_checkpoint(run_dir, tag=tag, client_state=shared_state, save_latest=False,
+                               exclude_frozen_parameters=trainable_only)
         for name, contents in [(rank_file(dist.get_rank()), rank_state), *(extra_files or {}).items()]:
             with atomic_path(os.path.join(folder, name)) as temp:
                 torch.save(contents, temp)
+        if dist.is_main_process():
+            for name, contents in (json_files or {}).items():
+                write_text_atomic(os.path.join(folder, name), json.dumps(contents, indent=1) + "\n")
     except Exception as error:  # noqa: BLE001  (reported to every rank below, then raised there)
         failure = f"{type(error).__name__}: {error}"
     failures = gather_failures(failure)
@@ -345,8 +353,22 @@ def _run_universal_conversion(source: str, target: str) -> Optional[str]:
     return None
 
 
-def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
-    """Restore the engine; return the shared client state and this rank's state.
+def read_json_file(point: ResumePoint, name: str) -> Optional[Dict[str, Any]]:
+    """A JSON file of the checkpoint folder the run wrote (``save_checkpoint``'s ``json_files``); None without it."""
+    path = os.path.join(written_folder(point), name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def load_checkpoint(engine, point: ResumePoint, zero_stage: int, trainable_only: bool = False
+                    ) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Restore the engine; return the shared client state and this rank's state. ``trainable_only``: the
+    checkpoint holds the trainable parameters only (``save_checkpoint``), the frozen ones keep the model's values.
 
     The rank state (data position) is only meaningful at the world size that wrote it; with another world size
     it is None and the caller restarts the data stream. ZeRO-0 keeps its optimizer state in one file and ZeRO-1/2
@@ -354,7 +376,7 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
     ZeRO-3 partitions are not converted, so then only the weights are loaded.
     """
     if point.universal:
-        path, client_state = engine.load_checkpoint(point.run_dir, point.tag)
+        path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_module_strict=not trainable_only)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the converted checkpoint {point.tag} from {point.run_dir}")
         if dist.is_main_process():
@@ -370,9 +392,10 @@ def load_checkpoint(engine, point: ResumePoint, zero_stage: int) -> Tuple[Dict[s
                         "optimizer partitions are not re-split, so only the weights are loaded (the optimizer state "
                         "restarts)")
         path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_optimizer_states=False,
-                                                    load_lr_scheduler_states=False, load_module_only=True)
+                                                    load_lr_scheduler_states=False, load_module_only=True,
+                                                    load_module_strict=not trainable_only)
     else:
-        path, client_state = engine.load_checkpoint(point.run_dir, point.tag)
+        path, client_state = engine.load_checkpoint(point.run_dir, point.tag, load_module_strict=not trainable_only)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.tag} from {point.run_dir}")
     rank_state = None
