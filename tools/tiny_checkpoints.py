@@ -5,8 +5,9 @@ OpenCLIP ``local-dir`` folder (``open_clip_config.json`` + ``open_clip_model.saf
 The towers are 2 blocks of width 32 at 32 px (patch 8) with 16 tokens; the Hugging Face folders carry the packaged
 demo word-piece tokenizer (its ``[CLS]`` / ``[SEP]`` are CLIP's start / end tokens), the OpenCLIP folder uses
 OpenCLIP's own BPE tokenizer. ``write_tiny_teacher_folder`` writes a distillation teacher that differs from the
-``tiny`` student in both inputs: 48 px images and a tokenizer of its own (whole words, other ids, 20 tokens). The logit scale (and SigLIP's bias) are set to values a default init would not give,
-so a test can tell that they came from the checkpoint.
+``tiny`` student in both inputs: 48 px images and a tokenizer of its own (whole words, other ids, 20 tokens). The
+logit scale (and SigLIP's bias) are set to values a default init would not give, so a test can tell that they came
+from the checkpoint.
 """
 from __future__ import annotations
 

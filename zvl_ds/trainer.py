@@ -349,10 +349,11 @@ class Trainer:
                              f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
         if self.teacher is not None:
             identity, (held, whole) = self.teacher.identity, self.teacher.parameter_bytes()
-            self.monitor.console(f"distilling from {identity['teacher']} ({identity['kind']}, {self.teacher.image_size} "
-                                 f"px, sha256 {identity['sha256'][:12]}): weights {held / 2 ** 20:.1f} of "
-                                 f"{whole / 2 ** 20:.1f} MiB on this rank; loss = {cfg.distill.contrastive_weight:g} x "
-                                 f"{cfg.loss.name} + {cfg.distill.weight:g} x distillation")
+            self.monitor.console(f"distilling from {identity['teacher']} ({identity['kind']}, "
+                                 f"{self.teacher.image_size} px, sha256 {identity['sha256'][:12]}): weights "
+                                 f"{held / 2 ** 20:.1f} of {whole / 2 ** 20:.1f} MiB on this rank; loss = "
+                                 f"{cfg.distill.contrastive_weight:g} x {cfg.loss.name} + {cfg.distill.weight:g} x "
+                                 "distillation")
         drop_rows_after(self.run_dir, self.step, self.rank, dist.is_main_process())  # steps that are replayed
         if self.teacher is not None and self.step == 0 and cfg.data.enable_valid:
             self.evaluate_teacher()

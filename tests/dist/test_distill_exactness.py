@@ -7,7 +7,6 @@ weights other than 1. Two SGD steps each, compared with the reference: one proce
 graph, the dense losses of ``dense_reference`` with the teacher's embeddings of the whole batch. One spawn runs every
 case; at ZeRO-3 it also measures the teacher's weights each rank holds (partitioned, not replicated).
 """
-import os
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""The ``distill:`` section: a frozen teacher's view of the whole global batch as a second loss term (docs/distillation.md);
-with the checks that concern this section alone. Distillation is off unless ``distill.teacher`` is set.
+"""The ``distill:`` section: a frozen teacher's view of the whole global batch as a second loss term
+(docs/distillation.md); with the checks that concern this section alone. Distillation is off unless
+``distill.teacher`` is set.
 
 The rules that span sections (no MixUpNCE, gather-backward for the single-pass runner) are ``Config``'s
 (``schema.py``). The teacher itself is resolved and loaded when a run starts (``zvl_ds.model.teacher``), not when the
@@ -19,9 +20,9 @@ SIGMOID_TARGETS = ("mobileclip2", "bce")
 @dataclass
 class DistillConfig:
     teacher: Optional[str] = None
-    """The teacher: a zvl_ds model folder (`python -m zvl_ds.export`), a Hugging Face `CLIPModel` / `SiglipModel` folder,
-    an OpenCLIP `local-dir:FOLDER`, or an OpenCLIP architecture name with its weights in `distill.pretrained`. Nothing
-    is downloaded and no code from a folder runs. `null`: no distillation (the default).
+    """The teacher: a zvl_ds model folder (`python -m zvl_ds.export`), a Hugging Face `CLIPModel` / `SiglipModel`
+    folder, an OpenCLIP `local-dir:FOLDER`, or an OpenCLIP architecture name with its weights in `distill.pretrained`.
+    Nothing is downloaded and no code from a folder runs. `null`: no distillation (the default).
     """
     pretrained: Optional[str] = None
     """OpenCLIP architecture names only: the local weights file of the teacher (a teacher needs trained weights)."""
@@ -42,9 +43,9 @@ class DistillConfig:
     teacher has none: set it).
     """
     sigmoid_target: Literal["mobileclip2", "bce"] = "mobileclip2"
-    """Sigmoid distillation only. `mobileclip2`: MobileCLIP2's published `DistillSigLipLoss`, `-log sigmoid(y u)` with the
-    soft sign `y = 2 sigmoid(v) - 1` of the teacher's logit v; `bce`: the binary cross-entropy of the student's logit u
-    against the teacher's probability `sigmoid(v)`.
+    """Sigmoid distillation only. `mobileclip2`: MobileCLIP2's published `DistillSigLipLoss`, `-log sigmoid(y u)` with
+    the soft sign `y = 2 sigmoid(v) - 1` of the teacher's logit v; `bce`: the binary cross-entropy of the student's
+    logit u against the teacher's probability `sigmoid(v)`.
     """
 
     @property
@@ -68,7 +69,8 @@ class DistillConfig:
             raise ConfigError("distill.weight=0 with distill.teacher set: the teacher would run for nothing; remove "
                               "distill.teacher to train without it")
         if self.scale is not None and self.scale <= 0:
-            raise ConfigError(f"distill.scale: must be > 0 (it multiplies the teacher's similarities), got {self.scale}")
+            raise ConfigError(f"distill.scale: must be > 0 (it multiplies the teacher's similarities), got "
+                              f"{self.scale}")
 
     def _check_unused(self) -> None:
         """Keys set without a teacher would be ignored in silence: refused, naming the first."""

@@ -5,5 +5,5 @@ from zvl_ds.data.train_stream import TeacherInputs, TrainBatch, TrainLoader, bui
 from zvl_ds.data.transforms import load_tokenizer, normalize_images, tokenize
 from zvl_ds.data.valid_stream import ValidBatch, ValidLoader, build_valid_loader
 
-__all__ = ["DataSourceError", "TeacherInputs", "TrainBatch", "TrainLoader", "ValidBatch", "ValidLoader", "build_train_loader",
-           "build_valid_loader", "load_tokenizer", "normalize_images", "tokenize"]
+__all__ = ["DataSourceError", "TeacherInputs", "TrainBatch", "TrainLoader", "ValidBatch", "ValidLoader",
+           "build_train_loader", "build_valid_loader", "load_tokenizer", "normalize_images", "tokenize"]

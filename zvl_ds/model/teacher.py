@@ -236,7 +236,9 @@ def check_teacher_identity(saved: Optional[Dict[str, str]], current: Optional[Di
         return
 
     def describe(identity):
-        return "no teacher" if not identity else f"teacher {identity.get('teacher')!r} (sha256 {identity.get('sha256')})"
+        if not identity:
+            return "no teacher"
+        return f"teacher {identity.get('teacher')!r} (sha256 {identity.get('sha256')})"
     raise TeacherError(f"cannot resume {where}: it was trained with {describe(saved)}, this config has "
                        f"{describe(current)}. Resume with the same distill.teacher, or start a new run (another "
                        "data.exp_name)")
