@@ -54,6 +54,7 @@ def teacher_of(name, *extra):
     (["distill.teacher=T", "distill.contrastive_weight=-0.5"], "distill.contrastive_weight: must be >= 0"),
     (["distill.teacher=T", "distill.scale=0"], "distill.scale: must be > 0"),
     (["distill.teacher=T", "distill.bias=-10"], "SigLIP students only"),
+    (["distill.teacher=T", "distill.sigmoid_target=bce"], "a softmax student distils"),
     (["distill.teacher=T", "runner.name=clip", "loss.nce_loss.gather_backward=false"], "gather_backward"),
     (["distill.teacher= "], "distill.teacher: empty"),
     (["distill.teacher=T", "distill.source=offline"], "distill.source"),

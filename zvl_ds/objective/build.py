@@ -20,6 +20,14 @@ from zvl_ds.objective.mixup import partner_index
 from zvl_ds.objective.step import RUNNERS, ImagePreparation, OnlineTeacher, Step, StepOptions
 
 
+def distilled_loss(cfg: Config, base, teacher_scale: float, teacher_bias: Optional[float]) -> DistilledLoss:
+    """The student's loss ``base`` with the distillation term of ``cfg.distill``, at the teacher's logit scale and bias
+    (an online teacher's, resolved by ``load_teacher``; a stored teacher's would come with its embeddings)."""
+    return DistilledLoss(base, weight=cfg.distill.weight, contrastive_weight=cfg.distill.contrastive_weight,
+                         teacher_scale=teacher_scale, teacher_bias=teacher_bias,
+                         sigmoid_target=cfg.distill.sigmoid_target)
+
+
 def build_step(cfg: Config, world_size: int, rank: int, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype = torch.float32, teacher: Optional[Teacher] = None) -> Step:
     """The step of ``cfg`` on one of ``world_size`` ranks, for an engine on ``device`` computing in ``dtype``;
@@ -30,9 +38,7 @@ def build_step(cfg: Config, world_size: int, rank: int, device: torch.device = t
     student_images = ImagePreparation(cfg.transforms.normalize, device, dtype)
     online = None
     if teacher is not None:
-        loss = DistilledLoss(loss, weight=cfg.distill.weight, contrastive_weight=cfg.distill.contrastive_weight,
-                             teacher_scale=teacher.scale, teacher_bias=teacher.bias,
-                             sigmoid_target=cfg.distill.sigmoid_target)
+        loss = distilled_loss(cfg, loss, teacher.scale, teacher.bias)
         # the loader hands over the crops at the larger side of the two; each view is made from them
         student_size = ImageTransform(cfg.transforms.train_transforms, cfg.transforms).size
         student_images = ImagePreparation(cfg.transforms.normalize, device, dtype, size=student_size)
