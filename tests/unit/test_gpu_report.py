@@ -1,8 +1,8 @@
 """gpu-report's parts: the chunk prediction, the input fill, the stage runner under planted faults, OpenCLIP's
 towers and log, README's generated GPU table, and the wheel list for a bare GPU machine."""
+import importlib
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -13,8 +13,9 @@ import torch
 
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.bench import gpu_table
-from zvl_ds.bench.gpu_report import (GPU, SMOKE, STAGE_NAMES, Stage, fill_random_images, parse_verify_output,
-                                     predict_largest_chunk, run_report, run_stage)
+from zvl_ds.bench.gpu_report import GPU, MIN_STAGE_SECONDS, SMOKE, STAGE_NAMES, STAGES, Stage, run_report
+from zvl_ds.bench.gpu_report_programs import parse_verify_output
+from zvl_ds.bench.gpu_report_step import fill_random_images, predict_largest_chunk
 from zvl_ds.bench.openclip_train import openclip_model_config, samples_per_second, step_rates
 from zvl_ds.config import load_config
 from zvl_ds.base.errors import UserError
@@ -45,50 +46,60 @@ def test_random_images_are_noise_and_no_two_are_equal():
     assert torch.equal(images, again)
 
 
-@pytest.mark.slow  # starts an interpreter per stage
+# Only a late stage waits out its budget (the others end when their interpreters do), so its budget, and the
+# shortest budget a stage needs to start, are the least the runner allows (a fresh process gets at least 1 s)
+LATE_BUDGET_S = 1.0
+MIN_STAGE_S = 0.5
+
+
+@pytest.mark.slow  # five fresh interpreters (one per stage): about 10 s, too much for the fast subset
 def test_a_failing_or_late_stage_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
     helpers = "tests.helpers.planted_stages"
     stages = [
-        Stage("raises", f"{helpers}:raises", lambda s, r, o, b: {"message": "planted failure"}, "raises"),
+        Stage("raises", f"{helpers}:raises", lambda s, r, o, b: {"message": "planted failure", "chunk": 8}, "raises"),
         Stage("late", f"{helpers}:sleeps", lambda s, r, o, b: {"seconds": 600}, "sleeps past its budget"),
         Stage("oom", f"{helpers}:out_of_memory_above", lambda s, r, o, b: {"chunk": 8, "limit": 2}, "halves"),
         Stage("after", f"{helpers}:returns", lambda s, r, o, b: {"value": r["oom"]["result"]["chunk"]}, "runs"),
         Stage("no_time", f"{helpers}:returns", lambda s, r, o, b: {"value": 1}, "never starts"),
     ]
     # each stage its own budget; the last stage of a run gets what is left of it
-    sizes = replace(SMOKE, budgets={"raises": 60, "late": 25, "oom": 120, "after": 60}, total_seconds=10_000)
-    report = run_report(str(tmp_path), sizes, smoke=True, log=lambda line: None, stages=stages[:4])
+    sizes = replace(SMOKE, budgets={"raises": 60, "late": LATE_BUDGET_S, "oom": 120, "after": 60},
+                    total_seconds=10_000)
+    report = run_report(str(tmp_path), sizes, smoke=True, log=lambda line: None, stages=stages[:4],
+                        min_stage_seconds=MIN_STAGE_S)
     records = report["stages"]
     assert [records[name]["status"] for name in ("raises", "late", "oom", "after")] == ["failed", "timeout", "ok", "ok"]
-    assert "planted failure" in records["raises"]["error_tail"]
-    assert "budget" in records["late"]["error_tail"] and 25 <= records["late"]["seconds"] < 60
+    # a failure that is not out of memory is not run again at a smaller chunk
+    assert "planted failure" in records["raises"]["error_tail"] and len(records["raises"]["attempts"]) == 1
+    assert "budget" in records["late"]["error_tail"] and LATE_BUDGET_S <= records["late"]["seconds"] < 60
     assert [a["kwargs"]["chunk"] for a in records["oom"]["attempts"]] == [8, 4]  # 8 and 4 ran out, 2 fitted
     assert records["oom"]["result"] == {"chunk": 2} and records["after"]["result"] == {"value": 2}
     for name in ("raises", "late", "oom", "after"):  # each stage's file, and the report, as written
         assert json.loads((tmp_path / f"{name}.json").read_text())["status"] == records[name]["status"]
     assert json.loads((tmp_path / "report.json").read_text())["stages"].keys() == records.keys()
 
-    # too little left after the first stage, whatever the machine's speed: it uses its whole 25 s budget (it
-    # sleeps past it), which leaves at most 15 s of the run's 40 s, under the 20 s a stage needs to start
-    short = replace(SMOKE, budgets={"late": 25}, total_seconds=40)
+    # too little left after the first stage, whatever the machine's speed: it uses its whole budget (it sleeps
+    # past it), which leaves less than the shortest budget a stage needs to start
+    short = replace(SMOKE, budgets={"late": LATE_BUDGET_S}, total_seconds=LATE_BUDGET_S + MIN_STAGE_S / 2)
     report = run_report(str(tmp_path / "short"), short, smoke=True, log=lambda line: None,
-                        stages=[stages[1], stages[4]])
+                        stages=[stages[1], stages[4]], min_stage_seconds=MIN_STAGE_S)
     assert report["stages"]["late"]["status"] == "timeout"
     assert report["stages"]["no_time"]["status"] == "skipped"
 
-
-@pytest.mark.slow  # starts an interpreter
-def test_a_stage_that_is_not_out_of_memory_is_not_retried(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    record = run_stage("tests.helpers.planted_stages:raises", {"message": "planted", "chunk": 8}, budget_s=120)
-    assert record["status"] == "failed" and len(record["attempts"]) == 1 and "planted" in record["error_tail"]
+    # the report's own shortest budget: a run with less than that in all starts nothing
+    none_left = replace(SMOKE, total_seconds=MIN_STAGE_SECONDS - 1)
+    report = run_report(str(tmp_path / "none_left"), none_left, smoke=True, log=lambda line: None, stages=stages[:1])
+    assert report["stages"]["raises"]["status"] == "skipped" and report["stages"]["raises"]["attempts"] == []
 
 
 def test_the_stage_order_puts_the_costly_compile_last():
     assert STAGE_NAMES == ["dga", "profile", "openclip", "big_step", "verify_exactness", "dga_compiled"]
     assert set(GPU.budgets) == set(STAGE_NAMES) == set(SMOKE.budgets)
     assert sum(GPU.budgets[name] for name in STAGE_NAMES[:-1]) < GPU.total_seconds <= 540
+    for stage in STAGES:  # what a fresh process imports and calls
+        module, _, function = stage.function.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), stage.function
 
 
 def test_verify_exactness_table_is_parsed():

@@ -23,6 +23,8 @@ from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.base.cli import run
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
 from zvl_ds.bench.distill import run_distill
+from zvl_ds.bench.gpu_report import main_gpu_report
+from zvl_ds.bench.gpu_table import main_gpu_table
 from zvl_ds.bench.loss import benchmark_loss
 from zvl_ds.bench.step import (TINY, VIT_B16_BERT_BASE, bench_dga, bench_gpu, bench_max_chunk, bench_memory,
                                bench_openclip, bench_patch_dropout, bench_profile)
@@ -133,8 +135,9 @@ def run_max_chunk(args) -> Dict:
 
 
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
-                                "patch-dropout": run_patch_dropout, "memory": run_memory, "gpu": run_gpu, "profile": run_profile,
-                                "openclip": run_openclip, "max-chunk": run_max_chunk, "distill": run_distill}
+                                "patch-dropout": run_patch_dropout, "memory": run_memory, "gpu": run_gpu,
+                                "profile": run_profile, "openclip": run_openclip, "max-chunk": run_max_chunk,
+                                "distill": run_distill}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -178,12 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="gpu-table: copy the report into docs/ and rewrite the table in README.md")
     args = parser.parse_args(argv)
     if args.which == "gpu-report":
-        from zvl_ds.bench.gpu_report import main_gpu_report
-
         return main_gpu_report(args.out, args.smoke, args.stages, args.total_seconds, args.peak_tflops)
     if args.which == "gpu-table":
-        from zvl_ds.bench.gpu_table import main_gpu_table
-
         return main_gpu_table(args.report, args.write)
     # not part of "all": GPU-only, a closer look at one step, or distillation's memory (minutes at 65k on a CPU)
     optional = {"gpu", "profile", "openclip", "max-chunk", "distill"}

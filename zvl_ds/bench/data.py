@@ -20,6 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from zvl_ds.config import TextEncoderConfig, config_from_dict
+from zvl_ds.data.train_stream import build_train_loader
+from zvl_ds.data.transforms import load_tokenizer
 from zvl_ds.data.writing.annotations import SplitSource
 from zvl_ds.data.writing.shard_writer import ShardSettings, convert_split
 
@@ -62,8 +65,6 @@ def write_benchmark_shards(folder: str, num_samples: int, image_size: int = 256,
 
 
 def _config(root: str, transforms: List[str], crop_size: int, workers: int, batch_size: int, tokenizer: str):
-    from zvl_ds.config import config_from_dict
-
     return config_from_dict({
         "data": {"data_path": root, "train_name": ["bench"], "train_type": "shuffle", "batch_size": batch_size,
                  "num_workers": workers, "shuffle_buffer": 256},
@@ -73,8 +74,6 @@ def _config(root: str, transforms: List[str], crop_size: int, workers: int, batc
 
 
 def _measure(cfg, tokenizer, batches: int, warmup: int) -> float:
-    from zvl_ds.data.train_stream import build_train_loader
-
     loader = build_train_loader(cfg, 0, 1, tokenizer)
     try:
         iterator = iter(loader)
@@ -97,9 +96,6 @@ def benchmark_loader(workers: Sequence[int] = (1, 2), pipelines: Optional[Dict[s
     Each worker makes whole batches, so every worker count needs ``(warmup + batches) * batch_size`` samples of
     its own; the shards are sized for the largest count (epochs wrap around if they are not).
     """
-    from zvl_ds.config import TextEncoderConfig
-    from zvl_ds.data.transforms import load_tokenizer
-
     pipelines = dict(PIPELINES if pipelines is None else pipelines)
     text = load_tokenizer(TextEncoderConfig(tokenizer=tokenizer))
     results: Dict[str, Dict[str, Dict[str, float]]] = {}

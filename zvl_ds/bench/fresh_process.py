@@ -4,6 +4,8 @@ A peak measured in the benchmark's own process would include every earlier case'
 out-of-memory failure could leave it unusable). ``call_in_fresh_process("pkg.module:function", kwargs)`` starts
 ``python -m zvl_ds.bench.fresh_process``, which imports the function, calls it with the JSON keyword arguments and
 prints its JSON result on a line of its own; the caller gets that result, or the end of the child's stderr.
+``single_rank_env()`` gives such a child the variables of a one-rank process group, for measurements that build a
+DeepSpeed engine.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import os
 import subprocess
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from zvl_ds.runtime.dist import free_port
 
 _RESULT_PREFIX = "RESULT "
 _STDERR_TAIL = 3000  # characters of a failed child's stderr handed back
@@ -30,6 +34,13 @@ def call_in_fresh_process(function: str, kwargs: Mapping[str, object], timeout_s
     if done.returncode != 0 or not lines:
         return None, done.stderr[-_STDERR_TAIL:] or f"exit status {done.returncode}, no result"
     return json.loads(lines[-1][len(_RESULT_PREFIX):]), None
+
+
+def single_rank_env() -> Dict[str, str]:
+    """The variables of a process group of one rank on this machine, at a free port: what a measurement that
+    builds a DeepSpeed engine in a fresh process needs."""
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
 
 
 def _child(argv: Sequence[str]) -> int:

@@ -1,5 +1,9 @@
 """``python -m zvl_ds.bench gpu-report --out DIR``: every GPU figure in one call of at most nine minutes.
 
+This module runs the report: the sizes, the stages in order, their budgets and fresh processes, the report JSON.
+What each stage measures is in ``gpu_report_step`` (zvl_ds's own step: stages 1, 2, 4, 6) and
+``gpu_report_programs`` (the stages that run another program: 3 and 5).
+
 Made for short GPU loans: stages in priority order, each in a fresh process with its own time budget. Each
 stage writes ``DIR/<stage>.json`` the moment it ends and ``DIR/report.json`` (machine, torch, commit, every stage
 so far) is rewritten; a stage that fails or runs out of time is recorded (status, the end of its error output,
@@ -27,7 +31,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,16 +38,16 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from zvl_ds.base.atomic_write import write_text_atomic
-from zvl_ds.bench.fresh_process import call_in_fresh_process
-from zvl_ds.bench.step import DGA, VIT_B16_BERT_BASE
-from zvl_ds.runtime.dist import free_port
+from zvl_ds.base.errors import UserError
+from zvl_ds.bench.fresh_process import call_in_fresh_process, single_rank_env
+from zvl_ds.bench.gpu_report_programs import openclip_throughput, verify_exactness_small
+from zvl_ds.bench.gpu_report_step import big_step, dga_throughput, step_profile
+from zvl_ds.bench.step import VIT_B16_BERT_BASE
 
 REPORT_FILE = "report.json"
 STATUSES = ("ok", "failed", "timeout", "skipped")
 _ERROR_TAIL = 2000  # characters of a failed stage's error output kept in its record
-_MIN_STAGE_SECONDS = 20.0  # a stage with less time left than this is skipped, not started
-_CHILD_MARGIN_S = 10.0  # a stage's own child process (open_clip_train, verify_exactness) ends this much earlier
-_MEMORY_HEADROOM = 0.85  # the predicted peak may use this share of the device (fragmentation, loader buffers)
+MIN_STAGE_SECONDS = 20.0  # a stage with less time left than this is skipped (nor retried at a smaller chunk)
 _OOM_AT_CHUNK = re.compile(r"out of memory at chunk (\d+)")
 
 # The smoke towers: the tiny preset's text tower and, for the image, timm's registered test_vit (OpenCLIP's timm
@@ -107,267 +110,13 @@ SMOKE = ReportSizes(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What a stage measures (each function runs in a fresh process and returns JSON)
-# ---------------------------------------------------------------------------------------------------------------
-
-def report_overrides(towers: Sequence[str], device: str, precision: str, global_batch: int, chunk: int,
-                     tile_cols: int) -> List[str]:
-    """The configuration every zvl_ds stage measures: DGA, NCE (OpenCLIP's loss), inputs in pinned host memory."""
-    return list(towers) + DGA + [f"device={device}", f"precision={precision}", "loss.name=NCE",
-                                 "runner.offload_inputs=true", f"data.batch_size={global_batch}",
-                                 f"data.batch_size_train={chunk}", f"loss.chunk_cols={tile_cols}"]
-
-
-def fill_random_images(images: torch.Tensor, seed: int = 0, block_bytes: int = 1 << 25) -> None:
-    """Fill uint8 ``images`` [N, ...] in place with noise, fast enough for 40 GB.
-
-    Drawing every byte takes minutes at that size, so each image is a window onto one random block, at an
-    offset of its own (no two images of a batch are equal)."""
-    rows = images.view(images.shape[0], -1)
-    per_image = rows.shape[1]
-    stride, group = 257, 4096  # consecutive images are windows 257 bytes apart, `group` images per copy
-    block_bytes = max(block_bytes, 2 * (stride * group + per_image))
-    block = torch.randint(0, 256, (block_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    span = stride * (group - 1) + per_image
-    for index, start in enumerate(range(0, rows.shape[0], group)):
-        count = min(group, rows.shape[0] - start)
-        offset = (index * 1_000_003) % (block_bytes - span)
-        rows[start:start + count].copy_(block.as_strided((count, per_image), (stride, 1), offset))
-
-
-def synthetic_offloaded_batch(cfg, size: int, device: torch.device, seed: int = 0):
-    """``size`` uint8 images (in pinned host memory when ``device`` is CUDA) and random token ids."""
-    from zvl_ds.objective.step import StepBatch
-
-    side = cfg.model.image_encoder.img_size or cfg.transforms.input_size
-    images = torch.empty((size, 3, side, side), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    fill_random_images(images, seed)
-    input_ids = torch.randint(5, 200, (size, cfg.model.max_length), generator=torch.Generator().manual_seed(seed))
-    return StepBatch(images, input_ids, torch.ones_like(input_ids))
-
-
-def device_capacity_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def predict_largest_chunk(probe_peaks: Mapping[int, int], candidates: Sequence[int], global_batch: int,
-                          capacity_bytes: int, headroom: float = _MEMORY_HEADROOM) -> Dict[str, object]:
-    """The largest candidate chunk dividing ``global_batch`` whose peak, on the line through the two probes'
-    (chunk, peak memory) points, stays under ``headroom`` x capacity; else the smallest candidate."""
-    (small, small_peak), (large, large_peak) = sorted(probe_peaks.items())[:2]
-    per_sample = max(0.0, (large_peak - small_peak) / (large - small))
-    fixed = small_peak - per_sample * small
-    usable = [c for c in sorted(candidates) if global_batch % c == 0]
-    if not usable:
-        raise ValueError(f"no candidate chunk {list(candidates)} divides the global batch {global_batch}")
-    fitting = [c for c in usable if fixed + per_sample * c <= headroom * capacity_bytes]
-    chunk = fitting[-1] if fitting else usable[0]
-    return {"chunk": chunk, "predicted_peak_bytes": fixed + per_sample * chunk, "bytes_per_sample": per_sample,
-            "fixed_bytes": fixed, "capacity_bytes": capacity_bytes, "headroom": headroom,
-            "probe_peaks": {str(c): p for c, p in sorted(probe_peaks.items())}}
-
-
-def _peak_tflops(device: torch.device, precision: str, given: Optional[float]) -> Optional[float]:
-    from zvl_ds.bench.step import _guess_peak_tflops
-
-    if given:
-        return given
-    if device.type != "cuda":
-        return None
-    try:
-        return _guess_peak_tflops(precision)
-    except RuntimeError:
-        return None
-
-
-def dga_throughput(towers: Sequence[str], device: str, precision: str, global_batch: int, chunks: Sequence[int],
-                   probe_chunks: Sequence[int], tile_cols: int, steps: int, warmup: int, zero_stage: int,
-                   compile_mode: str = "none", compile_backend: str = "inductor", chunk: Optional[int] = None,
-                   forward_flops: Optional[float] = None, peak_tflops: Optional[float] = None) -> Dict[str, object]:
-    """samples/s, MFU and peak memory of DGA steps at ``global_batch``, row-chunked loss and tiled loss, on one
-    engine. Without ``chunk``, two probe steps predict the largest of ``chunks`` that fits."""
-    from zvl_ds.bench.step import _bench_step, _setup_engine, _timed_steps, model_flops_per_sample
-    from zvl_ds.config import load_config
-    from zvl_ds.observe.monitor import peak_memory_bytes
-
-    def config(batch: int, size: int, cols: int):
-        return load_config(None, report_overrides(towers, device, precision, batch, size, cols)
-                           + [f"model.compile={compile_mode}"])
-
-    base = config(global_batch, chunk or max(chunks), tile_cols)
-    engine, placement = _setup_engine(base, zero_stage, compile_backend)
-    choice = None
-    if chunk is None:
-        peaks = {}
-        for probe in probe_chunks:
-            probe_cfg = config(2 * probe, probe, tile_cols)
-            probe_batch = synthetic_offloaded_batch(probe_cfg, 2 * probe, placement.device)
-            _reset_peak(placement.device)
-            _timed_steps(engine, _bench_step(probe_cfg, placement), probe_batch, 1, 0, placement.device)
-            peaks[probe] = peak_memory_bytes(placement.device)
-        choice = predict_largest_chunk(peaks, chunks, global_batch, device_capacity_bytes(placement.device))
-        chunk = int(choice["chunk"])
-    flops = forward_flops or model_flops_per_sample(config(global_batch, chunk, tile_cols))
-    peak = _peak_tflops(placement.device, precision, peak_tflops)
-    batch = synthetic_offloaded_batch(base, global_batch, placement.device)
-    variants = {}
-    for name, cols in (("rows", 0), ("tiled", tile_cols)):
-        step_cfg = config(global_batch, chunk, cols)
-        _reset_peak(placement.device)
-        try:
-            seconds, result = _timed_steps(engine, _bench_step(step_cfg, placement), batch, steps, warmup,
-                                           placement.device)
-        except torch.cuda.OutOfMemoryError as error:
-            raise RuntimeError(f"out of memory at chunk {chunk} ({name} loss): {error}") from error
-        rate = global_batch / seconds
-        variants[name] = {
-            "loss_chunk_cols": cols, "step_seconds": seconds, "samples_per_sec": rate,
-            "mfu_useful": 3 * flops * rate / (peak * 1e12) if peak else None,
-            "mfu_hardware": 4 * flops * rate / (peak * 1e12) if peak else None,
-            "peak_memory_bytes": peak_memory_bytes(placement.device), "loss": result.loss,
-            "i2t_acc": result.i2t_acc, "t2i_acc": result.t2i_acc}
-    best = max(variants, key=lambda name: variants[name]["samples_per_sec"])
-    return {"device": _device_name(placement.device), "precision": precision, "global_batch": global_batch,
-            "chunk": chunk, "chunk_choice": choice, "compile": compile_mode, "zero_stage": zero_stage,
-            "steps": steps, "warmup": warmup, "forward_gflops_per_sample": flops / 1e9, "peak_tflops_assumed": peak,
-            "peak_memory_kind": "device" if placement.device.type == "cuda" else "process peak RSS",
-            "variants": variants, "best_variant": best, "samples_per_sec": variants[best]["samples_per_sec"]}
-
-
-def step_profile(towers: Sequence[str], device: str, precision: str, global_batch: int, chunk: int, tile_cols: int,
-                 zero_stage: int) -> Dict[str, object]:
-    """``bench profile``'s split of one DGA step, in the report's configuration."""
-    from zvl_ds.bench.step import bench_profile
-
-    overrides = report_overrides(towers, device, precision, global_batch, chunk, tile_cols)
-    result = bench_profile(overrides, chunk=chunk, chunks=global_batch // chunk, steps=1, warmup=1, stage=zero_stage,
-                           offload_inputs=True, loss="NCE")
-    return {**result, "loss_chunk_cols": tile_cols}
-
-
-def big_step(towers: Sequence[str], device: str, precision: str, global_batch: int, chunk: int, tile_cols: int,
-             zero_stage: int) -> Dict[str, object]:
-    """One DGA step at ``global_batch``, inputs as uint8 in pinned host memory: time, memory, loss, accuracies."""
-    import resource
-
-    from zvl_ds.bench.step import _bench_step, _setup_engine
-    from zvl_ds.config import load_config
-    from zvl_ds.observe.monitor import peak_memory_bytes
-
-    cfg = load_config(None, report_overrides(towers, device, precision, global_batch, chunk, tile_cols))
-    engine, placement = _setup_engine(cfg, zero_stage)
-    start = time.perf_counter()
-    batch = synthetic_offloaded_batch(cfg, global_batch, placement.device)
-    fill_seconds = time.perf_counter() - start
-    step = _bench_step(cfg, placement)
-    _reset_peak(placement.device)
-    start = time.perf_counter()
-    try:
-        result = step(engine, batch, 0)
-    except torch.cuda.OutOfMemoryError as error:
-        raise RuntimeError(f"out of memory at chunk {chunk}: {error}") from error
-    if placement.device.type == "cuda":
-        torch.cuda.synchronize(placement.device)
-    seconds = time.perf_counter() - start
-    return {"device": _device_name(placement.device), "precision": precision, "global_batch": global_batch,
-            "chunk": chunk, "loss_chunk_cols": tile_cols, "zero_stage": zero_stage, "step_seconds": seconds,
-            "applied": result.applied, "skip_reason": result.skip_reason, "loss": result.loss,
-            "i2t_acc": result.i2t_acc, "t2i_acc": result.t2i_acc, "temperature": result.temperature,
-            "peak_device_memory_bytes": peak_memory_bytes(placement.device) if placement.device.type == "cuda"
-            else None,
-            "input_bytes": batch.images.numel() + batch.input_ids.numel() * 8 + batch.attention_mask.numel() * 8,
-            "inputs_pinned": bool(batch.images.is_pinned()), "input_fill_seconds": fill_seconds,
-            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-_GROUP_LINE = re.compile(r"^(.+?)\s+([0-9.]+e[-+][0-9]+)\s+([0-9.]+e[-+][0-9]+)\s+([0-9.]+e[-+][0-9]+)")
-
-
-def parse_verify_output(stdout: str) -> Dict[str, object]:
-    """verify_exactness's table: the relative difference per parameter group and its PASS/FAIL line."""
-    groups = {}
-    for line in stdout.splitlines():
-        match = _GROUP_LINE.match(line.strip())
-        if match:
-            groups[match.group(1).strip()] = {"max_abs_diff": float(match.group(2)),
-                                              "reference_max": float(match.group(3)),
-                                              "relative": float(match.group(4))}
-    verdict = re.search(r"^(PASS|FAIL): tolerance (\S+)", stdout, re.M)
-    return {"groups": groups, "passed": bool(verdict) and verdict.group(1) == "PASS",
-            "tolerance": float(verdict.group(2)) if verdict else None}
-
-
-def verify_exactness_small(towers: Sequence[str], device: str, precision: str, global_batch: int, chunk: int,
-                           tile_cols: int, zero_stage: int, folder: str, timeout_s: float) -> Dict[str, object]:
-    """``python -m zvl_ds.verify_exactness --synthetic`` in the report's configuration at a small batch."""
-    os.makedirs(folder, exist_ok=True)
-    cfg_path, ds_path = os.path.join(folder, "config.yaml"), os.path.join(folder, "ds_config.json")
-    with open(cfg_path, "w", encoding="utf-8") as handle:
-        handle.write("# the configuration is given as key=value overrides on the command line\n{}\n")
-    with open(ds_path, "w", encoding="utf-8") as handle:
-        json.dump({"zero_optimization": {"stage": zero_stage}}, handle)
-    command = ([sys.executable, "-m", "zvl_ds.verify_exactness", "--synthetic", "--deepspeed_config", ds_path,
-                "--cfg", cfg_path] + report_overrides(towers, device, precision, global_batch, chunk, tile_cols))
-    env = {**os.environ, **_single_rank_env()}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, timeout_s - _CHILD_MARGIN_S),
-                          env=env)
-    if done.returncode not in (0, 1):  # 1 is a verdict (a group beyond tolerance), anything else a failure
-        raise RuntimeError(f"verify_exactness exited with {done.returncode}:\n{done.stderr[-_ERROR_TAIL:]}")
-    return {**parse_verify_output(done.stdout), "exit_code": done.returncode, "global_batch": global_batch,
-            "chunk": chunk, "precision": precision, "zero_stage": zero_stage, "command": command[1:],
-            "output": done.stdout[-_ERROR_TAIL:]}
-
-
-def openclip_throughput(towers: Sequence[str], device: str, precision: str, global_batch: int, chunk: int,
-                        steps: int, workers: int, folder: str, timeout_s: float,
-                        zvl_ds_samples_per_sec: Optional[float] = None) -> Dict[str, object]:
-    """open_clip_train's samples/s on the same towers and global batch (``bench/openclip_train.py``), and the
-    ratio zvl_ds / OpenCLIP when stage 1's figure is given."""
-    from zvl_ds.bench.openclip_train import (OPENCLIP_PRECISION, openclip_train_command, samples_per_second, step_rates,
-                                             write_model_folder)
-    from zvl_ds.config import load_config
-
-    cfg = load_config(None, list(towers))
-    model = write_model_folder(cfg, os.path.join(folder, "model"))
-    command = openclip_train_command(model, os.path.join(folder, "logs"), global_batch, chunk, steps,
-                                     OPENCLIP_PRECISION[precision], device, workers)
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, timeout_s - _CHILD_MARGIN_S))
-    log = done.stdout + done.stderr
-    rates = step_rates(log)
-    if done.returncode != 0 or not rates:
-        raise RuntimeError(f"open_clip_train at chunk {chunk} exited with {done.returncode}"
-                           + (" (out of memory at chunk {})".format(chunk) if "out of memory" in log.lower() else "")
-                           + f":\n{log[-_ERROR_TAIL:]}")
-    rate = samples_per_second(rates)
-    return {"global_batch": global_batch, "chunk": chunk, "accum_freq": global_batch // chunk,
-            "precision": OPENCLIP_PRECISION[precision], "device": device, "steps_logged": len(rates),
-            "samples_per_sec_per_step": rates, "samples_per_sec": rate, "seconds": time.monotonic() - started,
-            "zvl_ds_samples_per_sec": zvl_ds_samples_per_sec,
-            "ratio_zvl_ds_to_openclip": zvl_ds_samples_per_sec / rate if zvl_ds_samples_per_sec else None,
-            "command": command[3:]}
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The stages and the runner
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str  # "module:function", called in a fresh process
+    function: str  # "module:function", called in a fresh process (``_path``)
     kwargs: Callable[[ReportSizes, Mapping[str, Dict], str, float], Dict]  # (sizes, records so far, out, budget)
     what: str
 
@@ -405,34 +154,34 @@ def _dga_kwargs(sizes, records, out, budget, compile_mode="none", chunk=None):
             "forward_flops": dga["forward_gflops_per_sample"] * 1e9 if dga else None}
 
 
+def _path(function: Callable) -> str:
+    """``function`` as a fresh process imports it: "module:function"."""
+    return f"{function.__module__}:{function.__name__}"
+
+
 STAGES: List[Stage] = [
-    Stage("dga", f"{__name__}:dga_throughput", lambda s, r, o, b: _dga_kwargs(s, r, o, b),
+    Stage("dga", _path(dga_throughput), lambda s, r, o, b: _dga_kwargs(s, r, o, b),
           "DGA samples/s, MFU and peak memory; row-chunked and tiled loss"),
-    Stage("profile", f"{__name__}:step_profile",
+    Stage("profile", _path(step_profile),
           lambda s, r, o, b: _step_kwargs(s, s.global_batch, _chunk(s, r)), "where one DGA step's time goes"),
-    Stage("openclip", f"{__name__}:openclip_throughput",
+    Stage("openclip", _path(openclip_throughput),
           lambda s, r, o, b: {**_common(s), "global_batch": s.global_batch, "chunk": _chunk(s, r),
                               "steps": s.openclip_steps, "workers": s.openclip_workers,
                               "folder": os.path.join(o, "openclip"), "timeout_s": b,
                               "zvl_ds_samples_per_sec": (_ok_result(r, "dga") or {}).get("samples_per_sec")},
           "open_clip_train --accum-freq on the same towers and batch"),
-    Stage("big_step", f"{__name__}:big_step",
+    Stage("big_step", _path(big_step),
           lambda s, r, o, b: _step_kwargs(s, s.big_batch, _chunk(s, r)),
           "one exact DGA step at the largest global batch, inputs in pinned host memory"),
-    Stage("verify_exactness", f"{__name__}:verify_exactness_small",
+    Stage("verify_exactness", _path(verify_exactness_small),
           lambda s, r, o, b: _step_kwargs(s, s.verify_batch, s.verify_chunk,
                                           folder=os.path.join(o, "verify_exactness"), timeout_s=b),
           "verify_exactness at a small batch, same configuration"),
-    Stage("dga_compiled", f"{__name__}:dga_throughput",
+    Stage("dga_compiled", _path(dga_throughput),
           lambda s, r, o, b: _dga_kwargs(s, r, o, b, compile_mode="default", chunk=_chunk(s, r)),
           "stage 1 with model.compile=default"),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
-
-
-def _single_rank_env() -> Dict[str, str]:
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port())}
 
 
 def _tail(text) -> str:
@@ -441,17 +190,18 @@ def _tail(text) -> str:
     return (text or "")[-_ERROR_TAIL:]
 
 
-def run_stage(function: str, kwargs: Dict, budget_s: float) -> Dict[str, object]:
+def run_stage(function: str, kwargs: Dict, budget_s: float,
+              min_stage_seconds: float = MIN_STAGE_SECONDS) -> Dict[str, object]:
     """Run ``function`` in fresh processes within ``budget_s``: a record with status ``ok`` (and its result),
     ``failed`` or ``timeout`` (and the end of its error output), seconds and the attempts. Out of device memory
-    at a chunk: run again at half of it while the budget lasts."""
+    at a chunk: run again at half of it while at least ``min_stage_seconds`` of the budget are left."""
     start = time.monotonic()
     attempts: List[Dict] = []
     while True:
         remaining = budget_s - (time.monotonic() - start)
         try:
             result, error = call_in_fresh_process(function, kwargs, timeout_s=max(1.0, remaining),
-                                                  env=_single_rank_env())
+                                                  env=single_rank_env())
         except subprocess.TimeoutExpired as expired:
             return {"status": "timeout", "seconds": time.monotonic() - start, "result": None,
                     "error_tail": f"ran out of its {budget_s:.0f} s budget\n" + _tail(expired.stderr),
@@ -461,7 +211,7 @@ def run_stage(function: str, kwargs: Dict, budget_s: float) -> Dict[str, object]
                     "attempts": attempts}
         chunk = _failed_chunk(error, kwargs)
         attempts.append({"kwargs": {k: v for k, v in kwargs.items() if k != "towers"}, "error_tail": _tail(error)})
-        if chunk is None or chunk // 2 < 1 or budget_s - (time.monotonic() - start) < _MIN_STAGE_SECONDS:
+        if chunk is None or chunk // 2 < 1 or budget_s - (time.monotonic() - start) < min_stage_seconds:
             return {"status": "failed", "seconds": time.monotonic() - start, "result": None,
                     "error_tail": _tail(error), "attempts": attempts}
         kwargs = {**kwargs, "chunk": chunk // 2}
@@ -482,7 +232,8 @@ def machine_facts() -> Dict[str, object]:
     """The machine, torch and commit a report names."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"gpu": gpu, "gpu_count": torch.cuda.device_count() if gpu else 0,
-            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit_id()}
 
 
@@ -510,8 +261,9 @@ def _write_json(path: str, payload: Dict) -> None:
 
 def run_report(out: str, sizes: ReportSizes, stage_names: Optional[Sequence[str]] = None,
                smoke: bool = False, log: Callable[[str], None] = print,
-               stages: Sequence[Stage] = STAGES) -> Dict[str, object]:
-    """Run the stages in order within ``sizes.total_seconds``; returns the report also written to OUT/report.json."""
+               stages: Sequence[Stage] = STAGES, min_stage_seconds: float = MIN_STAGE_SECONDS) -> Dict[str, object]:
+    """Run the stages in order within ``sizes.total_seconds``; returns the report also written to OUT/report.json.
+    A stage with less than ``min_stage_seconds`` left is skipped."""
     os.makedirs(out, exist_ok=True)
     chosen = [stage for stage in stages if stage_names is None or stage.name in stage_names]
     start = time.monotonic()
@@ -522,13 +274,13 @@ def run_report(out: str, sizes: ReportSizes, stage_names: Optional[Sequence[str]
     for stage in chosen:
         left = sizes.total_seconds - (time.monotonic() - start)
         budget = min(sizes.budgets.get(stage.name, left), left) if stage is not chosen[-1] else left
-        if budget < _MIN_STAGE_SECONDS:
+        if budget < min_stage_seconds:
             record = {"status": "skipped", "seconds": 0.0, "result": None, "attempts": [],
                       "error_tail": f"no time left ({left:.0f} s of the run's {sizes.total_seconds:.0f} s)"}
         else:
             log(f"== {stage.name}: {stage.what} (budget {budget:.0f} s)")
             kwargs = stage.kwargs(sizes, records, os.path.abspath(out), budget)
-            record = run_stage(stage.function, kwargs, budget)
+            record = run_stage(stage.function, kwargs, budget, min_stage_seconds)
         record = {"stage": stage.name, "what": stage.what, "budget_seconds": budget, **record}
         records[stage.name] = record
         report["seconds"] = time.monotonic() - start
@@ -571,13 +323,9 @@ def main_gpu_report(out: str, smoke: bool, stage_names: Optional[Sequence[str]] 
     if total_seconds:
         sizes = replace(sizes, total_seconds=total_seconds)
     if not smoke and not torch.cuda.is_available():
-        from zvl_ds.base.errors import UserError
-
         raise UserError("gpu-report needs a CUDA device; --smoke runs every stage on the CPU at tiny sizes")
     unknown = sorted(set(stage_names or ()) - set(STAGE_NAMES))
     if unknown:
-        from zvl_ds.base.errors import UserError
-
         raise UserError(f"--stages: unknown stage(s) {unknown} (valid: {', '.join(STAGE_NAMES)})")
     report = run_report(out, sizes, stage_names, smoke=smoke)
     statuses = {name: record["status"] for name, record in report["stages"].items()}  # type: ignore[union-attr]

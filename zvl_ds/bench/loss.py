@@ -42,7 +42,13 @@ import resource
 import time
 from typing import Dict, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from zvl_ds.bench.fresh_process import call_in_fresh_process
+from zvl_ds.objective.dense_reference import dense_contrastive_loss
+from zvl_ds.objective.sigmoid_loss import _sigmoid_pairs
+from zvl_ds.objective.softmax_loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets, contrastive_loss
 
 NAIVE_BXB_MATRICES = 7  # estimate used only to decide whether a naive case can run at all
 
@@ -57,11 +63,6 @@ GRADIENT_BUFFERS = {"rows": 4, "tiled": 2, "siglip": 2}
 
 def kernel_loss_and_gradients(method: str, image, text, chunk_rows: int, chunk_cols: int):
     """Loss value and the gradient buffers of one kernel method (see ``KERNEL_METHODS``)."""
-    import torch
-
-    from zvl_ds.objective.sigmoid_loss import _sigmoid_pairs
-    from zvl_ds.objective.softmax_loss import _soft_cross_entropy_rows, _symmetric_tiles, _Targets
-
     batch = image.shape[0]
     if method == "siglip":
         scale, bias = torch.tensor(10.0, device=image.device), torch.tensor(-10.0, device=image.device)
@@ -102,12 +103,6 @@ def _reset_peak_rss() -> bool:
 def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, chunk_cols: int = 0
              ) -> Dict[str, object]:
     """One measurement (meant to run in a fresh process; see the module docstring)."""
-    import torch
-    import torch.nn.functional as F
-
-    from zvl_ds.objective.dense_reference import dense_contrastive_loss
-    from zvl_ds.objective.softmax_loss import contrastive_loss
-
     torch.manual_seed(0)
 
     def loss_and_backward(image, text, tau):
@@ -165,8 +160,6 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
 
 def _available_bytes(device: str) -> int:
     if device == "cuda":
-        import torch
-
         free, _ = torch.cuda.mem_get_info()
         return int(free)
     available = _meminfo_bytes("MemAvailable")

@@ -19,7 +19,10 @@ import statistics
 import sys
 from typing import Dict, List, Sequence
 
+import torch
+
 from zvl_ds.config import Config
+from zvl_ds.data.transforms import resolve_tokenizer_path
 
 # open_clip's HF poolers by zvl_ds's model.text_encoder.pooling (the pooler's class name in snake case)
 _POOLERS = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}
@@ -50,10 +53,7 @@ def openclip_model_config(cfg: Config, text_folder: str) -> Dict[str, object]:
 
 def write_model_folder(cfg: Config, folder: str, seed: int = 0) -> str:
     """An open_clip ``local-dir:`` folder with the towers of ``cfg``; returns ``local-dir:FOLDER``."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from zvl_ds.data.transforms import resolve_tokenizer_path
+    from transformers import AutoConfig, AutoModel  # seconds to import: only the openclip stage's process needs it
 
     # open_clip takes any weights file in a local-dir folder for the whole model's, so the text tower's weights
     # live in a subfolder; the tokenizer's files stay at the top, where open_clip looks for them

@@ -10,12 +10,20 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from zvl_ds.bench.fresh_process import call_in_fresh_process
+from zvl_ds.bench.fresh_process import call_in_fresh_process, single_rank_env
+from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
+from zvl_ds.bench.step_profile import profile_steps
 from zvl_ds.config import Config, load_config
-from zvl_ds.objective.step import ImagePreparation
-from zvl_ds.runtime.dist import free_port
-from zvl_ds.runtime.engine import DTYPES
+from zvl_ds.model.build import build_model
+from zvl_ds.model.towers import compile_towers
+from zvl_ds.objective.build import build_step
+from zvl_ds.objective.step import ImagePreparation, StepBatch
+from zvl_ds.observe.monitor import peak_memory_bytes
+from zvl_ds.runtime import dist
+from zvl_ds.runtime.engine import DTYPES, build_ds_config, initialize_engine, resolve_placement
+from zvl_ds.runtime.optim import build_optimizer
 
 _STEP_TIMEOUT_S = 1800  # one step of the largest model and batch in a fresh process, on a slow CPU
 
@@ -31,12 +39,6 @@ DGA = ["runner.name=clip_bsgs"]
 
 
 def _setup_engine(cfg: Config, stage: int, compile_backend: str = "inductor"):
-    from zvl_ds.model.build import build_model
-    from zvl_ds.model.towers import compile_towers
-    from zvl_ds.runtime import dist
-    from zvl_ds.runtime.engine import build_ds_config, initialize_engine, resolve_placement
-    from zvl_ds.runtime.optim import build_optimizer
-
     dist.init_distributed()
     placement = resolve_placement(cfg)
     torch.manual_seed(cfg.seed)
@@ -48,8 +50,6 @@ def _setup_engine(cfg: Config, stage: int, compile_backend: str = "inductor"):
 
 
 def _synthetic_batch(cfg: Config, batch: int, device: torch.device):
-    from zvl_ds.objective.step import StepBatch
-
     size = cfg.transforms.input_size if cfg.model.image_encoder.img_size is None else cfg.model.image_encoder.img_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     input_ids = torch.randint(5, 200, (batch, cfg.model.max_length))
@@ -58,8 +58,6 @@ def _synthetic_batch(cfg: Config, batch: int, device: torch.device):
 
 def _bench_step(cfg: Config, placement):
     """The trainer's step for ``cfg`` on one rank (``objective.build``)."""
-    from zvl_ds.objective.build import build_step
-
     return build_step(cfg, 1, 0, placement.device, placement.dtype)
 
 
@@ -110,8 +108,9 @@ def bench_patch_dropout(overrides: Sequence[str] = TINY, chunk: int = 32, chunks
     """
     setups = []
     for share in shares:
-        cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}", f"data.batch_size_train={chunk}",
-                                                   "loss.name=MixUpNCE", f"model.image_encoder.patch_dropout={share}"])
+        cfg = load_config(None, list(overrides) + [f"data.batch_size={chunk * chunks}",
+                                                   f"data.batch_size_train={chunk}", "loss.name=MixUpNCE",
+                                                   f"model.image_encoder.patch_dropout={share}"])
         engine, placement = _setup_engine(cfg, stage)
         setups.append((share, engine, _bench_step(cfg, placement), _synthetic_batch(cfg, chunk * chunks,
                                                                                     placement.device), placement))
@@ -136,8 +135,6 @@ def bench_profile(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int 
                   warmup: int = 1, stage: int = 0, trace_path: Optional[str] = None,
                   offload_inputs: bool = False, loss: str = "MixUpNCE") -> Dict[str, object]:
     """Where one DGA step's time goes (see ``zvl_ds.bench.step_profile``), ms per step."""
-    from zvl_ds.bench.step_profile import profile_steps
-
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
                                                      f"data.batch_size_train={chunk}", f"loss.name={loss}"])
@@ -161,11 +158,6 @@ def bench_openclip(overrides: Sequence[str] = TINY, chunk: int = 32, chunks: int
     OpenCLIP's side runs as open_clip_train does: fp32 weights, a plain torch AdamW, ``torch.autocast`` for
     bf16/fp16. zvl_ds's side is a DeepSpeed engine (ZeRO 0) in ``precision``.
     """
-    from zvl_ds.bench.openclip_step import accum_freq_step, clip_loss
-    from zvl_ds.model.build import build_model
-    from zvl_ds.model.towers import compile_towers
-    from zvl_ds.runtime.optim import build_optimizer
-
     global_batch = chunk * chunks
     cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
                                                      f"data.batch_size_train={chunk}", "loss.name=NCE",
@@ -208,8 +200,6 @@ def _time_calls(call, steps: int, warmup: int, device: torch.device) -> float:
 
 def _peak_memory_child(overrides: List[str], global_batch: int, chunk: int, stage: int) -> Dict[str, float]:
     """One DGA step at ``global_batch``; peak device memory (CUDA) or peak resident memory (CPU)."""
-    from zvl_ds.observe.monitor import peak_memory_bytes
-
     cfg = load_config(None, list(overrides) + DGA + [f"data.batch_size={global_batch}",
                                                      f"data.batch_size_train={chunk}", "loss.name=MixUpNCE"])
     engine, placement = _setup_engine(cfg, stage)
@@ -239,11 +229,9 @@ def bench_memory(overrides: Sequence[str] = TINY, global_batches: Sequence[int] 
 
 def _step_in_fresh_process(overrides: Sequence[str], global_batch: int, chunk: int, stage: int):
     """(``_peak_memory_child``'s row, None) from a fresh process, or (None, the end of its stderr)."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
     return call_in_fresh_process(f"{__name__}:_peak_memory_child",
                                  {"overrides": list(overrides), "global_batch": global_batch, "chunk": chunk,
-                                  "stage": stage}, timeout_s=_STEP_TIMEOUT_S, env=env)
+                                  "stage": stage}, timeout_s=_STEP_TIMEOUT_S, env=single_rank_env())
 
 
 def _out_of_memory(error: str) -> bool:
@@ -274,10 +262,6 @@ def bench_max_chunk(overrides: Sequence[str] = TINY, chunks: Sequence[int] = (64
 
 def model_flops_per_sample(cfg: Config) -> float:
     """Forward FLOPs of one image-text pair, counted by torch's FLOP counter on the real model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from zvl_ds.model.build import build_model
-
     model = build_model(cfg.model, cfg.loss)
     size = cfg.model.image_encoder.img_size or cfg.transforms.input_size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
