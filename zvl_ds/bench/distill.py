@@ -20,8 +20,13 @@ import resource
 import time
 from typing import Dict, List, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from zvl_ds.bench.fresh_process import call_in_fresh_process
 from zvl_ds.bench.loss import _available_bytes, _proc_status_bytes, _reset_peak_rss
+from zvl_ds.objective.dense_reference import dense_sigmoid_distillation, dense_softmax_distillation
+from zvl_ds.objective.distill_kernels import sigmoid_distill_strip, softmax_distill_strip
 
 FAMILIES = ("softmax", "sigmoid")
 METHODS = ("tiled", "dense")
@@ -31,11 +36,6 @@ TEACHER_SCALE, TEACHER_BIAS = 100.0, -10.0
 
 def _term(family: str, method: str, image, text, teacher_image, teacher_text, chunk_rows: int, chunk_cols: int):
     """The term and its gradients once; returns the loss value."""
-    import torch
-
-    from zvl_ds.objective.dense_reference import dense_sigmoid_distillation, dense_softmax_distillation
-    from zvl_ds.objective.distill_kernels import sigmoid_distill_strip, softmax_distill_strip
-
     device = image.device
     if method == "tiled":
         with torch.no_grad():
@@ -60,8 +60,6 @@ def _term(family: str, method: str, image, text, teacher_image, teacher_text, ch
 def run_case(batch: int, dim: int, teacher_dim: int, family: str, method: str, chunk_rows: int, chunk_cols: int,
              device: str) -> Dict[str, object]:
     """One measurement, meant for a fresh process (module docstring)."""
-    import torch
-    import torch.nn.functional as F
 
     def make(rows):
         torch.manual_seed(0)
@@ -170,8 +168,6 @@ def _show(key: str, result: Dict[str, object], verbose: bool) -> None:
 
 def run_distill(args) -> Dict[str, object]:
     """``python -m zvl_ds.bench distill``."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches: List[int] = [b for b in args.loss_batches if b <= 65536 or device == "cuda"]
     return benchmark_distill(batch_sizes=batches, dim=args.loss_dim, teacher_dim=args.teacher_dim,
