@@ -152,7 +152,7 @@ def _without_weights(folders):
     (lambda f: "openai/clip-vit-base-patch32", [], "hub names are refused"),
     (lambda f: "hf-hub:timm/ViT-B-16-SigLIP", [], "nothing is downloaded"),
     (lambda f: "ViT-B-32", [], "distill.pretrained"),
-    (lambda f: "ViT-B-32", ["distill.pretrained=/no/such/file.safetensors"], "not a local file"),
+    (lambda f: "ViT-B-32", ["distill.pretrained=/no/such/file.safetensors"], "distill.pretrained=.* not a local file"),
     (lambda f: "local-dir:/no/such/folder", [], "not a local folder"),
     (lambda f: f["root"], [], "not a model folder"),
     (lambda f: os.path.join(f["hf_clip"], "config.json"), [], "a file, not a model folder"),

@@ -120,8 +120,8 @@ def _source_config(raw: Dict[str, Any], name: str) -> Config:
 def _open_clip(name: str, model_name: str, pretrained: Optional[str]) -> TeacherSource:
     try:
         source = open_clip_source(model_name, pretrained)
-    except ConfigError as error:
-        raise _error(name, str(error)) from None
+    except ConfigError as error:  # the student's key names, told as the teacher's
+        raise _error(name, str(error).replace("model.open_clip.pretrained", "distill.pretrained")) from None
     if source.weights is None:
         raise _error(name, "no weights: a local-dir: folder needs open_clip_model.safetensors (or .bin), an "
                            "architecture name needs its weights file in distill.pretrained")
