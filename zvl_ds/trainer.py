@@ -1,8 +1,9 @@
 """The training loop: build the parts from a config, step, checkpoint and resume, evaluate, log.
 
-``Trainer`` wires the rooms together: the data stream (``data``), the model (``model``), the DeepSpeed engine with
-its optimizer and schedule (``runtime``), one configured step (``objective.build``), checkpoints and metrics
-(``runtime``) and evaluation (``evaluation``). ``train.py`` parses the command line and runs it.
+``Trainer`` wires the rooms together: the data stream (``data``), the model and a distillation teacher (``model``),
+the DeepSpeed engine with its optimizer and schedule (``runtime``), one configured step (``objective.build``),
+checkpoints and metrics (``runtime``) and evaluation (``evaluation``). ``train.py`` parses the command line and runs
+it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import zvl_ds
 from zvl_ds.base.errors import UserError
 from zvl_ds.config import Config, ConfigError
-from zvl_ds.data import build_train_loader, load_tokenizer
+from zvl_ds.data import TeacherInputs, build_train_loader, load_tokenizer
 from zvl_ds.data.failures import DataLossError
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
 from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
@@ -28,6 +29,7 @@ from zvl_ds.model.adapters import ADAPTER_BASE_FILE, base_change, base_identity,
 from zvl_ds.model.build import build_model
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
+from zvl_ds.model.teacher import Teacher, check_teacher_identity, load_teacher
 from zvl_ds.model.towers import compile_towers
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.skip import NonFiniteWeights, SkipPolicy, local_weights_finite, non_finite_weights_message
@@ -100,11 +102,15 @@ class Trainer:
         self.engine = initialize_engine(model, optimizer, ds_config)
         self.ema = build_ema(cfg.model.ema, self.engine, self.zero_stage)  # None unless model.ema.decay is set
         check_zero_shot_sets(cfg)
+        # a distillation teacher trains nothing and is not needed to evaluate (evaluate: true)
+        self.teacher: Optional[Teacher] = (load_teacher(cfg, placement.device, placement.dtype, ds_config)
+                                           if cfg.distill.enabled and not cfg.evaluate else None)
         # evaluation-only runs (evaluate: true) need no training data
-        self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer)
+        self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer,
+                                                                   self._teacher_inputs())
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
-        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, placement.dtype)
+        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, placement.dtype, self.teacher)
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
                                sinks_for(cfg, self.run_dir, self.resume_point is not None)
                                if dist.is_main_process() else ())
@@ -154,6 +160,13 @@ class Trainer:
             raise CheckpointError(f"cannot resume {folder}: {change}. Resume with the base it was trained on, or "
                                   "start a new run (another data.exp_name)")
 
+    def _teacher_inputs(self) -> Optional[TeacherInputs]:
+        teacher = self.teacher
+        return None if teacher is None else TeacherInputs(teacher.image_size, teacher.tokenizer, teacher.max_length)
+
+    def _teacher_identity(self) -> Optional[Dict[str, str]]:
+        return None if self.teacher is None else self.teacher.identity
+
     # ------------------------------------------------------------------ pieces the loop uses
 
     def _to_step_batch(self, batch) -> StepBatch:
@@ -163,7 +176,8 @@ class Trainer:
             images = images if images.is_pinned() else images.pin_memory()
         else:
             images = images.to(self.placement.device, non_blocking=True)
-        return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         teacher_input_ids=batch.teacher_input_ids, teacher_attention_mask=batch.teacher_attention_mask)
 
     def _record_keys(self, step: int, keys: List[str]) -> None:
         folder = os.path.join(self.run_dir, "sample_keys")
@@ -189,7 +203,8 @@ class Trainer:
 
     def _shared_state(self) -> Dict:
         return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "skipped_steps": self.skips.total,
-                "world_size": self.world_size, "config": self.cfg.to_dict(), "zvl_ds_version": zvl_ds.__version__}
+                "world_size": self.world_size, "config": self.cfg.to_dict(), "zvl_ds_version": zvl_ds.__version__,
+                "teacher": self._teacher_identity()}
 
     def save(self) -> None:
         rank_state = {"step": self.step, "loader": self.loader.state_dict(), "rng": capture_rng_state()}
@@ -206,6 +221,9 @@ class Trainer:
         if point is None:
             return
         shared, rank_state = load_checkpoint(self.engine, point, self.zero_stage, trainable_only=self.adapters)
+        if not self.cfg.evaluate:  # a distilled run goes on with the teacher it started with (its weights' hash)
+            check_teacher_identity(shared.get("teacher"), self._teacher_identity(),
+                                   os.path.join(point.run_dir, point.tag))
         if self.ema is not None:
             try:
                 self.ema.restore(written_folder(point))
@@ -251,17 +269,31 @@ class Trainer:
             self.engine.train()
         with self._side_output(self.monitor.tensorboard_dir):
             log_retrieval_examples(self.monitor, grids, step)
+        self._report_metrics(step, metrics)
+        return metrics
+
+    def _report_metrics(self, step: int, metrics: Dict[str, Dict[str, float]], note: str = "") -> None:
+        """Evaluation figures to TensorBoard, the console and ``eval_metrics.jsonl``."""
         for name, values in metrics.items():
             with self._side_output(self.monitor.tensorboard_dir):
                 self.monitor.scalars(step, {f"eval/{name}/{key}": value for key, value in values.items()
                                             if isinstance(value, (int, float))})
-            self.monitor.console(f"eval {name} @ step {step}: " + "  ".join(
+            self.monitor.console(f"eval {name} @ step {step}{note}: " + "  ".join(
                 f"{key} {values[key]:.2f}" for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "top1", "top5")
                 if key in values))
         if dist.is_main_process():
             path = os.path.join(self.run_dir, "eval_metrics.jsonl")
             with self._side_output(path), open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def evaluate_teacher(self) -> Dict[str, Dict[str, float]]:
+        """The teacher's retrieval figures on the run's validation sets, once at the start, as ``<set>_teacher``: the
+        reference the distilled student is measured against."""
+        teacher = self.teacher
+        metrics, _ = evaluate_with_examples(teacher.evaluation_config(self.cfg), teacher.model, teacher.tokenizer,
+                                            self.placement.device, self.placement.dtype)
+        metrics = {f"{name}_teacher": values for name, values in metrics.items()}
+        self._report_metrics(self.step, metrics, " (the teacher, a reference)")
         return metrics
 
     def _data_error_counts(self) -> Dict[str, int]:
@@ -284,6 +316,7 @@ class Trainer:
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["train/grad_norm"] = float(grad_norm)
         values.update({f"time/{name}": value for name, value in phases.items()})
+        values.update({f"train/{name}": value for name, value in result.parts.items()})
         on_interval = step % self.cfg.log.interval_train == 0 or step == self.total_steps
         if on_interval:  # summing the counters over ranks is a collective: not on every step
             values.update({f"data/skipped_{reason}": count for reason, count in self._data_error_counts().items()})
@@ -346,7 +379,16 @@ class Trainer:
         self.monitor.console(f"training {self.total_steps} steps of {cfg.data.batch_size} samples "
                              f"({cfg.runner.name}, chunk {self.run_step.options.chunk}/rank, {self.world_size} ranks, "
                              f"ZeRO-{self.zero_stage}, {cfg.precision}) -> {self.run_dir}")
+        if self.teacher is not None:
+            identity, (held, whole) = self.teacher.identity, self.teacher.parameter_bytes()
+            self.monitor.console(f"distilling from {identity['teacher']} ({identity['kind']}, "
+                                 f"{self.teacher.image_size} px, sha256 {identity['sha256'][:12]}): weights "
+                                 f"{held / 2 ** 20:.1f} of {whole / 2 ** 20:.1f} MiB on this rank; loss = "
+                                 f"{cfg.distill.contrastive_weight:g} x {cfg.loss.name} + {cfg.distill.weight:g} x "
+                                 "distillation")
         drop_rows_after(self.run_dir, self.step, self.rank, dist.is_main_process())  # steps that are replayed
+        if self.teacher is not None and self.step == 0 and cfg.data.enable_valid:
+            self.evaluate_teacher()
         self.engine.train()
         self.monitor.start(self.step)
         batches = iter(self.loader)

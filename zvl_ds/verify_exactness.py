@@ -9,7 +9,9 @@ Each rank takes one batch (from your data, or random inputs with --synthetic) an
 configured runner with plain SGD at lr 1 (no momentum, decay or clipping), so the parameter update IS the
 averaged gradient. Rank 0 then recomputes the gradient of the same global batch in a single process with a
 dense full-batch loss (zvl_ds.objective.exactness), replaying each rank's dropout, and prints the largest relative
-difference per parameter group. Exit code 1 when a group exceeds the tolerance.
+difference per parameter group. Exit code 1 when a group exceeds the tolerance. With distill.teacher set, the
+teacher embeds the batch in the step (partitioned at ZeRO-3) and the reference adds the dense distillation term,
+from the teacher's embeddings of the whole batch.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ import torch
 import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.base.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
-from zvl_ds.data import build_train_loader, load_tokenizer
+from zvl_ds.data import TeacherInputs, build_train_loader, load_tokenizer
+from zvl_ds.data.transforms import ImageTransform
 from zvl_ds.model.build import build_model
+from zvl_ds.model.teacher import Teacher, load_teacher
 from zvl_ds.objective.build import build_step
-from zvl_ds.objective.exactness import GroupDifference, compare_by_group, reference_loss
+from zvl_ds.objective.exactness import GroupDifference, ReferenceDistillation, compare_by_group, reference_loss
 from zvl_ds.objective.mixup import draw_mixup
 from zvl_ds.objective.step import StepBatch
 from zvl_ds.observe.logs import setup_logging
@@ -55,21 +59,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokenizer) -> StepBatch:
+def _random_tokens(tokenizer, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    vocab = max(8, getattr(tokenizer, "vocab_size", 1000))
+    return torch.randint(5, vocab, (count, length), generator=generator)
+
+
+def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokenizer,
+                teacher: Optional[Teacher] = None) -> StepBatch:
     per_rank = cfg.data.batch_size // world_size
     if synthetic:
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         size = cfg.transforms.input_size
+        if teacher is not None:  # the loader's side: the larger of the student's and the teacher's views
+            size = max(ImageTransform(cfg.transforms.train_transforms, cfg.transforms).size, teacher.image_size)
         images = torch.randint(0, 256, (per_rank, 3, size, size), dtype=torch.uint8, generator=generator)
-        vocab = max(8, getattr(tokenizer, "vocab_size", 1000))
-        input_ids = torch.randint(5, vocab, (per_rank, cfg.model.max_length), generator=generator)
-        return StepBatch(images, input_ids, torch.ones_like(input_ids))
-    loader = build_train_loader(cfg, rank, world_size, tokenizer)
+        input_ids = _random_tokens(tokenizer, per_rank, cfg.model.max_length, generator)
+        batch = StepBatch(images, input_ids, torch.ones_like(input_ids))
+        if teacher is not None:
+            batch.teacher_input_ids = _random_tokens(teacher.tokenizer, per_rank, teacher.max_length, generator)
+            batch.teacher_attention_mask = torch.ones_like(batch.teacher_input_ids)
+        return batch
+    inputs = None if teacher is None else TeacherInputs(teacher.image_size, teacher.tokenizer, teacher.max_length)
+    loader = build_train_loader(cfg, rank, world_size, tokenizer, inputs)
     try:
         batch = next(iter(loader))
     finally:
         loader.close()
-    return StepBatch(batch.images, batch.input_ids, batch.attention_mask)
+    return StepBatch(batch.images, batch.input_ids, batch.attention_mask, batch.teacher_input_ids,
+                     batch.teacher_attention_mask)
 
 
 def gather_to_all(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -94,15 +111,31 @@ def full_parameters(engine, stage: int) -> Dict[str, torch.Tensor]:
 REFERENCE_LOSS_SCALE = {torch.float16: 1024.0}
 
 
+def reference_distillation(cfg: Config, teacher: Teacher, images: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, normalise, device: torch.device,
+                           dtype: torch.dtype) -> ReferenceDistillation:
+    """The teacher's embeddings of the whole batch in one process: its own module, or at ZeRO-3 (where a forward of
+    the partitioned engine is a collective) a second copy loaded here."""
+    module = teacher.module
+    if module is not teacher.model:
+        module = load_teacher(cfg, device, dtype).module
+    with torch.no_grad():
+        out = module(images=normalise(images), input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return ReferenceDistillation(out["image_embeds"].float(), out["text_embeds"].float(), teacher.scale, teacher.bias,
+                                 cfg.distill.weight, cfg.distill.contrastive_weight, cfg.distill.sigmoid_target)
+
+
 def reference_gradients(cfg: Config, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         world_size: int, chunk: int, normalise, device: torch.device,
-                        dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+                        dtype: torch.dtype, distillation: Optional[ReferenceDistillation] = None
+                        ) -> Dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loss).to(device=device, dtype=dtype)
     model.train()
     mixup = draw_mixup(cfg.seed, 0, cfg.loss.mixup.beta) if cfg.loss.name == "MixUpNCE" else None
     loss = reference_loss(model, normalise(images), input_ids.to(device), attention_mask.to(device),
-                          world_size=world_size, chunk=chunk, seed=cfg.seed, step=0, mixup=mixup)
+                          world_size=world_size, chunk=chunk, seed=cfg.seed, step=0, mixup=mixup,
+                          distillation=distillation)
     scale = REFERENCE_LOSS_SCALE.get(dtype, 1.0)
     (loss * scale).backward()
     return {name: p.grad.detach().float().cpu() / scale for name, p in model.named_parameters()
@@ -139,14 +172,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.loss)
         engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device), ds_config)
+        teacher = load_teacher(cfg, placement.device, placement.dtype, ds_config) if cfg.distill.enabled else None
 
-        batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer)
+        batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer, teacher)
         chunk = cfg.per_rank_chunk(world_size)
         global_images = gather_to_all(batch.images, placement.device)
         global_ids = gather_to_all(batch.input_ids, placement.device)
         global_mask = gather_to_all(batch.attention_mask, placement.device)
+        if teacher is not None:
+            global_teacher_ids = gather_to_all(batch.teacher_input_ids, placement.device)
+            global_teacher_mask = gather_to_all(batch.teacher_attention_mask, placement.device)
         before = full_parameters(engine, stage)
-        step = build_step(cfg, world_size, rank, placement.device, placement.dtype)  # the trainer's step, as built there
+        # the trainer's step, as built there
+        step = build_step(cfg, world_size, rank, placement.device, placement.dtype, teacher)
         mixup = step.mixup(0)
         engine.train()
         for _ in range(MAX_OVERFLOW_RETRIES):  # fp16: DeepSpeed lowers its loss scale after each overflow
@@ -161,12 +199,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ok = False
             else:
                 update = {name: before[name] - after[name] for name in before}
+                distillation = None if teacher is None else reference_distillation(
+                    cfg, teacher, global_images, global_teacher_ids, global_teacher_mask,
+                    step.options.teacher.prepare_images, placement.device, placement.dtype)
                 expected = reference_gradients(cfg, global_images, global_ids, global_mask, world_size, chunk,
-                                               step.options.prepare_images, placement.device, placement.dtype)
+                                               step.options.prepare_images, placement.device, placement.dtype,
+                                               distillation)
                 tolerance = args.tolerance or DEFAULT_TOLERANCE[cfg.precision or "fp32"]
                 print(f"one {cfg.runner.name} step, {world_size} rank(s), ZeRO-{stage}, {cfg.precision}, "
                       f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
-                      + (f" ({mixup.side} mixup, lambda {mixup.lam:.3f})" if mixup else ""))
+                      + (f" ({mixup.side} mixup, lambda {mixup.lam:.3f})" if mixup else "")
+                      + (f", distilled from {cfg.distill.teacher} ({teacher.image_size} px)" if teacher else ""))
                 ok = report(compare_by_group(update, expected), tolerance)
         # the report is out before any rank can exit: with exit code 1 on every rank, the launcher ends the ranks
         # still running as soon as one exits, and a block-buffered report of rank 0 would be lost

@@ -1,4 +1,5 @@
-"""``python -m zvl_ds.bench {shards,data,loss,dga,patch-dropout,memory,gpu,profile,openclip,max-chunk,all} [--out DIR]``.
+"""``python -m zvl_ds.bench {shards,data,loss,distill,dga,patch-dropout,memory,gpu,profile,openclip,max-chunk,all}
+[--out DIR]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
@@ -22,6 +23,7 @@ from zvl_ds.base.atomic_write import write_text_atomic
 from zvl_ds.base.cli import run
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
 from zvl_ds.bench.data_formats import benchmark_formats
+from zvl_ds.bench.distill import run_distill
 from zvl_ds.bench.gpu_report import main_gpu_report
 from zvl_ds.bench.gpu_table import main_gpu_table
 from zvl_ds.bench.loss import benchmark_loss
@@ -141,7 +143,8 @@ def run_max_chunk(args) -> Dict:
 
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
                                 "patch-dropout": run_patch_dropout, "memory": run_memory, "gpu": run_gpu,
-                                "profile": run_profile, "openclip": run_openclip, "max-chunk": run_max_chunk}
+                                "profile": run_profile, "openclip": run_openclip, "max-chunk": run_max_chunk,
+                                "distill": run_distill}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -164,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--loss-dim", type=int, default=512, help="loss: embedding width")
     parser.add_argument("--loss-chunk-rows", type=int, default=1024, help="loss: rows per logits block")
     parser.add_argument("--loss-chunk-cols", type=int, default=1024, help="loss: columns per tile (tiled, siglip)")
+    parser.add_argument("--teacher-dim", type=int, default=768, help="distill: the teacher's embedding width")
     parser.add_argument("--gpu-batch", type=int, default=16384)
     parser.add_argument("--gpu-chunk", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=None, help="gpu: the device's dense peak for MFU")
@@ -187,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_gpu_report(args.out, args.smoke, args.stages, args.total_seconds, args.peak_tflops)
     if args.which == "gpu-table":
         return main_gpu_table(args.report, args.write)
-    optional = {"gpu", "profile", "openclip", "max-chunk"}  # not part of "all": GPU-only, or a closer look at one step
+    # not part of "all": GPU-only, a closer look at one step, or distillation's memory (minutes at 65k on a CPU)
+    optional = {"gpu", "profile", "openclip", "max-chunk", "distill"}
     names = ([n for n in BENCHES if n not in optional or (n == "gpu" and torch.cuda.is_available())]
              if args.which == "all" else [args.which])
     os.makedirs(args.out, exist_ok=True)

@@ -4,10 +4,11 @@ sections.
 
 Sections: ``data_section`` (``data:``), ``transforms_section`` (``transforms:``), ``model_section`` (``model:``),
 ``loss_section`` (``loss:``), ``optim_section`` (``optim:``), ``run_sections`` (``runner:``, ``ckpt:``, ``log:``,
-``wandb:``, ``dist:``). Each holds the keys that act, and what each key means as the docstring under its field: the
-generated reference (``python -m zvl_ds.config --reference``, docs/configuration.md) reads them, and a test checks
-that every key has one, so the documentation cannot drift from the code. Keys under a mapping of sections are
-written with a ``<name>`` placeholder (``data.datasets.<name>.shards``).
+``wandb:``, ``dist:``), ``distill_section`` (``distill:``). Each holds the keys that act, and what each key means
+as the docstring under its field: the generated reference (``python -m zvl_ds.config --reference``,
+docs/configuration.md) reads them, and a test checks that every key has one, so the documentation cannot drift
+from the code. Keys under a mapping of sections are written with a ``<name>`` placeholder
+(``data.datasets.<name>.shards``).
 
 Key names follow ZeroVL (``zerovl/tasks/clip/config.py`` and its yaml files) so that ZeroVL configs load as
 written. Defaults follow ZeroVL's code defaults; where we deviate, a comment says why. ZeroVL keys that change
@@ -32,6 +33,7 @@ import yaml
 
 from zvl_ds.base.errors import ConfigError
 from zvl_ds.config.data_section import DataConfig
+from zvl_ds.config.distill_section import DistillConfig
 from zvl_ds.config.loss_section import LossConfig
 from zvl_ds.config.model_section import ModelConfig
 from zvl_ds.config.optim_section import OptimConfig
@@ -74,6 +76,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> str:
@@ -104,6 +107,8 @@ class Config:
         self.log.check()
         self.runner.check()
         self._check_run_length()
+        self.distill.check()
+        self._check_distillation()
 
     def _check_weights_to_evaluate(self) -> None:
         """``evaluate`` with ``model.load_finetuned``: the weights evaluated come from one place."""
@@ -122,6 +127,23 @@ class Config:
         if not self.evaluate and not steps_fixed and self.epoch < 1:
             raise ConfigError(f"epoch: must be >= 1 when neither runner.train_steps nor data.train_steps is > 0 (the "
                               f"run would train no step), got {self.epoch}")
+
+    def _check_distillation(self) -> None:
+        """The distillation term follows the student's loss: softmax for NCE, sigmoid for SigLIP; not MixUpNCE."""
+        if not self.distill.enabled:
+            return
+        if self.loss.name == "MixUpNCE":
+            raise ConfigError("distill.teacher with loss.name=MixUpNCE: distillation is defined for NCE (softmax) and "
+                              "SigLIP (sigmoid) students only; use loss.name=NCE")
+        if self.runner.name == "clip" and not self.loss.nce_loss.gather_backward:
+            raise ConfigError("distill.teacher with loss.nce_loss.gather_backward=false: the distillation term needs "
+                              "the gathered embeddings' gradient; use true, or the clip_bsgs runner")
+        if self.distill.bias is not None and self.loss.name != "SigLIP":
+            raise ConfigError(f"distill.bias={self.distill.bias} with loss.name={self.loss.name}: a bias shifts every "
+                              "logit of a softmax alike and changes nothing; it is for SigLIP students only")
+        if self.distill.sigmoid_target != "mobileclip2" and self.loss.name != "SigLIP":
+            raise ConfigError(f"distill.sigmoid_target={self.distill.sigmoid_target} with loss.name={self.loss.name}: "
+                              "the target of sigmoid distillation; a softmax student distils the teacher's softmax")
 
     def to_dict(self) -> Dict[str, Any]:
         return to_plain(dataclasses.asdict(self))

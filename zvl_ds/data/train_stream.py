@@ -39,7 +39,7 @@ from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, SamplingPlan, build_plan, derive_seed, name_key
 from zvl_ds.data.sources import ResolvedDataset
-from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, tokenize
+from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, scaled_train_transforms, tokenize
 
 STATE_FORMAT = 1
 _VISIT_TAG = 0x7151
@@ -53,10 +53,27 @@ class TrainBatch:
     keys: List[str]
     dataset: str  # the source dataset; "mixed" in shuffle mode
     step: int  # the global optimizer step this batch is for (0-based)
+    # with a distillation teacher: the same captions in the teacher's tokens, long [b, L_teacher]
+    teacher_input_ids: Optional[torch.Tensor] = None
+    teacher_attention_mask: Optional[torch.Tensor] = None
 
     def pin_memory(self) -> "TrainBatch":
+        teacher = ({} if self.teacher_input_ids is None else
+                   {"teacher_input_ids": self.teacher_input_ids.pin_memory(),
+                    "teacher_attention_mask": self.teacher_attention_mask.pin_memory()})
         return replace(self, images=self.images.pin_memory(), input_ids=self.input_ids.pin_memory(),
-                       attention_mask=self.attention_mask.pin_memory())
+                       attention_mask=self.attention_mask.pin_memory(), **teacher)
+
+
+@dataclass
+class TeacherInputs:
+    """What a distillation teacher reads beside the student (``zvl_ds.model.teacher``): its image side, which makes
+    the loader hand over the crops at the larger of the two sides (each view is resized down on the device), and
+    its tokenizer, which tokenizes every caption a second time."""
+
+    image_size: int
+    tokenizer: object
+    max_length: int
 
 
 @dataclass
@@ -85,6 +102,7 @@ class _TrainSpec:
     seed: int
     buffer_size: int
     max_warnings: int
+    teacher: Optional[TeacherInputs] = None
 
 
 class LoaderTimeout(UserError, RuntimeError):
@@ -137,7 +155,11 @@ class _TrainStream(IterableDataset):
             keys.append(raw.key)
         input_ids, attention_mask = tokenize(spec.tokenizer, captions, spec.max_length)
         label = MIXED if spec.plan.mode == SHUFFLE else spec.plan.source_names[stream.source]
-        return TrainBatch(images, input_ids, attention_mask, keys, label, step)
+        batch = TrainBatch(images, input_ids, attention_mask, keys, label, step)
+        if spec.teacher is not None:
+            batch.teacher_input_ids, batch.teacher_attention_mask = tokenize(spec.teacher.tokenizer, captions,
+                                                                             spec.teacher.max_length)
+        return batch
 
     def _decode(self, raw: RawSample, fields: FieldLoader) -> Tuple[torch.Tensor, str]:
         spec = self.spec
@@ -169,7 +191,7 @@ def _fingerprint(cfg: Config, plan: SamplingPlan) -> Dict[str, object]:
 class TrainLoader:
     """This rank's endless stream of ``TrainBatch``es, one per optimizer step, resumable exactly."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, tokenizer):
+    def __init__(self, cfg: Config, rank: int, world_size: int, tokenizer, teacher: Optional[TeacherInputs] = None):
         data = cfg.data
         if data.batch_size % world_size:
             raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
@@ -180,9 +202,10 @@ class TrainLoader:
                                data.batch_size // world_size)
         caption_aug = (CaptionAugmenter(cfg.transforms.caption_aug, tokenizer)
                        if cfg.transforms.caption_aug.enable else None)
-        self._spec = _TrainSpec(self.plan, datasets, ImageTransform(cfg.transforms.train_transforms, cfg.transforms),
+        self._spec = _TrainSpec(self.plan, datasets, _train_transform(cfg, teacher),
                                 caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer,
-                                cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings)
+                                cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings,
+                                teacher)
         self._fingerprint = _fingerprint(cfg, self.plan)
         self._step = 0
         self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]
@@ -310,9 +333,18 @@ class TrainLoader:
         self._close_iterator()
 
 
+def _train_transform(cfg: Config, teacher: Optional[TeacherInputs]) -> ImageTransform:
+    """The training transform; its crops at the teacher's side when a teacher reads larger images than the student."""
+    transform = ImageTransform(cfg.transforms.train_transforms, cfg.transforms)
+    if teacher is None or teacher.image_size <= transform.size:
+        return transform
+    return ImageTransform(cfg.transforms.train_transforms, scaled_train_transforms(cfg.transforms, teacher.image_size))
+
+
 def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer) -> TrainLoader:
-    return TrainLoader(cfg, rank, world_size, tokenizer)
+def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer,
+                       teacher: Optional[TeacherInputs] = None) -> TrainLoader:
+    return TrainLoader(cfg, rank, world_size, tokenizer, teacher)

@@ -17,6 +17,7 @@ Names (``transforms.train_transforms`` / ``valid_transforms``):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -204,16 +205,50 @@ def to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize_images(images_uint8: torch.Tensor, norm_cfg: NormalizeConfig, device, dtype=torch.float32
-                     ) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> ``(x / 255 - mean) / std`` on ``device``, computed in float32 then cast to ``dtype``."""
+def normalize_images(images_uint8: torch.Tensor, norm_cfg: NormalizeConfig, device, dtype=torch.float32,
+                     size: Optional[int] = None) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> ``(x / 255 - mean) / std`` on ``device``, computed in float32 then cast to ``dtype``.
+
+    ``size``: the images are first resized down to ``size`` x ``size`` when they are larger (``resize_down``)."""
     if images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
         raise ValueError(f"normalize_images expects [N, 3, H, W], got {tuple(images_uint8.shape)}")
     device = torch.device(device)
     images = images_uint8.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+    if size is not None:
+        images = resize_down(images, size)
     mean = torch.tensor(norm_cfg.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(norm_cfg.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return images.sub_(mean).div_(std).to(dtype)
+
+
+def resize_down(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float [N, 3, H, W] -> [N, 3, size, size] by antialiased bilinear interpolation; never up: the training
+    loader hands over the larger of two views (a student and its teacher, docs/distillation.md) and each is made
+    from it on the device. Images already at ``size`` are returned as they are."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    if height < size or width < size:
+        raise ValueError(f"resize_down: images of {height} x {width} px cannot give a {size} px view without "
+                         "upsampling")
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
+def scaled_train_transforms(cfg: TransformsConfig, size: int) -> TransformsConfig:
+    """``cfg`` with the training transforms' output at ``size`` px: the same crops (the same box, drawn from the same
+    random numbers) resampled to another size. The last op that sets a size is set to ``size``, the ones before it
+    are scaled by the same factor, so a resize then center crop keeps its proportions."""
+    sizes = {"random_resize_crop": cfg.random_resize_crop, "resize": cfg.resize, "center_crop": cfg.center_crop}
+    current = ImageTransform(cfg.train_transforms, cfg).size
+    scaled = dataclasses.replace(cfg, **{name: dataclasses.replace(section) for name, section in sizes.items()})
+    for name in cfg.train_transforms:
+        if name in sizes:
+            section = getattr(scaled, name)
+            section.size = int(round(getattr(cfg, name).size * size / current))
+    last = [name for name in cfg.train_transforms if name in sizes][-1]
+    getattr(scaled, last).size = size
+    return scaled
 
 
 # --------------------------------------------------------------------------------------------------

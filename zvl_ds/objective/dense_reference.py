@@ -52,3 +52,33 @@ def dense_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: Union[tor
     diagonal and -1 elsewhere."""
     signs = 2 * torch.eye(image.shape[0], dtype=image.dtype, device=image.device) - 1
     return -F.logsigmoid(signs * (scale * image @ text.t() + bias)).mean()
+
+
+def _soft_targets_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j softmax(teacher)_j log_softmax(student)_j."""
+    return -(F.softmax(teacher_logits, dim=1) * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
+
+
+def dense_softmax_distillation(image: torch.Tensor, text: torch.Tensor, temperature: Union[torch.Tensor, float],
+                               teacher_image: torch.Tensor, teacher_text: torch.Tensor,
+                               teacher_scale: Union[torch.Tensor, float]) -> torch.Tensor:
+    """OpenCLIP's DistillClipLoss term: the teacher's softmax against the student's log-softmax over each row
+    (image -> text) and each column (text -> image), averaged. The student's logits are divided by its temperature,
+    the teacher's multiplied by its scale."""
+    student = image @ text.t() / temperature
+    teacher = teacher_scale * teacher_image @ teacher_text.t()
+    return 0.5 * (_soft_targets_cross_entropy(teacher, student) + _soft_targets_cross_entropy(teacher.t(), student.t()))
+
+
+def dense_sigmoid_distillation(image: torch.Tensor, text: torch.Tensor, scale: Union[torch.Tensor, float],
+                               bias: Union[torch.Tensor, float], teacher_image: torch.Tensor,
+                               teacher_text: torch.Tensor, teacher_scale: float, teacher_bias: float,
+                               target: str = "mobileclip2") -> torch.Tensor:
+    """The sigmoid distillation term, the mean over all B x B pairs. ``mobileclip2``: -log sigmoid(y u) with the soft
+    sign y = 2 sigmoid(v) - 1 of the teacher's logit v (MobileCLIP2's DistillSigLipLoss); ``bce``: the binary
+    cross-entropy of the student's logit u against the probability sigmoid(v)."""
+    student = scale * image @ text.t() + bias
+    teacher = teacher_scale * teacher_image @ teacher_text.t() + teacher_bias
+    if target == "mobileclip2":
+        return -F.logsigmoid((2 * torch.sigmoid(teacher) - 1) * student).mean()
+    return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))

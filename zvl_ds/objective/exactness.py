@@ -8,7 +8,8 @@ must agree to rounding. The per-rank, per-step seeds are derived here from their
 through the trainer's ``step_seed``: a seeding fault in the trainer (every rank drawing the same masks, say)
 makes the two disagree instead of agreeing with itself. Patch dropout
 (``model.image_encoder.patch_dropout``) draws its kept patches from the same generator, so the reference drops the
-patches the distributed step dropped in both of its passes.
+patches the distributed step dropped in both of its passes. With distillation, the teacher's embeddings of the
+whole batch (computed by the caller, in one process) enter ``dense_reference``'s distillation term.
 """
 from __future__ import annotations
 
@@ -20,7 +21,32 @@ import torch
 from torch import nn
 
 from zvl_ds.model.mixing import MixupDraw
-from zvl_ds.objective.dense_reference import dense_contrastive_loss, dense_sigmoid_loss
+from zvl_ds.objective.dense_reference import (dense_contrastive_loss, dense_sigmoid_distillation, dense_sigmoid_loss,
+                                              dense_softmax_distillation)
+
+
+@dataclass
+class ReferenceDistillation:
+    """The distillation term of the reference: the teacher's embeddings of the whole global batch, in rank order,
+    and the weights, scale and bias of ``distill:``."""
+
+    image: torch.Tensor  # [B, d_T]
+    text: torch.Tensor  # [B, d_T]
+    scale: float
+    bias: Optional[float]
+    weight: float
+    contrastive_weight: float
+    sigmoid_target: str = "mobileclip2"
+
+    def combined(self, own: torch.Tensor, image: torch.Tensor, text: torch.Tensor, temperature: Optional[torch.Tensor],
+                 scale_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        teacher_image, teacher_text = self.image.to(image), self.text.to(image)
+        if scale_bias is not None:
+            distilled = dense_sigmoid_distillation(image, text, scale_bias[0], scale_bias[1], teacher_image,
+                                                   teacher_text, self.scale, self.bias, self.sigmoid_target)
+        else:
+            distilled = dense_softmax_distillation(image, text, temperature, teacher_image, teacher_text, self.scale)
+        return self.contrastive_weight * own + self.weight * distilled
 
 
 def reference_rank_seed(seed: int, step: int, rank: int) -> int:
@@ -44,8 +70,9 @@ def reference_partner(global_batch: int, world_size: int, chunk: int) -> torch.T
 
 def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    *, world_size: int, chunk: int, seed: int, step: int, mixup: Optional[MixupDraw],
-                   replay_rng: bool = True) -> torch.Tensor:
-    """Full-batch loss with autograd through every chunk; ``images`` are already normalised floats."""
+                   replay_rng: bool = True, distillation: Optional[ReferenceDistillation] = None) -> torch.Tensor:
+    """Full-batch loss with autograd through every chunk; ``images`` are already normalised floats (the student's
+    view). ``distillation``: the teacher's term added with its weights."""
     per_rank = images.shape[0] // world_size
     image_parts: List[torch.Tensor] = []
     text_parts: List[torch.Tensor] = []
@@ -61,11 +88,15 @@ def reference_loss(model: nn.Module, images: torch.Tensor, input_ids: torch.Tens
             temperature = out["temperature"].float() if temperature is None else temperature
             if scale_bias is None and out.get("logit_scale_bias") is not None:
                 scale_bias = out["logit_scale_bias"].float()
+    image, text = torch.cat(image_parts), torch.cat(text_parts)
     if scale_bias is not None:  # a model built for SigLIP
-        return dense_sigmoid_loss(torch.cat(image_parts), torch.cat(text_parts), scale_bias[0], scale_bias[1])
-    partner = reference_partner(images.shape[0], world_size, chunk) if mixup is not None else None
-    return dense_contrastive_loss(torch.cat(image_parts), torch.cat(text_parts), temperature,
-                                  None if mixup is None else mixup.lam, partner)
+        own = dense_sigmoid_loss(image, text, scale_bias[0], scale_bias[1])
+    else:
+        partner = reference_partner(images.shape[0], world_size, chunk) if mixup is not None else None
+        own = dense_contrastive_loss(image, text, temperature, None if mixup is None else mixup.lam, partner)
+    if distillation is None:
+        return own
+    return distillation.combined(own, image, text, temperature, scale_bias)
 
 
 @dataclass

@@ -9,8 +9,8 @@ that same per-rank value (``pass1_gradients``), so the step back-propagates them
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,8 @@ class LossOutput:
     loss: torch.Tensor  # scalar, detached: the global-mean loss (soft targets under mixup)
     i2t_acc: float  # top-1 over the global batch, image -> text
     t2i_acc: float  # top-1 over the global batch, text -> image
+    # the terms of a loss made of several (distillation: contrastive_loss, distill_loss), each global and detached
+    parts: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

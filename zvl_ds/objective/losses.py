@@ -4,7 +4,8 @@ A step needs four things of a loss: its learnable scalars in the model's output,
 single-pass loss (this rank's share, for an engine that averages gradients over ranks) and, for DGA, the
 gradients of that share at pass 1's embeddings. ``SoftmaxLoss`` (``NCE``, ``MixUpNCE``) and ``SigmoidLoss``
 (``SigLIP``) answer them; ``build_loss`` picks one from the config, so the step never looks at shapes or names.
-The tiling options (``loss.chunk_rows``, ``loss.chunk_cols``) and the gather mode belong to the loss.
+The tiling options (``loss.chunk_rows``, ``loss.chunk_cols``) and the gather mode belong to the loss. Every loss
+takes the step's teacher embeddings too (``teacher``): ``distill_loss.DistilledLoss`` uses them, these two refuse them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from zvl_ds.objective.sigmoid_loss import sigmoid_loss, sigmoid_loss_and_grads
 from zvl_ds.objective.softmax_loss import contrastive_loss, loss_and_grads
 
 ModelOutput = Dict[str, Optional[torch.Tensor]]
+
+
+def _refuse_teacher(teacher) -> None:
+    if teacher is not None:
+        raise ValueError("teacher embeddings given to a loss without distillation (distill.teacher is not set)")
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,16 @@ class SoftmaxLoss:
         return float(params.detach().reshape(-1)[0])
 
     def single_pass(self, image: torch.Tensor, text: torch.Tensor, params: torch.Tensor,
-                    mixup: Optional[MixupDraw], partner: Optional[torch.Tensor]) -> Tuple[torch.Tensor, LossOutput]:
+                    mixup: Optional[MixupDraw], partner: Optional[torch.Tensor],
+                    teacher=None) -> Tuple[torch.Tensor, LossOutput]:
+        _refuse_teacher(teacher)
         return contrastive_loss(image, text, params, mixup=mixup, partner=partner,
                                 gather_backward=self.gather_backward, chunk_rows=self.chunk_rows,
                                 chunk_cols=self.chunk_cols)
 
     def loss_and_grads(self, image: torch.Tensor, text: torch.Tensor, params: torch.Tensor,
-                       mixup: Optional[MixupDraw], partner: Optional[torch.Tensor]) -> CachedGrads:
+                       mixup: Optional[MixupDraw], partner: Optional[torch.Tensor], teacher=None) -> CachedGrads:
+        _refuse_teacher(teacher)
         return loss_and_grads(image, text, params, mixup=mixup, partner=partner, chunk_rows=self.chunk_rows,
                               chunk_cols=self.chunk_cols)
 
@@ -69,12 +78,15 @@ class SigmoidLoss:
         return float(1.0 / params.detach().reshape(-1)[0])
 
     def single_pass(self, image: torch.Tensor, text: torch.Tensor, params: torch.Tensor,
-                    mixup: Optional[MixupDraw], partner: Optional[torch.Tensor]) -> Tuple[torch.Tensor, LossOutput]:
+                    mixup: Optional[MixupDraw], partner: Optional[torch.Tensor],
+                    teacher=None) -> Tuple[torch.Tensor, LossOutput]:
+        _refuse_teacher(teacher)
         self._refuse_mixup(mixup)
         return sigmoid_loss(image, text, params, chunk_rows=self.chunk_rows, chunk_cols=self.chunk_cols)
 
     def loss_and_grads(self, image: torch.Tensor, text: torch.Tensor, params: torch.Tensor,
-                       mixup: Optional[MixupDraw], partner: Optional[torch.Tensor]) -> CachedGrads:
+                       mixup: Optional[MixupDraw], partner: Optional[torch.Tensor], teacher=None) -> CachedGrads:
+        _refuse_teacher(teacher)
         self._refuse_mixup(mixup)
         return sigmoid_loss_and_grads(image, text, params, chunk_rows=self.chunk_rows, chunk_cols=self.chunk_cols)
 

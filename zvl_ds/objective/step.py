@@ -2,7 +2,8 @@
 
 DGA (ZeroVL's ``clip_bsgs``; GradCache's idea) makes the contrastive batch independent of memory:
 
-1. pass 1, no autograd: embed every chunk of this rank's batch, remembering the RNG state before each chunk;
+1. pass 1, no autograd: embed every chunk of this rank's batch, remembering the RNG state before each chunk (with
+   distillation, the frozen teacher first embeds the same chunks, or its stored embeddings come with the batch);
 2. gather the embeddings of all ranks and compute the loss and its gradient with respect to this rank's
    embeddings and the loss's learnable scalars once (``options.loss.loss_and_grads``, tiled: the temperature
    of the softmax loss, or the scale and bias of the sigmoid loss; ``losses.py``);
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from zvl_ds.config import NormalizeConfig
 from zvl_ds.data.transforms import normalize_images
 from zvl_ds.model.mixing import MixupDraw
+from zvl_ds.objective.distill_loss import DistilledLoss, TeacherEmbeddings
 from zvl_ds.objective.losses import SigmoidLoss, SoftmaxLoss
 from zvl_ds.objective.mixup import draw_mixup
 from zvl_ds.observe.profile_ranges import profile_range
@@ -43,11 +45,18 @@ from zvl_ds.observe.profile_ranges import profile_range
 
 @dataclass
 class StepBatch:
-    """One rank's share of a global batch. Images are uint8 (normalised chunk by chunk on the device)."""
+    """One rank's share of a global batch. Images are uint8 (normalised chunk by chunk on the device).
+
+    With distillation: the teacher's token ids of the same captions (an online teacher reads them), or the
+    teacher's embeddings of the samples themselves (``teacher_embeddings``: a stored teacher; the step then runs
+    no teacher)."""
 
     images: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    teacher_input_ids: Optional[torch.Tensor] = None
+    teacher_attention_mask: Optional[torch.Tensor] = None
+    teacher_embeddings: Optional[TeacherEmbeddings] = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -61,6 +70,7 @@ class StepResult:
     t2i_acc: float
     temperature: float
     skip_reason: Optional[str] = None
+    parts: Dict[str, float] = field(default_factory=dict)  # a loss's terms (distillation), for the logs
 
 
 @dataclass(frozen=True)
@@ -73,18 +83,39 @@ class ImagePreparation:
     normalize: NormalizeConfig
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    # the view's side: larger images are resized down to it on the device (a student and its teacher see two
+    # sizes of one crop); None: as given
+    size: Optional[int] = None
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return normalize_images(images_uint8, self.normalize, self.device, self.dtype)
+        return normalize_images(images_uint8, self.normalize, self.device, self.dtype, self.size)
+
+
+@dataclass
+class OnlineTeacher:
+    """A frozen teacher run in the step's pass 1: its module (or, at ZeRO-3, its partitioned engine) in eval mode,
+    and its own view of the images (its size and normalisation, from the same uint8 crops)."""
+
+    model: Callable[..., Dict[str, Optional[torch.Tensor]]]
+    prepare_images: ImagePreparation
+
+    @torch.no_grad()
+    def embed(self, images_uint8: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        device = self.prepare_images.device
+        out = self.model(images=self.prepare_images(images_uint8), input_ids=input_ids.to(device, non_blocking=True),
+                         attention_mask=attention_mask.to(device, non_blocking=True))
+        return out["image_embeds"].float(), out["text_embeds"].float()
 
 
 @dataclass
 class StepOptions:
     chunk: int  # samples per forward on this rank (per-rank DGA chunk)
-    loss: Union[SoftmaxLoss, SigmoidLoss]  # losses.build_loss(cfg.loss); it carries its own tiling
+    # losses.build_loss(cfg.loss), or with a teacher distill_loss.DistilledLoss; it carries its own tiling
+    loss: Union[SoftmaxLoss, SigmoidLoss, DistilledLoss]
     # Moves a uint8 image chunk to the device and normalises it (ImagePreparation); None: images are used as given
     prepare_images: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     device: torch.device = torch.device("cpu")
+    teacher: Optional[OnlineTeacher] = None  # distill.source: online
 
 
 @dataclass
@@ -189,11 +220,46 @@ def _optimizer_step(engine) -> bool:
     return getattr(engine, "skipped_steps", 0) == skipped_before
 
 
+def _teacher_embeddings(batch: StepBatch, options: StepOptions, bounds: List[slice]) -> Optional[TeacherEmbeddings]:
+    """The teacher's embeddings of this rank's samples, once per step and without autograd: handed over with the
+    batch (a stored teacher), else embedded chunk by chunk by the online teacher; None without distillation. An
+    eval-mode teacher draws no random numbers, so the student's dropout replay is untouched."""
+    if batch.teacher_embeddings is not None:
+        return TeacherEmbeddings(batch.teacher_embeddings.image.to(options.device),
+                                 batch.teacher_embeddings.text.to(options.device))
+    if options.teacher is None:
+        return None
+    if batch.teacher_input_ids is None or batch.teacher_attention_mask is None:
+        raise ValueError("an online teacher needs the batch's teacher token ids (the loader makes them)")
+    image_parts, text_parts = [], []
+    for bound in bounds:
+        with profile_range("zvl.teacher_forward"):
+            image, text = options.teacher.embed(batch.images[bound], batch.teacher_input_ids[bound],
+                                                batch.teacher_attention_mask[bound])
+        image_parts.append(image)
+        text_parts.append(text)
+    return TeacherEmbeddings(torch.cat(image_parts), torch.cat(text_parts))
+
+
+def _timed_teacher(phase, batch: StepBatch, options: StepOptions, bounds: List[slice]
+                   ) -> Optional[TeacherEmbeddings]:
+    """``_teacher_embeddings`` as the step's ``teacher`` phase (timed and profiled), when there is a teacher."""
+    if options.teacher is None and batch.teacher_embeddings is None:
+        return None
+    with phase("teacher"):
+        return _teacher_embeddings(batch, options, bounds)
+
+
+def _parts(output) -> Dict[str, float]:
+    return {name: float(value) for name, value in output.parts.items()}
+
+
 def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[MixupDraw],
              partner: Optional[torch.Tensor], timer=None) -> StepResult:
     """One DGA optimizer step (ZeroVL's ``clip_bsgs`` runner), exact for any number of chunks."""
     phase = _phases(timer)
     bounds = _chunk_bounds(len(batch), options.chunk)
+    teacher = _timed_teacher(phase, batch, options, bounds)
     snapshots = []
     image_parts, text_parts = [], []
     with phase("pass1"), torch.no_grad():
@@ -205,8 +271,8 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
             loss_params = options.loss.loss_params(out).float()
     with phase("loss"):
         cached = options.loss.loss_and_grads(torch.cat(image_parts), torch.cat(text_parts), loss_params, mixup,
-                                             partner)
-    del image_parts, text_parts
+                                             partner, teacher=teacher)
+    del image_parts, text_parts, teacher
     loss_value = cached.output.loss
     tau = options.loss.logged_temperature(loss_params)
     # The loss is global (identical on every rank), so every rank takes the same decision without talking.
@@ -232,19 +298,20 @@ def dga_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[Mix
         applied = _optimizer_step(engine)
     output = cached.output
     return StepResult(applied=applied, loss=float(output.loss), i2t_acc=output.i2t_acc, t2i_acc=output.t2i_acc,
-                      temperature=tau, skip_reason=None if applied else "fp16 overflow")
+                      temperature=tau, skip_reason=None if applied else "fp16 overflow", parts=_parts(output))
 
 
 def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Optional[MixupDraw],
                      partner: Optional[torch.Tensor], timer=None) -> StepResult:
     """ZeroVL's plain ``clip`` runner: one forward and one backward over this rank's batch."""
     phase = _phases(timer)
+    teacher = _timed_teacher(phase, batch, options, [slice(0, len(batch))])
     with phase("pass1"):
         out = _forward(engine, _chunk_inputs(batch, 0, len(batch), options), mixup)
         loss_params = options.loss.loss_params(out).float()
     with phase("loss"):
         loss, output = options.loss.single_pass(out["image_embeds"].float(), out["text_embeds"].float(),
-                                                loss_params, mixup, partner)
+                                                loss_params, mixup, partner, teacher=teacher)
     tau = options.loss.logged_temperature(loss_params)
     if not _is_finite(output.loss):
         return _skipped("non-finite loss", float(output.loss), tau)
@@ -253,7 +320,7 @@ def single_pass_step(engine, batch: StepBatch, options: StepOptions, mixup: Opti
     with phase("optimizer"):
         applied = _optimizer_step(engine)
     return StepResult(applied=applied, loss=float(output.loss), i2t_acc=output.i2t_acc, t2i_acc=output.t2i_acc,
-                      temperature=tau, skip_reason=None if applied else "fp16 overflow")
+                      temperature=tau, skip_reason=None if applied else "fp16 overflow", parts=_parts(output))
 
 
 RUNNERS: Dict[str, Callable[..., StepResult]] = {"clip_bsgs": dga_step, "clip": single_pass_step}
