@@ -55,9 +55,14 @@ def script_of(words):
     return None, []
 
 
+# scripts whose flags belong to a subcommand, which has its own --help (clip_benchmark's `eval`)
+SUBCOMMANDS = {"zvl_ds.run_clip_benchmark": ("eval", "build")}
+
+
 @functools.lru_cache(maxsize=None)
-def help_text(script):
+def help_text(script, subcommand=None):
     command = [sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, script]
+    command += [subcommand] if subcommand else []
     # run by its path, a script has its own folder first on sys.path, not the checkout: PYTHONPATH makes it import
     # this checkout's zvl_ds even where the environment's editable install points at another copy
     env = dict(child_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
@@ -113,7 +118,7 @@ def with_tiny_model_source(override):
 @pytest.mark.parametrize("page,command", [(p, c) for p, c in COMMANDS if script_of(shlex.split(c))[0]])
 def test_flags_and_config_overrides_are_real(page, command):
     script, args = script_of(shlex.split(command))
-    usage = help_text(script)
+    usage = help_text(script, args[0] if args and args[0] in SUBCOMMANDS.get(script, ()) else None)
     for arg in args:
         if arg.startswith("--"):
             flag = arg.split("=", 1)[0]
