@@ -20,24 +20,35 @@ from zvl_ds.config import load_config
 HELP_TIMEOUT_S = 300  # interpreters importing torch and DeepSpeed side by side on a shared 2-core machine
 
 
-def help_command(script):
-    return [sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, script]
+# scripts whose flags belong to a subcommand, which has its own --help (clip_benchmark's `eval`)
+SUBCOMMANDS = {"zvl_ds.run_clip_benchmark": ("eval", "build")}
+
+
+def help_target(script, args):
+    """(script,) or (script, subcommand): what prints the --help that lists a command's flags."""
+    return (script, args[0]) if args and args[0] in SUBCOMMANDS.get(script, ()) else (script,)
+
+
+def help_command(target):
+    script, *subcommand = target
+    return ([sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, script]) + subcommand
 
 
 @functools.lru_cache(maxsize=None)
 def help_results():
-    """``--help`` of every script the pages' commands run, side by side: {script: finished process}."""
+    """``--help`` of every script the pages' commands run, side by side: {help_target: finished process}."""
     # run by its path, a script has its own folder first on sys.path, not the checkout: PYTHONPATH makes it import
     # this checkout's zvl_ds even where the environment's editable install points at another copy
     env = dict(child_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    scripts = sorted({script_of(shlex.split(command))[0] for _, command in COMMANDS} - {None})
-    return run_side_by_side({script: help_command(script) + ["--help"] for script in scripts}, HELP_TIMEOUT_S,
+    targets = sorted({help_target(*script_of(shlex.split(command))) for _, command in COMMANDS
+                      if script_of(shlex.split(command))[0]})
+    return run_side_by_side({target: help_command(target) + ["--help"] for target in targets}, HELP_TIMEOUT_S,
                             cwd=REPO_ROOT, env=env)
 
 
-def help_text(script):
-    done = help_results()[script]
-    assert done.returncode == 0, f"{script} --help failed: {done.stderr[-1000:]}"
+def help_text(target):
+    done = help_results()[target]
+    assert done.returncode == 0, f"{' '.join(target)} --help failed: {done.stderr[-1000:]}"
     return done.stdout
 
 
@@ -63,7 +74,7 @@ def with_tiny_model_source(override):
 @pytest.mark.parametrize("page,command", [(p, c) for p, c in COMMANDS if script_of(shlex.split(c))[0]])
 def test_flags_and_config_overrides_are_real(page, command):
     script, args = script_of(shlex.split(command))
-    usage = help_text(script)
+    usage = help_text(help_target(script, args))
     for arg in args:
         if arg.startswith("--"):
             flag = arg.split("=", 1)[0]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from zvl_ds.data.clip_benchmark_sets import (BenchmarkSetError, from_benchmark_template, read_classification_set,
                                              to_benchmark_template)
+from zvl_ds.data.writing.clip_benchmark import tar_count
 from zvl_ds.evaluation.zero_shot import DEFAULT_TEMPLATES
 from zvl_ds.make_shards import main
 
@@ -62,7 +63,8 @@ def test_classification_set_holds_the_images_labels_names_and_templates(labelled
     assert (folder / "classnames.txt").read_text() == "circle\nsquare\ntall star\n"
     assert (folder / "zeroshot_classification_templates.txt").read_text() == "a drawing of a {c}.\n{c} shape\n"
     samples = read_tars(folder)
-    assert int((folder / "test" / "nshards.txt").read_text()) == 2 and len(samples) == 7
+    # 8 candidates at 4 per tar would fill 2 tars; clip_benchmark eval's 4 default workers need one each
+    assert int((folder / "test" / "nshards.txt").read_text()) == 4 and len(samples) == 7
     originals = {(labelled / n / f).read_bytes(): i for i, n in enumerate(SHAPES) for f in ("a.jpg", "b.png")}
     by_bytes = {}
     for members in samples.values():
@@ -102,6 +104,61 @@ def test_clip_benchmark_reads_both_sets_with_its_own_reader(labelled, tmp_path):
                               task="zeroshot_retrieval")
     assert [captions for _, captions in retrieval] == [["colour 0 first", "colour 0 second line"],
                                                        ["colour 1 first", "colour 1 second line"]]
+
+
+def test_tar_count_gives_each_default_worker_a_tar_within_the_size_limit():
+    cases = {(7, 4): 4, (3, 1000): 3, (1, 1000): 1, (40, 1000): 4, (4000, 1000): 4, (4001, 1000): 5, (9, 2): 5}
+    assert {case: tar_count(*case) for case in cases} == cases
+
+
+def test_clip_benchmark_default_workers_read_every_sample(tmp_path):
+    """clip_benchmark eval's dataloader as its CLI builds it (batches from webdataset, its default 4 workers) reads
+    each image of a 10-image retrieval set once, in tars of near-equal length in the CSV's order."""
+    pytest.importorskip("clip_benchmark")
+    import zvl_ds  # noqa: F401  (the torchvision shim before clip_benchmark imports it)
+    from clip_benchmark.datasets.builder import build_dataset
+
+    data = tmp_path / "data" / "val"
+    (data / "valid").mkdir(parents=True)
+    rows = ["image,caption"]
+    for index in range(10):
+        Image.new("RGB", (20, 20), (index * 20, 0, 0)).save(data / "valid" / f"{index}.jpg")
+        rows.append(f"{index}.jpg,caption {index}")
+    (data / "valid_anno.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cb"
+    assert main(["--clip-benchmark", "--data-root", str(tmp_path / "data"), "--dataset", "val", "--out",
+                 str(out)]) == 0
+    assert (out / "val" / "test" / "nshards.txt").read_text() == "4\n"
+    in_tars = [sorted(read_tars_of(out / "val", shard)) for shard in range(4)]
+    assert [len(keys) for keys in in_tars] == [3, 2, 3, 2]  # candidate i in run i * 4 // 10
+    dataset = build_dataset("wds/val", root=str(out / "val"), transform=lambda image: image.size,
+                            task="zeroshot_retrieval")
+    loader = torch.utils.data.DataLoader(dataset.batched(64), batch_size=None, shuffle=False, num_workers=4)
+    seen = sorted(captions[0] for _, texts in loader for captions in texts)
+    assert seen == sorted(f"caption {index}" for index in range(10))
+
+
+def test_a_run_of_unreadable_images_writes_no_tar_and_the_summary_says_what_to_pass(tmp_path, capsys):
+    root = tmp_path / "by_class"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for index in range(3):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(root / "a" / f"{index}.png")
+    for index in range(5):  # candidates 3..7: runs 1, 2 and 3 (of 4) hold only these
+        (root / "b" / f"{index}.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "b" / "z.png")  # the last candidate: run 3
+    assert main(["--clip-benchmark", "--labelled", str(root), "--dataset", "s", "--out", str(tmp_path / "cb")]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "cb" / "s"
+    assert (folder / "test" / "nshards.txt").read_text() == "2\n"
+    assert sorted(os.listdir(folder / "test")) == ["0.tar", "1.tar", "nshards.txt"]
+    assert len(read_tars(folder)) == 4
+    assert "4 images" in out and "in 2 tar(s)" in out and "add --num_workers 2" in out
+
+
+def read_tars_of(folder, shard):
+    with tarfile.open(folder / "test" / f"{shard}.tar") as archive:
+        return {member.name.partition(".")[0] for member in archive}
 
 
 def test_refusals_exit_2(labelled, tmp_path, capsys):

@@ -8,7 +8,8 @@ The layout clip_benchmark 1.6's ``build_wds_dataset`` reads::
     DIR/zeroshot_classification_templates.txt   classification: one prompt per line, {c} = the class name
     DIR/test/nshards.txt                        the number of tars
     DIR/test/0.tar, 1.tar, ...                  KEY.jpg|png|webp with KEY.cls (label) or KEY.txt (captions, one
-                                                per line)
+                                                per line); at least as many tars as clip_benchmark eval's
+                                                default workers, where the set has that many images
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TYPE_FILE = "dataset_type.txt"
 NSHARDS_FILE = "nshards.txt"
+# clip_benchmark eval's default --num_workers: webdataset hands each dataloader worker whole tars, and a worker left
+# without one stops the evaluation ("No samples found in dataset; perhaps you have fewer shards than workers")
+DEFAULT_EVAL_WORKERS = 4
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the extensions clip_benchmark's reader decodes
 
 

