@@ -494,6 +494,48 @@ def test_a_variant_in_a_child_wins_over_its_bases_explicit_key(tmp_path):
     assert model.text_encoder.pooling == "mean"  # no variant sets it: the base's explicit key stays
 
 
+@pytest.mark.parametrize("kind", ["hf_clip", "hf_siglip"])
+def test_a_child_naming_a_model_source_wins_over_its_bases_explicit_keys(tmp_path, kind):
+    """The source's folder spells the transforms, caption length, tokenizer and loss: a child naming it wins over
+    the base's explicit values of those keys; the child's own explicit key still overrides its source."""
+    from tools.tiny_checkpoints import MEAN, STD, write_tiny_hf_folder
+
+    folder = write_tiny_hf_folder(str(tmp_path / "source"), kind)
+    write(tmp_path, "base.yaml", {"model": {"arch": "tiny", "max_length": 24},
+                                  "transforms": {"normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}},
+                                  "loss": {"name": "NCE"}})
+    child = write(tmp_path, "child.yaml", {"model": {"arch": kind, "hf_folder": folder},
+                                           "transforms": {"input_size": 32}}, base="base.yaml")
+    cfg = load_config(child)
+    alone = config_from_dict({"model": {"arch": kind, "hf_folder": folder}})  # the source on its own
+    assert (cfg.transforms.normalize.mean, cfg.transforms.normalize.std) == (MEAN, STD)
+    assert cfg.model.max_length == alone.model.max_length != 24
+    assert cfg.model.text_encoder.tokenizer == folder
+    assert cfg.loss.name == ("SigLIP" if kind == "hf_siglip" else "NCE")
+    explicit = write(tmp_path, "explicit.yaml", {"model": {"arch": kind, "hf_folder": folder, "max_length": 12}},
+                     base="base.yaml")
+    assert load_config(explicit).model.max_length == 12
+    # a base naming the source keeps its own explicit keys when the child does not name the source again
+    write(tmp_path, "source_base.yaml", {"model": {"arch": kind, "hf_folder": folder, "max_length": 12}})
+    child_of_source = write(tmp_path, "child_of_source.yaml", {"seed": 3}, base="source_base.yaml")
+    assert load_config(child_of_source).model.max_length == 12
+
+
+@pytest.mark.parametrize("base_key,child_key", [("folder", "shards"), ("shards", "folder"), ("folder", "parquet"),
+                                                 ("parquet", "shards")])
+def test_a_child_naming_a_datasets_files_another_way_replaces_the_bases_way(tmp_path, base_key, child_key):
+    write(tmp_path, "base.yaml", {"data": {"train_name": ["mine"], "datasets": {"mine": {base_key: "/data/base",
+                                                                                          "weight": 2}}}})
+    child = write(tmp_path, "child.yaml", {"data": {"datasets": {"mine": {child_key: "/data/child"}}}},
+                  base="base.yaml")
+    source = load_config(child).data.datasets["mine"]
+    assert getattr(source, child_key) == "/data/child" and getattr(source, base_key) == ""
+    assert source.weight == 2  # the base's other keys of the source stay
+    both = write(tmp_path, "both.yaml", {"data": {"datasets": {"mine": {base_key: "/a", child_key: "/b"}}}})
+    with pytest.raises(ConfigError, match="data.datasets.mine"):
+        load_config(both)  # inside one file, two spellings are still an error
+
+
 @pytest.mark.parametrize("group", list(GROUP_KEYS))
 def test_every_key_of_the_tables_gets_two_values_in_some_pair_of_spellings(group):
     """No key is covered only by cases where base and child give the same value."""

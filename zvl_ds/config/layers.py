@@ -6,6 +6,12 @@ blocks (``zvl_ds.config.compat``, ``zvl_ds.config.lavis_datasets``) and its pres
 the upper layer win, and two spellings of one value can only disagree inside one layer, where they are an error
 naming both.
 
+A model source (``model.arch: hf_clip`` / ``hf_siglip`` / ``open_clip``, ``zvl_ds.config.model_sources``) spells the
+keys it sets (tokenizer, caption length, image transforms, loss) too: a layer that names the source (its arch, its
+folder or its OpenCLIP name) wins over the lower layers' explicit values of those keys, which the source then fills,
+while its own explicit keys still override the source. A dataset's files are spelt one of three ways (``shards``,
+``folder``, ``parquet``): a layer naming one replaces the lower layers' other two.
+
 A preset is spelt by naming it: a layer that names ``model.arch`` sets every key a preset sets (those its preset
 leaves out fall back to their defaults, so nothing of another preset stays behind), and a layer that names only
 ``model.model_type`` (its preset named below it) sets the keys the preset's variants set. Inside the layer, its own
@@ -22,6 +28,7 @@ from zvl_ds.config.compat import apply_lavis_run_block
 from zvl_ds.config.keys import deep_merge, get_path, unknown_choice_message
 from zvl_ds.config.lavis_datasets import map_lavis_datasets_block
 from zvl_ds.config.model_section import ModelConfig
+from zvl_ds.config.model_sources import model_source_keys
 from zvl_ds.config.presets import DEFAULT_VARIANT, MODEL_PRESETS, MODEL_VARIANTS
 from zvl_ds.config.schema import ConfigError
 
@@ -166,12 +173,45 @@ def map_layer(layer: Dict[str, Any], below: Dict[str, Any], where: str) -> Tuple
     return _layer_preset(layer, below, where)
 
 
+# the keys that name a model source: a layer setting one of them names the source anew
+SOURCE_NAMING_KEYS = (("model", "arch"), ("model", "hf_folder"), ("model", "open_clip", "name"))
+# the three spellings of a dataset's files (data.datasets.<name>.*): naming one replaces the others
+DATASET_FILE_KEYS = ("shards", "folder", "parquet")
+
+
+def _has(tree: Dict[str, Any], path: Path) -> bool:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _source_paths(layer: Dict[str, Any], below: Dict[str, Any]) -> List[Path]:
+    """The keys the model source sets that ``layer`` leaves out, when ``layer`` names the source: the lower layers'
+    values of those keys give way, and the source fills them after the merge."""
+    if not any(_has(layer, path) for path in SOURCE_NAMING_KEYS):
+        return []
+    keys = model_source_keys(deep_merge(copy.deepcopy(below), layer))
+    return [tuple(key.split(".")) for key in keys if not _has(layer, tuple(key.split(".")))]
+
+
+def _dataset_file_paths(layer: Dict[str, Any]) -> List[Path]:
+    """The other spellings of each dataset's files that ``layer`` names one of."""
+    datasets = (layer.get("data") or {}).get("datasets") if isinstance(layer.get("data"), dict) else None
+    paths: List[Path] = []
+    for name, source in (datasets or {}).items():
+        if isinstance(source, dict) and any(key in source for key in DATASET_FILE_KEYS):
+            paths += [("data", "datasets", name, key) for key in DATASET_FILE_KEYS if key not in source]
+    return paths
+
+
 def stack(below: Dict[str, Any], layer: Dict[str, Any], where: str,
           replaced: Optional[List[Path]] = None) -> Dict[str, Any]:
-    """``layer`` mapped and merged over ``below``: its values win; ``replaced`` keys (and those its preset takes
-    over) are replaced as a whole rather than merged key by key."""
+    """``layer`` mapped and merged over ``below``: its values win; ``replaced`` keys (and those its preset, its
+    model source or its dataset files take over) are replaced as a whole rather than merged key by key."""
     layer, taken = map_layer(copy.deepcopy(layer), below, where)
     merged = copy.deepcopy(below)
-    for path in [*taken, *(replaced or [])]:
+    for path in [*taken, *(replaced or []), *_source_paths(layer, below), *_dataset_file_paths(layer)]:
         _drop(merged, path)
     return deep_merge(merged, layer)

@@ -295,6 +295,17 @@ def check_source_folder(model: Dict[str, Any], arch: Any) -> None:
         refuse_links_leaving(str(folder), f"{ALLOW_OUTSIDE_KEY}: true", ConfigError, where=f"{key}: ")
 
 
+def model_source_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """{dotted key: value} of every key the config's model source sets (none for other arches, or an exported
+    model's section, which holds them all already); its folder's links are checked before any file is read."""
+    model = raw.get("model")
+    arch = model.get("arch") if isinstance(model, dict) else None
+    if arch not in HF_MODEL_TYPES and arch != "open_clip":
+        return {}
+    check_source_folder(model, arch)
+    return _hf_source_keys(model, arch) if arch in HF_MODEL_TYPES else _open_clip_source_keys(model)
+
+
 def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     """Fill the keys the model source sets where the config leaves them out; returns (raw, the keys set)."""
     model = raw.get("model")
