@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-import zvl_ds  # noqa: F401  (torchvision shim before timm / transformers)
+# any zvl_ds import runs zvl_ds/__init__.py first, which installs the torchvision shim timm needs
 from zvl_ds.config import ImageEncoderConfig, TextEncoderConfig
 from zvl_ds.model.weights_files import WeightsReport, cached_timm_weights, load_image_weights
 
