@@ -16,15 +16,13 @@ none did), and the result says "estimated". Measured figures: docs/distillation.
 """
 from __future__ import annotations
 
-import resource
-import time
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from zvl_ds.bench.fresh_process import call_in_fresh_process
-from zvl_ds.bench.loss import _available_bytes, _proc_status_bytes, _reset_peak_rss
+from zvl_ds.bench.loss import _available_bytes, measure_peak
 from zvl_ds.objective.dense_reference import dense_sigmoid_distillation, dense_softmax_distillation
 from zvl_ds.objective.distill_kernels import sigmoid_distill_strip, softmax_distill_strip
 
@@ -68,22 +66,8 @@ def run_case(batch: int, dim: int, teacher_dim: int, family: str, method: str, c
 
     _term(family, method, *make(min(batch, 256)), chunk_rows, chunk_cols)  # warm-up: library initialisation
     inputs = make(batch)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        reset = _reset_peak_rss()
-        baseline = _proc_status_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    loss = _term(family, method, *inputs, chunk_rows, chunk_cols)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _proc_status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    (loss, seconds), peak, baseline, _ = measure_peak(device, lambda: _term(family, method, *inputs, chunk_rows,
+                                                                          chunk_cols))
     working = peak - baseline - 2 * batch * dim * 4
     return {"batch": batch, "family": family, "method": method, "device": device, "seconds": round(seconds, 2),
             "threads": torch.get_num_threads(), "working_bytes": int(working),

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,22 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
 
     loss_and_backward(*make(min(batch, 256)))  # warm-up: library initialisation is not the loss's memory
     image, text, tau = make(batch)
+    (loss, seconds), peak, baseline, peak_source = measure_peak(device, lambda: loss_and_backward(image, text, tau))
+    result = {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows if method != "naive" else None,
+              "device": device, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
+              "peak_extra_bytes": int(peak - baseline), "peak_extra_gib": round((peak - baseline) / 2 ** 30, 3),
+              "peak_source": peak_source, "loss": loss}
+    if method in KERNEL_METHODS:
+        result["chunk_cols"] = chunk_cols if method != "rows" else None
+        gradient_bytes = GRADIENT_BUFFERS[method] * batch * dim * 4
+        result["working_mib"] = round((peak - baseline - gradient_bytes) / 2 ** 20, 1)
+    return result
+
+
+def measure_peak(device: str, run: Callable[[], Any]) -> Tuple[Tuple[Any, float], int, int, str]:
+    """``((run(), seconds), peak bytes, baseline bytes, how the peak was read)`` of one call: CUDA's allocator peak,
+    or on the CPU the process's resident peak after resetting it (``/proc/self/clear_refs``) where the kernel allows,
+    else ``ru_maxrss``, which cannot be reset."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -138,7 +154,7 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
         baseline = _proc_status_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_source = "VmHWM after /proc/self/clear_refs" if reset else "ru_maxrss (peak not reset)"
     start = time.perf_counter()
-    loss = loss_and_backward(image, text, tau)
+    result = run()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -147,15 +163,7 @@ def run_case(batch: int, dim: int, method: str, chunk_rows: int, device: str, ch
     else:
         peak = _proc_status_bytes("VmHWM") if peak_source.startswith("VmHWM") else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"batch": batch, "dim": dim, "method": method, "chunk_rows": chunk_rows if method != "naive" else None,
-              "device": device, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
-              "peak_extra_bytes": int(peak - baseline), "peak_extra_gib": round((peak - baseline) / 2 ** 30, 3),
-              "peak_source": peak_source, "loss": loss}
-    if method in KERNEL_METHODS:
-        result["chunk_cols"] = chunk_cols if method != "rows" else None
-        gradient_bytes = GRADIENT_BUFFERS[method] * batch * dim * 4
-        result["working_mib"] = round((peak - baseline - gradient_bytes) / 2 ** 20, 1)
-    return result
+    return (result, seconds), peak, baseline, peak_source
 
 
 def _available_bytes(device: str) -> int:
