@@ -33,6 +33,7 @@ from zvl_ds.config import Config, LoraOptions
 from zvl_ds.export.hf_folder import HF_ARCHS, library_prefixes
 from zvl_ds.model.adapters import TOWERS, base_identity, import_peft, is_adapter_parameter
 from zvl_ds.model.build import build_model
+from zvl_ds.model.hf_clip import hf_classes
 from zvl_ds.model.inference import ExportError, offline_model_config
 
 SIDE_FILE = "zvl_ds_adapters.json"
@@ -53,8 +54,6 @@ def _base_for_peft(cfg: Config, model) -> Tuple[nn.Module, Dict[str, str]]:
     """(the model peft wraps, {our name prefix: its name prefix}) for the run's base (module docstring)."""
     arch = getattr(model, "arch", None)
     if arch in HF_ARCHS:
-        from zvl_ds.model.hf_clip import hf_classes
-
         config_class, model_class = hf_classes(arch)
         return model_class(config_class.from_dict(model.source_config)), library_prefixes(arch)
     plain = without_adapters(cfg)
