@@ -96,3 +96,10 @@ def test_a_failing_stage_stops_the_measurement_naming_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"broken failed \(exit 3\); its log: .*00_broken.log"):
         run_stage(Stage("broken", [sys.executable, "-c", "print('why'); raise SystemExit(3)"]), str(tmp_path), 0)
     assert "why" in open(tmp_path / "00_broken.log").read()
+
+
+def test_distillation_overrides_go_to_the_distilled_students_only(tmp_path):
+    plan = make_plan(str(tmp_path), TEACHER_CFG, STUDENT_CFG, 7, 11, [0], 50, ["distill.scale=100"])
+    scales = {stage.name: config_of(stage).distill.scale for stage in plan.stages if stage.name.startswith("student")}
+    assert scales == {"student: no teacher, seed 0": None, "student: distilled, seed 0": 100.0,
+                      "student: pure distillation, seed 0": 100.0}

@@ -172,7 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cfg", default="configs/demo.yaml",
                         help="distill-speed: the training config; distill-quality: the student's")
     parser.add_argument("--overrides", nargs="*", default=[],
-                        help="distill-speed: config overrides key=value (distill.teacher=FOLDER, data.data_path=...)")
+                        help="distill-speed: config overrides key=value (distill.teacher=FOLDER, data.data_path=...);"
+                             " distill-quality: the distilled students' (distill.scale=100, ...)")
     parser.add_argument("--rounds", type=int, default=10, help="distill-speed: timed steps of each source")
     parser.add_argument("--teacher-cfg", default="configs/finetune_small.yaml", help="distill-quality: the teacher")
     parser.add_argument("--teacher-steps", type=int, default=20, help="distill-quality: the teacher's training steps")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,8 +51,9 @@ def _python(*args: str) -> List[str]:
 
 
 def make_plan(work: str, teacher_cfg: str, student_cfg: str, teacher_steps: int, student_steps: int,
-              seeds: Sequence[int], train_size: int) -> Plan:
-    """The commands, as a user would type them, of one measurement in the folder ``work``."""
+              seeds: Sequence[int], train_size: int, distill_overrides: Sequence[str] = ()) -> Plan:
+    """The commands, as a user would type them, of one measurement in the folder ``work``; ``distill_overrides``
+    (e.g. ``distill.scale=100``) go to the distilled students only."""
     data, shards, runs = (os.path.join(work, name) for name in ("data", "shards", "runs"))
     teacher_model = os.path.join(work, "teacher")
     stages = [
@@ -81,7 +83,8 @@ def make_plan(work: str, teacher_cfg: str, student_cfg: str, teacher_steps: int,
             students.setdefault(variant, {})[seed] = os.path.join(runs, name)
             stages.append(Stage(f"student: {variant}, seed {seed}",
                                 _python("-m", "zvl_ds.train", "--cfg", student_cfg, *shared, f"seed={seed}",
-                                        f"data.exp_name={name}", *(teacher + extra if extra else []))))
+                                        f"data.exp_name={name}",
+                                        *(teacher + extra + list(distill_overrides) if extra else []))))
     return Plan(work, os.path.join(runs, "teacher"), teacher_model, stages, students)
 
 
@@ -106,7 +109,7 @@ def stored_teacher_rsum(run_dir: str, valid_set: str = VALID_SET) -> Optional[fl
 
 def run_stage(stage: Stage, logs: str, index: int) -> float:
     """Runs one stage, its output in ``logs``; returns its seconds. A failing stage stops the measurement."""
-    log_path = os.path.join(logs, f"{index:02d}_{stage.name.split(':')[0].replace(' ', '_')}.log")
+    log_path = os.path.join(logs, f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', stage.name.lower()).strip('_')}.log")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -145,9 +148,10 @@ def format_table(result: Dict[str, object]) -> str:
 
 
 def bench_distill_quality(work: str, teacher_cfg: str, student_cfg: str, teacher_steps: int, student_steps: int,
-                          seeds: Sequence[int], train_size: int, verbose: bool = True) -> Dict[str, object]:
+                          seeds: Sequence[int], train_size: int, distill_overrides: Sequence[str] = (),
+                          verbose: bool = True) -> Dict[str, object]:
     plan = make_plan(os.path.abspath(work), os.path.abspath(teacher_cfg), os.path.abspath(student_cfg),
-                     teacher_steps, student_steps, seeds, train_size)
+                     teacher_steps, student_steps, seeds, train_size, distill_overrides)
     logs = os.path.join(plan.work, "logs")
     os.makedirs(logs, exist_ok=True)
     seconds = {}
@@ -157,7 +161,8 @@ def bench_distill_quality(work: str, teacher_cfg: str, student_cfg: str, teacher
             print(f"  [{sum(seconds.values()):6.0f} s] {stage.name}: {seconds[stage.name]:.0f} s", flush=True)
     result = collect(plan)
     result.update(teacher_steps=teacher_steps, student_steps=student_steps, seeds=list(seeds), train_size=train_size,
-                  seconds=seconds, total_seconds=sum(seconds.values()), work=plan.work)
+                  distill_overrides=list(distill_overrides), seconds=seconds, total_seconds=sum(seconds.values()),
+                  work=plan.work)
     if verbose:
         print(format_table(result))
     return result
@@ -167,6 +172,7 @@ def run_distill_quality(args) -> Dict[str, object]:
     """``python -m zvl_ds.bench distill-quality`` (its flags: ``bench/__main__.py``)."""
     work = args.work or os.path.join(args.out, "distill_quality")
     print(f"distillation quality: teacher {args.teacher_cfg} ({args.teacher_steps} steps), student {args.cfg} "
-          f"({args.student_steps} steps, seeds {args.seeds}), in {work}:")
+          f"({args.student_steps} steps, seeds {args.seeds}{', ' if args.overrides else ''}"
+          f"{' '.join(args.overrides)}), in {work}:")
     return bench_distill_quality(work, args.teacher_cfg, args.cfg, args.teacher_steps, args.student_steps, args.seeds,
-                                 args.train_size)
+                                 args.train_size, args.overrides)
