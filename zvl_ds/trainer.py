@@ -23,16 +23,17 @@ from zvl_ds.config import Config, ConfigError
 from zvl_ds.data import TeacherInputs, build_train_loader, load_tokenizer
 from zvl_ds.data.failures import DataLossError
 from zvl_ds.data.sources import resolve_dataset, resolve_train_datasets
-from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples
+from zvl_ds.evaluation.retrieval import evaluate_with_examples, log_retrieval_examples, stored_teacher_metrics
 from zvl_ds.evaluation.zero_shot import evaluate_zero_shot, zero_shot_set
 from zvl_ds.model.adapters import ADAPTER_BASE_FILE, base_change, base_identity, has_adapters
 from zvl_ds.model.build import build_model
 from zvl_ds.model.init_weights import initialise_from_config, selected_source
 from zvl_ds.model.safe_load import check_checkpoint_folder
-from zvl_ds.model.teacher import Teacher, check_teacher_identity, load_teacher
+from zvl_ds.model.teacher import StoredTeacher, Teacher, check_teacher_identity, load_teacher, stored_teacher
 from zvl_ds.model.towers import compile_towers
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.skip import NonFiniteWeights, SkipPolicy, local_weights_finite, non_finite_weights_message
+from zvl_ds.objective.distill_loss import TeacherEmbeddings
 from zvl_ds.objective.step import StepBatch, StepResult
 from zvl_ds.observe.monitor import Monitor, PhaseTimer, SideOutputError, peak_memory_bytes
 from zvl_ds.observe.records import drop_rows_after
@@ -102,15 +103,21 @@ class Trainer:
         self.engine = initialize_engine(model, optimizer, ds_config)
         self.ema = build_ema(cfg.model.ema, self.engine, self.zero_stage)  # None unless model.ema.decay is set
         check_zero_shot_sets(cfg)
-        # a distillation teacher trains nothing and is not needed to evaluate (evaluate: true)
+        # a distillation teacher trains nothing and is not needed to evaluate (evaluate: true); a stored one is never
+        # loaded: its embeddings beside the shards are checked against its weights' hash
+        distilling = cfg.distill.enabled and not cfg.evaluate
         self.teacher: Optional[Teacher] = (load_teacher(cfg, placement.device, placement.dtype, ds_config)
-                                           if cfg.distill.enabled and not cfg.evaluate else None)
+                                           if distilling and cfg.distill.source == "online" else None)
+        self.stored_teacher: Optional[StoredTeacher] = (
+            stored_teacher(cfg, resolve_train_datasets(cfg.data)) if distilling and cfg.distill.source == "stored"
+            else None)
         # evaluation-only runs (evaluate: true) need no training data
         self.loader = None if cfg.evaluate else build_train_loader(cfg, self.rank, self.world_size, self.tokenizer,
                                                                    self._teacher_inputs())
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch) if self.loader is not None else 1
         self.total_steps = total_train_steps(cfg, self.steps_per_epoch)
-        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, placement.dtype, self.teacher)
+        self.run_step = build_step(cfg, self.world_size, self.rank, placement.device, placement.dtype, self.teacher,
+                                   self.stored_teacher)
         self.monitor = Monitor(self.run_dir, dist.is_main_process(), cfg.log.tensorboard, self.total_steps,
                                sinks_for(cfg, self.run_dir, self.resume_point is not None)
                                if dist.is_main_process() else ())
@@ -165,7 +172,8 @@ class Trainer:
         return None if teacher is None else TeacherInputs(teacher.image_size, teacher.tokenizer, teacher.max_length)
 
     def _teacher_identity(self) -> Optional[Dict[str, str]]:
-        return None if self.teacher is None else self.teacher.identity
+        teacher = self.teacher or self.stored_teacher
+        return None if teacher is None else teacher.identity
 
     # ------------------------------------------------------------------ pieces the loop uses
 
@@ -176,8 +184,11 @@ class Trainer:
             images = images if images.is_pinned() else images.pin_memory()
         else:
             images = images.to(self.placement.device, non_blocking=True)
+        stored = (None if batch.teacher_image_embeds is None else
+                  TeacherEmbeddings(batch.teacher_image_embeds.float(), batch.teacher_text_embeds.float()))
         return StepBatch(images=images, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         teacher_input_ids=batch.teacher_input_ids, teacher_attention_mask=batch.teacher_attention_mask)
+                         teacher_input_ids=batch.teacher_input_ids, teacher_attention_mask=batch.teacher_attention_mask,
+                         teacher_embeddings=stored)
 
     def _record_keys(self, step: int, keys: List[str]) -> None:
         folder = os.path.join(self.run_dir, "sample_keys")
@@ -290,8 +301,19 @@ class Trainer:
         """The teacher's retrieval figures on the run's validation sets, once at the start, as ``<set>_teacher``: the
         reference the distilled student is measured against."""
         teacher = self.teacher
-        metrics, _ = evaluate_with_examples(teacher.evaluation_config(self.cfg), teacher.model, teacher.tokenizer,
-                                            self.placement.device, self.placement.dtype)
+        if teacher is not None:
+            metrics, _ = evaluate_with_examples(teacher.evaluation_config(self.cfg), teacher.model, teacher.tokenizer,
+                                                self.placement.device, self.placement.dtype)
+        else:  # a stored teacher: from the embeddings stored beside the validation shards, where they are
+            metrics = {}
+            for name in self.cfg.data.valid_name:
+                values, missing = stored_teacher_metrics(self.cfg, name, self.stored_teacher.identity)
+                if values is None:
+                    self.monitor.console(f"no teacher reference for {name}: its shards hold no complete stored "
+                                         f"embeddings of this teacher ({missing}); reinforce the validation sets "
+                                         "too (python -m zvl_ds.reinforce_shards reinforces data.valid_name as well)")
+                else:
+                    metrics[name] = values
         metrics = {f"{name}_teacher": values for name, values in metrics.items()}
         self._report_metrics(self.step, metrics, " (the teacher, a reference)")
         return metrics
@@ -386,8 +408,14 @@ class Trainer:
                                  f"{held / 2 ** 20:.1f} of {whole / 2 ** 20:.1f} MiB on this rank; loss = "
                                  f"{cfg.distill.contrastive_weight:g} x {cfg.loss.name} + {cfg.distill.weight:g} x "
                                  "distillation")
+        if self.stored_teacher is not None:
+            stored = self.stored_teacher
+            self.monitor.console(f"distilling from the embeddings of {stored.identity['teacher']} (sha256 "
+                                 f"{stored.identity['sha256'][:12]}, width {stored.width}) stored beside the "
+                                 f"{stored.shards} training shards; loss = {cfg.distill.contrastive_weight:g} x "
+                                 f"{cfg.loss.name} + {cfg.distill.weight:g} x distillation")
         drop_rows_after(self.run_dir, self.step, self.rank, dist.is_main_process())  # steps that are replayed
-        if self.teacher is not None and self.step == 0 and cfg.data.enable_valid:
+        if (self.teacher or self.stored_teacher) is not None and self.step == 0 and cfg.data.enable_valid:
             self.evaluate_teacher()
         self.engine.train()
         self.monitor.start(self.step)

@@ -11,7 +11,9 @@ averaged gradient. Rank 0 then recomputes the gradient of the same global batch 
 dense full-batch loss (zvl_ds.objective.exactness), replaying each rank's dropout, and prints the largest relative
 difference per parameter group. Exit code 1 when a group exceeds the tolerance. With distill.teacher set, the
 teacher embeds the batch in the step (partitioned at ZeRO-3) and the reference adds the dense distillation term,
-from the teacher's embeddings of the whole batch.
+from the teacher's embeddings of the whole batch; with distill.source=stored the batch carries the embeddings stored
+beside your shards (--synthetic: random unit vectors of width 64 stand for them, at distill.scale, default 100, and
+for a SigLIP student distill.bias, default -10), and the reference takes the same ones.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ import zvl_ds  # noqa: F401  (torchvision shim before timm/transformers)
 from zvl_ds.base.cli import run
 from zvl_ds.config import Config, ConfigError, check_world_size, load_config
 from zvl_ds.data import TeacherInputs, build_train_loader, load_tokenizer
+from zvl_ds.data.sources import resolve_train_datasets
 from zvl_ds.data.transforms import ImageTransform
 from zvl_ds.model.build import build_model
-from zvl_ds.model.teacher import Teacher, load_teacher
+from zvl_ds.model.teacher import StoredTeacher, Teacher, load_teacher, stored_teacher
+from zvl_ds.objective.distill_loss import TeacherEmbeddings
 from zvl_ds.objective.build import build_step
 from zvl_ds.objective.exactness import GroupDifference, ReferenceDistillation, compare_by_group, reference_loss
 from zvl_ds.objective.mixup import draw_mixup
@@ -64,8 +68,27 @@ def _random_tokens(tokenizer, count: int, length: int, generator: torch.Generato
     return torch.randint(5, vocab, (count, length), generator=generator)
 
 
+SYNTHETIC_STORED_WIDTH = 64
+
+
+def synthetic_stored_teacher(cfg: Config) -> StoredTeacher:
+    """What --synthetic stands in for stored embeddings with: no shards, no teacher; the config's scale and bias."""
+    bias = cfg.distill.bias if cfg.distill.bias is not None else -10.0
+    return StoredTeacher(identity={"teacher": "synthetic"}, scale=cfg.distill.scale or 100.0,
+                         bias=bias if cfg.loss.name == "SigLIP" else None, width=SYNTHETIC_STORED_WIDTH, shards=0)
+
+
+def _stored_embeddings(batch, per_rank: int, generator: Optional[torch.Generator]) -> TeacherEmbeddings:
+    """The loader's stored embeddings (float16, to float32 as the trainer hands them over), or random ones."""
+    if generator is None:
+        return TeacherEmbeddings(batch.teacher_image_embeds.float(), batch.teacher_text_embeds.float())
+    image, text = (torch.nn.functional.normalize(torch.randn(per_rank, SYNTHETIC_STORED_WIDTH, generator=generator),
+                                                 dim=-1).half().float() for _ in range(2))
+    return TeacherEmbeddings(image, text)
+
+
 def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokenizer,
-                teacher: Optional[Teacher] = None) -> StepBatch:
+                teacher: Optional[Teacher] = None, stored: bool = False) -> StepBatch:
     per_rank = cfg.data.batch_size // world_size
     if synthetic:
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -78,6 +101,8 @@ def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokeni
         if teacher is not None:
             batch.teacher_input_ids = _random_tokens(teacher.tokenizer, per_rank, teacher.max_length, generator)
             batch.teacher_attention_mask = torch.ones_like(batch.teacher_input_ids)
+        if stored:
+            batch.teacher_embeddings = _stored_embeddings(None, per_rank, generator)
         return batch
     inputs = None if teacher is None else TeacherInputs(teacher.image_size, teacher.tokenizer, teacher.max_length)
     loader = build_train_loader(cfg, rank, world_size, tokenizer, inputs)
@@ -86,7 +111,7 @@ def local_batch(cfg: Config, rank: int, world_size: int, synthetic: bool, tokeni
     finally:
         loader.close()
     return StepBatch(batch.images, batch.input_ids, batch.attention_mask, batch.teacher_input_ids,
-                     batch.teacher_attention_mask)
+                     batch.teacher_attention_mask, _stored_embeddings(batch, per_rank, None) if stored else None)
 
 
 def gather_to_all(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -172,9 +197,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.loss)
         engine = initialize_engine(model, build_optimizer(model, cfg.optim, placement.device), ds_config)
-        teacher = load_teacher(cfg, placement.device, placement.dtype, ds_config) if cfg.distill.enabled else None
+        online = cfg.distill.enabled and cfg.distill.source == "online"
+        teacher = load_teacher(cfg, placement.device, placement.dtype, ds_config) if online else None
+        stored = None
+        if cfg.distill.enabled and not online:
+            stored = (synthetic_stored_teacher(cfg) if args.synthetic else
+                      stored_teacher(cfg, resolve_train_datasets(cfg.data)))
 
-        batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer, teacher)
+        batch = local_batch(cfg, rank, world_size, args.synthetic, tokenizer, teacher, stored is not None)
         chunk = cfg.per_rank_chunk(world_size)
         global_images = gather_to_all(batch.images, placement.device)
         global_ids = gather_to_all(batch.input_ids, placement.device)
@@ -182,9 +212,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if teacher is not None:
             global_teacher_ids = gather_to_all(batch.teacher_input_ids, placement.device)
             global_teacher_mask = gather_to_all(batch.teacher_attention_mask, placement.device)
+        if stored is not None:
+            stored_reference = ReferenceDistillation(
+                gather_to_all(batch.teacher_embeddings.image, placement.device),
+                gather_to_all(batch.teacher_embeddings.text, placement.device), stored.scale, stored.bias,
+                cfg.distill.weight, cfg.distill.contrastive_weight, cfg.distill.sigmoid_target)
         before = full_parameters(engine, stage)
         # the trainer's step, as built there
-        step = build_step(cfg, world_size, rank, placement.device, placement.dtype, teacher)
+        step = build_step(cfg, world_size, rank, placement.device, placement.dtype, teacher, stored)
         mixup = step.mixup(0)
         engine.train()
         for _ in range(MAX_OVERFLOW_RETRIES):  # fp16: DeepSpeed lowers its loss scale after each overflow
@@ -199,9 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ok = False
             else:
                 update = {name: before[name] - after[name] for name in before}
-                distillation = None if teacher is None else reference_distillation(
-                    cfg, teacher, global_images, global_teacher_ids, global_teacher_mask,
-                    step.options.teacher.prepare_images, placement.device, placement.dtype)
+                distillation = stored_reference if stored is not None else None if teacher is None else (
+                    reference_distillation(cfg, teacher, global_images, global_teacher_ids, global_teacher_mask,
+                                           step.options.teacher.prepare_images, placement.device, placement.dtype))
                 expected = reference_gradients(cfg, global_images, global_ids, global_mask, world_size, chunk,
                                                step.options.prepare_images, placement.device, placement.dtype,
                                                distillation)
@@ -209,7 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"one {cfg.runner.name} step, {world_size} rank(s), ZeRO-{stage}, {cfg.precision}, "
                       f"global batch {cfg.data.batch_size}, chunk {chunk}/rank, loss {cfg.loss.name}"
                       + (f" ({mixup.side} mixup, lambda {mixup.lam:.3f})" if mixup else "")
-                      + (f", distilled from {cfg.distill.teacher} ({teacher.image_size} px)" if teacher else ""))
+                      + (f", distilled from {cfg.distill.teacher} ({teacher.image_size} px)" if teacher else "")
+                      + (f", distilled from stored embeddings ({stored.identity['teacher']})" if stored else ""))
                 ok = report(compare_by_group(update, expected), tolerance)
         # the report is out before any rank can exit: with exit code 1 on every rank, the launcher ends the ranks
         # still running as soon as one exits, and a block-buffered report of rank 0 would be lost

@@ -69,6 +69,23 @@ def test_sigmoid_distillation_equals_the_dense_term_and_its_gradients(target, ch
     assert_same(grads, torch.autograd.grad(expected, [ra, rb, rp]))
 
 
+def test_the_default_sigmoid_target_is_the_cross_entropy_against_the_teachers_probabilities():
+    """The issue's term, written out: -[p log sigmoid(u) + (1 - p) log sigmoid(-u)], p = sigmoid(v), the mean over
+    the pairs; what ``sigmoid_distillation`` and ``DistilledLoss`` compute when no target is named."""
+    image, text, teacher_image, teacher_text = embeddings(4)
+    u = 5.0 * image @ text.t() - 2.0
+    p = torch.sigmoid(TEACHER_SCALE * teacher_image @ teacher_text.t() + TEACHER_BIAS)
+    written_out = -(p * F.logsigmoid(u) + (1 - p) * F.logsigmoid(-u)).mean()
+    scale_bias = torch.tensor([5.0, -2.0], dtype=torch.float64)
+    value, _ = sigmoid_distillation(image, text, scale_bias, teacher_image, teacher_text, TEACHER_SCALE, TEACHER_BIAS)
+    assert float(value) == pytest.approx(float(written_out), rel=1e-12)
+    loss = DistilledLoss(SigmoidLoss(), weight=1.0, contrastive_weight=0.0, teacher_scale=TEACHER_SCALE,
+                         teacher_bias=TEACHER_BIAS)
+    combined, _ = loss.single_pass(image, text, scale_bias, None, None,
+                                   teacher=TeacherEmbeddings(teacher_image, teacher_text))
+    assert float(combined) == pytest.approx(float(written_out), rel=1e-12)
+
+
 def test_the_two_sigmoid_targets_differ_and_agree_on_hard_teachers():
     """MobileCLIP2's soft sign and the binary cross-entropy are different losses (at p = 1/2 the first is flat),
     and the same one where the teacher is certain (p in {0, 1}: y = +-1)."""

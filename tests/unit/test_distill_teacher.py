@@ -48,13 +48,12 @@ def teacher_of(name, *extra):
     (["distill.weight=2"], "distill.weight is set but distill.teacher is not"),
     (["distill.source=stored"], "distill.source is set but distill.teacher is not"),
     (["distill.teacher=T", "loss.name=MixUpNCE"], "MixUpNCE"),
-    (["distill.teacher=T", "distill.source=stored"], "stored teacher embeddings|embeddings stored in the shards"),
     (["distill.teacher=T", "distill.weight=0"], "distill.weight=0"),
     (["distill.teacher=T", "distill.weight=-1"], "distill.weight: must be >= 0"),
     (["distill.teacher=T", "distill.contrastive_weight=-0.5"], "distill.contrastive_weight: must be >= 0"),
     (["distill.teacher=T", "distill.scale=0"], "distill.scale: must be > 0"),
     (["distill.teacher=T", "distill.bias=-10"], "SigLIP students only"),
-    (["distill.teacher=T", "distill.sigmoid_target=bce"], "a softmax student distils"),
+    (["distill.teacher=T", "distill.sigmoid_target=mobileclip2"], "a softmax student distils"),
     (["distill.teacher=T", "runner.name=clip", "loss.nce_loss.gather_backward=false"], "gather_backward"),
     (["distill.teacher= "], "distill.teacher: empty"),
     (["distill.teacher=T", "distill.source=offline"], "distill.source"),
@@ -69,8 +68,11 @@ def test_distillation_is_off_by_default_and_the_keys_resolve():
     assert not load_config(None, STUDENT).distill.enabled
     cfg = load_config(None, STUDENT + ["distill.teacher=/models/t", "distill.contrastive_weight=0",
                                        "distill.scale=50", "loss.name=SigLIP", "loss.temperature.name=constant",
-                                       "distill.bias=-5", "distill.sigmoid_target=bce"])
-    assert cfg.distill.enabled and cfg.distill.contrastive_weight == 0 and cfg.distill.sigmoid_target == "bce"
+                                       "distill.bias=-5", "distill.sigmoid_target=mobileclip2", "distill.source=stored"])
+    assert cfg.distill.enabled and cfg.distill.contrastive_weight == 0 and cfg.distill.sigmoid_target == "mobileclip2"
+    assert cfg.distill.source == "stored"
+    # the default sigmoid target is the binary cross-entropy against the teacher's probabilities (the term)
+    assert load_config(None, STUDENT + ["distill.teacher=T"]).distill.sigmoid_target == "bce"
     # the teacher is not read when the config loads: a saved config stays readable after the teacher has moved
     assert cfg.to_dict()["distill"]["teacher"] == "/models/t"
 

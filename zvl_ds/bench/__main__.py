@@ -1,5 +1,5 @@
-"""``python -m zvl_ds.bench {shards,data,loss,distill,dga,patch-dropout,memory,gpu,profile,openclip,max-chunk,all}
-[--out DIR]``.
+"""``python -m zvl_ds.bench {shards,data,loss,distill,distill-speed,distill-quality,dga,patch-dropout,memory,gpu,
+profile,openclip,max-chunk,all} [--out DIR]``.
 
 Prints a table per benchmark and writes ``OUT/<name>.json``. Figures in one run come from one machine, so the
 ratios (DGA vs single pass, memory growth, chunked vs naive loss, worker scaling) are comparable.
@@ -24,6 +24,8 @@ from zvl_ds.base.cli import run
 from zvl_ds.bench.data import benchmark_loader, benchmark_shards, format_benchmark
 from zvl_ds.bench.data_formats import benchmark_formats
 from zvl_ds.bench.distill import run_distill
+from zvl_ds.bench.distill_quality import run_distill_quality
+from zvl_ds.bench.distill_speed import bench_distill_speed
 from zvl_ds.bench.gpu_report import main_gpu_report
 from zvl_ds.bench.gpu_table import main_gpu_table
 from zvl_ds.bench.loss import benchmark_loss
@@ -141,10 +143,16 @@ def run_max_chunk(args) -> Dict:
     return result
 
 
+def run_distill_speed(args) -> Dict:
+    print(f"distillation, online against stored teacher embeddings ({args.cfg} {' '.join(args.overrides)}):")
+    return bench_distill_speed(args.cfg, args.overrides, rounds=args.rounds)
+
+
 BENCHES: Dict[str, Callable] = {"shards": run_shards, "data": run_data, "loss": run_loss, "dga": run_dga,
                                 "patch-dropout": run_patch_dropout, "memory": run_memory, "gpu": run_gpu,
                                 "profile": run_profile, "openclip": run_openclip, "max-chunk": run_max_chunk,
-                                "distill": run_distill}
+                                "distill": run_distill, "distill-speed": run_distill_speed,
+                                "distill-quality": run_distill_quality}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -168,6 +176,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--loss-chunk-rows", type=int, default=1024, help="loss: rows per logits block")
     parser.add_argument("--loss-chunk-cols", type=int, default=1024, help="loss: columns per tile (tiled, siglip)")
     parser.add_argument("--teacher-dim", type=int, default=768, help="distill: the teacher's embedding width")
+    parser.add_argument("--cfg", default="configs/demo.yaml",
+                        help="distill-speed: the training config; distill-quality: the student's")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="distill-speed: config overrides key=value (distill.teacher=FOLDER, data.data_path=...);"
+                             " distill-quality: the distilled students' (distill.scale=100, ...)")
+    parser.add_argument("--rounds", type=int, default=10, help="distill-speed: timed steps of each source")
+    parser.add_argument("--teacher-cfg", default="configs/finetune_small.yaml", help="distill-quality: the teacher")
+    parser.add_argument("--teacher-steps", type=int, default=20, help="distill-quality: the teacher's training steps")
+    parser.add_argument("--student-steps", type=int, default=60,
+                        help="distill-quality: each student's training steps (the student config is --cfg)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="distill-quality: the students' seeds")
+    parser.add_argument("--train-size", type=int, default=1000, help="distill-quality: demo images per training set")
+    parser.add_argument("--work", default=None,
+                        help="distill-quality: its data, runs and logs (default OUT/distill_quality)")
     parser.add_argument("--gpu-batch", type=int, default=16384)
     parser.add_argument("--gpu-chunk", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=None, help="gpu: the device's dense peak for MFU")
@@ -191,8 +213,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_gpu_report(args.out, args.smoke, args.stages, args.total_seconds, args.peak_tflops)
     if args.which == "gpu-table":
         return main_gpu_table(args.report, args.write)
-    # not part of "all": GPU-only, a closer look at one step, or distillation's memory (minutes at 65k on a CPU)
-    optional = {"gpu", "profile", "openclip", "max-chunk", "distill"}
+    # not part of "all": GPU-only, a closer look at one step, distillation's memory (minutes at 65k on a CPU) or its
+    # speed (it needs reinforced shards and a teacher) or its quality (about 20 minutes of training)
+    optional = {"gpu", "profile", "openclip", "max-chunk", "distill", "distill-speed", "distill-quality"}
     names = ([n for n in BENCHES if n not in optional or (n == "gpu" and torch.cuda.is_available())]
              if args.which == "all" else [args.which])
     os.makedirs(args.out, exist_ok=True)

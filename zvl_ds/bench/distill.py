@@ -43,7 +43,7 @@ def _term(family: str, method: str, image, text, teacher_image, teacher_text, ch
                 return float(strip.loss_sum) / image.shape[0]
             strip = sigmoid_distill_strip(image, text, torch.tensor(10.0, device=device),
                                           torch.tensor(-10.0, device=device), teacher_image, teacher_text,
-                                          TEACHER_SCALE, TEACHER_BIAS, "mobileclip2", 0, chunk_rows, chunk_cols, True)
+                                          TEACHER_SCALE, TEACHER_BIAS, "bce", 0, chunk_rows, chunk_cols, True)
             return float(strip.loss_sum) / image.shape[0] ** 2
     image, text = image.detach().requires_grad_(True), text.detach().requires_grad_(True)
     if family == "softmax":

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 from zvl_ds.base.errors import ConfigError
 
 SOURCES = ("online", "stored")
-SIGMOID_TARGETS = ("mobileclip2", "bce")
+SIGMOID_TARGETS = ("bce", "mobileclip2")
 
 
 @dataclass
@@ -28,7 +28,9 @@ class DistillConfig:
     """OpenCLIP architecture names only: the local weights file of the teacher (a teacher needs trained weights)."""
     source: Literal["online", "stored"] = "online"
     """`online`: the teacher embeds each step's global batch in pass 1 (its own tokenizer and image size); `stored`:
-    embeddings stored in the shards (not available yet: refused).
+    its embeddings written beside the shards once (`python -m zvl_ds.reinforce_shards`; the image embedding is of its
+    evaluation view, not of the training crop), read with each batch; the teacher is never loaded, its weights are
+    only hashed to check that the embeddings are its own.
     """
     weight: float = 1.0
     """Weight of the distillation term in the loss: `contrastive_weight * L_student + weight * L_distill`."""
@@ -42,10 +44,10 @@ class DistillConfig:
     """Sigmoid distillation (`loss.name: SigLIP`) only: the teacher's logit bias. `null`: the teacher's own (a softmax
     teacher has none: set it).
     """
-    sigmoid_target: Literal["mobileclip2", "bce"] = "mobileclip2"
-    """Sigmoid distillation only. `mobileclip2`: MobileCLIP2's published `DistillSigLipLoss`, `-log sigmoid(y u)` with
-    the soft sign `y = 2 sigmoid(v) - 1` of the teacher's logit v; `bce`: the binary cross-entropy of the student's
-    logit u against the teacher's probability `sigmoid(v)`.
+    sigmoid_target: Literal["bce", "mobileclip2"] = "bce"
+    """Sigmoid distillation only. `bce`: the pairwise binary cross-entropy of the student's logit u against the
+    teacher's probability `sigmoid(v)`; `mobileclip2`: the formulation of MobileCLIP2's published code
+    (`DistillSigLipLoss`), `-log sigmoid(y u)` with the soft sign `y = 2 sigmoid(v) - 1` of the teacher's logit v.
     """
 
     @property
@@ -59,9 +61,6 @@ class DistillConfig:
         if not str(self.teacher).strip():
             raise ConfigError("distill.teacher: empty; give a model folder, local-dir:FOLDER or an OpenCLIP name, or "
                               "null for no distillation")
-        if self.source == "stored":
-            raise ConfigError("distill.source=stored needs the teacher's embeddings stored in the shards (reinforced "
-                              "shards), which this version cannot write or read yet; use distill.source=online")
         for key in ("weight", "contrastive_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"distill.{key}: must be >= 0, got {getattr(self, key)}")

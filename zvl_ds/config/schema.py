@@ -141,7 +141,7 @@ class Config:
         if self.distill.bias is not None and self.loss.name != "SigLIP":
             raise ConfigError(f"distill.bias={self.distill.bias} with loss.name={self.loss.name}: a bias shifts every "
                               "logit of a softmax alike and changes nothing; it is for SigLIP students only")
-        if self.distill.sigmoid_target != "mobileclip2" and self.loss.name != "SigLIP":
+        if self.distill.sigmoid_target != "bce" and self.loss.name != "SigLIP":
             raise ConfigError(f"distill.sigmoid_target={self.distill.sigmoid_target} with loss.name={self.loss.name}: "
                               "the target of sigmoid distillation; a softmax student distils the teacher's softmax")
 

@@ -39,6 +39,7 @@ from zvl_ds.data.pieces import SourceStream
 from zvl_ds.data.reader import FieldLoader, RawSample
 from zvl_ds.data.sampling import MIXED, SHUFFLE, SamplingPlan, build_plan, derive_seed, name_key
 from zvl_ds.data.sources import ResolvedDataset
+from zvl_ds.data.teacher_store import StoredEmbeddingsReader
 from zvl_ds.data.transforms import CaptionAugmenter, ImageTransform, caption_preparer, scaled_train_transforms, tokenize
 
 STATE_FORMAT = 1
@@ -53,14 +54,17 @@ class TrainBatch:
     keys: List[str]
     dataset: str  # the source dataset; "mixed" in shuffle mode
     step: int  # the global optimizer step this batch is for (0-based)
-    # with a distillation teacher: the same captions in the teacher's tokens, long [b, L_teacher]
+    # with an online distillation teacher: the same captions in the teacher's tokens, long [b, L_teacher]
     teacher_input_ids: Optional[torch.Tensor] = None
     teacher_attention_mask: Optional[torch.Tensor] = None
+    # with a stored teacher (distill.source: stored): its embeddings of each sample's image (evaluation view) and of
+    # the caption picked for it, float16 [b, d_teacher]
+    teacher_image_embeds: Optional[torch.Tensor] = None
+    teacher_text_embeds: Optional[torch.Tensor] = None
 
     def pin_memory(self) -> "TrainBatch":
-        teacher = ({} if self.teacher_input_ids is None else
-                   {"teacher_input_ids": self.teacher_input_ids.pin_memory(),
-                    "teacher_attention_mask": self.teacher_attention_mask.pin_memory()})
+        names = ("teacher_input_ids", "teacher_attention_mask", "teacher_image_embeds", "teacher_text_embeds")
+        teacher = {name: getattr(self, name).pin_memory() for name in names if getattr(self, name) is not None}
         return replace(self, images=self.images.pin_memory(), input_ids=self.input_ids.pin_memory(),
                        attention_mask=self.attention_mask.pin_memory(), **teacher)
 
@@ -103,6 +107,7 @@ class _TrainSpec:
     buffer_size: int
     max_warnings: int
     teacher: Optional[TeacherInputs] = None
+    stored_teacher: bool = False  # attach the teacher's stored embeddings (distill.source: stored)
 
 
 class LoaderTimeout(UserError, RuntimeError):
@@ -122,30 +127,37 @@ class _TrainStream(IterableDataset):
         role = step % plan.roles
         faults = FailureCounter(spec.max_warnings)
         fields = FieldLoader()
+        stored = StoredEmbeddingsReader() if spec.stored_teacher else None
         streams = [SourceStream(plan, source, role, self.cursors[role][source], spec.datasets, spec.buffer_size,
                                 faults) for source in range(len(plan.source_names))]
         try:
             while True:
                 source = plan.source_of_step(step)
                 with _private_torch_rng(spec.transform.uses_torch_rng):
-                    batch = self._make_batch(streams[source], step, fields, faults)
+                    batch = self._make_batch(streams[source], step, fields, faults, stored)
                 yield batch, _BatchInfo(worker, role, step, [s.cursor for s in streams], faults.snapshot(),
                                         {reason: list(kept) for reason, kept in faults.examples.items()})
                 step += plan.roles
         finally:
             fields.close()
+            if stored is not None:
+                stored.close()
 
-    def _make_batch(self, stream: SourceStream, step: int, fields: FieldLoader, faults: FailureCounter) -> TrainBatch:
+    def _make_batch(self, stream: SourceStream, step: int, fields: FieldLoader, faults: FailureCounter,
+                    stored: Optional[StoredEmbeddingsReader]) -> TrainBatch:
         spec = self.spec
         size = spec.transform.size
         count = spec.plan.batch_size
         images = torch.empty((count, 3, size, size), dtype=torch.uint8)
         captions: List[str] = []
         keys: List[str] = []
+        embeddings: List[Tuple[torch.Tensor, torch.Tensor]] = []
         while len(keys) < count:
             raw = stream.next_raw()
             try:
-                image, caption = self._decode(raw, fields)
+                image, caption, picked, choices = self._decode(raw, fields)
+                if stored is not None:  # the stored embedding of the caption picked here
+                    embeddings.append(stored.lookup(raw.path, raw.position, raw.key, picked, choices))
             except SampleSkipped as skipped:
                 faults.add(skipped.reason, str(skipped))
                 continue
@@ -159,9 +171,13 @@ class _TrainStream(IterableDataset):
         if spec.teacher is not None:
             batch.teacher_input_ids, batch.teacher_attention_mask = tokenize(spec.teacher.tokenizer, captions,
                                                                              spec.teacher.max_length)
+        if stored is not None:
+            batch.teacher_image_embeds = torch.stack([image for image, _ in embeddings])
+            batch.teacher_text_embeds = torch.stack([text for _, text in embeddings])
         return batch
 
-    def _decode(self, raw: RawSample, fields: FieldLoader) -> Tuple[torch.Tensor, str]:
+    def _decode(self, raw: RawSample, fields: FieldLoader) -> Tuple[torch.Tensor, str, int, int]:
+        """(image, caption, which of the sample's captions it is, how many there are)."""
         spec = self.spec
         where = _describe(raw)
         rng = random.Random(derive_seed(spec.seed, _VISIT_TAG, name_key(spec.datasets[raw.dataset].name),
@@ -169,12 +185,13 @@ class _TrainStream(IterableDataset):
         data = _load_fields(fields, raw)
         image_bytes = _image_bytes(data, where)
         captions = _captions(_json_meta(data, where), data, where)
-        caption = captions[rng.randrange(len(captions))]
+        picked = rng.randrange(len(captions))
+        caption = captions[picked]
         if spec.prepare_caption is not None:
             caption = spec.prepare_caption(caption)
         if spec.caption_aug is not None:
             caption = spec.caption_aug(caption, rng)
-        return _decode_image(spec.transform, image_bytes, rng, where), caption
+        return _decode_image(spec.transform, image_bytes, rng, where), caption, picked, len(captions)
 
 
 
@@ -205,7 +222,7 @@ class TrainLoader:
         self._spec = _TrainSpec(self.plan, datasets, _train_transform(cfg, teacher),
                                 caption_preparer(cfg.transforms.caption_train), caption_aug, tokenizer,
                                 cfg.model.max_length, cfg.seed, data.shuffle_buffer, data.max_bad_sample_warnings,
-                                teacher)
+                                teacher, cfg.distill.enabled and cfg.distill.source == "stored")
         self._fingerprint = _fingerprint(cfg, self.plan)
         self._step = 0
         self._cursors = [[[0, 0] for _ in self.plan.source_names] for _ in range(self.plan.roles)]

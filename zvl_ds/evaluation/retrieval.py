@@ -10,10 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from zvl_ds.config import Config
 from zvl_ds.data import build_valid_loader
+from zvl_ds.data.sources import resolve_dataset
+from zvl_ds.data.teacher_store import ShardEmbeddings, header_problem
 from zvl_ds.evaluation.embed import EmbeddedSet, embed_validation
 from zvl_ds.evaluation.grid import render_retrieval_grid
-from zvl_ds.evaluation.metrics import deduplicate_images, top_captions
+from zvl_ds.evaluation.metrics import deduplicate_images, retrieval_metrics, top_captions
 from zvl_ds.runtime import dist
 
 
@@ -91,3 +94,28 @@ def log_retrieval_examples(monitor, grids: Dict[str, Optional[np.ndarray]], step
     for name, grid in grids.items():
         if grid is not None:
             monitor.image(f"eval/{name}/retrieval_examples", grid, step)
+
+
+def stored_teacher_metrics(cfg: Config, name: str, identity: Dict[str, str]
+                           ) -> Tuple[Optional[Dict[str, float]], Optional[str]]:
+    """A stored teacher's retrieval figures on validation set ``name``, from the embeddings stored beside its shards
+    (its evaluation view of each image and of every caption: what evaluating the teacher itself gives, up to their
+    fp16 rounding); each sample is one image. (None, why) when some shard has no complete embeddings of it."""
+    dataset = resolve_dataset(cfg.data, name, cfg.data.valid_splits)
+    for path in dataset.shards:
+        problem = header_problem(path, identity)
+        if problem is not None:
+            return None, f"{path}: {problem}"
+    images, image_ids, texts, owners = [], [], [], []
+    first = 0
+    for path in dataset.shards:
+        stored = ShardEmbeddings.load(path)
+        counts = stored.offsets[1:] - stored.offsets[:-1]
+        ids = torch.arange(first, first + counts.numel())
+        readable = torch.tensor([key not in stored.header.missing for key in stored.header.keys], dtype=torch.bool)
+        images.append(stored.image[readable].float())
+        image_ids.append(ids[readable])
+        texts.append(stored.text.float())
+        owners.append(ids.repeat_interleave(counts))
+        first += counts.numel()
+    return retrieval_metrics(torch.cat(images), torch.cat(image_ids), torch.cat(texts), torch.cat(owners)), None

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ from zvl_ds.base.checksums import file_sha256
 from zvl_ds.config import Config, ConfigError, NormalizeConfig, config_from_dict
 from zvl_ds.config.model_sources import (HF_CONFIG_FILE, HF_MODEL_TYPES, OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_LOCAL_DIR,
                                          hf_weights_file, open_clip_source)
+from zvl_ds.data.sources import ResolvedDataset
+from zvl_ds.data.teacher_store import ShardToCheck, check_stored, refuse_parquet
 from zvl_ds.data.transforms import ImageTransform, load_tokenizer
 from zvl_ds.model.build import build_model
 from zvl_ds.model.inference import WEIGHTS_FILE, Preprocessing, is_model_folder, load_model, text_vocabulary_size
@@ -161,7 +163,29 @@ def resolve_teacher(cfg: Config) -> TeacherSource:
     return _open_clip(name, name, pretrained)
 
 
-def _own_scale_and_bias(model: nn.Module) -> Tuple[float, Optional[float]]:
+def teacher_weights(cfg: Config) -> Tuple[str, str]:
+    """(kind, weights file) of ``distill.teacher``, refused for the reasons ``resolve_teacher`` refuses it, without
+    building the teacher or reading its weights (a stored teacher only needs their hash)."""
+    name = str(cfg.distill.teacher)
+    if os.path.isdir(name) and is_model_folder(name):
+        weights = os.path.join(name, WEIGHTS_FILE)
+        if not os.path.isfile(weights):
+            raise _error(name, f"a zvl_ds model folder without its weights file {WEIGHTS_FILE}")
+        return "zvl_ds", weights
+    source = resolve_teacher(cfg)
+    return source.kind, source.weights
+
+
+def teacher_identity(cfg: Config, kind_and_weights: Optional[Tuple[str, str]] = None) -> Dict[str, str]:
+    """What a checkpoint and stored embeddings record of the teacher: the name as configured, its kind, its weights
+    file and that file's SHA-256 (which is what identifies it: the folder may move)."""
+    kind, weights = kind_and_weights or teacher_weights(cfg)
+    return {"teacher": str(cfg.distill.teacher), "kind": kind, "weights": os.path.abspath(weights),
+            "sha256": file_sha256(weights)}
+
+
+def own_scale_and_bias(model: nn.Module) -> Tuple[float, Optional[float]]:
+    """A model's own logit scale (CLIP's ``exp(logit_scale)``, 1 / its temperature) and bias (None: softmax)."""
     with torch.no_grad():
         scale_bias = model.logit_scale_bias()
         if scale_bias is not None:
@@ -169,9 +193,9 @@ def _own_scale_and_bias(model: nn.Module) -> Tuple[float, Optional[float]]:
         return float(1.0 / model.temperature().reshape(-1)[0]), None
 
 
-def _scale_and_bias(cfg: Config, model: nn.Module, name: str) -> Tuple[float, Optional[float]]:
+def _scale_and_bias(cfg: Config, own_scale: float, own_bias: Optional[float], name: str
+                    ) -> Tuple[float, Optional[float]]:
     """The config's scale and bias where set, else the teacher's own; a sigmoid student needs a bias."""
-    own_scale, own_bias = _own_scale_and_bias(model)
     scale = cfg.distill.scale if cfg.distill.scale is not None else own_scale
     bias = cfg.distill.bias if cfg.distill.bias is not None else own_bias
     if cfg.loss.name == "SigLIP" and bias is None:
@@ -207,13 +231,12 @@ def load_teacher(cfg: Config, device: torch.device, dtype: torch.dtype,
         module = source.model if source.model is not None else build_model(source.config.model, source.config.loss)
     tokenizer = source.tokenizer if source.tokenizer is not None else load_tokenizer(
         source.config.model.text_encoder, vocab_size=text_vocabulary_size(module.text_tower))
-    scale, bias = _scale_and_bias(cfg, module, name)
+    scale, bias = _scale_and_bias(cfg, *own_scale_and_bias(module), name)
     module.requires_grad_(False)
     module.eval()
     transforms = source.config.transforms
     image_size = ImageTransform(transforms.valid_transforms, transforms).size
-    identity = {"teacher": name, "kind": source.kind, "weights": os.path.abspath(source.weights),
-                "sha256": file_sha256(source.weights)}
+    identity = teacher_identity(cfg, (source.kind, source.weights))
     stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
         model = _partitioned(module, ds_config)
@@ -228,6 +251,35 @@ def load_teacher(cfg: Config, device: torch.device, dtype: torch.dtype,
                 name, source.kind, image_size, scale, "" if bias is None else f", bias {bias:.4g}", held / 2 ** 20,
                 whole / 2 ** 20)
     return teacher
+
+
+@dataclass(frozen=True)
+class StoredTeacher:
+    """A teacher known by its embeddings stored beside the training shards (``distill.source: stored``): never
+    loaded. ``scale`` / ``bias`` are the distillation term's (the config's, else the teacher's own, as stored)."""
+
+    identity: Dict[str, str]
+    scale: float
+    bias: Optional[float]
+    width: int
+    shards: int
+
+
+REINFORCE_COMMAND = ("python -m zvl_ds.reinforce_shards --cfg CONFIG [key=value ...] --resume (this run's config and "
+                     "overrides; docs/distillation.md)")
+
+
+def stored_teacher(cfg: Config, datasets: Sequence[ResolvedDataset]) -> StoredTeacher:
+    """The stored teacher of ``cfg.distill`` for training on ``datasets``: its identity (the configured teacher's
+    weights, hashed, not loaded), checked against every shard's stored embeddings (a ``StoredTeacherError``, exit
+    code 2, names the shards that lack them or hold another teacher's)."""
+    refuse_parquet(datasets)
+    identity = teacher_identity(cfg)
+    shards = [ShardToCheck(dataset.name, path, dataset.shard_sizes[index] if dataset.shard_sizes else None)
+              for dataset in datasets for index, path in enumerate(dataset.shards)]
+    headers = check_stored(shards, identity, REINFORCE_COMMAND)
+    scale, bias = _scale_and_bias(cfg, headers[0].scale, headers[0].bias, str(cfg.distill.teacher))
+    return StoredTeacher(identity, scale, bias, headers[0].width, len(headers))
 
 
 def check_teacher_identity(saved: Optional[Dict[str, str]], current: Optional[Dict[str, str]], where: str) -> None:

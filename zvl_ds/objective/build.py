@@ -13,7 +13,7 @@ import torch
 
 from zvl_ds.config import Config
 from zvl_ds.data.transforms import ImageTransform
-from zvl_ds.model.teacher import Teacher
+from zvl_ds.model.teacher import StoredTeacher, Teacher
 from zvl_ds.objective.distill_loss import DistilledLoss
 from zvl_ds.objective.losses import build_loss
 from zvl_ds.objective.mixup import partner_index
@@ -22,22 +22,27 @@ from zvl_ds.objective.step import RUNNERS, ImagePreparation, OnlineTeacher, Step
 
 def distilled_loss(cfg: Config, base, teacher_scale: float, teacher_bias: Optional[float]) -> DistilledLoss:
     """The student's loss ``base`` with the distillation term of ``cfg.distill``, at the teacher's logit scale and bias
-    (an online teacher's, resolved by ``load_teacher``; a stored teacher's would come with its embeddings)."""
+    (an online teacher's, resolved by ``load_teacher``; a stored teacher's, recorded with its embeddings)."""
     return DistilledLoss(base, weight=cfg.distill.weight, contrastive_weight=cfg.distill.contrastive_weight,
                          teacher_scale=teacher_scale, teacher_bias=teacher_bias,
                          sigmoid_target=cfg.distill.sigmoid_target)
 
 
 def build_step(cfg: Config, world_size: int, rank: int, device: torch.device = torch.device("cpu"),
-               dtype: torch.dtype = torch.float32, teacher: Optional[Teacher] = None) -> Step:
+               dtype: torch.dtype = torch.float32, teacher: Optional[Teacher] = None,
+               stored: Optional[StoredTeacher] = None) -> Step:
     """The step of ``cfg`` on one of ``world_size`` ranks, for an engine on ``device`` computing in ``dtype``;
-    with ``teacher`` (``zvl_ds.model.teacher.load_teacher``) the distillation of ``cfg.distill``."""
+    with ``teacher`` (``zvl_ds.model.teacher.load_teacher``) the distillation of ``cfg.distill`` by a teacher run in
+    the step, with ``stored`` (``stored_teacher``) by the teacher's embeddings that come with each batch
+    (``StepBatch.teacher_embeddings``)."""
     chunk = cfg.per_rank_chunk(world_size)
     mixup = cfg.loss.name == "MixUpNCE"
     loss = build_loss(cfg.loss)
     student_images = ImagePreparation(cfg.transforms.normalize, device, dtype)
     online = None
-    if teacher is not None:
+    if stored is not None:
+        loss = distilled_loss(cfg, loss, stored.scale, stored.bias)
+    elif teacher is not None:
         loss = distilled_loss(cfg, loss, teacher.scale, teacher.bias)
         # the loader hands over the crops at the larger side of the two; each view is made from them
         student_size = ImageTransform(cfg.transforms.train_transforms, cfg.transforms).size

@@ -73,10 +73,10 @@ def dense_softmax_distillation(image: torch.Tensor, text: torch.Tensor, temperat
 def dense_sigmoid_distillation(image: torch.Tensor, text: torch.Tensor, scale: Union[torch.Tensor, float],
                                bias: Union[torch.Tensor, float], teacher_image: torch.Tensor,
                                teacher_text: torch.Tensor, teacher_scale: float, teacher_bias: float,
-                               target: str = "mobileclip2") -> torch.Tensor:
-    """The sigmoid distillation term, the mean over all B x B pairs. ``mobileclip2``: -log sigmoid(y u) with the soft
-    sign y = 2 sigmoid(v) - 1 of the teacher's logit v (MobileCLIP2's DistillSigLipLoss); ``bce``: the binary
-    cross-entropy of the student's logit u against the probability sigmoid(v)."""
+                               target: str = "bce") -> torch.Tensor:
+    """The sigmoid distillation term, the mean over all B x B pairs. ``bce``: the binary cross-entropy of the
+    student's logit u against the probability sigmoid(v); ``mobileclip2``: -log sigmoid(y u) with the soft sign
+    y = 2 sigmoid(v) - 1 of the teacher's logit v (MobileCLIP2's published DistillSigLipLoss)."""
     student = scale * image @ text.t() + bias
     teacher = teacher_scale * teacher_image @ teacher_text.t() + teacher_bias
     if target == "mobileclip2":

@@ -15,11 +15,12 @@ of rows); a second sweep recomputes each tile, forms G and accumulates the same 
 kernel (``softmax_loss``): images (G y / tau, complete), texts (G^T x / tau, this strip's part) and tau
 (-(1 / tau^2) sum_i <x_i, (G y)_i>).
 
-Sigmoid (MobileCLIP2's ``DistillSigLipLoss``). Student logits u = t <x_i, y_j> + b, teacher logits
-v = s_T <x'_i, y'_j> + b_T, and per pair
+Sigmoid (the pairwise binary cross-entropy against the teacher's probabilities, ``bce``, the default; or the
+formulation of MobileCLIP2's published ``DistillSigLipLoss``, ``mobileclip2``). Student logits u = t <x_i, y_j> + b,
+teacher logits v = s_T <x'_i, y'_j> + b_T, and per pair
 
-    mobileclip2:  l_ij = -log sigmoid(y_ij u_ij),  y_ij = 2 sigmoid(v_ij) - 1      dl/du = -y sigmoid(-y u)
     bce:          l_ij = p_ij softplus(-u) + (1 - p_ij) softplus(u),  p = sigmoid(v)  dl/du = sigmoid(u) - p
+    mobileclip2:  l_ij = -log sigmoid(y_ij u_ij),  y_ij = 2 sigmoid(v_ij) - 1      dl/du = -y sigmoid(-y u)
 
     L_d = (1 / B^2) sum_ij l_ij
 
@@ -171,7 +172,7 @@ def _sigmoid_pair_terms(student_logits: torch.Tensor, teacher_logits: torch.Tens
         # p softplus(-u) + (1 - p) softplus(u) = softplus(u) - p u
         loss = F.softplus(student_logits).sum() - (probabilities * student_logits).sum()
         return loss, student_logits.sigmoid().sub_(probabilities)
-    raise ValueError(f"distill.sigmoid_target: unknown target {target!r} (mobileclip2, bce)")
+    raise ValueError(f"distill.sigmoid_target: unknown target {target!r} (bce, mobileclip2)")
 
 
 def sigmoid_distill_strip(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,

@@ -73,7 +73,7 @@ def softmax_distillation(image_local: torch.Tensor, text_local: torch.Tensor, ta
 
 def sigmoid_distillation(image_local: torch.Tensor, text_local: torch.Tensor, scale_bias: torch.Tensor,
                          teacher_image_local: torch.Tensor, teacher_texts: torch.Tensor, teacher_scale: float,
-                         teacher_bias: float, target: str = "mobileclip2", *, chunk_rows: int = 1024,
+                         teacher_bias: float, target: str = "bce", *, chunk_rows: int = 1024,
                          chunk_cols: int = 0) -> Tuple[torch.Tensor, LossOutput]:
     """This rank's share of the sigmoid term (``DistillSigLipLoss``, the mean over B^2 pairs) and its global
     figures, differentiable in the student's embeddings and its (scale, bias)."""
@@ -106,7 +106,7 @@ class DistilledLoss:
     contrastive_weight: float
     teacher_scale: float
     teacher_bias: Optional[float] = None
-    sigmoid_target: str = "mobileclip2"
+    sigmoid_target: str = "bce"
 
     def __post_init__(self):
         if isinstance(self.base, SigmoidLoss) and self.teacher_bias is None:

@@ -36,7 +36,7 @@ class ReferenceDistillation:
     bias: Optional[float]
     weight: float
     contrastive_weight: float
-    sigmoid_target: str = "mobileclip2"
+    sigmoid_target: str = "bce"
 
     def combined(self, own: torch.Tensor, image: torch.Tensor, text: torch.Tensor, temperature: Optional[torch.Tensor],
                  scale_bias: Optional[torch.Tensor]) -> torch.Tensor:
