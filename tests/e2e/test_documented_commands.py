@@ -1,20 +1,25 @@
 """Every command of README.md and docs/*.md (their ```bash blocks) runs as written, at demo scale.
 
 The commands run in a bash shell, with this environment's ``bin`` first on PATH, in one working folder laid out like
-the repository root (links to zvl_ds/, configs/, ds_configs/, tools/, quickstart.sh), so that the relative paths
-they name (data, shards, output/demo, exported/demo, clip_benchmark/demo_val, ...) are made and read there. What
-a reader brings is put in place under the name the command gives it (``PLACEHOLDERS``): the demo data and shards as
-quickstart.sh writes them (also under quickstart/), a demo dataset under a dataset name the command writes or reads
-(cc3m, coco, mine, ...), the demo's classification folder for an image folder (FOLDER, my_classes/), a one-node
-hostfile, and a tiny checkpoint for a model folder outside the working folder (/models/...: the only words of a
-command that are replaced). Nothing else in a command changes, except for the commands of ``LISTED``: there the
-table says what runs instead, or that nothing does, and why. A command that neither runs nor is listed fails
+the repository root (links to zvl_ds/, ds_configs/, tools/, quickstart.sh; a copy of configs/), so that the relative
+paths they name (data, shards, output/demo, exported/demo, clip_benchmark/demo_val, ...) are made and read there. The
+pages' own data/ and shards/ are written by their make_demo_data and make_shards commands. What a reader brings is put
+in place under the name the command gives it (``PLACEHOLDERS``): the demo data and shards as quickstart.sh writes
+them under quickstart/, and its exported model (quickstart/model: the demo config's model, untrained), a demo dataset
+under a dataset name the command writes or reads (cc3m, coco, mine, ...), the demo's classification folder for an
+image folder (FOLDER, my_classes/), the Hugging Face Parquet snapshot docs/workflow.md writes with its own Python
+lines (hf_demo/), a one-node hostfile, and a tiny checkpoint for a model folder outside the working folder
+(model.hf_folder=/models/..., distill.teacher=/models/...: the only words of a command that are replaced). Nothing
+else in a command changes, except for the commands of ``LISTED``: there the table says what runs instead, or that
+nothing does, and why. A command that neither runs nor is listed fails
 ``test_every_documented_command_runs_or_is_listed``.
 
-Order: data first, then training, then what reads a run (output/...), then what reads an export (exported/...).
-Commands that start a launcher (deepspeed, torchrun) run one after another, since each takes the default rendezvous
-port 29500 as written; the others run beside them, two processes at a time. A training command finds its run folder
-as the docs leave it: one that an earlier alternative of the same page wrote (the same exp_name) is set aside first.
+Order: data first, then training and whatever resolves a config, then what reads a run (output/...), then what reads
+an export (exported/...). Commands that start a launcher (deepspeed, torchrun) as written run one after another,
+since each takes the default rendezvous port 29500 (a CPU form takes a port of its own); so do the writer and the
+readers of one data root (make_demo_data first); the others run beside them, two processes at a time. A training
+command finds its run folder as the docs leave it: one that an earlier alternative of the same page wrote (the same
+exp_name) is set aside first.
 """
 import concurrent.futures
 import json
@@ -22,6 +27,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,12 +44,14 @@ from tests.helpers.processes import child_env
 # What does not run as written
 # --------------------------------------------------------------------------------------------------
 
-# the launcher with one process (deepspeed --num_gpus 1, torchrun --nproc_per_node 1, a one-node hostfile) on the CPU,
+# the launcher with one process (deepspeed --num_gpus 1, torchrun --nproc_per_node 1, a one-node hostfile) on the CPU
+# with a rendezvous port of its own (CPU_FORM_PORT + its row in LISTED),
 # and the command's config at demo scale: its CPU_SCALE keys, DEMO_BATCH where the command gives no batch size, and
 # DEMO_STEPS for a training run; for a command without a config (a benchmark), its CPU_ARGUMENTS
 CPU_FORM = "1-process CPU form"
 SHORT = "runner.train_steps=2 appended"  # a CPU command that would train for minutes
 NOT_RUN = "not run"
+CPU_FORM_PORT = 29600
 DEMO_BATCH = ["data.batch_size=16", "data.batch_size_train=8", "data.batch_size_val=16"]
 DEMO_STEPS = ["runner.train_steps=2"]
 MAX_STEPS_AS_WRITTEN = 50  # a training command not listed must train no longer than this (40 on 2 ranks: ~15 s CPU)
@@ -306,6 +314,9 @@ def cpu_form(command):
     assert config in CPU_SCALE, f"{command}: no CPU_SCALE keys for {config}; add them to {__file__}"
     one = re.sub(r"--num_gpus \d+", "--num_gpus 1", command)
     one = re.sub(r"--nproc_per_node([ =])\d+", r"--nproc_per_node\g<1>1", one)
+    # a port of its own, so that it runs beside the other launchers (each listed command its own)
+    one = re.sub(r"^(deepspeed|torchrun|python -m torch\.distributed\.run) ",
+                 rf"\1 --master_port {CPU_FORM_PORT + list(LISTED_BY_COMMAND).index(command)} ", one)
     extra = list(CPU_SCALE[config])
     if "data.batch_size" not in overrides_of(command):
         extra += DEMO_BATCH
@@ -376,14 +387,14 @@ def image_folders_named(work, command):
 def quick_start_model(work, command):
     """``quickstart/model``, the model quickstart.sh exports: configs/demo.yaml's model, untrained (the quick start
     itself is not run)."""
+    folder = os.path.join(work, QUICK_START, "model")
+    if not re.search(rf"(^|[\s=:]){QUICK_START}/model(\s|$)", command) or os.path.exists(folder):
+        return
     from zvl_ds.config import load_config
     from zvl_ds.data.transforms import load_tokenizer
     from zvl_ds.export.model_folder import write_model_folder
     from zvl_ds.model.build import build_model
 
-    folder = os.path.join(work, QUICK_START, "model")
-    if not re.search(rf"(^|[\s=:]){QUICK_START}/model(\s|$)", command) or os.path.exists(folder):
-        return
     cfg = load_config(os.path.join(REPO_ROOT, "configs", "demo.yaml"), [])
     write_model_folder(folder, cfg, build_model(cfg.model, cfg.loss), load_tokenizer(cfg.model.text_encoder),
                        {"placeholder": "quickstart.sh's exported model, untrained"})
@@ -485,12 +496,16 @@ def run_one(work, run, env):
             aside += 1
         os.rename(os.path.join(work, run.run_folder), os.path.join(work, f"{run.run_folder}.set_aside_{aside}"))
     start = time.perf_counter()
-    try:
-        done = subprocess.run(["bash", "-c", run.command], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
-        run.returncode, run.output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        run.returncode, run.output = -1, f"timed out after {COMMAND_TIMEOUT_S} s: {expired.output or ''}"
+    # a session of its own: a command that times out is stopped with everything it started (a launcher's ranks, a
+    # benchmark's measuring processes), not only its shell
+    with subprocess.Popen(["bash", "-c", run.command], cwd=work, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as process:
+        try:
+            run.output = process.communicate(timeout=COMMAND_TIMEOUT_S)[0]
+            run.returncode = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            run.returncode, run.output = -1, f"timed out after {COMMAND_TIMEOUT_S} s: {process.communicate()[0]}"
     run.seconds = time.perf_counter() - start
     latest = os.path.join(work, run.run_folder or "", "latest")
     if run.run_folder and os.path.isfile(latest):
@@ -514,8 +529,15 @@ def chains_of(runs):
     return sorted(chains, key=len, reverse=True)  # the longest chain starts first
 
 
+def port_of(command):
+    """The rendezvous port a launcher takes: its --master_port, else the default 29500."""
+    words = words_of(command)
+    return words[words.index("--master_port") + 1] if "--master_port" in words else "29500"
+
+
 def run_keys(run):
-    return (({"port"} if is_launcher(run.command) else set()) | ({run.run_folder} if run.run_folder else set())
+    return (({f"port {port_of(run.command)}"} if is_launcher(run.command) else set())
+            | ({run.run_folder} if run.run_folder else set())
             | {f"data root {root}" for root in data_roots(run.command)})
 
 
