@@ -1,20 +1,25 @@
 """Every command of README.md and docs/*.md (their ```bash blocks) runs as written, at demo scale.
 
 The commands run in a bash shell, with this environment's ``bin`` first on PATH, in one working folder laid out like
-the repository root (links to zvl_ds/, configs/, ds_configs/, tools/, quickstart.sh), so that the relative paths
-they name (data, shards, output/demo, exported/demo, clip_benchmark/demo_val, ...) are made and read there. What
-a reader brings is put in place under the name the command gives it (``PLACEHOLDERS``): the demo data and shards as
-quickstart.sh writes them (also under quickstart/), a demo dataset under a dataset name the command writes or reads
-(cc3m, coco, mine, ...), the demo's classification folder for an image folder (FOLDER, my_classes/), a one-node
-hostfile, and a tiny checkpoint for a model folder outside the working folder (/models/...: the only words of a
-command that are replaced). Nothing else in a command changes, except for the commands of ``LISTED``: there the
-table says what runs instead, or that nothing does, and why. A command that neither runs nor is listed fails
+the repository root (links to zvl_ds/, ds_configs/, tools/, quickstart.sh; a copy of configs/), so that the relative
+paths they name (data, shards, output/demo, exported/demo, clip_benchmark/demo_val, ...) are made and read there. The
+pages' own data/ and shards/ are written by their make_demo_data and make_shards commands. What a reader brings is put
+in place under the name the command gives it (``PLACEHOLDERS``): the demo data and shards as quickstart.sh writes
+them under quickstart/, and its exported model (quickstart/model: the demo config's model, untrained), a demo dataset
+under a dataset name the command writes or reads (cc3m, coco, mine, ...), the demo's classification folder for an
+image folder (FOLDER, my_classes/), the Hugging Face Parquet snapshot docs/workflow.md writes with its own Python
+lines (hf_demo/), a one-node hostfile, and a tiny checkpoint for a model folder outside the working folder
+(model.hf_folder=/models/..., distill.teacher=/models/...: the only words of a command that are replaced). Nothing
+else in a command changes, except for the commands of ``LISTED``: there the table says what runs instead, or that
+nothing does, and why. A command that neither runs nor is listed fails
 ``test_every_documented_command_runs_or_is_listed``.
 
-Order: data first, then training, then what reads a run (output/...), then what reads an export (exported/...).
-Commands that start a launcher (deepspeed, torchrun) run one after another, since each takes the default rendezvous
-port 29500 as written; the others run beside them, two processes at a time. A training command finds its run folder
-as the docs leave it: one that an earlier alternative of the same page wrote (the same exp_name) is set aside first.
+Order: data first, then training and whatever resolves a config, then what reads a run (output/...), then what reads
+an export (exported/...). Commands that start a launcher (deepspeed, torchrun) as written run one after another,
+since each takes the default rendezvous port 29500 (a CPU form takes a port of its own); so do the writer and the
+readers of one data root (make_demo_data first); the others run beside them, two processes at a time. A training
+command finds its run folder as the docs leave it: one that an earlier alternative of the same page wrote (the same
+exp_name) is set aside first.
 """
 import concurrent.futures
 import json
@@ -22,6 +27,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +36,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tests.helpers.docs_pages import COMMANDS, script_of
+from tests.helpers.docs_pages import COMMANDS, page_text, script_of
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
 
@@ -38,12 +44,14 @@ from tests.helpers.processes import child_env
 # What does not run as written
 # --------------------------------------------------------------------------------------------------
 
-# the launcher with one process (deepspeed --num_gpus 1, torchrun --nproc_per_node 1, a one-node hostfile) on the CPU,
+# the launcher with one process (deepspeed --num_gpus 1, torchrun --nproc_per_node 1, a one-node hostfile) on the CPU
+# with a rendezvous port of its own (CPU_FORM_PORT + its row in LISTED),
 # and the command's config at demo scale: its CPU_SCALE keys, DEMO_BATCH where the command gives no batch size, and
-# DEMO_STEPS for a training run
+# DEMO_STEPS for a training run; for a command without a config (a benchmark), its CPU_ARGUMENTS
 CPU_FORM = "1-process CPU form"
 SHORT = "runner.train_steps=2 appended"  # a CPU command that would train for minutes
 NOT_RUN = "not run"
+CPU_FORM_PORT = 29600
 DEMO_BATCH = ["data.batch_size=16", "data.batch_size_train=8", "data.batch_size_val=16"]
 DEMO_STEPS = ["runner.train_steps=2"]
 MAX_STEPS_AS_WRITTEN = 50  # a training command not listed must train no longer than this (40 on 2 ranks: ~15 s CPU)
@@ -157,7 +165,54 @@ LISTED = [
      "model.text_encoder.unlocked_layers=1", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
     ("python zvl_ds/train.py --cfg configs/demo.yaml data.exp_name=demo_ema model.ema.decay=0.999 "
      "model.ema.warmup_steps=100", SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.manifest=configs/demo_mix.yaml data.exp_name=demo_mix",
+     SHORT, "configs/demo.yaml's 1500 steps (about 6 min)"),
+    ('python -m zvl_ds.train --cfg configs/demo.yaml data.exp_name=hf_demo runner.train_steps=300 '
+     'data.train_name=[hf_demo] "data.datasets.hf_demo.parquet=hf_demo/data/train-*.parquet" '
+     'data.valid_name=[hf_demo_val] "data.datasets.hf_demo_val.parquet=hf_demo/data/validation-*.parquet"', SHORT,
+     "300 steps of configs/demo.yaml (about 1 min 20 s)"),
+    # docs/distillation.md
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.data_path=quickstart/shards ckpt.dir=quickstart/output "
+     "data.exp_name=demo_distilled loss.name=NCE model.image_encoder.kwargs.patch_size=8 "
+     "distill.teacher=quickstart/model", SHORT, "configs/demo.yaml's 1500 steps with a teacher (about 8 min)"),
+    ("deepspeed --num_gpus 8 zvl_ds/train.py --deepspeed_config ds_configs/zero3.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards loss.name=NCE precision=bf16 "
+     "distill.teacher=/models/clip-vit-large-patch14 distill.contrastive_weight=0", CPU_FORM,
+     "8 GPUs; ZeroVL's recipe (ViT-B/16 + BERT-base from the hub, batch 16384) and CLIP ViT-L/14: 1 process, tiny "
+     "towers, batch 16, a tiny CLIP folder for /models/clip-vit-large-patch14"),
+    ("deepspeed --num_gpus 8 --module zvl_ds.verify_exactness --deepspeed_config ds_configs/zero3.json --cfg "
+     "configs/clip/zerovl_dga.yaml data.data_path=shards data.batch_size=256 data.batch_size_train=64 "
+     "loss.name=NCE distill.teacher=/models/clip-vit-large-patch14", CPU_FORM,
+     "8 GPUs; ZeroVL's towers from the hub and CLIP ViT-L/14: 1 process, tiny towers, the command's batch 256 in "
+     "chunks of 64, a tiny CLIP folder for /models/clip-vit-large-patch14"),
+    ("python -m zvl_ds.bench distill --loss-batches 8192 32768 65536", CPU_FORM,
+     "hours on a CPU (65 min for the softmax term at B = 65,536 alone): the same sweep at B = 512"),
+    # docs/fine-tuning.md, LoRA
+    ("python zvl_ds/train.py --cfg configs/finetune_small.yaml data.data_path=quickstart/shards "
+     "data.zeroshot.shapes.path=quickstart/data/demo_classify data.exp_name=ft_lora model.image_encoder.lora.r=8 "
+     "model.text_encoder.lora.r=8 optim.lr_mult.image_tower=1 optim.lr_mult.text_tower=1", SHORT,
+     "configs/finetune_small.yaml's 150 steps of EfficientNet-Lite0 + MiniLM (several minutes)"),
+    ("deepspeed --num_gpus 4 zvl_ds/train.py --deepspeed_config ds_configs/zero2.json --cfg "
+     "configs/clip/finetune_hf_clip.yaml model.hf_folder=/models/clip-vit-base-patch16 data.data_path=shards "
+     "data.train_name=[mine] data.valid_name=[mine_val] precision=bf16 data.exp_name=clip_lora "
+     "model.image_encoder.lora.r=8 model.text_encoder.lora.r=8", CPU_FORM,
+     "4 GPUs, batch 16384: 1 process on the CPU, a tiny CLIP folder for /models/clip-vit-base-patch16, batch 16"),
+    ("python -m zvl_ds.bench.run_footprint output/ft_full output/ft_lock output/ft_lora output/hf_full "
+     "output/hf_lock output/hf_lora", CPU_FORM,
+     "the full and locked runs are the page's two LoRA commands with other keys, given in words (minutes more of "
+     "training): it reads the two LoRA runs trained here"),
+    ("python -m zvl_ds.bench.step_variants --cfg configs/finetune_small.yaml --variant full --variant "
+     "lock:model.image_encoder.unlocked_groups=1,model.text_encoder.unlocked_layers=1 --variant "
+     "lora:model.image_encoder.lora.r=8,model.text_encoder.lora.r=8 --rounds 5", NOT_RUN,
+     "18 steps of EfficientNet-Lite0 + MiniLM at batch 32 (minutes); the page's tiny CLIP form of the same tool runs "
+     "as written, the recipe's LoRA run trains here (ft_lora), tests/unit/test_step_variants.py checks the tool"),
 ]
+# the CPU form of a command without a config (a benchmark): these words replaced (its sizes, the runs it reads)
+CPU_ARGUMENTS = {
+    "--loss-batches 8192 32768 65536": "--loss-batches 512",
+    "output/ft_full output/ft_lock output/ft_lora output/hf_full output/hf_lock output/hf_lora":
+        "output/ft_lora output/hf_lora",
+}
 LISTED_BY_COMMAND = {command: (action, reason) for command, action, reason in LISTED}
 # commands that must never run here, listed or not: they install, download, or need a cluster
 NEVER_RUN = re.compile(r"\bpip install\b|install\.sh|regenerate_constraints|gpu_report_bundle|"
@@ -166,6 +221,8 @@ LAUNCHERS = ("deepspeed", "torchrun", "torch.distributed.run")
 TRAINERS = ("zvl_ds/train.py", "zvl_ds.train")
 COMMAND_TIMEOUT_S = 600
 PARALLEL = 2  # processes at a time: mostly interpreters starting, which two cores share well
+QUICK_START = "quickstart"  # where quickstart.sh leaves its demo data, shards and model
+DEMO_SETS = ("demo_flat", "demo_sketch", "demo_val", "demo_classify")  # what make_demo_data writes
 
 
 def one_line(command):
@@ -214,15 +271,31 @@ def is_training(command):
 
 
 def stage_of(command):
-    """0: data; 1: training and verifying; 2: what reads a run (output/...); 3: what reads an export (exported/)."""
+    """0: data (commands that resolve no config); 1: training, verifying and whatever resolves a config (it reads the
+    data and models the config names); 2: what reads a run (output/..., also under quickstart/); 3: what reads an
+    export (exported/)."""
     words = words_of(command)
     reads = [word for index, word in enumerate(words) if index == 0 or words[index - 1] not in ("--out", "--output")]
     if any(re.search(r"(^|[=:])exported/", word) for word in reads):
         return 3
-    if any(re.search(r"(^|[=:])output/", word) for word in reads):
+    if any(re.search(r"(^|[=:/])output/", word) for word in reads):
         return 2
     script = script_of(words)[0]
-    return 1 if script in TRAINERS or script == "zvl_ds.verify_exactness" else 0
+    return 1 if config_of(command) or script in (*TRAINERS, "zvl_ds.verify_exactness", "zvl_ds.config") else 0
+
+
+def data_roots(command):
+    """The data roots a command writes (make_demo_data --out) or reads (make_shards --data-root, --labelled's
+    parent): a data set is read after it is written, as the pages order them."""
+    words = words_of(command)
+    script = script_of(words)[0]
+    value = lambda option, default=None: words[words.index(option) + 1] if option in words else default  # noqa: E731
+    if script == "zvl_ds.make_demo_data":
+        return {os.path.normpath(value("--out", "data"))}
+    if script not in ("zvl_ds.make_shards", "tools/make_shards.py"):
+        return set()
+    roots = {os.path.normpath(value("--data-root"))} if "--data-root" in words else set()
+    return roots | ({os.path.dirname(os.path.normpath(value("--labelled")))} if "--labelled" in words else set())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,11 +304,19 @@ def stage_of(command):
 
 
 def cpu_form(command):
-    """The launcher with one process, and the config's demo-scale keys appended."""
+    """The launcher with one process, and the config's demo-scale keys appended; or, for a command without a config,
+    its CPU_ARGUMENTS."""
     config = config_of(command)
+    if config is None and any(words in command for words in CPU_ARGUMENTS):
+        for words, instead in CPU_ARGUMENTS.items():
+            command = command.replace(words, instead)
+        return command
     assert config in CPU_SCALE, f"{command}: no CPU_SCALE keys for {config}; add them to {__file__}"
     one = re.sub(r"--num_gpus \d+", "--num_gpus 1", command)
     one = re.sub(r"--nproc_per_node([ =])\d+", r"--nproc_per_node\g<1>1", one)
+    # a port of its own, so that it runs beside the other launchers (each listed command its own)
+    one = re.sub(r"^(deepspeed|torchrun|python -m torch\.distributed\.run) ",
+                 rf"\1 --master_port {CPU_FORM_PORT + list(LISTED_BY_COMMAND).index(command)} ", one)
     extra = list(CPU_SCALE[config])
     if "data.batch_size" not in overrides_of(command):
         extra += DEMO_BATCH
@@ -267,7 +348,8 @@ def copy_once(source, target):
 
 
 def demo_datasets_named(work, command):
-    """``--data-root data --dataset NAME``: a demo dataset under NAME for the split asked (cc3m, coco, ...)."""
+    """``--data-root data --dataset NAME``: a demo dataset under NAME for the split asked (cc3m, coco, ...); the demo's
+    own names are make_demo_data's to write."""
     words = words_of(command)
     if "--data-root" not in words or "--dataset" not in words:
         return
@@ -276,16 +358,21 @@ def demo_datasets_named(work, command):
     names = [words[i + 1] for i, word in enumerate(words) if word == "--dataset"]
     for count, name in enumerate(names):
         demo = "demo_val" if split == "valid" else ("demo_flat", "demo_sketch")[count % 2]
-        copy_once(os.path.join(work, "data", demo), os.path.join(root, name))
+        if name not in DEMO_SETS:
+            copy_once(os.path.join(work, QUICK_START, "data", demo), os.path.join(root, name))
 
 
 def demo_shards_named(work, command):
-    """``data.train_name=[mine]``, ``data.valid_name=[mine_val]``: demo shards under a name the data path lacks."""
+    """``data.train_name=[mine]``, ``data.valid_name=[mine_val]``: demo shards under a name the data path lacks (not
+    the demo's own names, which make_shards writes, nor a source the command places itself: data.datasets.NAME.*)."""
     overrides = overrides_of(command)
     shards = os.path.join(work, overrides.get("data.data_path", "shards"))
     for key, demo in (("data.train_name", "demo_flat"), ("data.valid_name", "demo_val")):
         for name in re.findall(r"[\w.-]+", overrides.get(key, "")):
-            copy_once(os.path.join(work, "shards", demo), os.path.join(shards, name))
+            placed = any(override.startswith(f"data.datasets.{name}.") and not override.endswith(".weight")
+                         for override in overrides)
+            if name not in DEMO_SETS and not placed:
+                copy_once(os.path.join(work, QUICK_START, "shards", demo), os.path.join(shards, name))
 
 
 def image_folders_named(work, command):
@@ -294,7 +381,39 @@ def image_folders_named(work, command):
     folders = [words[i + 1] for i, word in enumerate(words) if word == "--images"]
     folders += [value for key, value in overrides_of(command).items() if re.match(r"data\.zeroshot\.\w+\.path$", key)]
     for folder in folders:
-        copy_once(os.path.join(work, "data", "demo_classify"), os.path.join(work, folder))
+        copy_once(os.path.join(work, QUICK_START, "data", "demo_classify"), os.path.join(work, folder))
+
+
+def quick_start_model(work, command):
+    """``quickstart/model``, the model quickstart.sh exports: configs/demo.yaml's model, untrained (the quick start
+    itself is not run)."""
+    folder = os.path.join(work, QUICK_START, "model")
+    if not re.search(rf"(^|[\s=:]){QUICK_START}/model(\s|$)", command) or os.path.exists(folder):
+        return
+    from zvl_ds.config import load_config
+    from zvl_ds.data.transforms import load_tokenizer
+    from zvl_ds.export.model_folder import write_model_folder
+    from zvl_ds.model.build import build_model
+
+    cfg = load_config(os.path.join(REPO_ROOT, "configs", "demo.yaml"), [])
+    write_model_folder(folder, cfg, build_model(cfg.model, cfg.loss), load_tokenizer(cfg.model.text_encoder),
+                       {"placeholder": "quickstart.sh's exported model, untrained"})
+
+
+def parquet_snapshot(work, command):
+    """``hf_demo/data/*.parquet``: the Hugging Face snapshot docs/workflow.md writes from the demo data, by its own
+    Python lines, run where the quick start's demo data lies."""
+    if "hf_demo/data/" not in command or os.path.exists(os.path.join(work, "hf_demo")):
+        return
+    page = page_text("docs/workflow.md")
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "hf_demo/data" in block)
+    cwd = os.getcwd()
+    os.chdir(os.path.join(work, QUICK_START))
+    try:
+        exec(compile(snippet, "docs/workflow.md", "exec"), {"__name__": "__main__"})
+    finally:
+        os.chdir(cwd)
+    os.symlink(os.path.join(QUICK_START, "hf_demo"), os.path.join(work, "hf_demo"))
 
 
 def hostfile_named(work, command):
@@ -306,36 +425,37 @@ def hostfile_named(work, command):
 
 
 def model_folders_outside(work, command):
-    """``model.hf_folder=/models/NAME``, a folder outside the working folder: a tiny checkpoint of the kind the name
-    says, at ``WORK/models/NAME`` (the one word of a command that is replaced)."""
+    """``model.hf_folder=/models/NAME``, ``distill.teacher=/models/NAME``, a folder outside the working folder: a
+    tiny checkpoint of the kind the name says, at ``WORK/models/NAME`` (the one word of a command that is replaced)."""
     from tools.tiny_checkpoints import write_tiny_checkpoint
 
-    for value in re.findall(r"model\.hf_folder=(/\S+)", command):
+    for key, value in re.findall(r"(model\.hf_folder|distill\.teacher)=(/\S+)", command):
         local = os.path.join(work, value.lstrip("/"))
         if not os.path.isdir(local):
             write_tiny_checkpoint("hf_siglip" if "siglip" in value.lower() else "hf_clip", local)
-        command = command.replace(f"model.hf_folder={value}", f"model.hf_folder={local}")
+        command = command.replace(f"{key}={value}", f"{key}={local}")
     return command
 
 
-PLACEHOLDERS = [demo_datasets_named, demo_shards_named, image_folders_named, hostfile_named]
+PLACEHOLDERS = [demo_datasets_named, demo_shards_named, image_folders_named, hostfile_named, quick_start_model,
+                parquet_snapshot]
 
 
 def make_working_folder(work):
-    """The repository root's layout, and the demo data and shards as quickstart.sh writes them (also under
-    quickstart/, where the quick start leaves them); 256 images per training set, the batch verify_exactness takes."""
+    """The repository root's layout (configs/ a copy, so that a manifest's ``../shards`` is the working folder's), and
+    the demo data and shards under quickstart/, where quickstart.sh leaves them: 256 images per training set. The
+    pages' own data/ and shards/ are their commands' (make_demo_data, make_shards: the first stage)."""
     from zvl_ds import make_demo_data, make_shards
 
-    for name in ("zvl_ds", "configs", "ds_configs", "tools", "quickstart.sh"):
+    for name in ("zvl_ds", "ds_configs", "tools", "quickstart.sh"):
         os.symlink(os.path.join(REPO_ROOT, name), os.path.join(work, name))
-    assert make_demo_data.main(["--out", os.path.join(work, "data"), "--train-size", "256", "--valid-size", "24",
-                                "--captions-per-image", "2", "--classify-size", "20"]) == 0
-    assert make_shards.main(["--data-root", os.path.join(work, "data"), "--dataset", "demo_flat", "--dataset",
+    shutil.copytree(os.path.join(REPO_ROOT, "configs"), os.path.join(work, "configs"))
+    quick_start = os.path.join(work, QUICK_START)
+    assert make_demo_data.main(["--out", os.path.join(quick_start, "data"), "--train-size", "256", "--valid-size",
+                                "24", "--captions-per-image", "2", "--classify-size", "20"]) == 0
+    assert make_shards.main(["--data-root", os.path.join(quick_start, "data"), "--dataset", "demo_flat", "--dataset",
                              "demo_sketch", "--dataset", "demo_val", "--split", "all", "--out",
-                             os.path.join(work, "shards"), "--quiet", "--workers", "1"]) == 0
-    os.makedirs(os.path.join(work, "quickstart"))
-    for name in ("data", "shards"):
-        os.symlink(os.path.join("..", name), os.path.join(work, "quickstart", name))
+                             os.path.join(quick_start, "shards"), "--quiet", "--workers", "1"]) == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,12 +496,16 @@ def run_one(work, run, env):
             aside += 1
         os.rename(os.path.join(work, run.run_folder), os.path.join(work, f"{run.run_folder}.set_aside_{aside}"))
     start = time.perf_counter()
-    try:
-        done = subprocess.run(["bash", "-c", run.command], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
-        run.returncode, run.output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        run.returncode, run.output = -1, f"timed out after {COMMAND_TIMEOUT_S} s: {expired.output or ''}"
+    # a session of its own: a command that times out is stopped with everything it started (a launcher's ranks, a
+    # benchmark's measuring processes), not only its shell
+    with subprocess.Popen(["bash", "-c", run.command], cwd=work, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as process:
+        try:
+            run.output = process.communicate(timeout=COMMAND_TIMEOUT_S)[0]
+            run.returncode = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            run.returncode, run.output = -1, f"timed out after {COMMAND_TIMEOUT_S} s: {process.communicate()[0]}"
     run.seconds = time.perf_counter() - start
     latest = os.path.join(work, run.run_folder or "", "latest")
     if run.run_folder and os.path.isfile(latest):
@@ -390,18 +514,35 @@ def run_one(work, run, env):
 
 
 def chains_of(runs):
-    """Runs that must not overlap, in one chain each: launchers (port 29500), and runs of one run folder."""
+    """Runs that must not overlap, in one chain each, in the pages' order: launchers (port 29500), runs of one run
+    folder, and the writer and readers of one data root."""
     chains: List[List[Run]] = []
     for run in runs:
-        keys = ({"port"} if is_launcher(run.command) else set()) | ({run.run_folder} if run.run_folder else set())
+        keys = run_keys(run)
         joined = [chain for chain in chains if keys & chain_keys(chain)]
         merged = [r for chain in joined for r in chain] + [run]
         chains = [chain for chain in chains if all(chain is not other for other in joined)] + [merged]
+    # a data root's writer first, whichever page shows it first (README and use-elsewhere.md read what
+    # workflow.md's make_demo_data writes); otherwise the pages' order
+    chains = [sorted(chain, key=lambda run: script_of(words_of(run.command))[0] != "zvl_ds.make_demo_data")
+              for chain in chains]
     return sorted(chains, key=len, reverse=True)  # the longest chain starts first
 
 
+def port_of(command):
+    """The rendezvous port a launcher takes: its --master_port, else the default 29500."""
+    words = words_of(command)
+    return words[words.index("--master_port") + 1] if "--master_port" in words else "29500"
+
+
+def run_keys(run):
+    return (({f"port {port_of(run.command)}"} if is_launcher(run.command) else set())
+            | ({run.run_folder} if run.run_folder else set())
+            | {f"data root {root}" for root in data_roots(run.command)})
+
+
 def chain_keys(chain):
-    return {"port" for run in chain if is_launcher(run.command)} | {run.run_folder for run in chain if run.run_folder}
+    return set().union(*(run_keys(run) for run in chain))
 
 
 def run_stage(work, runs, env):
@@ -471,7 +612,9 @@ def test_every_documented_command_runs_or_is_listed():
         if action == SHORT:
             assert is_training(command), f"{command}: {SHORT} is for a training command"
         if action == CPU_FORM:
-            assert config_of(command) in CPU_SCALE, f"{command}: add CPU_SCALE keys for {config_of(command)}"
+            assert config_of(command) in CPU_SCALE or any(words in command for words in CPU_ARGUMENTS), \
+                f"{command}: add CPU_SCALE keys for {config_of(command)}, or CPU_ARGUMENTS"
+            assert cpu_form(command) != command, f"{command}: its CPU form is the command itself"
     assert len(LISTED) == len(LISTED_BY_COMMAND), "a command is LISTED twice"
 
 
