@@ -185,6 +185,21 @@ LISTED = [
      "loss.name=NCE distill.teacher=/models/clip-vit-large-patch14", CPU_FORM,
      "8 GPUs; ZeroVL's towers from the hub and CLIP ViT-L/14: 1 process, tiny towers, the command's batch 256 in "
      "chunks of 64, a tiny CLIP folder for /models/clip-vit-large-patch14"),
+    ("python zvl_ds/train.py --cfg configs/demo.yaml data.data_path=quickstart/shards ckpt.dir=quickstart/output "
+     "data.exp_name=demo_stored loss.name=NCE model.image_encoder.kwargs.patch_size=8 "
+     "distill.teacher=quickstart/model distill.source=stored", SHORT,
+     "configs/demo.yaml's 1500 steps from the stored embeddings (minutes); the page's reinforce_shards command "
+     "writes them here first"),
+    ("python -m zvl_ds.bench distill-quality", NOT_RUN,
+     "trains a teacher and twelve students (16 to 20 min on 2 CPU cores); tests/unit/test_distill_quality.py checks "
+     "its plan, stages and table"),
+    ("python -m zvl_ds.bench distill-quality --overrides distill.scale=100 --out bench_results/scale100", NOT_RUN,
+     "trains a teacher and twelve students (16 to 20 min on 2 CPU cores); tests/unit/test_distill_quality.py checks "
+     "its plan, stages and table"),
+    ("python -m zvl_ds.bench distill-speed --overrides data.data_path=bench_results/distill_quality/shards "
+     "loss.name=NCE distill.teacher=bench_results/distill_quality/teacher", CPU_FORM,
+     "it reads the shards and teacher that distill-quality writes (not run): here the quick start's shards, which "
+     "the page's reinforce_shards command reinforces with the quick start's model, and 2 timed rounds, not 10"),
     ("python -m zvl_ds.bench distill --loss-batches 8192 32768 65536", CPU_FORM,
      "hours on a CPU (65 min for the softmax term at B = 65,536 alone): the same sweep at B = 512"),
     # docs/fine-tuning.md, LoRA
@@ -212,6 +227,10 @@ CPU_ARGUMENTS = {
     "--loss-batches 8192 32768 65536": "--loss-batches 512",
     "output/ft_full output/ft_lock output/ft_lora output/hf_full output/hf_lock output/hf_lora":
         "output/ft_lora output/hf_lora",
+    "distill-speed --overrides data.data_path=bench_results/distill_quality/shards loss.name=NCE "
+    "distill.teacher=bench_results/distill_quality/teacher":
+        "distill-speed --rounds 2 --overrides data.data_path=quickstart/shards loss.name=NCE "
+        "distill.teacher=quickstart/model",
 }
 LISTED_BY_COMMAND = {command: (action, reason) for command, action, reason in LISTED}
 # commands that must never run here, listed or not: they install, download, or need a cluster
@@ -271,7 +290,7 @@ def is_training(command):
 
 
 def stage_of(command):
-    """0: data (commands that resolve no config); 1: training, verifying and whatever resolves a config (it reads the
+    """0: data (commands that resolve no config, and reinforce_shards); 1: training, verifying and whatever resolves a config (it reads the
     data and models the config names); 2: what reads a run (output/..., also under quickstart/); 3: what reads an
     export (exported/)."""
     words = words_of(command)
@@ -281,6 +300,10 @@ def stage_of(command):
     if any(re.search(r"(^|[=:/])output/", word) for word in reads):
         return 2
     script = script_of(words)[0]
+    if script == "zvl_ds.reinforce_shards":
+        return 0  # it writes data (a teacher's embeddings beside the shards) that stage 1's stored runs read
+    if script == "zvl_ds.bench" and "distill-speed" in words:
+        return 1  # it reads the shards reinforce_shards reinforces
     return 1 if config_of(command) or script in (*TRAINERS, "zvl_ds.verify_exactness", "zvl_ds.config") else 0
 
 

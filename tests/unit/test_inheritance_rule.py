@@ -554,3 +554,16 @@ def test_every_group_of_the_tables_has_cases():
     assert set(PROCESSOR_KEYS) >= {"transforms.train_transforms", "transforms.valid_transforms",
                                    "transforms.caption_train.prompt", "transforms.caption_eval.max_words"}
     assert TEXT_PROCESSORS and IMAGE_PROCESSORS
+
+
+def test_a_file_naming_a_source_whose_folder_comes_from_the_command_line(tmp_path):
+    """configs/clip/finetune_hf_clip.yaml names model.arch: hf_clip and leaves model.hf_folder to the command line:
+    the source is whole only in the top layer, which then wins over the file's explicit keys of the source."""
+    from tools.tiny_checkpoints import MEAN, write_tiny_hf_folder
+
+    folder = write_tiny_hf_folder(str(tmp_path / "source"), "hf_clip")
+    path = write(tmp_path, "recipe.yaml", {"model": {"arch": "hf_clip"},
+                                           "transforms": {"normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}})
+    assert load_config(path, [f"model.hf_folder={folder}"]).transforms.normalize.mean == MEAN
+    with pytest.raises(ConfigError, match="model.arch=hf_clip needs model.hf_folder"):
+        load_config(path)

@@ -192,7 +192,10 @@ def _source_paths(layer: Dict[str, Any], below: Dict[str, Any]) -> List[Path]:
     values of those keys give way, and the source fills them after the merge."""
     if not any(_has(layer, path) for path in SOURCE_NAMING_KEYS):
         return []
-    keys = model_source_keys(deep_merge(copy.deepcopy(below), layer))
+    try:
+        keys = model_source_keys(deep_merge(copy.deepcopy(below), layer))
+    except ConfigError:
+        return []  # the source is not whole yet (its folder named by a layer above): that layer takes the keys over
     return [tuple(key.split(".")) for key in keys if not _has(layer, tuple(key.split(".")))]
 
 
