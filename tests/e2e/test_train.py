@@ -1,6 +1,5 @@
 """End-to-end training runs: the real entry point under the deepspeed launcher and torchrun (2 CPU ranks)."""
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import torch
 
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
-from tests.helpers.processes import child_env
+from tests.helpers.processes import child_env, ssh_to_localhost_works
 from tests.helpers.training_runs import (BIN, RESUMABLE, RESUMABLE_STEPS, TRAIN, common_args, final_weights,
                                          keys_by_step, kill_tree, torchrun)
 
@@ -135,17 +134,6 @@ def test_contradicting_deepspeed_config_is_refused(shards, tmp_path):
     done = subprocess.run([sys.executable, TRAIN, *args], env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train_batch_size=999" in done.stderr and "contradicts" in done.stderr
-
-
-def ssh_to_localhost_works():
-    if not shutil.which("pdsh") or not shutil.which("ssh"):
-        return False
-    for host in ("localhost", "127.0.0.1"):
-        probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                                "ConnectTimeout=5", host, "true"], capture_output=True, timeout=30)
-        if probe.returncode != 0:
-            return False
-    return True
 
 
 @pytest.mark.skipif(not ssh_to_localhost_works(),
