@@ -79,6 +79,7 @@ def test_every_console_script_is_zvl_dash_its_module_and_runs_it_through_cli():
             assert 'if __name__ == "__main__":\n    sys.exit(cli())' in handle.read(), module_name
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, timm and transformers: about 5 s
 def test_inference_imports_no_deepspeed_and_no_training_code():
     # a fresh interpreter: this one has imported everything already. It also builds a model without adapters, which
     # must not import the optional peft (zvl_ds.model.adapters imports it only for a tower with lora)

@@ -55,6 +55,7 @@ def test_a_signal_is_noted_not_fatal_and_copies_within_the_window_count_once():
     assert "[rank 3] SIGUSR1 received: finishing the current step, then saving a checkpoint" in err
 
 
+@pytest.mark.slow  # a child interpreter and its grace period: about 6 s
 def test_a_second_signal_ends_the_process_at_once():
     process = start_watcher(grace_s=60, linger_s=60)
     process.send_signal(signal.SIGTERM)

@@ -188,6 +188,7 @@ def test_resume_skips_consumed_samples_without_decoding(tmp_path, tokenizer, mon
     assert batch.step == 7 and len(calls) == 4  # only the 4 samples of the new batch were decoded
 
 
+@pytest.mark.slow  # it waits out a loader_timeout of seconds: about 13 s
 def test_a_stalled_shard_ends_the_loader_after_loader_timeout_naming_the_shards(tmp_path, tokenizer):
     import time
 
