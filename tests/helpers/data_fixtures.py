@@ -144,3 +144,29 @@ def make_demo_shards(root: Path, train_size: int, valid_size: int, captions_per_
     subprocess.run([sys.executable, "-m", "zvl_ds.make_shards", *shard], check=True, capture_output=True,
                    timeout=120)
     return data, out
+
+
+def assert_resumes_like_the_reference(cfg, tokenizer, reference, stops, rank: int = 1, world_size: int = 2) -> None:
+    """For each of ``stops``: a training loader stopped after that many steps, its state saved as a checkpoint keeps
+    it (through JSON), and a new loader resumed from it yields ``reference[stop:]`` (the batches an unbroken loader
+    of ``cfg`` gave): the same steps, keys, sources, image bytes and token ids."""
+    import torch
+
+    from zvl_ds.data import build_train_loader
+
+    def take(loader, steps):
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(steps)]
+
+    for stop in stops:
+        first = build_train_loader(cfg, rank, world_size, tokenizer)
+        take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
+        first.close()
+        resumed = build_train_loader(cfg, rank, world_size, tokenizer)
+        resumed.load_state_dict(state)
+        rest = take(resumed, len(reference) - stop)
+        resumed.close()
+        for got, want in zip(rest, reference[stop:]):
+            assert got.step == want.step and got.keys == want.keys and got.dataset == want.dataset
+            assert torch.equal(got.images, want.images) and torch.equal(got.input_ids, want.input_ids)

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from tests.helpers.data_fixtures import make_config, write_dataset
+from tests.helpers.data_fixtures import assert_resumes_like_the_reference, make_config, write_dataset
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
 from tests.helpers.stream_record import LOADER_CASES, PLAN_CASES, RECORD_FILE, loader_record, plan_record
@@ -246,18 +246,8 @@ def test_weighted_stream_resumes_exactly(mix_root, tokenizer, mode, num_workers)
     loader = build_train_loader(cfg, 1, 2, tokenizer)
     reference = take(loader, 22)  # 2.4 epochs of 9 steps
     loader.close()
-    for stop in (4, 11, 16):  # inside an epoch, just after its first step, inside small's repeated passes
-        first = build_train_loader(cfg, 1, 2, tokenizer)
-        take(first, stop)
-        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
-        first.close()
-        resumed = build_train_loader(cfg, 1, 2, tokenizer)
-        resumed.load_state_dict(state)
-        rest = take(resumed, len(reference) - stop)
-        resumed.close()
-        for got, want in zip(rest, reference[stop:]):
-            assert got.step == want.step and got.keys == want.keys and got.dataset == want.dataset
-            assert torch.equal(got.images, want.images) and torch.equal(got.input_ids, want.input_ids)
+    # stops inside an epoch, just after its first step, inside small's repeated passes
+    assert_resumes_like_the_reference(cfg, tokenizer, reference, stops=(4, 11, 16))
 
 
 @pytest.mark.slow  # a fresh interpreter (torch) for the loader to kill

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
-from tests.helpers.data_fixtures import make_config, sample_members, write_dataset, write_img2dataset, write_tar
+from tests.helpers.data_fixtures import (assert_resumes_like_the_reference, make_config, sample_members,
+                                         write_dataset, write_img2dataset, write_tar)
 
 from zvl_ds.config import DatasetSource
 from zvl_ds.data import (DataSourceError, TrainBatch, ValidBatch, build_train_loader, build_valid_loader,
@@ -153,19 +154,7 @@ def test_resume_continues_exactly(tmp_path, tokenizer, mode, num_workers, augmen
     loader = build_train_loader(cfg, 1, 2, tokenizer)
     reference = take(loader, 11)  # crosses epoch boundaries (steps_per_epoch 4 or 3)
     loader.close()
-    for stop in (3, 6):
-        first = build_train_loader(cfg, 1, 2, tokenizer)
-        take(first, stop)
-        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
-        first.close()
-        resumed = build_train_loader(cfg, 1, 2, tokenizer)
-        resumed.load_state_dict(state)
-        rest = take(resumed, len(reference) - stop)
-        resumed.close()
-        for got, want in zip(rest, reference[stop:]):
-            assert got.step == want.step and got.keys == want.keys and got.dataset == want.dataset
-            assert torch.equal(got.images, want.images)
-            assert torch.equal(got.input_ids, want.input_ids)
+    assert_resumes_like_the_reference(cfg, tokenizer, reference, stops=(3, 6))
 
 
 def test_resume_skips_consumed_samples_without_decoding(tmp_path, tokenizer, monkeypatch):
