@@ -17,14 +17,14 @@ import os
 import pytest
 import torch
 
+from tests.dist.test_dga_exactness import GLOBAL_BATCH, MEAN, STD, global_batch, normalise
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.paths import REPO_ROOT
 from zvl_ds.objective.exactness import compare_tensors, reference_loss
 
 pytest.importorskip("peft")
-GLOBAL_BATCH, CHUNK, WORLD = 16, 4, 2
+CHUNK, WORLD = 4, 2
 STAGES = (0, 2, 3)  # ZeRO-3 last: its engine patches torch.nn.functional.linear for the rest of the process
-MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 OVERRIDES = ["model.arch=tiny", "runner.name=clip_bsgs", "seed=3", f"data.batch_size={GLOBAL_BATCH}", f"data.batch_size_train={CHUNK}",
              "loss.name=NCE", "loss.temperature.name=parameter", "loss.temperature.value=0.1", "loss.chunk_rows=5",
              "optim.name=SGD", "optim.lr.init=0.5", "optim.param.momentum=0.9", "optim.param.weight_decay=0.01",
@@ -39,20 +39,6 @@ def make_cfg(run_dir="unused"):
     from zvl_ds.config import load_config
 
     return load_config(None, OVERRIDES + [f"ckpt.dir={run_dir}", "data.exp_name=run"])
-
-
-def global_batch(cfg):
-    generator = torch.Generator().manual_seed(11)
-    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    input_ids = torch.randint(5, 200, (GLOBAL_BATCH, cfg.model.max_length), generator=generator)
-    lengths = torch.randint(3, cfg.model.max_length + 1, (GLOBAL_BATCH,), generator=generator)
-    attention_mask = (torch.arange(cfg.model.max_length)[None, :] < lengths[:, None]).long()
-    return images, input_ids * attention_mask, attention_mask
-
-
-def normalise(images_uint8):
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255.0 - mean) / std
 
 
 def probe(cfg):
