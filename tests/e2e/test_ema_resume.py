@@ -12,6 +12,7 @@ import torch
 from tests.helpers.dist_utils import free_port
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
+from tests.helpers.training_runs import interrupted_at
 
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
 STEPS = 4
@@ -59,10 +60,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_ema_at_zero3(shards, tmp_p
 
     # the interrupted run: the straight run's folder as it was at step 2, resumed to the end
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "step_00000002", resumed / "step_00000002")
-    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    (resumed / "latest").write_text("step_00000002")
+    interrupted_at(straight, resumed, "step_00000002")
     log = train(shards, tmp_path, "resumed")
     assert f"resumed from {resumed / 'step_00000002'} at step 2" in log
 

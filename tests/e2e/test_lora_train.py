@@ -4,7 +4,6 @@ base exits 2 with a message naming the cause; ``python -m zvl_ds.export`` writes
 model (which ``zvl_ds.load_model`` reads) and ``--adapters-only`` peft's files."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import child_env
+from tests.helpers.training_runs import interrupted_at
 
 pytest.importorskip("peft")
 TRAIN = os.path.join(REPO_ROOT, "zvl_ds", "train.py")
@@ -56,10 +56,7 @@ def test_small_checkpoints_resume_exactly_refuse_another_base_and_export(shards,
     assert base["frozen_tensors"] > 0 and len(base["frozen_sha256"]) == 64
 
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "step_00000001", resumed / "step_00000001")
-    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    (resumed / "latest").write_text("step_00000001")
+    interrupted_at(straight, resumed, "step_00000001")
     log = train(shards, tmp_path, "resumed")
     assert f"resumed from {resumed / 'step_00000001'} at step 1" in log
 

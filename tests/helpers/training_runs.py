@@ -1,6 +1,7 @@
 """Training runs of the real entry point for the end-to-end tests: the command lines (the deepspeed launcher,
 torchrun, one process), the demo run's arguments, and what the tests read back from a run folder."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,3 +109,12 @@ def rank_process(launcher_pid, rank):
         except psutil.NoSuchProcess:
             continue
     raise AssertionError(f"no rank {rank} worker under process {launcher_pid}")
+
+
+def interrupted_at(straight, resumed, tag):
+    """``resumed``: the run folder ``straight`` as it stood when checkpoint ``tag`` was its latest (that checkpoint
+    and the run's config only), for a run that resumes from there to the end."""
+    resumed.mkdir()
+    shutil.copytree(straight / tag, resumed / tag)
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    (resumed / "latest").write_text(tag)
