@@ -74,6 +74,15 @@ def worst(pairs):
     return max(float((a - b).abs().max()) for a, b in pairs)
 
 
+def library_embeddings(model, kind, pixels, input_ids, mask):
+    """A transformers CLIP / SigLIP model's own unit image and text embeddings (SigLIP's text tower takes no mask)."""
+    with torch.no_grad():
+        image = F.normalize(pooled(model.get_image_features(pixel_values=pixels)), dim=-1)
+        text = F.normalize(pooled(model.get_text_features(
+            input_ids=input_ids, attention_mask=mask if kind == "hf_clip" else None)), dim=-1)
+    return image, text
+
+
 @pytest.mark.parametrize("kind", ["tiny", "hf_clip", "hf_siglip", "open_clip"])
 def test_merged_zvl_ds_folder_gives_the_unmerged_embeddings(kind, sources, tmp_path):
     cfg = load_config(None, overrides_of(kind, sources) + LORA)
@@ -104,10 +113,7 @@ def test_merged_hf_folder_loads_in_transformers_with_the_unmerged_embeddings(kin
     library, info = library_class.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     library.eval()
-    with torch.no_grad():
-        theirs_image = F.normalize(pooled(library.get_image_features(pixel_values=pixels)), dim=-1)
-        theirs_text = F.normalize(pooled(library.get_text_features(
-            input_ids=input_ids, attention_mask=mask if kind == "hf_clip" else None)), dim=-1)
+    theirs_image, theirs_text = library_embeddings(library, kind, pixels, input_ids, mask)
     diff = worst([(theirs_image, image), (theirs_text, text)])
     print(f"merged --format hf, {kind}: max |diff| {diff:.1e}")
     assert diff <= 1e-5
@@ -149,10 +155,7 @@ def test_adapters_alone_load_in_peft_onto_the_source_checkpoint(kind, sources, t
     library_class = CLIPModel if kind == "hf_clip" else SiglipModel
     base = library_class.from_pretrained(sources[kind], dtype=torch.float32)  # the checkpoint the run started from
     loaded = PeftModel.from_pretrained(base, out).eval()
-    with torch.no_grad():
-        theirs_image = F.normalize(pooled(loaded.get_image_features(pixel_values=pixels)), dim=-1)
-        theirs_text = F.normalize(pooled(loaded.get_text_features(
-            input_ids=input_ids, attention_mask=mask if kind == "hf_clip" else None)), dim=-1)
+    theirs_image, theirs_text = library_embeddings(loaded, kind, pixels, input_ids, mask)
     diff = worst([(theirs_image, image), (theirs_text, text)])
     print(f"--adapters-only, {kind}, PeftModel.from_pretrained: max |diff| {diff:.1e}")
     assert diff <= 1e-5
