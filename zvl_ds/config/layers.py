@@ -179,24 +179,16 @@ SOURCE_NAMING_KEYS = (("model", "arch"), ("model", "hf_folder"), ("model", "open
 DATASET_FILE_KEYS = ("shards", "folder", "parquet")
 
 
-def _has(tree: Dict[str, Any], path: Path) -> bool:
-    for part in path:
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
-
-
 def _source_paths(layer: Dict[str, Any], below: Dict[str, Any]) -> List[Path]:
     """The keys the model source sets that ``layer`` leaves out, when ``layer`` names the source: the lower layers'
     values of those keys give way, and the source fills them after the merge."""
-    if not any(_has(layer, path) for path in SOURCE_NAMING_KEYS):
+    if not any(get_path(layer, list(path))[0] for path in SOURCE_NAMING_KEYS):
         return []
     try:
         keys = model_source_keys(deep_merge(copy.deepcopy(below), layer))
     except ConfigError:
         return []  # the source is not whole yet (its folder named by a layer above): that layer takes the keys over
-    return [tuple(key.split(".")) for key in keys if not _has(layer, tuple(key.split(".")))]
+    return [tuple(key.split(".")) for key in keys if not get_path(layer, key.split("."))[0]]
 
 
 def _dataset_file_paths(layer: Dict[str, Any]) -> List[Path]:
