@@ -312,16 +312,7 @@ def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     if not isinstance(model, dict):
         return raw, []
     arch = model.get("arch")
-    if arch in HF_MODEL_TYPES or arch == "open_clip":
-        check_source_folder(model, arch)
-    if arch in HF_MODEL_TYPES:
-        keys = _hf_source_keys(model, arch)
-    elif arch == "open_clip":
-        keys = _open_clip_source_keys(model)
-        if _has_path(raw, "transforms.caption_aug.enable") and raw["transforms"]["caption_aug"]["enable"]:
-            raise ConfigError("transforms.caption_aug.enable=true with model.arch=open_clip: the word-piece "
-                              "augmentation needs a Hugging Face word-piece tokenizer, and OpenCLIP's is BPE")
-    else:
+    if arch not in HF_MODEL_TYPES and arch != "open_clip":
         # an exported model's section holds every key, empty ones included
         used = [key for key in SOURCE_ONLY_KEYS if model.get(key) and not (
             isinstance(model[key], dict) and key == "open_clip" and not any(model[key].values()))]
@@ -329,6 +320,11 @@ def apply_model_source(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
             raise ConfigError(f"model.{used[0]} is set but model.arch={arch!r}: it belongs to model.arch "
                               f"{'open_clip' if used[0] == 'open_clip' else 'hf_clip or hf_siglip'}")
         return raw, []
+    keys = model_source_keys(raw)
+    if arch == "open_clip" and _has_path(raw, "transforms.caption_aug.enable") and \
+            raw["transforms"]["caption_aug"]["enable"]:
+        raise ConfigError("transforms.caption_aug.enable=true with model.arch=open_clip: the word-piece "
+                          "augmentation needs a Hugging Face word-piece tokenizer, and OpenCLIP's is BPE")
     return raw, [key for key, value in keys.items() if _set_default(raw, key, value)]
 
 
